@@ -1,0 +1,223 @@
+"""Stage configuration: one JSON file per training stage -> typed dataclasses.
+
+This module owns the single source of truth for a run. A stage file (``stages/*/*.json``) is
+read, ``--set dotted.key=value`` overrides are applied to the raw dict, and the result becomes
+:class:`StageConfig`. Unknown keys are errors that name the file and the dotted key; so are
+values of the wrong type. Checks that need the world size (parallel layout, batch arithmetic)
+live in :mod:`lvita.validate`, which runs before anything heavy is built.
+
+    from lvita.config import load_stage
+    cfg = load_stage("stages/demo/2_general.json", ["parallel.pipeline=2"])
+
+Trade-off: plain dataclasses and a small hand-written converter instead of pydantic, so the
+error messages are ours and there is no extra dependency.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODULES = ("vision", "projector", "llm")
+
+
+class ConfigError(ValueError):
+    """A stage file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    tokenizer: str | None = None  # directory with tokenizer files (HF format)
+    init_from: str | None = None  # previous stage's checkpoints/ dir (or one tag inside it)
+    trainable: list[str] = field(default_factory=lambda: list(MODULES))
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 10
+    global_batch: int = 2
+    micro_batch: int = 1
+    lr: dict[str, float] = field(default_factory=lambda: {"vision": 1e-5, "projector": 1e-3, "llm": 1e-5})
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    pipeline: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    partition_method: str = "parameters"  # DeepSpeed PipelineModule partition_method
+
+    @property
+    def sequence(self) -> int:
+        return self.ulysses * self.ring
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    paths: list[str] = field(default_factory=list)  # JSONL files or directories, relative to data.root
+    ratio: float = 1.0  # fraction of the source used per pass; > 1 repeats it
+    max_samples: int | None = None  # cap after the ratio
+    total: str | None = None  # informative: size quoted in the paper (Table 1)
+
+
+@dataclass
+class DataConfig:
+    root: str = "."
+    seq_length: int = 1024
+    reset_position_ids: bool = True  # stages 1-2: restart positions and attention per sample
+    same_source: bool = True  # stages 1-2: pack samples of one source into a sequence
+    max_images: int = 128  # per sample (images, or frames for video)
+    max_frames: int = 128
+    video_fps: float = 1.0
+    system_prompt: str = "You are a helpful assistant."
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    output_dir: str = "runs/stage"
+    seed: int = 42
+    precision: str = "bf16"  # bf16 | fp32
+    deepspeed: str = "ds_configs/pipeline_bf16_zero1.json"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    description: str = ""
+    source_file: str = ""  # set by load_stage: where this config came from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, with errors that name the key
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return {k: _check_type(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_file"]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key '{key}'; valid keys here: {', '.join(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=1`` -> (["a", "b"], 1). The value is JSON when it parses, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.iterations=3")
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_override(raw: dict, item: str) -> None:
+    path, value = parse_override(item)
+    node, cls = raw, StageConfig
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        if cls is not None:
+            valid = [f.name for f in dataclasses.fields(cls) if f.name != "source_file"]
+            if part not in valid:
+                raise ConfigError(f"--set {item}: unknown key '{dotted}'; valid keys: {', '.join(valid)}")
+            tp = typing.get_type_hints(cls)[part]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+        if i == len(path) - 1:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{dotted}' is not an object")
+
+
+def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    """Read a stage JSON, apply ``--set`` overrides, and return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stage file {path} not found; pass one of stages/*/*.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        cfg = _from_dict(StageConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.source_file = str(path)
+    return cfg

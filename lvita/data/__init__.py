@@ -1,0 +1,1 @@
+"""Training data: sample format, chat template, media decoding and the packed stream."""

@@ -1,0 +1,196 @@
+"""Long-VITA on one device: vision encoder + pixel-shuffle projector + Qwen2 decoder + LM head.
+
+Owns the model's blocks, each usable alone so the pipeline can wrap them one by one:
+
+- :class:`VisionEncoder`: transformers ``InternVLVisionModel`` (CLS token dropped) -> pixel
+  shuffle (0.5) -> projector LayerNorm/Linear/GELU/Linear, exactly as InternVL.
+- :class:`MultimodalEmbedding`: token embeddings with image features spliced in at the
+  ``<IMG_CONTEXT>`` placeholders (a count mismatch is an error).
+- :class:`DecoderLayer`: one transformers ``Qwen2DecoderLayer`` with its own rotary embedding;
+  attention goes through :mod:`lvita.model.attention` so parallelism can replace it.
+- :class:`LMHead`: final RMSNorm + LM head; the loss runs the head only on labelled positions
+  (no full-vocabulary logits for unlabelled tokens).
+
+Run: ``LongVita("tiny", image_token_id=5)(input_ids, position_ids, pixel_values, labels)`` returns
+(sum of token cross-entropies, number of labelled tokens). Labels are already aligned with the
+position that predicts them (``labels[t]`` is the target for ``input_ids[t]``); -100 is ignored.
+
+Trade-off: blocks are seeded one by one (``seed + block index``) so that a pipelined copy that
+builds only some blocks on each rank gets the same initial weights as this plain model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import InternVLVisionModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+
+from lvita.model import attention
+from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, vision_config
+
+IGNORE_INDEX = -100
+
+
+def _init_linear_and_embedding(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float = DOWNSAMPLE_RATIO) -> torch.Tensor:
+    """(N, W, H, C) -> (N, W*scale, H*scale, C/scale^2), InternVL's layout."""
+    n, w, h, c = x.shape
+    x = x.view(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class Projector(nn.Module):
+    def __init__(self, vision_hidden: int, llm_hidden: int):
+        super().__init__()
+        d = vision_hidden * int(1 / DOWNSAMPLE_RATIO) ** 2
+        self.layer_norm = nn.LayerNorm(d)
+        self.linear_1 = nn.Linear(d, llm_hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(llm_hidden, llm_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, preset: str):
+        super().__init__()
+        vcfg, lcfg = vision_config(preset), llm_config(preset)
+        self.vision_tower = InternVLVisionModel(vcfg)
+        self.multi_modal_projector = Projector(vcfg.hidden_size, lcfg.hidden_size)
+        _init_linear_and_embedding(self.multi_modal_projector, lcfg.initializer_range)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N tiles, 3, H, W) -> (N, tokens_per_tile, llm_hidden)."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        feats = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state[:, 1:]
+        n, p, c = feats.shape
+        side = int(p**0.5)
+        feats = pixel_shuffle(feats.reshape(n, side, side, c))
+        return self.multi_modal_projector(feats.reshape(n, -1, feats.shape[-1]))
+
+
+class MultimodalEmbedding(nn.Module):
+    def __init__(self, preset: str, image_token_id: int):
+        super().__init__()
+        lcfg = llm_config(preset)
+        self.image_token_id = image_token_id
+        self.vision = VisionEncoder(preset)
+        self.embed_tokens = nn.Embedding(lcfg.vocab_size, lcfg.hidden_size)
+        _init_linear_and_embedding(self.embed_tokens, lcfg.initializer_range)
+        self.tile = vision_config(preset).image_size[0]
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, S), pixel_values (N tiles, 3, H, W) -> hidden (B, S, hidden)."""
+        hidden = self.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} <IMG_CONTEXT> tokens but no image tiles in the batch")
+            if any(p.requires_grad for p in self.vision.parameters()) and torch.is_grad_enabled():
+                # Text-only batch with a trainable vision path: touch it so every rank has grads.
+                dummy = torch.zeros(1, 3, self.tile, self.tile, device=hidden.device)
+                hidden = hidden + 0.0 * self.vision(dummy).sum()
+            return hidden
+        feats = self.vision(pixel_values).reshape(-1, hidden.shape[-1])
+        if feats.shape[0] != n_slots:
+            raise ValueError(
+                f"image features do not fit the placeholders: {pixel_values.shape[0]} tiles give "
+                f"{feats.shape[0]} feature tokens but the sequence has {n_slots} <IMG_CONTEXT> tokens"
+            )
+        return hidden.masked_scatter(is_image.unsqueeze(-1), feats.to(hidden.dtype))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, preset: str, layer_idx: int, checkpoint: bool = False):
+        super().__init__()
+        cfg = llm_config(preset)
+        self.layer = Qwen2DecoderLayer(cfg, layer_idx)
+        _init_linear_and_embedding(self.layer, cfg.initializer_range)
+        self.rotary = Qwen2RotaryEmbedding(cfg)
+        self.checkpoint = checkpoint
+
+    def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cos_sin = self.rotary(hidden, position_ids)
+        cu_seqlens = attention.cu_seqlens_from_position_ids(position_ids)
+        return self.layer(hidden, position_embeddings=cos_sin, position_ids=position_ids,
+                          cu_seqlens=cu_seqlens)
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, hidden), position_ids (B, S) -> (B, S, hidden)."""
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._run, hidden, position_ids, use_reentrant=False)
+        return self._run(hidden, position_ids)
+
+
+class LMHead(nn.Module):
+    def __init__(self, preset: str):
+        super().__init__()
+        cfg = llm_config(preset)
+        self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        _init_linear_and_embedding(self.lm_head, cfg.initializer_range)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+    def loss_sum(self, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy summed over labelled positions; the head runs on those positions only.
+
+        normed (B, S, hidden), labels (B, S) -> (loss sum (fp32 scalar), labelled count).
+        """
+        keep = labels != IGNORE_INDEX
+        logits = self.lm_head(normed[keep]).float()
+        loss = nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+        return loss, keep.sum()
+
+
+def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool = False) -> list[nn.Module]:
+    """All blocks in order, block i built right after ``torch.manual_seed(seed + i)``."""
+    n_layers = llm_config(preset).num_hidden_layers
+    makers = [lambda: MultimodalEmbedding(preset, image_token_id)]
+    makers += [lambda i=i: DecoderLayer(preset, i, checkpoint) for i in range(n_layers)]
+    makers += [lambda: LMHead(preset)]
+    blocks = []
+    for i, make in enumerate(makers):
+        torch.manual_seed(seed + i)
+        blocks.append(make())
+    return blocks
+
+
+class LongVita(nn.Module):
+    """The plain model: ``blocks[0]`` embeds, ``blocks[1:-1]`` decode, ``blocks[-1]`` is the head."""
+
+    def __init__(self, preset: str, image_token_id: int, seed: int = 0, checkpoint: bool = False,
+                 blocks: list[nn.Module] | None = None):
+        super().__init__()
+        blocks = blocks or build_blocks(preset, image_token_id, seed, checkpoint)
+        self.embed, self.head = blocks[0], blocks[-1]
+        self.layers = nn.ModuleList(blocks[1:-1])
+
+    def forward(self, input_ids, position_ids, pixel_values, labels):
+        """-> (sum of cross-entropy over labelled tokens, number of labelled tokens)."""
+        hidden = self.embed(input_ids, pixel_values)
+        for layer in self.layers:
+            hidden = layer(hidden, position_ids)
+        return self.head.loss_sum(self.head(hidden), labels)
+
+
+def module_of(param_name: str) -> str:
+    """Which trainable group a parameter of the plain model or the pipeline belongs to."""
+    if "vision_tower" in param_name:
+        return "vision"
+    if "multi_modal_projector" in param_name:
+        return "projector"
+    return "llm"

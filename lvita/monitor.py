@@ -1,0 +1,67 @@
+"""Training metrics: TensorBoard, metrics.jsonl and one progress line per step, from rank 0.
+
+Owns what a user watches. ``Monitor.log(step, metrics)`` writes every figure to
+``<output_dir>/metrics.jsonl`` (one JSON object per optimizer step) and to TensorBoard under
+``<output_dir>/tensorboard/`` with tags ``train/<key>`` (nested dicts become ``train/lr/llm``,
+``data/skipped/<reason>``), then prints a short line. On other ranks every call is a no-op.
+
+    tensorboard --logdir <output_dir>/tensorboard
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated on this device, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Monitor:
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, name: str = ""):
+        self.enabled, self.total, self.name = enabled, total_steps, name
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def _scalars(self, prefix: str, value, step: int) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self._scalars(f"{prefix}/{k}", v, step)
+        elif isinstance(value, (int, float)):
+            self.writer.add_scalar(prefix, value, step)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if key == "skipped":
+                self._scalars("data/skipped", value, step)
+            else:
+                self._scalars(f"train/{key}", value, step)
+        lr = metrics.get("lr", {})
+        lr_text = " ".join(f"{k}={v:.2e}" for k, v in lr.items())
+        gn = metrics.get("grad_norm")
+        print(f"[{self.name}] step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr_text} | "
+              f"gnorm {gn if gn is None else f'{gn:.3f}'} | {metrics['tokens_per_sec']:.0f} tok/s | "
+              f"{metrics['step_time_s']:.2f}s (data {metrics['data_wait_s']:.2f}s) | "
+              f"mem {metrics['peak_memory_gb']:.2f} GB", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,67 @@
+"""Freezing, per-module parameter groups, AdamW and the warmup + cosine schedule.
+
+Owns which weights train and how fast. ``freeze`` leaves ``requires_grad`` only on the modules a
+stage trains (``model.trainable``: vision / projector / llm); ``param_groups`` splits the rest
+by module and by decay (no weight decay on biases and norms), each group carrying its module's
+learning rate from ``train.lr``. The schedule multiplies every group's base rate by the same
+factor, so per-module ratios hold. Optimizer and schedule are handed to DeepSpeed, which owns
+their state in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lvita.config import TrainConfig
+from lvita.model.longvita import module_of
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> dict[str, int]:
+    """Set requires_grad by module; returns trainable parameter counts per module."""
+    counts = {"vision": 0, "projector": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        mod = module_of(name)
+        p.requires_grad_(mod in trainable)
+        if p.requires_grad:
+            counts[mod] += p.numel()
+    return counts
+
+
+def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "norm" not in name and "embeddings" not in name
+        groups.setdefault((module_of(name), decay), []).append(p)
+    return [
+        {"params": ps, "name": f"{mod}" + ("" if decay else "_no_decay"), "module": mod,
+         "lr": train.lr[mod], "weight_decay": train.weight_decay if decay else 0.0}
+        for (mod, decay), ps in sorted(groups.items())
+    ]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``.
+
+    ``step`` counts optimizer steps taken so far (0 before the first)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=max(g["lr"] for g in groups), betas=tuple(train.adam_betas),
+                             eps=train.adam_eps)
+
+
+def scheduler_factory(train: TrainConfig):
+    """A callable DeepSpeed calls with its wrapped optimizer (so the schedule drives it)."""
+    def make(optimizer):
+        fn = lambda step: lr_factor(step, train.warmup_steps, train.iterations, train.min_lr_ratio)  # noqa
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return make

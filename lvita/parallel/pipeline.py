@@ -1,0 +1,140 @@
+"""Long-VITA as a DeepSpeed PipelineModule: thin ``*Pipe`` adapters around the plain blocks.
+
+Owns the layer list and the tuple protocol between pipeline stages (gpt-neox style):
+
+    stage input (from the data):  (input_ids (B,S), position_ids (B,S), pixel_values (N,3,H,W))
+    EmbedPipe         -> (hidden (B,S,D), position_ids)   vision + projector + embeddings + splice
+    DecoderLayerPipe  -> (hidden (B,S,D), position_ids)   one per Qwen2 layer
+    HeadPipe          -> normed hidden (B,S,D)
+    loss (last stage): LabelledLoss(normed, (labels (B,S), loss_scale ())) runs the LM head on
+                       labelled positions only.
+
+The vision encoder sits in the first layer spec, so DeepSpeed's ``parameters`` partitioning
+counts its weights on stage 0. Every block is seeded ``seed + index`` (``seed_layers``), which is
+what :func:`to_sequential` relies on to give the plain model with the very same weights.
+
+    module = build_pipeline("tiny", image_token_id=5, seed=42, num_stages=2)   # needs dist init
+    plain = to_sequential("tiny", image_token_id=5, seed=42)
+
+Trade-off: position ids travel between stages with the activations (an int tensor, no gradient)
+instead of being recomputed; it keeps every stage independent of the data.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
+from lvita.model.presets import llm_config
+
+
+class EmbedPipe(MultimodalEmbedding):
+    def forward(self, inputs):
+        input_ids, position_ids, pixel_values = inputs
+        return super().forward(input_ids, pixel_values), position_ids
+
+
+class DecoderLayerPipe(DecoderLayer):
+    def forward(self, inputs):
+        hidden, position_ids = inputs
+        return super().forward(hidden, position_ids), position_ids
+
+
+class HeadPipe(LMHead):
+    def forward(self, inputs):
+        hidden, _ = inputs
+        return super().forward(hidden)
+
+
+class LabelledLoss:
+    """DeepSpeed ``loss_fn``: sum of labelled-token cross-entropies times the micro-batch's scale.
+
+    The scale is ``micro-batches per step * data-parallel ranks / labelled tokens in the global
+    batch``, so that DeepSpeed's average over micro-batches and ranks gives the token-weighted mean
+    of the whole global batch, whatever the layout.
+    """
+
+    def __init__(self):
+        self.head: LMHead | None = None
+
+    def __call__(self, normed: torch.Tensor, labels) -> torch.Tensor:
+        targets, scale = labels
+        loss, _ = self.head.loss_sum(normed, targets)
+        return loss * scale
+
+
+class LongVitaPipeline(PipelineModule):
+    """PipelineModule whose ``parameters`` partitioning counts weights on the meta device.
+
+    DeepSpeed's own count builds every layer for real on every rank (minutes and tens of GB for
+    the 14B preset); counting shapes gives the same numbers without allocating.
+    """
+
+    def _count_layer_params(self):
+        return spec_param_counts(self._layer_specs)
+
+
+def spec_param_counts(specs: list[LayerSpec]) -> list[int]:
+    with torch.device("meta"):
+        return [sum(p.numel() for p in spec.build().parameters()) for spec in specs]
+
+
+def partition(specs: list[LayerSpec], num_stages: int, method: str = "parameters") -> list[int]:
+    """Stage boundaries as DeepSpeed computes them: stage s owns specs[parts[s]:parts[s+1]]."""
+    from deepspeed.runtime import utils as ds_utils
+
+    method = method.lower()
+    if method == "uniform":
+        return ds_utils.partition_uniform(num_items=len(specs), num_parts=num_stages)
+    if method == "parameters":
+        return ds_utils.partition_balanced(weights=spec_param_counts(specs), num_parts=num_stages)
+    if method.startswith("type:"):
+        import re
+
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [1 if pattern.search(spec.typename.__name__) else 0 for spec in specs]
+        return ds_utils.partition_balanced(weights=weights, num_parts=num_stages)
+    raise ValueError(f"parallel.partition_method '{method}': use parameters, uniform or type:REGEX")
+
+
+def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False) -> list[LayerSpec]:
+    n_layers = llm_config(preset).num_hidden_layers
+    specs = [LayerSpec(EmbedPipe, preset, image_token_id)]
+    specs += [LayerSpec(DecoderLayerPipe, preset, i, checkpoint) for i in range(n_layers)]
+    specs.append(LayerSpec(HeadPipe, preset))
+    return specs
+
+
+def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
+                   partition_method: str = "parameters", checkpoint: bool = False) -> PipelineModule:
+    """The PipelineModule (torch.distributed must be initialised). Loss head is wired in."""
+    loss = LabelledLoss()
+    module = LongVitaPipeline(
+        layers=layer_specs(preset, image_token_id, checkpoint),
+        num_stages=num_stages,
+        loss_fn=loss,
+        partition_method=partition_method,
+        seed_layers=True,
+        seed_fn=torch.manual_seed,
+        base_seed=seed,
+        activation_checkpoint_interval=0,  # checkpointing is done per layer by DecoderLayer
+    )
+    heads = [f for f in module.forward_funcs if isinstance(f, HeadPipe)]
+    loss.head = heads[0] if heads else None
+    return module
+
+
+def to_sequential(preset: str, image_token_id: int, seed: int, checkpoint: bool = False) -> LongVita:
+    """The plain single-device model with the same initial weights as :func:`build_pipeline`."""
+    return LongVita(preset, image_token_id, seed=seed, checkpoint=checkpoint)
+
+
+def plain_name(pipe_name: str, n_layers: int) -> str:
+    """Map a PipelineModule parameter name ('3.layer.mlp...') to the plain model's name."""
+    idx, rest = pipe_name.split(".", 1)
+    i = int(idx)
+    if i == 0:
+        return f"embed.{rest}"
+    if i == n_layers + 1:
+        return f"head.{rest}"
+    return f"layers.{i - 1}.{rest}"

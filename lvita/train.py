@@ -1,0 +1,142 @@
+"""Train one Long-VITA stage with DeepSpeed's pipeline engine.
+
+    deepspeed --num_gpus 8 --module lvita.train --stage stages/longvita-14b/2_general.json
+    deepspeed --hostfile hostfiles/8x8.txt --module lvita.train --stage FILE --set train.lr.llm=2e-5
+    python -m lvita.train --stage stages/demo/1_align.json          # one process, no launcher
+
+Reads top to bottom: config -> validation (before anything heavy) -> process groups ->
+tokenizer -> PipelineModule -> freezing and per-module optimizer -> DeepSpeed engine ->
+optional weights of the previous stage -> packed data stream -> the step loop with metrics and
+checkpoints. Each step consumes one global batch; the loss is the token-weighted mean over it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lvita.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", required=True, help="stage JSON file (stages/*/*.json)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a stage key by dotted path; VALUE is JSON when it parses")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Let ``python -m lvita.train`` run as a world of one without a launcher."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+
+
+def run(cfg) -> list[float]:
+    """Train ``cfg`` (a validated StageConfig) in this process; returns the per-step losses."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from lvita import checkpoint
+    from lvita.data.packed import PackedStream, rank_micro_batches
+    from lvita.model.presets import llm_config, tile_size, tokens_per_tile
+    from lvita.monitor import Monitor, peak_memory_gb
+    from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
+    from lvita.parallel.pipeline import build_pipeline
+    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.validate import deepspeed_config, validate
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = validate(cfg, world)
+    if layout.missing:
+        raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing))
+    if layout.sequence > 1:
+        raise NotImplementedError(layout.notes[0])
+
+    deepspeed.init_distributed(verbose=False)
+    rank = dist.get_rank()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
+        f"{layout.sequence}; global batch {layout.global_batch} = micro {layout.micro_batch} x "
+        f"accumulation {layout.grad_accum} x data {layout.data}")
+
+    tok = load_tokenizer(cfg.model.tokenizer)
+    specials = special_token_ids(tok)
+    vocab = llm_config(cfg.model.preset).vocab_size
+    if len(tok) > vocab:
+        raise ValueError(f"model.tokenizer has {len(tok)} tokens but {cfg.model.preset} has vocab {vocab}")
+
+    torch.manual_seed(cfg.seed)
+    module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
+                            cfg.parallel.partition_method, cfg.model.activation_checkpointing)
+    trainable = freeze(module, cfg.model.trainable)
+    groups = param_groups(module, cfg.train)
+    if not groups:
+        raise ValueError(f"pipeline stage {module.stage_id} holds no trainable parameters with "
+                         f"model.trainable={cfg.model.trainable}; use a smaller parallel.pipeline")
+    ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(groups, cfg.train),
+                                           lr_scheduler=scheduler_factory(cfg.train), config=ds_cfg)
+    log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
+    if cfg.model.init_from:
+        tag = checkpoint.load_weights(engine, cfg.model.init_from)
+        log(f"[{cfg.name}] initialised weights from {cfg.model.init_from} ({tag})")
+
+    stream = PackedStream(cfg.data, tok, specials, tile_size(cfg.model.preset),
+                          tokens_per_tile(cfg.model.preset), cfg.train.global_batch, cfg.seed, log=log)
+    dp_rank = engine.grid.get_data_parallel_id()
+    monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name)
+    losses = []
+    for step in range(1, cfg.train.iterations + 1):
+        t0 = time.perf_counter()
+        batch = stream.next_global_batch()
+        micro = rank_micro_batches(batch, dp_rank, layout.data, layout.micro_batch)
+        data_wait = time.perf_counter() - t0
+        loss = float(engine.train_batch(data_iter=iter(micro)))
+        step_time = time.perf_counter() - t0
+        losses.append(loss)
+        tokens = sum(s.input_ids.numel() for s in batch)
+        lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+        gn = engine.get_global_grad_norm()
+        if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+            monitor.log(step, {
+                "loss": loss, "lr": lrs, "grad_norm": None if gn is None else float(gn),
+                "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
+                "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
+                "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
+                "skipped": dict(stream.skipped),
+            })
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
+            path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict())
+            log(f"[{cfg.name}] saved checkpoint {path}")
+    monitor.close()
+    return losses
+
+
+def main(argv=None) -> int:
+    from lvita.config import ConfigError, load_stage
+
+    args = parse_args(argv)
+    _single_process_env()
+    try:
+        cfg = load_stage(args.stage, args.set)
+        run(cfg)
+    except (ConfigError, FileNotFoundError, NotImplementedError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"lvita.train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

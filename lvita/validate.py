@@ -1,0 +1,195 @@
+"""Up-front checks of a stage against a world size, before anything heavy is built.
+
+Owns the parallel layout arithmetic and every "this cannot work" message. :func:`validate`
+returns a :class:`Layout` or raises :class:`~lvita.config.ConfigError` listing *all* problems,
+each naming the key and the fix. Paths that the user fills in (data, tokenizer, init_from) are
+collected separately as ``missing`` so ``lvita check`` can report them without failing.
+
+Layout: world = pipeline x data x sequence, sequence = ulysses x ring. DeepSpeed's pipeline
+engine knows only pipe and data axes, so it sees world / pipeline "data" ranks; the global batch
+is cut into micro-batches of ``train.micro_batch`` over the true data-parallel ranks.
+
+Also owns the DeepSpeed JSON: batch sizes, precision, clipping come from the stage file and are
+cross-checked against the DeepSpeed file (equal or absent), never silently duplicated.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvita.config import MODULES, ConfigError, StageConfig
+from lvita.model.presets import PRESETS, llm_config
+
+
+@dataclass
+class Layout:
+    world: int
+    pipeline: int
+    ulysses: int
+    ring: int
+    data: int  # true data-parallel ranks (distinct samples)
+    micro_batch: int
+    grad_accum: int  # micro-batches per rank per step
+    global_batch: int
+    missing: list[str] = field(default_factory=list)  # user-filled paths that do not exist yet
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sequence(self) -> int:
+        return self.ulysses * self.ring
+
+
+def _exists(path: str | None) -> bool:
+    return path is not None and Path(path).exists()
+
+
+def validate(cfg: StageConfig, world_size: int) -> Layout:
+    errors: list[str] = []
+    missing: list[str] = []
+    err = errors.append
+    p, t, m, d = cfg.parallel, cfg.train, cfg.model, cfg.data
+
+    if cfg.precision not in ("bf16", "fp32"):
+        err(f"precision='{cfg.precision}': use 'bf16' (GPUs) or 'fp32' (CPU tests)")
+    if m.preset not in PRESETS:
+        err(f"model.preset='{m.preset}': choose one of {', '.join(PRESETS)}")
+        raise ConfigError(_fmt(cfg, errors))
+    lcfg = llm_config(m.preset)
+    bad = [x for x in m.trainable if x not in MODULES]
+    if bad or not m.trainable:
+        err(f"model.trainable={m.trainable}: a non-empty subset of {list(MODULES)}")
+    for x in m.trainable:
+        if x in MODULES and x not in t.lr:
+            err(f"train.lr has no rate for trainable module '{x}'; add \"{x}\": <lr> to train.lr")
+    for x in t.lr:
+        if x not in MODULES:
+            err(f"train.lr.{x}: unknown module; use {list(MODULES)}")
+
+    for key in ("pipeline", "ulysses", "ring"):
+        if getattr(p, key) < 1:
+            err(f"parallel.{key}={getattr(p, key)}: must be >= 1")
+    n_specs = lcfg.num_hidden_layers + 2
+    if p.pipeline > n_specs:
+        err(f"parallel.pipeline={p.pipeline} exceeds the {n_specs} pipeline layers of {m.preset}")
+    model_ranks = max(p.pipeline, 1) * max(p.sequence, 1)
+    dp = world_size // model_ranks if model_ranks else 0
+    if world_size % model_ranks:
+        err(f"parallel.pipeline x ulysses x ring = {p.pipeline}x{p.ulysses}x{p.ring} = {model_ranks} does "
+            f"not divide the world size {world_size}; change the degrees or the number of processes")
+    if p.ulysses > 1 and lcfg.num_attention_heads % p.ulysses:
+        err(f"parallel.ulysses={p.ulysses} must divide the {lcfg.num_attention_heads} query heads of {m.preset}")
+    if p.ulysses > 1 and lcfg.num_key_value_heads % p.ulysses and p.ulysses % lcfg.num_key_value_heads:
+        err(f"parallel.ulysses={p.ulysses} and the {lcfg.num_key_value_heads} KV heads of {m.preset}: one "
+            f"must divide the other")
+    if p.sequence > 1 and d.seq_length % (2 * p.sequence):
+        err(f"data.seq_length={d.seq_length} must be a multiple of 2 x sequence degree = {2 * p.sequence}")
+
+    gas = 0
+    if t.micro_batch < 1 or t.global_batch < 1:
+        err("train.micro_batch and train.global_batch must be >= 1")
+    elif dp and t.global_batch % (t.micro_batch * dp):
+        err(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch x data-parallel "
+            f"ranks = {t.micro_batch} x {dp} = {t.micro_batch * dp} (data-parallel ranks = world {world_size} "
+            f"/ (pipeline {p.pipeline} x sequence {p.sequence}))")
+    elif dp:
+        gas = t.global_batch // (t.micro_batch * dp)
+    if t.iterations < 1:
+        err(f"train.iterations={t.iterations}: must be >= 1")
+    if not 0 <= t.warmup_steps <= t.iterations:
+        err(f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.iterations={t.iterations}")
+    if t.save_every < 0:
+        err(f"train.save_every={t.save_every}: 0 (only at the end) or a positive step count")
+    if not 0 <= t.min_lr_ratio <= 1:
+        err(f"train.min_lr_ratio={t.min_lr_ratio}: between 0 and 1")
+    if len(t.adam_betas) != 2:
+        err(f"train.adam_betas={t.adam_betas}: two numbers, e.g. [0.9, 0.999]")
+
+    if not Path(cfg.deepspeed).is_file():
+        err(f"deepspeed='{cfg.deepspeed}': file not found; point it at one of ds_configs/*.json")
+    else:
+        try:
+            deepspeed_config(cfg, micro=t.micro_batch, gas=max(gas, 1), ds_data_ranks=world_size // p.pipeline)
+        except ConfigError as e:
+            err(str(e))
+
+    if m.tokenizer is None:
+        err("model.tokenizer is not set: a directory with HF tokenizer files (e.g. Qwen2.5-14B-Instruct)")
+    elif not _exists(m.tokenizer):
+        missing.append(f"model.tokenizer: {m.tokenizer}")
+    if m.init_from is not None and not _exists(m.init_from):
+        missing.append(f"model.init_from: {m.init_from} (the previous stage's checkpoints/ directory)")
+
+    if d.seq_length < 16:
+        err(f"data.seq_length={d.seq_length}: too short")
+    if not d.sources:
+        err("data.sources is empty: list at least one source with name, paths and ratio")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not s.name:
+            err(f"{key}.name is empty")
+        if names.count(s.name) > 1:
+            err(f"{key}.name='{s.name}' appears twice; source names must be unique")
+        if s.ratio < 0:
+            err(f"{key}.ratio={s.ratio}: must be >= 0 (a fraction of the source per pass; > 1 repeats)")
+        if not s.paths:
+            err(f"{key}.paths is empty")
+        for path in (s.paths if s.ratio > 0 else []):
+            full = Path(path) if Path(path).is_absolute() else Path(d.root) / path
+            if not full.exists():
+                missing.append(f"{key} ({s.name}): {full}")
+    if d.sources and all(s.ratio == 0 for s in d.sources):
+        err("every data source has ratio 0: nothing to train on")
+
+    if errors:
+        raise ConfigError(_fmt(cfg, errors))
+    notes = []
+    if p.sequence > 1:
+        notes.append("sequence parallelism (parallel.ulysses/ring > 1) is validated but not yet available "
+                     "for training in this version (tracked by the sequence-parallelism issue)")
+    return Layout(world_size, p.pipeline, p.ulysses, p.ring, dp, t.micro_batch, gas, t.global_batch,
+                  missing, notes)
+
+
+def _fmt(cfg: StageConfig, errors: list[str]) -> str:
+    head = f"{cfg.source_file or 'stage config'}: {len(errors)} problem(s)"
+    return head + "".join(f"\n  - {e}" for e in errors)
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def deepspeed_config(cfg: StageConfig, micro: int, gas: int, ds_data_ranks: int) -> dict:
+    """The DeepSpeed JSON of ``cfg.deepspeed`` with batch sizes, precision and clipping filled in
+    from the stage file; values present in both must agree."""
+    try:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg.deepspeed}: not valid JSON ({e})") from None
+    want = {"train_batch_size": micro * gas * ds_data_ranks, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": gas, "gradient_clipping": cfg.train.grad_clip}
+    for key, value in want.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"{cfg.deepspeed}: '{key}'={ds[key]} disagrees with the stage file ({value}, from "
+                              f"train.global_batch/micro_batch/grad_clip); remove it from the DeepSpeed JSON")
+        ds[key] = value
+    for section in OWNED_SECTIONS:
+        if section in ds:
+            raise ConfigError(f"{cfg.deepspeed}: remove the '{section}' section; lvita builds the optimizer and "
+                              f"LR schedule from train.lr / warmup_steps / weight_decay so they are per module")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{cfg.deepspeed}: fp16 is not supported; use precision=bf16")
+    bf16 = ds.get("bf16", {}).get("enabled")
+    if bf16 is not None and bf16 != (cfg.precision == "bf16"):
+        raise ConfigError(f"{cfg.deepspeed}: bf16.enabled={bf16} disagrees with precision='{cfg.precision}'; "
+                          f"drop bf16.enabled from the DeepSpeed JSON and set precision in the stage file")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage >= 2:
+        raise ConfigError(f"{cfg.deepspeed}: zero_optimization.stage={stage}; DeepSpeed's pipeline engine "
+                          f"supports ZeRO stage 0 or 1")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds

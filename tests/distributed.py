@@ -1,0 +1,67 @@
+"""The one helper for multi-process tests: run a function in N CPU processes joined by gloo.
+
+    results = run_world(fn, 2, arg1, arg2)   # fn(rank, arg1, arg2) runs in each process
+
+``fn`` must be a module-level function (processes are spawned). Each process gets the env a
+launcher would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and one torch thread; the
+return values come back in rank order. A failing rank fails the test with its traceback.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        buf = io.BytesIO()
+        torch.save(fn(rank, *args), buf)  # bytes, not shared-memory tensors: the process exits
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(fn, world: int, *args, timeout: float = 600):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{value}")
+                break
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("distributed run failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world)]
