@@ -42,6 +42,17 @@ def _single_process_env() -> None:
                           MASTER_PORT=str(_free_port()))
 
 
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's plain fp32 path (ZeRO 0) clips gradients but drops the norm; keep it for logging."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip
+
+
 def run(cfg) -> list[float]:
     """Train ``cfg`` (a validated StageConfig) in this process; returns the per-step losses."""
     import deepspeed
@@ -82,11 +93,11 @@ def run(cfg) -> list[float]:
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
     if not groups:
-        raise ValueError(f"pipeline stage {module.stage_id} holds no trainable parameters with "
-                         f"model.trainable={cfg.model.trainable}; use a smaller parallel.pipeline")
+        groups = [module.add_frozen_stage_placeholder()]
     ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(groups, cfg.train),
                                            lr_scheduler=scheduler_factory(cfg.train), config=ds_cfg)
+    _keep_fp32_grad_norm(engine)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
     if cfg.model.init_from:
         tag = checkpoint.load_weights(engine, cfg.model.init_from)
@@ -102,11 +113,11 @@ def run(cfg) -> list[float]:
         batch = stream.next_global_batch()
         micro = rank_micro_batches(batch, dp_rank, layout.data, layout.micro_batch)
         data_wait = time.perf_counter() - t0
+        lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         loss = float(engine.train_batch(data_iter=iter(micro)))
         step_time = time.perf_counter() - t0
         losses.append(loss)
         tokens = sum(s.input_ids.numel() for s in batch)
-        lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         gn = engine.get_global_grad_norm()
         if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
             monitor.log(step, {

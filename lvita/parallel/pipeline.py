@@ -22,6 +22,7 @@ instead of being recomputed; it keeps every stage independent of the data.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
@@ -73,6 +74,24 @@ class LongVitaPipeline(PipelineModule):
     def _count_layer_params(self):
         return spec_param_counts(self._layer_specs)
 
+    def add_frozen_stage_placeholder(self) -> dict:
+        """For a stage that trains nothing (stage 1 trains only the projector, which sits on stage
+        0): DeepSpeed still needs an optimizer and a gradient here, so add one zero weight that
+        joins the output as ``+ 0 * w``. Returns its optimizer param group (lr 0)."""
+        self.frozen_stage_placeholder = nn.Parameter(torch.zeros(1))
+        self.frozen_stage_placeholder.model_parallel = True
+        return {"params": [self.frozen_stage_placeholder], "name": "placeholder", "module": "none",
+                "lr": 0.0, "weight_decay": 0.0}
+
+    def forward(self, forward_input):
+        out = super().forward(forward_input)
+        w = getattr(self, "frozen_stage_placeholder", None)
+        if w is None or not torch.is_grad_enabled():
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + 0 * w.to(out[0].dtype).sum(), *out[1:])
+        return out + 0 * w.to(out.dtype).sum()
+
 
 def spec_param_counts(specs: list[LayerSpec]) -> list[int]:
     with torch.device("meta"):
@@ -119,6 +138,11 @@ def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
         base_seed=seed,
         activation_checkpoint_interval=0,  # checkpointing is done per layer by DecoderLayer
     )
+    # DeepSpeed's gradient-norm code (clipping, ZeRO, bf16) counts a parameter only on model-parallel
+    # rank 0 unless it is tagged model-parallel; every weight here lives on exactly one pipeline
+    # stage, so each stage must count its own and the sum over the pipe group gives the true norm.
+    for p in module.parameters():
+        p.model_parallel = True
     heads = [f for f in module.forward_funcs if isinstance(f, HeadPipe)]
     loss.head = heads[0] if heads else None
     return module
