@@ -1,0 +1,85 @@
+"""``lvita check``: validate a stage for a world size and show its layout, without allocating.
+
+    lvita check --stage stages/longvita-14b/2_general.json --world-size 64
+
+Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
+counts per stage (total and trainable), computed on the meta device exactly as the training run
+partitions it. Configuration errors exit with status 2; paths that do not exist yet (data,
+tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lvita.config import ConfigError, load_stage
+from lvita.validate import validate
+
+
+def stage_table(cfg, num_stages: int) -> list[dict]:
+    """Per pipeline stage: layer range, layer names, total and trainable parameters (meta device)."""
+    from lvita.model.longvita import module_of
+    from lvita.parallel.pipeline import layer_specs, partition
+
+    specs = layer_specs(cfg.model.preset, image_token_id=0)
+    parts = partition(specs, num_stages, cfg.parallel.partition_method)
+    rows = []
+    for s in range(num_stages):
+        total = trainable = 0
+        names = []
+        with torch.device("meta"):
+            for spec in specs[parts[s]:parts[s + 1]]:
+                names.append(spec.typename.__name__)
+                for name, p in spec.build().named_parameters():
+                    total += p.numel()
+                    if module_of(name) in cfg.model.trainable:
+                        trainable += p.numel()
+        rows.append(dict(stage=s, first=parts[s], last=parts[s + 1] - 1, names=names, params=total,
+                         trainable=trainable))
+    return rows
+
+
+def _short(names: list[str]) -> str:
+    out, prev, n = [], None, 0
+    for name in names + [None]:
+        if name == prev:
+            n += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev} x{n}" if n > 1 else prev)
+        prev, n = name, 1
+    return ", ".join(out)
+
+
+def main(stage: str, world_size: int, overrides: list[str], strict: bool = False) -> int:
+    try:
+        cfg = load_stage(stage, overrides)
+        layout = validate(cfg, world_size)
+    except ConfigError as e:
+        print(f"lvita check: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{stage}: {cfg.description or cfg.name}")
+    print(f"  world {layout.world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
+          f"{layout.sequence} (ulysses {layout.ulysses} x ring {layout.ring})")
+    print(f"  global batch {layout.global_batch} = micro {layout.micro_batch} x accumulation "
+          f"{layout.grad_accum} x data {layout.data}; {cfg.data.seq_length} tokens per sequence, "
+          f"{layout.global_batch * cfg.data.seq_length:,} tokens per step")
+    print(f"  model {cfg.model.preset}, trainable {cfg.model.trainable}, precision {cfg.precision}")
+    rows = stage_table(cfg, layout.pipeline)
+    for r in rows:
+        warn = "" if r["trainable"] else "  (trains nothing: gets a placeholder weight)"
+        print(f"  pipeline stage {r['stage']}: layers {r['first']}-{r['last']} ({_short(r['names'])}), "
+              f"{r['params'] / 1e6:,.1f}M parameters, {r['trainable'] / 1e6:,.1f}M trainable{warn}")
+    print(f"  total {sum(r['params'] for r in rows) / 1e6:,.1f}M parameters, "
+          f"{sum(r['trainable'] for r in rows) / 1e6:,.1f}M trainable")
+    for note in layout.notes:
+        print(f"  note: {note}")
+    if layout.missing:
+        print(f"  to fill in before training ({len(layout.missing)} paths do not exist here):")
+        for m in layout.missing:
+            print(f"    - {m}")
+        if strict:
+            return 2
+    print("  OK" if not layout.missing else "  OK apart from the paths above")
+    return 0

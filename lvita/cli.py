@@ -1,0 +1,43 @@
+"""The ``lvita`` command: ``demo``, ``check`` and ``train``.
+
+    lvita demo [--out DIR] [--nproc N] [--data-only]
+    lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict]
+    lvita train --stage FILE [--set KEY=VALUE]...        (one process; use the deepspeed launcher for more)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lvita", description="Long-VITA training with DeepSpeed, stage by stage.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train the four demo stages on a tiny model (CPU is fine)")
+    d.add_argument("--out", default="demo_out", help="where tokenizer, data, logs and checkpoints go")
+    d.add_argument("--nproc", type=int, default=2, help="processes for the deepspeed launcher")
+    d.add_argument("--data-only", action="store_true", help="only make the tokenizer and data")
+    c = sub.add_parser("check", help="validate a stage file for a world size, without allocating")
+    c.add_argument("--stage", required=True)
+    c.add_argument("--world-size", type=int, required=True)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--strict", action="store_true", help="also fail on paths that do not exist")
+    t = sub.add_parser("train", help="train one stage in this process (python -m lvita.train)")
+    t.add_argument("--stage", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    if args.cmd == "demo":
+        from lvita.demo.run import main as demo
+
+        return demo(args.out, args.nproc, args.data_only)
+    if args.cmd == "check":
+        from lvita.check import main as check
+
+        return check(args.stage, args.world_size, args.set, args.strict)
+    from lvita.train import main as train
+
+    return train(["--stage", args.stage] + sum((["--set", s] for s in args.set), []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""``lvita demo``: the four-stage curriculum on the tiny model, on this machine, with no downloads.
+
+    lvita demo [--out demo_out] [--nproc 2]
+
+Trains a tokenizer on text shipped in the package, generates a small multi-source dataset
+(images, multi-image, comics, videos, short and long text), then runs ``stages/demo/*.json``
+in order through the ``deepspeed`` launcher with ``--nproc`` processes (CPU and gloo when there
+is no GPU), each stage initialised from the previous stage's last checkpoint. Prints where the
+TensorBoard logs and checkpoints are and each stage's first and last loss.
+
+The launcher output of each stage goes to ``<out>/<stage>/launcher.log``; the terminal shows
+only lvita's own progress lines (and any error).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = REPO / "stages" / "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(out: Path) -> tuple[Path, Path]:
+    """Tokenizer and data under ``out`` (reused when already there)."""
+    from lvita.demo.data import generate_demo_data
+    from lvita.tokenizer import train_demo_tokenizer
+
+    tok_dir, data_dir = out / "tokenizer", out / "data"
+    if not (tok_dir / "tokenizer.json").is_file():
+        t = time.time()
+        train_demo_tokenizer(tok_dir)
+        print(f"[demo] trained the demo tokenizer in {time.time() - t:.1f}s -> {tok_dir}", flush=True)
+    if not (data_dir / ".complete").is_file():
+        t = time.time()
+        sources = generate_demo_data(data_dir)
+        (data_dir / ".complete").write_text("\n".join(sorted(sources)))
+        print(f"[demo] generated {len(sources)} demo sources in {time.time() - t:.1f}s -> {data_dir}", flush=True)
+    return tok_dir, data_dir
+
+
+def _run_stage(stage: Path, out: Path, nproc: int, overrides: list[str]) -> int:
+    stage_out = out / stage.stem
+    stage_out.mkdir(parents=True, exist_ok=True)
+    (stage_out / "metrics.jsonl").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(_free_port()), "--module", "lvita.train", "--stage", str(stage)]
+    for o in [f"output_dir={stage_out}", *overrides]:
+        cmd += ["--set", o]
+    with open(stage_out / "launcher.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(f"[{stage.stem}]") or line.startswith("[data]") or "error" in line.lower():
+                print(line, end="", flush=True)
+        return proc.wait()
+
+
+def _first_last(metrics: Path) -> tuple[float, float]:
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()]
+    return losses[0], losses[-1]
+
+
+def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False) -> int:
+    out = Path(out).resolve()
+    if not STAGES.is_dir():
+        print(f"lvita demo: error: {STAGES} not found; run the demo from a clone of the repository "
+              f"(pip install -e .)", file=sys.stderr)
+        return 2
+    start = time.time()
+    tok_dir, data_dir = prepare(out)
+    if data_only:
+        return 0
+    summary, prev = [], None
+    for stage in sorted(STAGES.glob("*.json")):
+        overrides = [f"data.root={data_dir}", f"model.tokenizer={tok_dir}",
+                     f"model.init_from={json.dumps(str(out / prev / 'checkpoints')) if prev else 'null'}"]
+        t = time.time()
+        print(f"[demo] stage {stage.stem}: {json.loads(stage.read_text()).get('description', '')}", flush=True)
+        rc = _run_stage(stage, out, nproc, overrides)
+        if rc != 0:
+            print(f"lvita demo: error: stage {stage.stem} failed (exit {rc}); see {out / stage.stem / 'launcher.log'}",
+                  file=sys.stderr)
+            return rc
+        first, last = _first_last(out / stage.stem / "metrics.jsonl")
+        summary.append((stage.stem, first, last, time.time() - t))
+        prev = stage.stem
+    print(f"\n[demo] four stages done in {time.time() - start:.0f}s")
+    print(f"[demo] TensorBoard: tensorboard --logdir {out}")
+    for name, first, last, secs in summary:
+        print(f"[demo]   {name:10s} loss {first:.3f} -> {last:.3f}  ({secs:.0f}s)  checkpoints: {out / name / 'checkpoints'}")
+    return 0

@@ -1,0 +1,120 @@
+"""Stage config loading, overrides and validation: every error names the key and the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lvita.check import main as check
+from lvita.config import ConfigError, load_stage
+from lvita.validate import validate
+from tests.conftest import REPO, stage_dict, write_stage
+
+
+@pytest.fixture
+def stage(tmp_path, tokenizer_dir, dataset_dir):
+    return write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out"))
+
+
+def errors_for(stage, world, *sets) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(load_stage(stage, list(sets)), world)
+    return str(e.value)
+
+
+def test_valid_stage_gives_layout(stage):
+    layout = validate(load_stage(stage), 2)
+    assert (layout.pipeline, layout.data, layout.grad_accum, layout.missing) == (1, 2, 2, [])
+    layout = validate(load_stage(stage, ["parallel.pipeline=2"]), 2)
+    assert (layout.pipeline, layout.data, layout.grad_accum) == (2, 1, 4)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path, stage):
+    raw = json.loads(stage.read_text())
+    raw["train"]["learning_rate"] = 1
+    bad = write_stage(tmp_path / "bad.json", raw)
+    with pytest.raises(ConfigError, match=r"bad.json: unknown key 'train.learning_rate'; valid keys here: iterations"):
+        load_stage(bad)
+
+
+def test_wrong_type_is_an_error(stage):
+    with pytest.raises(ConfigError, match="train.iterations: expected an integer"):
+        load_stage(stage, ["train.iterations=three"])
+
+
+def test_set_unknown_key_and_json_parsing(stage):
+    with pytest.raises(ConfigError, match="unknown key 'parallel.tensor'"):
+        load_stage(stage, ["parallel.tensor=2"])
+    cfg = load_stage(stage, ["train.lr.llm=2e-4", "name=my run", "model.trainable=[\"llm\"]",
+                             "model.init_from=null"])
+    assert cfg.train.lr["llm"] == 2e-4 and cfg.name == "my run" and cfg.model.trainable == ["llm"]
+    assert cfg.model.init_from is None
+
+
+def test_degrees_must_divide_world(stage):
+    msg = errors_for(stage, 3, "parallel.pipeline=2")
+    assert "parallel.pipeline x ulysses x ring = 2x1x1 = 2 does not divide the world size 3" in msg
+
+
+def test_heads_must_divide_ulysses(stage):
+    msg = errors_for(stage, 3, "parallel.ulysses=3", "data.seq_length=192")
+    assert "parallel.ulysses=3 must divide the 4 query heads of tiny" in msg
+
+
+def test_batch_arithmetic(stage):
+    msg = errors_for(stage, 2, "train.global_batch=3")
+    assert "train.global_batch=3 must be a multiple of train.micro_batch x data-parallel ranks = 1 x 2" in msg
+
+
+def test_missing_files(stage, tmp_path):
+    msg = errors_for(stage, 1, f"deepspeed={tmp_path}/nope.json")
+    assert "nope.json': file not found; point it at one of ds_configs/*.json" in msg
+    layout = validate(load_stage(stage, [f"model.tokenizer={tmp_path}/none", "data.root=/nonexistent"]), 1)
+    assert any("model.tokenizer" in m for m in layout.missing)
+    assert any("captions" in m and "/nonexistent/captions.jsonl" in m for m in layout.missing)
+
+
+def test_lr_must_cover_trainable_modules(stage):
+    msg = errors_for(stage, 1, 'train.lr={"llm": 1e-3}')
+    assert "train.lr has no rate for trainable module 'vision'" in msg
+
+
+def test_all_problems_reported_together(stage):
+    msg = errors_for(stage, 1, "precision=fp16", "train.iterations=0", "train.warmup_steps=0")
+    assert "2 problem(s)" in msg and "precision='fp16'" in msg and "train.iterations=0" in msg
+
+
+def test_deepspeed_json_cross_checked(stage, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0}}))
+    msg = errors_for(stage, 1, f"deepspeed={ds}")
+    assert "'train_micro_batch_size_per_gpu'=2 disagrees with the stage file (1" in msg
+    ds.write_text(json.dumps({"bf16": {"enabled": True}}))
+    assert "bf16.enabled=True disagrees with precision='fp32'" in errors_for(stage, 1, f"deepspeed={ds}")
+    ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    assert "remove the 'optimizer' section" in errors_for(stage, 1, f"deepspeed={ds}")
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert "supports ZeRO stage 0 or 1" in errors_for(stage, 1, f"deepspeed={ds}")
+
+
+@pytest.mark.parametrize("name", ["1_align", "2_general", "3_long_128k", "4_long_1m"])
+def test_longvita_14b_stages_check(name, capsys):
+    assert check(str(REPO / "stages" / "longvita-14b" / f"{name}.json"), 64, [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"]) == 0
+    out = capsys.readouterr().out
+    assert "world 64 = pipeline 8" in out
+    assert "total 15,121.3M parameters" in out
+    assert out.count("pipeline stage ") == 8
+
+
+def test_check_reports_errors(capsys):
+    rc = check(str(REPO / "stages" / "longvita-14b" / "2_general.json"), 60,
+               [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"])
+    assert rc == 2
+    assert "does not divide the world size 60" in capsys.readouterr().err
+
+
+def test_demo_stages_validate():
+    for f in sorted((REPO / "stages" / "demo").glob("*.json")):
+        cfg = load_stage(f, [f"deepspeed={REPO}/{load_stage(f).deepspeed}"])
+        layout = validate(cfg, 2)
+        assert layout.world == 2
