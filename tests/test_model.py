@@ -1,0 +1,59 @@
+"""Plain model behaviour: image splicing, per-sample attention, meta-device presets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvita.model.longvita import LongVita
+from tests.synthetic import IMG
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LongVita("tiny", IMG, seed=0).eval()
+
+
+def test_image_count_mismatch_is_an_error(model):
+    ids = torch.full((1, 40), 11)
+    ids[0, 2:18] = IMG
+    with pytest.raises(ValueError, match="2 tiles give 32 feature tokens but the sequence has 16"):
+        model.embed(ids, torch.randn(2, 3, 112, 112))
+    with pytest.raises(ValueError, match="16 <IMG_CONTEXT> tokens but no image tiles"):
+        model.embed(ids, torch.zeros(0, 3, 112, 112))
+
+
+def test_reset_positions_isolate_samples(model):
+    torch.manual_seed(0)
+    ids = torch.randint(10, 900, (1, 64))
+    pos = torch.cat([torch.arange(30), torch.arange(34)]).unsqueeze(0)
+    empty = torch.zeros(0, 3, 112, 112)
+    with torch.no_grad():
+        full = model.embed(ids, empty)
+        alone = model.embed(ids[:, 30:], empty)
+        for layer in model.layers:
+            full, alone = layer(full, pos), layer(alone, pos[:, 30:])
+        changed = ids.clone()
+        changed[0, :30] = 3  # a different first sample must not change the second
+        other = model.embed(changed, empty)
+        for layer in model.layers:
+            other = layer(other, pos)
+    torch.testing.assert_close(full[:, 30:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other[:, 30:], full[:, 30:], rtol=1e-5, atol=1e-5)
+    # with preserved positions the second part does see the first
+    with torch.no_grad():
+        h = model.embed(changed, empty)
+        for layer in model.layers:
+            h = layer(h, torch.arange(64).unsqueeze(0))
+        g = model.embed(ids, empty)
+        for layer in model.layers:
+            g = layer(g, torch.arange(64).unsqueeze(0))
+    assert (h[:, 30:] - g[:, 30:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset, billions", [("longvita-1.5b", 2.09), ("longvita-14b", 15.1)])
+def test_big_presets_build_on_meta(preset, billions):
+    with torch.device("meta"):
+        m = LongVita(preset, IMG)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n / 1e9 - billions) < 0.1, n
+    assert all(p.is_meta for p in m.parameters())

@@ -1,0 +1,51 @@
+"""LR schedule (warmup + cosine to a floor), per-module groups and freezing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lvita.config import TrainConfig
+from lvita.model.longvita import LongVita
+from lvita.optim import freeze, lr_factor, param_groups, scheduler_factory, build_optimizer
+
+
+def test_warmup_then_cosine():
+    assert [lr_factor(s, 4, 20, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
+    mid = 4 + 8  # halfway through the cosine
+    assert lr_factor(mid, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_factor(25, 4, 20, 0.1) == pytest.approx(0.1)  # stays at the floor
+    assert lr_factor(7, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
+
+
+def test_scheduler_keeps_per_module_ratios():
+    model = LongVita("tiny", image_token_id=5)
+    train = TrainConfig(iterations=10, warmup_steps=2, min_lr_ratio=0.0,
+                        lr={"vision": 1e-5, "projector": 1e-3, "llm": 1e-4}, weight_decay=0.1)
+    freeze(model, ["vision", "projector", "llm"])
+    groups = param_groups(model, train)
+    assert {g["module"] for g in groups} == {"vision", "projector", "llm"}
+    assert all(g["weight_decay"] == (0.1 if not g["name"].endswith("no_decay") else 0.0) for g in groups)
+    opt = build_optimizer(groups, train)
+    sched = scheduler_factory(train)(opt)
+    seen = []
+    for _ in range(10):
+        seen.append({g["module"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx({"vision": 0.5e-5, "projector": 0.5e-3, "llm": 0.5e-4})
+    assert seen[2] == pytest.approx({"vision": 1e-5, "projector": 1e-3, "llm": 1e-4})
+    for s in seen:
+        assert s["projector"] / s["vision"] == pytest.approx(100)
+
+
+def test_freeze_projector_only():
+    model = LongVita("tiny", image_token_id=5)
+    counts = freeze(model, ["projector"])
+    assert counts["vision"] == 0 and counts["llm"] == 0 and counts["projector"] > 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n for n in trainable)
+    assert not any(p.requires_grad for p in model.embed.embed_tokens.parameters())
