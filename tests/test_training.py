@@ -1,0 +1,115 @@
+"""End-to-end training through lvita.train: launcher equivalence across layouts, freezing,
+overfitting, stage-to-stage initialisation and universal-checkpoint conversion."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, stage_dict, write_dataset, write_stage
+from tests.distributed import free_port, run_world
+
+
+def _train(rank, cfg_path, overrides):
+    from lvita.config import load_stage
+    from lvita.train import run
+
+    return run(load_stage(cfg_path, overrides))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _launch(stage: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "lvita.train", "--stage", str(stage)]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _layer_states(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
+        idx = f.name.split("-")[0].split("_")[1]
+        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+            out[f"{int(idx)}.{k}"] = v
+    return out
+
+
+def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir):
+    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "x"))
+    _launch(stage, "parallel.pipeline=2", f"output_dir={tmp_path / 'pp2'}")
+    _launch(stage, "parallel.pipeline=1", f"output_dir={tmp_path / 'dp2'}")
+    a, b = _metrics(tmp_path / "pp2"), _metrics(tmp_path / "dp2")
+    assert [m["step"] for m in a] == [1, 2, 3] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+        assert x["labelled_tokens"] == y["labelled_tokens"] > 0
+        for key in ("lr", "tokens", "tokens_per_sec", "step_time_s", "data_wait_s", "peak_memory_gb"):
+            assert key in x
+    assert list((tmp_path / "pp2" / "tensorboard").glob("events.out.tfevents.*"))
+    # weights saved at pp=2 start a stage at pp=1 unchanged (lr 0 keeps them as loaded)
+    nxt = tmp_path / "next"
+    _launch(stage, "parallel.pipeline=1", "train.iterations=1", 'train.lr={"vision":0,"projector":0,"llm":0}',
+            f"model.init_from={tmp_path / 'pp2' / 'checkpoints'}", f"output_dir={nxt}")
+    before = _layer_states(tmp_path / "pp2" / "checkpoints" / "global_step3")
+    after = _layer_states(nxt / "checkpoints" / "global_step1")
+    assert before.keys() == after.keys() and len(before) > 50
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_stage1_freezing_changes_only_projector(tmp_path, tokenizer_dir, dataset_dir):
+    from lvita.parallel.pipeline import to_sequential
+
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out")
+    cfg["model"]["trainable"] = ["projector"]
+    cfg["train"]["lr"] = {"projector": 1e-2}
+    stage = write_stage(tmp_path / "s.json", cfg)
+    run_world(_train, 1, str(stage), [])
+    saved = _layer_states(tmp_path / "out" / "checkpoints" / "global_step3")
+    init = to_sequential("tiny", 5, seed=cfg["seed"])
+    n_layers = len(init.layers)
+    changed = set()
+    for name, p in init.state_dict().items():
+        head, rest = name.split(".", 1)
+        key = {"embed": "0", "head": str(n_layers + 1)}.get(head)
+        key = f"{key}.{rest}" if key else f"{int(rest.split('.', 1)[0]) + 1}.{rest.split('.', 1)[1]}"
+        if not torch.equal(saved[key], p):
+            changed.add(name)
+    assert changed and all("multi_modal_projector" in n for n in changed), sorted(changed)[:5]
+    assert len(changed) == len([n for n in init.state_dict() if "multi_modal_projector" in n])
+
+
+def test_overfits_a_tiny_dataset(tmp_path, tokenizer_dir):
+    data = write_dataset(tmp_path / "data", n_captions=6, n_text=6)
+    cfg = stage_dict(tokenizer_dir, data, tmp_path / "out", iterations=40, global_batch=1, warmup_steps=2,
+                     lr={"vision": 1e-3, "projector": 3e-3, "llm": 3e-3}, min_lr_ratio=0.1)
+    cfg["data"]["seq_length"] = 512
+    cfg["data"]["sources"] = [{"name": "all", "paths": ["captions.jsonl", "text.jsonl"]}]
+    losses = run_world(_train, 1, str(write_stage(tmp_path / "s.json", cfg)), [])[0]
+    assert len(losses) == 40
+    assert min(losses[-5:]) < 0.35 * losses[0], losses
+
+
+def test_bf16_checkpoint_converts_to_universal(tmp_path, tokenizer_dir, dataset_dir):
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out", iterations=1)
+    cfg["precision"] = "bf16"
+    cfg["deepspeed"] = str(REPO / "ds_configs" / "pipeline_bf16_zero1.json")
+    run_world(_train, 1, str(write_stage(tmp_path / "s.json", cfg)), [])
+    ckpt = tmp_path / "out" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "global_step1"
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(ckpt / "global_step1"), "--output_folder", str(tmp_path / "universal")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "universal" / "zero").glob("*/fp32.pt"))
