@@ -13,7 +13,8 @@ A global batch is a list of ``train.global_batch`` sequences and depends only on
 config, never on the parallel layout; :func:`rank_micro_batches` cuts this rank's share.
 ``state_dict()`` / ``load_state_dict()`` resume exactly.
 
-Trade-off: this first version holds one epoch of encoded samples in memory and packs next-fit;
+Trade-off: this first version holds one epoch of encoded samples in memory and packs
+first-fit over a small window of open sequences;
 it is meant for the demo and tests. Bad samples are skipped and counted per reason.
 
     stream = PackedStream(cfg.data, tok, specials, tile=112, tokens_per_tile=16, global_batch=8, seed=1)
@@ -127,6 +128,9 @@ class PackedStream:
             if tiles.shape[0]:
                 raise SampleError("too_long_multimodal", f"{len(ids)} tokens > data.seq_length={L}")
             ids, targets = ids[:L], targets[: L - 1] + [IGNORE]
+            if all(t == IGNORE for t in targets):
+                raise SampleError("truncated_no_labels", f"text longer than data.seq_length={L}; after "
+                                                         f"truncation no assistant token is left")
         return Sample(source, str(raw.get("id", "?")), ids, targets, tiles)
 
     # -- mixing and packing --------------------------------------------------------------------
@@ -145,17 +149,23 @@ class PackedStream:
             chosen.append((s.name, [pool[i] for i in picks]))
         return chosen
 
-    def _pack(self, samples: list[Sample]) -> list[PackedSequence]:
-        L, seqs, cur = self.cfg.seq_length, [], []
-        used = 0
+    def _pack(self, samples: list[Sample], open_bins: int = 8) -> list[PackedSequence]:
+        """First-fit over a window of ``open_bins`` open sequences; when none has room and the
+        window is full, the fullest is closed. Deterministic for a given sample order."""
+        L, seqs = self.cfg.seq_length, []
+        bins: list[tuple[int, list[Sample]]] = []  # (tokens used, samples)
         for s in samples:
-            if used + len(s.input_ids) > L and cur:
-                seqs.append(self._build(cur))
-                cur, used = [], 0
-            cur.append(s)
-            used += len(s.input_ids)
-        if cur:
-            seqs.append(self._build(cur))
+            n = len(s.input_ids)
+            for i, (used, members) in enumerate(bins):
+                if used + n <= L:
+                    bins[i] = (used + n, members + [s])
+                    break
+            else:
+                if len(bins) == open_bins:
+                    fullest = max(range(len(bins)), key=lambda i: bins[i][0])
+                    seqs.append(self._build(bins.pop(fullest)[1]))
+                bins.append((n, [s]))
+        seqs += [self._build(members) for _, members in bins]
         return seqs
 
     def _build(self, samples: list[Sample]) -> PackedSequence:

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def prepare(out: Path) -> tuple[Path, Path]:
     """Tokenizer and data under ``out`` (reused when already there)."""
-    from lvita.demo.data import generate_demo_data
+    from lvita.demo.dataset import generate_demo_data
     from lvita.tokenizer import train_demo_tokenizer
 
     tok_dir, data_dir = out / "tokenizer", out / "data"

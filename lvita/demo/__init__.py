@@ -1,0 +1,1 @@
+"""The built-in demo: synthetic data and the four-stage run (`lvita demo`)."""
