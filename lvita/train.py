@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +39,7 @@ def _single_process_env() -> None:
     """Let ``python -m lvita.train`` run as a world of one without a launcher."""
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
 
 
 def _keep_fp32_grad_norm(engine) -> None:
@@ -51,6 +51,15 @@ def _keep_fp32_grad_norm(engine) -> None:
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip
+
+
+def _share_cpu_threads() -> None:
+    """On CPU, split the cores between the local processes (unless OMP_NUM_THREADS says otherwise):
+    oversubscribed OpenMP threads made steps up to 10x slower and erratic with 2 processes."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
 def run(cfg) -> list[float]:
@@ -70,10 +79,13 @@ def run(cfg) -> list[float]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate(cfg, world)
     if layout.missing:
-        raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing))
+        hint = "\n(stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
+        raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
+                                + (hint if any("demo_out" in m for m in layout.missing) else ""))
     if layout.sequence > 1:
         raise NotImplementedError(layout.notes[0])
 
+    _share_cpu_threads()
     deepspeed.init_distributed(verbose=False)
     rank = dist.get_rank()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)

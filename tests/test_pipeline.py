@@ -57,7 +57,7 @@ def _reference():
     ids, pos, pix, tgt = collate(packed_batch(GLOBAL, LENGTH, seed=3))
     loss_sum, n = model(ids, pos, pix, tgt)
     (loss_sum / n).backward()
-    return float(loss_sum / n), {name: p.grad for name, p in model.named_parameters()}
+    return (loss_sum / n).item(), {name: p.grad for name, p in model.named_parameters()}
 
 
 def _check(results, ref_loss, ref_grads):

@@ -14,20 +14,15 @@ only lvita's own progress lines (and any error).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lvita.train import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 STAGES = REPO / "stages" / "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(out: Path) -> tuple[Path, Path]:
@@ -53,7 +48,7 @@ def _run_stage(stage: Path, out: Path, nproc: int, overrides: list[str]) -> int:
     stage_out.mkdir(parents=True, exist_ok=True)
     (stage_out / "metrics.jsonl").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(_free_port()), "--module", "lvita.train", "--stage", str(stage)]
+           "--master_port", str(free_port()), "--module", "lvita.train", "--stage", str(stage)]
     for o in [f"output_dir={stage_out}", *overrides]:
         cmd += ["--set", o]
     with open(stage_out / "launcher.log", "w") as log:
