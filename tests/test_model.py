@@ -57,3 +57,18 @@ def test_big_presets_build_on_meta(preset, billions):
     n = sum(p.numel() for p in m.parameters())
     assert abs(n / 1e9 - billions) < 0.1, n
     assert all(p.is_meta for p in m.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from tests.synthetic import packed_batch
+    from lvita.data.packed import collate
+
+    ids, pos, pix, tgt = collate(packed_batch(2, 96, seed=1))
+    grads = []
+    for ckpt in (False, True):
+        m = LongVita("tiny", IMG, seed=4, checkpoint=ckpt)
+        loss, n = m(ids, pos, pix, tgt)
+        (loss / n).backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)

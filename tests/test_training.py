@@ -113,3 +113,17 @@ def test_bf16_checkpoint_converts_to_universal(tmp_path, tokenizer_dir, dataset_
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((tmp_path / "universal" / "zero").glob("*/fp32.pt"))
+
+
+def test_frozen_pipeline_stage_trains_in_bf16(tmp_path, tokenizer_dir, dataset_dir):
+    """Stage 1 trains only the projector, so pipeline stage 1 holds nothing trainable (the 14B
+    stage-1 layout has 7 such stages); bf16 ZeRO-1 must still step and match pipeline 1."""
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out", iterations=2)
+    cfg.update(precision="bf16", deepspeed=str(REPO / "ds_configs" / "pipeline_bf16_zero1.json"))
+    cfg["model"]["trainable"] = ["projector"]
+    cfg["train"]["lr"] = {"projector": 1e-2}
+    stage = str(write_stage(tmp_path / "s.json", cfg))
+    pp2 = run_world(_train, 2, stage, ["parallel.pipeline=2", f"output_dir={tmp_path / 'a'}"], timeout=300)[0]
+    dp2 = run_world(_train, 2, stage, ["parallel.pipeline=1", f"output_dir={tmp_path / 'b'}"], timeout=300)[0]
+    assert pp2 == pytest.approx(dp2, rel=2e-3)
+    assert pp2[1] < pp2[0]
