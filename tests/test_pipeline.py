@@ -51,10 +51,14 @@ def _pipeline_loss_and_grads(rank, pp, micro):
 
 
 def _reference():
+    return _reference_for(True)
+
+
+def _reference_for(reset: bool):
     from lvita.parallel.pipeline import to_sequential
 
     model = to_sequential("tiny", IMG, SEED)
-    ids, pos, pix, tgt = collate(packed_batch(GLOBAL, LENGTH, seed=3))
+    ids, pos, pix, tgt = collate(packed_batch(GLOBAL, LENGTH, seed=3, reset=reset))
     loss_sum, n = model(ids, pos, pix, tgt)
     (loss_sum / n).backward()
     return (loss_sum / n).item(), {name: p.grad for name, p in model.named_parameters()}

@@ -8,7 +8,8 @@ so the model stays single-device and sequence parallelism swaps the call from ou
 
 Shapes: every attention function takes q (B, S, Hq, D), k and v (B, S, Hkv, D) and returns
 (B, S, Hq, D). ``cu_seqlens`` (int32, over the flattened B*S tokens) marks packed samples that
-must not attend to each other; None means plain causal attention per row.
+must not attend to each other; None means plain causal attention per row. ``position_ids``
+(B, S) come along for functions that see only a shard and must rebuild the boundaries.
 
 Trade-off: the CPU/default path runs SDPA once per packed sample (exact, O(sum s_i^2) memory);
 GPUs get varlen flash kernels through the sequence-parallel issue's backends.
@@ -49,7 +50,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return out.transpose(1, 2)
 
 
-def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: float | None = None):
+def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
+                    position_ids: torch.Tensor | None = None):
     """Causal attention on one device; with cu_seqlens, each packed sample attends only to itself."""
     B, S = q.shape[:2]
     if cu_seqlens is None or cu_seqlens.numel() - 1 == B:
@@ -68,7 +70,8 @@ def _lvita_attention(module: nn.Module, query, key, value, attention_mask, dropo
     """transformers AttentionInterface entry: (B, H, S, D) in, (B, S, H, D) out."""
     fn: AttentionFn = getattr(module, "lvita_attention", None) or local_attention
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    return fn(q, k, v, cu_seqlens=kwargs.get("cu_seqlens"), scale=scaling), None
+    return fn(q, k, v, cu_seqlens=kwargs.get("cu_seqlens"), scale=scaling,
+              position_ids=kwargs.get("position_ids")), None
 
 
 AttentionInterface.register("lvita", _lvita_attention)

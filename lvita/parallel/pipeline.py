@@ -2,7 +2,8 @@
 
 Owns the layer list and the tuple protocol between pipeline stages (gpt-neox style):
 
-    stage input (from the data):  (input_ids (B,S), position_ids (B,S), pixel_values (N,3,H,W))
+    stage input (from the data):  (input_ids (B,S), position_ids (B,S), pixel_values (N,3,H,W)
+                                   [, feature_offset () for sequence-parallel shards])
     EmbedPipe         -> (hidden (B,S,D), position_ids)   vision + projector + embeddings + splice
     DecoderLayerPipe  -> (hidden (B,S,D), position_ids)   one per Qwen2 layer
     HeadPipe          -> normed hidden (B,S,D)
@@ -31,8 +32,8 @@ from lvita.model.presets import llm_config
 
 class EmbedPipe(MultimodalEmbedding):
     def forward(self, inputs):
-        input_ids, position_ids, pixel_values = inputs
-        return super().forward(input_ids, pixel_values), position_ids
+        input_ids, position_ids, pixel_values, *offset = inputs  # offset: sequence-parallel shards
+        return super().forward(input_ids, pixel_values, offset[0] if offset else None), position_ids
 
 
 class DecoderLayerPipe(DecoderLayer):
@@ -125,12 +126,15 @@ def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False) -> l
 
 
 def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
-                   partition_method: str = "parameters", checkpoint: bool = False) -> PipelineModule:
-    """The PipelineModule (torch.distributed must be initialised). Loss head is wired in."""
+                   partition_method: str = "parameters", checkpoint: bool = False,
+                   topology=None) -> PipelineModule:
+    """The PipelineModule (torch.distributed must be initialised). Loss head is wired in.
+    ``topology``: a DeepSpeed PipeDataParallelTopology (lvita.parallel.topology), else pipe x data."""
     loss = LabelledLoss()
     module = LongVitaPipeline(
         layers=layer_specs(preset, image_token_id, checkpoint),
-        num_stages=num_stages,
+        num_stages=None if topology is not None else num_stages,
+        topology=topology,
         loss_fn=loss,
         partition_method=partition_method,
         seed_layers=True,
