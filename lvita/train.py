@@ -72,7 +72,11 @@ def run(cfg) -> list[float]:
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
     from lvita.monitor import Monitor, peak_memory_gb
     from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
+    from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
+    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.topology import build_topology
+    from lvita.parallel.ulysses import UlyssesAttention
     from lvita.tokenizer import load_tokenizer, special_token_ids
     from lvita.validate import deepspeed_config, validate
 
@@ -82,12 +86,13 @@ def run(cfg) -> list[float]:
         hint = "\n(stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
         raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
-    if layout.sequence > 1:
+    if cfg.parallel.ring > 1:
         raise NotImplementedError(layout.notes[0])
 
     _share_cpu_threads()
     deepspeed.init_distributed(verbose=False)
     rank = dist.get_rank()
+    topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
         f"{layout.sequence}; global batch {layout.global_batch} = micro {layout.micro_batch} x "
@@ -101,7 +106,9 @@ def run(cfg) -> list[float]:
 
     torch.manual_seed(cfg.seed)
     module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
-                            cfg.parallel.partition_method, cfg.model.activation_checkpointing)
+                            cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed)
+    if layout.sequence > 1:
+        set_attention(module, UlyssesAttention(topo.sequence_group, layout.ulysses))
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
     if not groups:
@@ -117,13 +124,16 @@ def run(cfg) -> list[float]:
 
     stream = PackedStream(cfg.data, tok, specials, tile_size(cfg.model.preset),
                           tokens_per_tile(cfg.model.preset), cfg.train.global_batch, cfg.seed, log=log)
-    dp_rank = engine.grid.get_data_parallel_id()
+    tpt = tokens_per_tile(cfg.model.preset)
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name)
     losses = []
     for step in range(1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
         batch = stream.next_global_batch()
-        micro = rank_micro_batches(batch, dp_rank, layout.data, layout.micro_batch)
+        micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
+        if layout.sequence > 1:
+            micro = [shard_micro_batch(m, topo.sequence_rank, layout.sequence, specials["img_context"], tpt)
+                     for m in micro]
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         loss = float(engine.train_batch(data_iter=iter(micro)))

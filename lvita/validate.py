@@ -82,6 +82,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if p.ulysses > 1 and lcfg.num_key_value_heads % p.ulysses and p.ulysses % lcfg.num_key_value_heads:
         err(f"parallel.ulysses={p.ulysses} and the {lcfg.num_key_value_heads} KV heads of {m.preset}: one "
             f"must divide the other")
+    if p.sequence > 1 and t.micro_batch != 1:
+        err(f"train.micro_batch={t.micro_batch}: sequence parallelism takes one packed sequence per "
+            f"micro-batch; set train.micro_batch=1 (raise train.global_batch for more accumulation)")
     if p.sequence > 1 and d.seq_length % (2 * p.sequence):
         err(f"data.seq_length={d.seq_length} must be a multiple of 2 x sequence degree = {2 * p.sequence}")
 
@@ -145,9 +148,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if errors:
         raise ConfigError(_fmt(cfg, errors))
     notes = []
-    if p.sequence > 1:
-        notes.append("sequence parallelism (parallel.ulysses/ring > 1) is validated but not yet available "
-                     "for training in this version (tracked by the sequence-parallelism issue)")
+    if p.ring > 1:
+        notes.append("ring attention (parallel.ring > 1) is validated but not yet available for training "
+                     "in this version; use parallel.ulysses (tracked by the sequence-parallelism issue)")
     return Layout(world_size, p.pipeline, p.ulysses, p.ring, dp, t.micro_batch, gas, t.global_batch,
                   missing, notes)
 

@@ -127,3 +127,13 @@ def test_frozen_pipeline_stage_trains_in_bf16(tmp_path, tokenizer_dir, dataset_d
     dp2 = run_world(_train, 2, stage, ["parallel.pipeline=1", f"output_dir={tmp_path / 'b'}"], timeout=300)[0]
     assert pp2 == pytest.approx(dp2, rel=2e-3)
     assert pp2[1] < pp2[0]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_ulysses_2_training_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir, reset):
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out")
+    cfg["data"].update(reset_position_ids=reset, same_source=reset)
+    stage = str(write_stage(tmp_path / "s.json", cfg))
+    sp = run_world(_train, 2, stage, ["parallel.ulysses=2", f"output_dir={tmp_path / 'a'}"])[0]
+    dp = run_world(_train, 2, stage, ["parallel.ulysses=1", f"output_dir={tmp_path / 'b'}"])[0]
+    assert sp == pytest.approx(dp, rel=1e-5)
