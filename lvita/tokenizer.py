@@ -1,60 +1,101 @@
-"""Tokenizers: load a real one (Qwen2.5) or train the demo's small one at run time.
+"""Tokenizers: load a real one (Qwen2.5) or train the demo's tiny one at run time.
 
-Owns the special tokens the model and the template rely on: ChatML (``<|im_start|>``,
+Owns the special tokens the model and the chat template rely on: ChatML (``<|im_start|>``,
 ``<|im_end|>``, ``<|endoftext|>``) and InternVL's image markers (``<img>``, ``</img>``,
-``<IMG_CONTEXT>``). ``load_tokenizer`` adds the image markers when a tokenizer lacks them (a plain
-Qwen2.5 tokenizer does; their ids still fit its 152064-row embedding).
+``<IMG_CONTEXT>``). ``load_tokenizer`` adds whichever of them a tokenizer lacks (a plain Qwen2.5
+tokenizer lacks the image markers; their new ids still fit its 152064-row embedding).
 
     python -c "from lvita.tokenizer import train_demo_tokenizer; train_demo_tokenizer('demo_out/tokenizer')"
 
-Trade-off: the demo tokenizer is a 2048-entry byte-level BPE trained in about a second on text
-shipped in the package (``lvita/assets/corpus.txt``), so nothing is downloaded; it round-trips
-any text but compresses worse than a real one.
+    from lvita.tokenizer import load_tokenizer, special_token_ids
+    tok = load_tokenizer("demo_out/tokenizer"); ids = special_token_ids(tok)
+
+Trade-off: the demo tokenizer is a small byte-level BPE (1024 entries by default) trained in well
+under a second on English text shipped with the package (``lvita/assets/corpus.txt``), so nothing
+is downloaded and any text round-trips; it compresses text worse than a real tokenizer, so the
+demo's sequences are longer than Qwen2.5 would make them.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT]
+SPECIAL_NAMES = ["endoftext", "im_start", "im_end", "img_start", "img_end", "img_context"]
+
 CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+# Any of these in a directory makes it a candidate for AutoTokenizer.from_pretrained.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 2048) -> Path:
-    """Train a byte-level BPE on the shipped corpus and save it in HF format to ``out_dir``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
+    """Train a byte-level BPE on the shipped corpus and save it in HF format to ``out_dir``.
+
+    The six :data:`SPECIAL_TOKENS` get ids 0..5 in order. Same files on every run.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size <= len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size={vocab_size} must exceed the 256 byte symbols plus "
+                         f"{len(SPECIAL_TOKENS)} special tokens")
+    if not CORPUS.is_file():
+        raise FileNotFoundError(f"demo tokenizer corpus {CORPUS} is missing; reinstall lvita "
+                                f"(it ships as package data lvita/assets/corpus.txt)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     tok.train([str(CORPUS)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+                                   extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
     return out
 
 
-def load_tokenizer(path: str | Path):
-    """A local HF tokenizer with every special token of :data:`SPECIAL_TOKENS` present."""
+def _no_tokenizer_error(path: Path, why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"tokenizer path {path}: no tokenizer files there ({why}); point model.tokenizer at a local "
+        f"HF tokenizer directory (e.g. a Qwen2.5-14B-Instruct download with tokenizer.json), or make "
+        f"the demo one with `lvita demo --data-only` / lvita.tokenizer.train_demo_tokenizer(dir)")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A local HF tokenizer with every token of :data:`SPECIAL_TOKENS` present (missing ones added).
+
+    Raises FileNotFoundError when ``path`` is missing or holds no tokenizer files.
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not path.is_dir() or not any(path.glob("tokenizer*")):
-        raise FileNotFoundError(f"model.tokenizer={path}: no tokenizer files there; point it at a local "
-                                f"HF tokenizer directory (e.g. Qwen2.5-14B-Instruct) or run `lvita demo`")
+    if not path.exists():
+        raise _no_tokenizer_error(path, "the path does not exist")
+    if not path.is_dir():
+        raise _no_tokenizer_error(path, "it is a file, not a directory")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise _no_tokenizer_error(path, f"none of {', '.join(_TOKENIZER_FILES)}")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    vocab = tok.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     return tok
 
 
-def special_token_ids(tok) -> dict[str, int]:
-    names = ["endoftext", "im_start", "im_end", "img_start", "img_end", "img_context"]
-    return {n: tok.convert_tokens_to_ids(t) for n, t in zip(names, SPECIAL_TOKENS)}
+def special_token_ids(tok: Any) -> dict[str, int]:
+    """{"endoftext", "im_start", "im_end", "img_start", "img_end", "img_context"} -> token id."""
+    vocab = tok.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks special tokens {missing}; load it with lvita.tokenizer.load_tokenizer")
+    return {name: int(vocab[t]) for name, t in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
