@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lvita.train import free_port
 
 
 def _worker(rank, sp, port, length, preset, steps, queue):
@@ -75,7 +70,7 @@ def measure(sp: int, length: int, preset: str, steps: int) -> tuple[float, float
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, sp, port, length, preset, steps, queue))
-             for port in [_port()] for r in range(sp)]
+             for port in [free_port()] for r in range(sp)]
     for p in procs:
         p.start()
     result = queue.get(timeout=1800)

@@ -122,9 +122,9 @@ def run(cfg) -> list[float]:
         tag = checkpoint.load_weights(engine, cfg.model.init_from)
         log(f"[{cfg.name}] initialised weights from {cfg.model.init_from} ({tag})")
 
-    stream = PackedStream(cfg.data, tok, specials, tile_size(cfg.model.preset),
-                          tokens_per_tile(cfg.model.preset), cfg.train.global_batch, cfg.seed, log=log)
     tpt = tokens_per_tile(cfg.model.preset)
+    stream = PackedStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
+                          cfg.seed, log=log)
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name)
     losses = []
     for step in range(1, cfg.train.iterations + 1):

@@ -72,3 +72,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({k: p.grad for k, p in m.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+def test_tensor_cache_reuses_only_for_the_same_unmodified_tensor():
+    from lvita.model.attention import TensorCache
+
+    cache, calls = TensorCache(), []
+    pos = torch.arange(8)
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert cache.get(pos, compute) == 1 and cache.get(pos, compute) == 1  # second call reused
+    assert cache.get(pos, compute, extra="bf16") == 2  # another key recomputes
+    pos[0] = 5  # in-place change bumps the version
+    assert cache.get(pos, compute, extra="bf16") == 3
+    assert cache.get(torch.arange(8), compute, extra="bf16") == 4  # equal values, other tensor

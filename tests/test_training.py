@@ -69,7 +69,8 @@ def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, da
 
 
 def test_stage1_freezing_changes_only_projector(tmp_path, tokenizer_dir, dataset_dir):
-    from lvita.parallel.pipeline import to_sequential
+    from lvita.model.presets import llm_config
+    from lvita.parallel.pipeline import plain_name, to_sequential
 
     cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out")
     cfg["model"]["trainable"] = ["projector"]
@@ -77,17 +78,13 @@ def test_stage1_freezing_changes_only_projector(tmp_path, tokenizer_dir, dataset
     stage = write_stage(tmp_path / "s.json", cfg)
     run_world(_train, 1, str(stage), [])
     saved = _layer_states(tmp_path / "out" / "checkpoints" / "global_step3")
-    init = to_sequential("tiny", 5, seed=cfg["seed"])
-    n_layers = len(init.layers)
-    changed = set()
-    for name, p in init.state_dict().items():
-        head, rest = name.split(".", 1)
-        key = {"embed": "0", "head": str(n_layers + 1)}.get(head)
-        key = f"{key}.{rest}" if key else f"{int(rest.split('.', 1)[0]) + 1}.{rest.split('.', 1)[1]}"
-        if not torch.equal(saved[key], p):
-            changed.add(name)
+    init = to_sequential("tiny", 5, seed=cfg["seed"]).state_dict()
+    n_layers = llm_config("tiny").num_hidden_layers
+    saved = {plain_name(k, n_layers): v for k, v in saved.items()}
+    assert saved.keys() == init.keys()
+    changed = {name for name, p in init.items() if not torch.equal(saved[name], p)}
     assert changed and all("multi_modal_projector" in n for n in changed), sorted(changed)[:5]
-    assert len(changed) == len([n for n in init.state_dict() if "multi_modal_projector" in n])
+    assert len(changed) == len([n for n in init if "multi_modal_projector" in n])
 
 
 def test_overfits_a_tiny_dataset(tmp_path, tokenizer_dir):

@@ -16,6 +16,7 @@ GPUs get varlen flash kernels through the sequence-parallel issue's backends.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -24,6 +25,26 @@ from torch import nn
 from transformers import AttentionInterface
 
 AttentionFn = Callable[..., torch.Tensor]
+
+
+class TensorCache:
+    """One value derived from one tensor, reused while that very tensor lives unmodified.
+
+    The decoder layers of a forward pass share one ``position_ids`` tensor; what is derived from
+    it (sample boundaries, rotary tables, gathered positions) is computed once, not per layer.
+    Keyed by identity (a weak reference), in-place version and an extra key; never by address.
+    """
+
+    def __init__(self):
+        self._ref, self._key, self._value = None, None, None
+
+    def get(self, tensor: torch.Tensor, compute: Callable, extra=None):
+        key = (tensor._version, extra)
+        if self._ref is not None and self._ref() is tensor and self._key == key:
+            return self._value
+        self._value = compute()
+        self._ref, self._key = weakref.ref(tensor), key
+        return self._value
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from lvita.model import attention
 from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, vision_config
 
 IGNORE_INDEX = -100
+_ROPE, _BOUNDARIES = attention.TensorCache(), attention.TensorCache()
 
 
 def _init_linear_and_embedding(module: nn.Module, std: float) -> None:
@@ -132,11 +133,14 @@ class DecoderLayer(nn.Module):
         self.layer = Qwen2DecoderLayer(cfg, layer_idx)
         _init_linear_and_embedding(self.layer, cfg.initializer_range)
         self.rotary = Qwen2RotaryEmbedding(cfg)
+        self.rope_key = (cfg.rope_parameters["rope_theta"], self.layer.self_attn.head_dim)
         self.checkpoint = checkpoint
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        cos_sin = self.rotary(hidden, position_ids)
-        cu_seqlens = attention.cu_seqlens_from_position_ids(position_ids)
+        # Same for every layer of a forward pass: computed by the first layer, reused by the rest.
+        cos_sin = _ROPE.get(position_ids, lambda: self.rotary(hidden, position_ids),
+                            (hidden.dtype, hidden.device, self.rope_key))
+        cu_seqlens = _BOUNDARIES.get(position_ids, lambda: attention.cu_seqlens_from_position_ids(position_ids))
         return self.layer(hidden, position_embeddings=cos_sin, position_ids=position_ids,
                           cu_seqlens=cu_seqlens)
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.sequence.layer import DistributedAttention
 
-from lvita.model.attention import cu_seqlens_from_position_ids, local_attention
+from lvita.model.attention import TensorCache, cu_seqlens_from_position_ids, local_attention
 
 
 def _local(q, k, v, cu_seqlens=None, scale=None):
@@ -26,6 +26,7 @@ class UlyssesAttention:
     def __init__(self, group, degree: int):
         self.group, self.degree = group, degree
         self.attn = DistributedAttention(_local, group, scatter_idx=2, gather_idx=1)
+        self._boundaries = TensorCache()  # one all-gather per forward pass, not one per layer
 
     def gather_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(B, S/sp) on each rank of the group -> (B, S), shards in rank order."""
@@ -40,5 +41,6 @@ class UlyssesAttention:
         hkv = k.shape[2]
         if hkv < self.degree:
             k, v = (t.repeat_interleave(self.degree // hkv, dim=2) for t in (k, v))
-        cu = cu_seqlens_from_position_ids(self.gather_positions(position_ids))
+        cu = self._boundaries.get(position_ids,
+                                  lambda: cu_seqlens_from_position_ids(self.gather_positions(position_ids)))
         return self.attn(q.contiguous(), k.contiguous(), v.contiguous(), 0, None, cu_seqlens=cu, scale=scale)
