@@ -25,15 +25,15 @@ from lvita.train import free_port
 def _worker(rank, sp, port, length, preset, steps, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(sp))
-    import deepspeed
     import torch.distributed as dist
 
     from lvita.model.attention import set_attention
     from lvita.model.longvita import LongVita
+    from lvita.parallel.topology import init_distributed
     from lvita.parallel.ulysses import UlyssesAttention
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sp))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()
     model = LongVita(preset, image_token_id=5, seed=0)
     if sp > 1:
         set_attention(model, UlyssesAttention(dist.group.WORLD, sp))

@@ -75,7 +75,7 @@ def run(cfg) -> list[float]:
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
     from lvita.parallel.sequence import shard_micro_batch
-    from lvita.parallel.topology import build_topology
+    from lvita.parallel.topology import build_topology, init_distributed
     from lvita.parallel.ulysses import UlyssesAttention
     from lvita.tokenizer import load_tokenizer, special_token_ids
     from lvita.validate import deepspeed_config, validate
@@ -90,7 +90,7 @@ def run(cfg) -> list[float]:
         raise NotImplementedError(layout.notes[0])
 
     _share_cpu_threads()
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()
     rank = dist.get_rank()
     topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)

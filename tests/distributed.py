@@ -4,10 +4,12 @@
 
 ``fn`` must be a module-level function (processes are spawned). Each process gets the env a
 launcher would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and one torch thread; the
-return values come back in rank order. A failing rank fails the test with its traceback.
+return values come back in rank order. A failing rank fails the test with its traceback; a run
+that leaves shared memory behind in /dev/shm fails too.
 """
 from __future__ import annotations
 
+import glob
 import io
 import os
 import traceback
@@ -59,4 +61,8 @@ def run_world(fn, world: int, *args, timeout: float = 600):
                 p.kill()
     if errors:
         raise AssertionError("distributed run failed\n" + "\n".join(errors))
+    leaked = sorted(glob.glob(f"/dev/shm/*_{port}_*"))  # DeepSpeed's CPU shm buffers fill memory
+    for path in leaked:
+        os.unlink(path)
+    assert not leaked, f"the run left shared memory behind: {leaked}"
     return [results[r] for r in range(world)]

@@ -33,7 +33,9 @@ def _pipeline_loss_and_grads(rank, pp, micro):
 
     from lvita.parallel.pipeline import build_pipeline, plain_name
 
-    deepspeed.init_distributed(verbose=False)
+    from lvita.parallel.topology import init_distributed
+
+    init_distributed()
     world = dist.get_world_size()
     dp = world // pp
     module = build_pipeline("tiny", IMG, SEED, pp)

@@ -22,7 +22,9 @@ def _sp_loss_and_grads(rank, pp, ulysses, reset):
     from lvita.parallel.topology import build_topology
     from lvita.parallel.ulysses import UlyssesAttention
 
-    deepspeed.init_distributed(verbose=False)
+    from lvita.parallel.topology import init_distributed
+
+    init_distributed()
     topo = build_topology(pp, ulysses)
     module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
     set_attention(module, UlyssesAttention(topo.sequence_group, ulysses))

@@ -7,7 +7,8 @@ one sequence-parallel group that works on the same samples. DeepSpeed therefore 
 gradients over data x sequence ranks; the loss scale multiplies by the sequence degree to undo
 the extra averaging (see lvita.parallel.sequence).
 
-    topo = build_topology(pipeline=2, ulysses=2, ring=1)   # after torch.distributed is initialised
+    init_distributed()                                      # the default group, once per process
+    topo = build_topology(pipeline=2, ulysses=2, ring=1)
     PipelineModule(..., topology=topo.deepspeed)
 """
 from __future__ import annotations
@@ -16,6 +17,22 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+
+def init_distributed() -> None:
+    """Join the default process group through DeepSpeed (nccl on GPU, gloo on CPU).
+
+    On CPU, DeepSpeed also JIT-builds a shared-memory all-reduce op whose buffers
+    (/dev/shm/deepspeed_allreduce_buffer_*, about 64 MB per rank) are never unlinked: every run
+    leaked them until /dev/shm filled memory and the OOM killer ended the test suite. Training only
+    uses gloo collectives there, so that op is switched off before DeepSpeed can build it.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(verbose=False)
 
 
 @dataclass
