@@ -1,10 +1,11 @@
-"""Ulysses sequence parallelism at a fixed total sequence length: step time and activation memory
-per rank for sp = 1, 2, 4, side by side in one run (CPU, gloo, one process per rank).
+"""Sequence parallelism at a fixed total sequence length: step time and activation memory per rank
+for Ulysses 2/4, zigzag ring 2/4 and hybrid Ulysses 2 x ring 2 against one process, side by side
+in one run (CPU, gloo, one process per rank).
 
     python benchmarks/sequence_parallel.py [--length 4096] [--preset tiny] [--steps 3]
 
-Each configuration runs forward + backward of the whole decoder (tiny preset, one packed sequence
-with reset position ids) on its shard. "activation MB" is the size of every tensor autograd saves
+Each configuration runs forward + backward of the whole decoder (tiny preset, one causal
+sequence with position ids 0..L-1, as in stages 3-4) on its shard. "activation MB" is the size of every tensor autograd saves
 for backward on one rank (measured with saved-tensor hooks: exact and deterministic, unlike RSS);
 it should fall close to 1/sp. Times are CPU wall times with 2 cores shared by all ranks, so read
 the ratios, not the absolute numbers; GPU figures for the longvita-1.5b preset are still owed.
@@ -22,26 +23,33 @@ import torch.multiprocessing as mp
 from lvita.train import free_port
 
 
-def _worker(rank, sp, port, length, preset, steps, queue):
+def _worker(rank, ulysses, ring, port, length, preset, steps, queue):
+    sp = ulysses * ring
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(sp))
     import torch.distributed as dist
 
     from lvita.model.attention import set_attention
     from lvita.model.longvita import LongVita
-    from lvita.parallel.topology import init_distributed
+    from lvita.parallel.sequence import shard_indices
+    from lvita.parallel.topology import build_topology, init_distributed
     from lvita.parallel.ulysses import UlyssesAttention
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sp))
     init_distributed()
+    topo = build_topology(1, ulysses, ring)
     model = LongVita(preset, image_token_id=5, seed=0)
-    if sp > 1:
-        set_attention(model, UlyssesAttention(dist.group.WORLD, sp))
+    if ring > 1:
+        from lvita.parallel.hybrid import HybridAttention
+
+        set_attention(model, HybridAttention(topo.ulysses_group, topo.ring_group, ulysses))
+    elif ulysses > 1:
+        set_attention(model, UlyssesAttention(topo.sequence_group, ulysses))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (1, length), generator=g)
-    pos = torch.cat([torch.arange(n) for n in (length // 4, length // 4, length // 2)]).unsqueeze(0)
-    n = length // sp
-    ids, pos = ids[:, rank * n:(rank + 1) * n], pos[:, rank * n:(rank + 1) * n]
+    pos = torch.arange(length).unsqueeze(0)  # one causal sequence (stages 3-4)
+    idx = shard_indices(length, topo.sequence_rank, ulysses, ring)
+    ids, pos = ids[:, idx], pos[:, idx]
     saved = []
 
     def pack(t):
@@ -66,11 +74,11 @@ def _worker(rank, sp, port, length, preset, steps, queue):
     dist.destroy_process_group()
 
 
-def measure(sp: int, length: int, preset: str, steps: int) -> tuple[float, float]:
+def measure(ulysses: int, ring: int, length: int, preset: str, steps: int) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, sp, port, length, preset, steps, queue))
-             for port in [free_port()] for r in range(sp)]
+    procs = [ctx.Process(target=_worker, args=(r, ulysses, ring, port, length, preset, steps, queue))
+             for port in [free_port()] for r in range(ulysses * ring)]
     for p in procs:
         p.start()
     result = queue.get(timeout=1800)
@@ -85,12 +93,16 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    rows = {sp: measure(sp, args.length, args.preset, args.steps) for sp in (1, 2, 4)}
-    base_t, base_m = rows[1]
+    layouts = [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (2, 2)]  # (ulysses, ring)
+    rows = {lay: measure(*lay, args.length, args.preset, args.steps) for lay in layouts}
+    base_t, base_m = rows[(1, 1)]
     print(f"{args.length} tokens, preset {args.preset}")
-    print(f"{'sp':>3s} {'step s':>8s} {'activation MB/rank':>19s} {'time ratio':>11s} {'memory ratio':>13s}")
-    for sp, (t, m) in rows.items():
-        print(f"{sp:3d} {t:8.3f} {m:19.1f} {t / base_t:11.2f} {m / base_m:13.3f}")
+    print(f"{'layout':>18s} {'sp':>3s} {'step s':>8s} {'activation MB/rank':>19s} {'time ratio':>11s} "
+          f"{'memory ratio':>13s}")
+    for (u, r), (t, m) in rows.items():
+        name = "single process" if u * r == 1 else " x ".join(
+            x for x in (f"ulysses {u}" if u > 1 else "", f"ring {r}" if r > 1 else "") if x)
+        print(f"{name:>18s} {u * r:3d} {t:8.3f} {m:19.1f} {t / base_t:11.2f} {m / base_m:13.3f}")
 
 
 if __name__ == "__main__":

@@ -86,8 +86,6 @@ def run(cfg) -> list[float]:
         hint = "\n(stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
         raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
-    if cfg.parallel.ring > 1:
-        raise NotImplementedError(layout.notes[0])
 
     _share_cpu_threads()
     init_distributed()
@@ -107,7 +105,11 @@ def run(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
                             cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed)
-    if layout.sequence > 1:
+    if layout.ring > 1:  # yunchang's hybrid Ulysses x zigzag ring
+        from lvita.parallel.hybrid import HybridAttention
+
+        set_attention(module, HybridAttention(topo.ulysses_group, topo.ring_group, layout.ulysses))
+    elif layout.ulysses > 1:
         set_attention(module, UlyssesAttention(topo.sequence_group, layout.ulysses))
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
@@ -132,8 +134,8 @@ def run(cfg) -> list[float]:
         batch = stream.next_global_batch()
         micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
         if layout.sequence > 1:
-            micro = [shard_micro_batch(m, topo.sequence_rank, layout.sequence, specials["img_context"], tpt)
-                     for m in micro]
+            micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"],
+                                       tpt) for m in micro]
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         loss = float(engine.train_batch(data_iter=iter(micro)))

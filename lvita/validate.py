@@ -85,6 +85,10 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if p.sequence > 1 and t.micro_batch != 1:
         err(f"train.micro_batch={t.micro_batch}: sequence parallelism takes one packed sequence per "
             f"micro-batch; set train.micro_batch=1 (raise train.global_batch for more accumulation)")
+    if p.ring > 1 and d.reset_position_ids:
+        err(f"parallel.ring={p.ring} with data.reset_position_ids=true: the ring kernels have no varlen path, "
+            f"so packed samples would attend to each other; use parallel.ulysses for reset-packed stages "
+            f"(Ulysses keeps samples apart), or set data.reset_position_ids=false")
     if p.sequence > 1 and d.seq_length % (2 * p.sequence):
         err(f"data.seq_length={d.seq_length} must be a multiple of 2 x sequence degree = {2 * p.sequence}")
 
@@ -148,9 +152,6 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if errors:
         raise ConfigError(_fmt(cfg, errors))
     notes = []
-    if p.ring > 1:
-        notes.append("ring attention (parallel.ring > 1) is validated but not yet available for training "
-                     "in this version; use parallel.ulysses (tracked by the sequence-parallelism issue)")
     return Layout(world_size, p.pipeline, p.ulysses, p.ring, dp, t.micro_batch, gas, t.global_batch,
                   missing, notes)
 

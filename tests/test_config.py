@@ -61,6 +61,13 @@ def test_heads_must_divide_ulysses(stage):
     assert "parallel.ulysses=3 must divide the 4 query heads of tiny" in msg
 
 
+def test_ring_refuses_reset_packing(stage):
+    msg = errors_for(stage, 2, "parallel.ring=2", "data.reset_position_ids=true")
+    assert "parallel.ring=2 with data.reset_position_ids=true" in msg and "use parallel.ulysses" in msg
+    layout = validate(load_stage(stage, ["parallel.ring=2", "data.reset_position_ids=false"]), 2)
+    assert (layout.ulysses, layout.ring, layout.data) == (1, 2, 1)
+
+
 def test_batch_arithmetic(stage):
     msg = errors_for(stage, 2, "train.global_batch=3")
     assert "train.global_batch=3 must be a multiple of train.micro_batch x data-parallel ranks = 1 x 2" in msg

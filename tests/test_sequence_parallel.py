@@ -1,6 +1,7 @@
-"""Ulysses sequence parallelism inside the pipeline: loss and every gradient equal the
-single-process model's within fp32 tolerance (1e-5 relative to each tensor's largest entry),
-for reset (packed samples kept apart) and preserved position ids, with images straddling shards."""
+"""Sequence parallelism inside the pipeline: loss and every gradient equal the single-process
+model's within fp32 tolerance (1e-5 relative to each tensor's largest entry). Ulysses for reset
+(packed samples kept apart) and preserved position ids, zigzag ring and hybrid Ulysses x ring
+for preserved ones (ring refuses reset packing), pipeline x Ulysses, images straddling shards."""
 from __future__ import annotations
 
 import pytest
@@ -12,22 +13,26 @@ from tests.synthetic import IMG, packed_batch
 from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check, _reference_for
 
 
-def _sp_loss_and_grads(rank, pp, ulysses, reset):
+def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
     import deepspeed
     import torch.distributed as dist
 
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline, plain_name
     from lvita.parallel.sequence import shard_micro_batch
-    from lvita.parallel.topology import build_topology
-    from lvita.parallel.ulysses import UlyssesAttention
-
-    from lvita.parallel.topology import init_distributed
+    from lvita.parallel.topology import build_topology, init_distributed
 
     init_distributed()
-    topo = build_topology(pp, ulysses)
+    topo = build_topology(pp, ulysses, ring)
     module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
-    set_attention(module, UlyssesAttention(topo.sequence_group, ulysses))
+    if ring > 1:
+        from lvita.parallel.hybrid import HybridAttention
+
+        set_attention(module, HybridAttention(topo.ulysses_group, topo.ring_group, ulysses))
+    else:
+        from lvita.parallel.ulysses import UlyssesAttention
+
+        set_attention(module, UlyssesAttention(topo.sequence_group, ulysses))
     opt = GradCapture(module.parameters())
     width = dist.get_world_size() // pp
     gas = GLOBAL // topo.data
@@ -35,7 +40,7 @@ def _sp_loss_and_grads(rank, pp, ulysses, reset):
            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
     batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
-    micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, IMG, tokens_per_tile("tiny"))
+    micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny"))
              for m in rank_micro_batches(batch, topo.data_rank, topo.data, 1)]
     loss = engine.train_batch(iter(micro))
     n_layers = llm_config("tiny").num_hidden_layers
@@ -46,32 +51,74 @@ def _sp_loss_and_grads(rank, pp, ulysses, reset):
 @pytest.mark.parametrize("reset", [True, False])
 def test_ulysses_2_matches_plain_model(reset):
     ref_loss, ref_grads = _reference_for(reset)
-    _check(run_world(_sp_loss_and_grads, 2, 1, 2, reset), ref_loss, ref_grads)
+    _check(run_world(_sp_loss_and_grads, 2, 1, 2, 1, reset), ref_loss, ref_grads)
 
 
 def test_pipeline_2_x_ulysses_2_matches_plain_model():
     ref_loss, ref_grads = _reference_for(True)
-    _check(run_world(_sp_loss_and_grads, 4, 2, 2, True), ref_loss, ref_grads)
+    _check(run_world(_sp_loss_and_grads, 4, 2, 2, 1, True), ref_loss, ref_grads)
 
 
-def test_shards_embed_exactly_like_the_full_sequence_with_straddling_images():
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2)])
+def test_ring_and_hybrid_match_plain_model(world, ulysses, ring):
+    """Zigzag ring 2 and yunchang's hybrid Ulysses 2 x ring 2 (preserved positions: one causal sequence)."""
+    ref_loss, ref_grads = _reference_for(False)
+    _check(run_world(_sp_loss_and_grads, world, 1, ulysses, ring, False), ref_loss, ref_grads)
+
+
+def _ring_with_reset_positions(rank):
+    import torch
+
+    from lvita.parallel.hybrid import HybridAttention
+    from lvita.parallel.topology import build_topology, init_distributed
+
+    init_distributed()
+    topo = build_topology(1, 1, 2)
+    attn = HybridAttention(topo.ulysses_group, topo.ring_group, 1)
+    q = torch.randn(1, 8, 2, 4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # two packed samples in the shard
+    try:
+        attn(q, q, q, position_ids=pos)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ring_refuses_packed_samples_at_run_time():
+    for msg in run_world(_ring_with_reset_positions, 2):
+        assert "reset position ids needs parallel.ring=1" in msg
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2), (3, 2)])
+def test_shards_embed_exactly_like_the_full_sequence_with_straddling_images(ulysses, ring):
     import torch
 
     from lvita.model.longvita import MultimodalEmbedding
-    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.sequence import shard_indices, shard_micro_batch
 
     tpt = tokens_per_tile("tiny")
-    ids = torch.full((1, 64), 11)
+    S = 96
+    ids = torch.full((1, S), 11)
     ids[0, 4:4 + tpt] = IMG  # tile 0
-    ids[0, 24:24 + 2 * tpt] = IMG  # tiles 1-2 (one image of two tiles): straddles positions 32 and 48
-    pix = torch.randn(3, 3, 112, 112)
+    ids[0, 22:22 + 2 * tpt] = IMG  # tiles 1-2 (one image of two tiles): straddles several shard edges
+    ids[0, 70:70 + tpt] = IMG  # tile 3
+    pix = torch.randn(4, 3, 112, 112)
     emb = MultimodalEmbedding("tiny", IMG).eval()
+    sp = ulysses * ring
+    seen = []
     with torch.no_grad():
         full = emb(ids, pix)
-        micro = ((ids, torch.arange(64)[None], pix), (ids.clone(), torch.tensor(1.0)))
-        for sp in (2, 4):
-            for r in range(sp):
-                (sid, _, spix, off), (_, scale) = shard_micro_batch(micro, r, sp, IMG, tpt)
-                assert scale == sp
-                assert spix.shape[0] <= 2
-                torch.testing.assert_close(emb(sid, spix, off), full[:, r * 64 // sp:(r + 1) * 64 // sp])
+        micro = ((ids, torch.arange(S)[None], pix), (ids.clone(), torch.tensor(1.0)))
+        for r in range(sp):
+            idx = shard_indices(S, r, ulysses, ring)
+            seen.append(idx)
+            (sid, spos, spix, index), (targets, scale) = shard_micro_batch(micro, r, ulysses, ring, IMG, tpt)
+            assert scale == sp
+            assert torch.equal(spos[0], idx) and torch.equal(targets, ids[:, idx])
+            assert spix.shape[0] < 4  # only the tiles this shard needs
+            torch.testing.assert_close(emb(sid, spix, index), full[:, idx])
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(S))
+    if ring > 1:  # zigzag: ring rank 0 holds the first and the last chunk
+        c = S // (2 * ring)
+        first = torch.cat([shard_indices(S, u, ulysses, ring) for u in range(ulysses)])
+        assert torch.equal(first, torch.cat([torch.arange(c), torch.arange(S - c, S)]))

@@ -92,12 +92,12 @@ class MultimodalEmbedding(nn.Module):
         self.tile = vision_config(preset).image_size[0]
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                feature_offset: int | None = None) -> torch.Tensor:
+                feature_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S), pixel_values (N tiles, 3, H, W) -> hidden (B, S, hidden).
 
-        ``feature_offset`` is for a chunk of a longer sequence: the chunk's placeholders take the
-        tiles' feature tokens starting at that index, and the tiles may run past either end of the
-        chunk by less than one tile. None: the tiles fill the placeholders exactly.
+        ``feature_index`` (k,) is for a shard of a longer sequence: placeholder i takes row
+        ``feature_index[i]`` of the tiles' flattened feature tokens (tiles cut by the shard are
+        only partly used). None: the tiles fill the placeholders exactly, in order.
         """
         hidden = self.embed_tokens(input_ids)
         is_image = input_ids == self.image_token_id
@@ -111,18 +111,19 @@ class MultimodalEmbedding(nn.Module):
                 hidden = hidden + 0.0 * self.vision(dummy).sum()
             return hidden
         feats = self.vision(pixel_values)
-        per_tile = feats.shape[1]
         feats = feats.reshape(-1, hidden.shape[-1])
-        start = 0 if feature_offset is None else int(feature_offset)
-        fits = feats.shape[0] == n_slots if feature_offset is None else (
-            0 <= start < per_tile and feats.shape[0] - per_tile < start + n_slots <= feats.shape[0])
+        if feature_index is None:
+            fits = feats.shape[0] == n_slots
+        else:
+            fits = feature_index.numel() == n_slots and int(feature_index.max()) < feats.shape[0]
         if not fits:
             raise ValueError(
                 f"image features do not fit the placeholders: {pixel_values.shape[0]} tiles give "
                 f"{feats.shape[0]} feature tokens but the sequence has {n_slots} <IMG_CONTEXT> tokens"
-                + (f" from feature {start}" if feature_offset is not None else "")
+                + (f" and {feature_index.numel()} feature indices" if feature_index is not None else "")
             )
-        feats = feats[start:start + n_slots]
+        if feature_index is not None:
+            feats = feats[feature_index]
         return hidden.masked_scatter(is_image.unsqueeze(-1), feats.to(hidden.dtype))
 
 

@@ -3,7 +3,7 @@
 Owns the layer list and the tuple protocol between pipeline stages (gpt-neox style):
 
     stage input (from the data):  (input_ids (B,S), position_ids (B,S), pixel_values (N,3,H,W)
-                                   [, feature_offset () for sequence-parallel shards])
+                                   [, feature_index (k,) for sequence-parallel shards])
     EmbedPipe         -> (hidden (B,S,D), position_ids)   vision + projector + embeddings + splice
     DecoderLayerPipe  -> (hidden (B,S,D), position_ids)   one per Qwen2 layer
     HeadPipe          -> normed hidden (B,S,D)
@@ -32,8 +32,8 @@ from lvita.model.presets import llm_config
 
 class EmbedPipe(MultimodalEmbedding):
     def forward(self, inputs):
-        input_ids, position_ids, pixel_values, *offset = inputs  # offset: sequence-parallel shards
-        return super().forward(input_ids, pixel_values, offset[0] if offset else None), position_ids
+        input_ids, position_ids, pixel_values, *index = inputs  # index: sequence-parallel shards
+        return super().forward(input_ids, pixel_values, index[0] if index else None), position_ids
 
 
 class DecoderLayerPipe(DecoderLayer):

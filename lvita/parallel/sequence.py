@@ -1,33 +1,67 @@
-"""Sequence parallelism, data side: cut each packed micro-batch into this rank's contiguous shard.
+"""Sequence parallelism, data side: cut each packed micro-batch into this rank's shard.
 
-A sequence group of ``sp`` ranks trains on the same micro-batches; rank r keeps tokens
-``[r*S/sp, (r+1)*S/sp)`` of every row, with its position ids and (pre-shifted) labels, and only
-the image tiles whose tokens fall in that shard. A tile that straddles the boundary is encoded on
-both sides; ``feature_offset`` tells the embedding how many of its first tile's feature tokens
-lie before the shard. The loss scale is multiplied by ``sp`` because DeepSpeed averages
-gradients over all its data-axis ranks, sequence ranks included.
+A sequence group of ``sp = ulysses x ring`` ranks trains on the same micro-batches. The split is
+the one yunchang's hybrid attention expects (``zigzag_extract_local``): the sequence is cut into
+``2 x ring`` chunks, ring rank r takes chunks r and 2*ring-1-r (zigzag: equal causal work per
+ring rank), and that ring part is split contiguously over the ``ulysses`` ranks. With ring 1
+this is the plain contiguous split Ulysses uses. Within a sequence group, rank
+``sequence_rank = ring_rank * ulysses + ulysses_rank`` (Ulysses groups are runs of consecutive
+ranks; see lvita.parallel.topology).
+
+Position ids and the pre-shifted labels follow the same split. Only the image tiles whose
+placeholder tokens fall in the shard are kept (each tile once); ``feature_index`` maps every
+placeholder of the shard to its row in the features of those tiles, so a tile that straddles a
+shard boundary is encoded on both sides and each side uses its own part. The loss scale is
+multiplied by ``sp`` because DeepSpeed averages gradients over all its data-axis ranks, sequence
+ranks included.
 """
 from __future__ import annotations
 
 import torch
 
 
-def shard_micro_batch(micro: tuple, sp_rank: int, sp: int, image_token_id: int, tokens_per_tile: int) -> tuple:
-    """((ids (B,S), pos, pix (N,3,T,T)), (targets, scale)) -> this rank's
-    ((ids (B,S/sp), pos (B,S/sp), pix (n,3,T,T), feature_offset ()), (targets (B,S/sp), scale*sp))."""
+def shard_spans(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of the full sequence held by ``sequence_rank``, in shard order."""
+    sp = ulysses * ring
+    unit = sp if ring == 1 else 2 * sp
+    if seq_len % unit:
+        raise ValueError(f"sequence length {seq_len} is not divisible by {unit} "
+                         f"(ulysses {ulysses} x ring {ring}{' x 2 zigzag chunks' if ring > 1 else ''}): "
+                         f"set data.seq_len to a multiple of {unit}")
+    ring_rank, ulysses_rank = divmod(sequence_rank, ulysses)
+    if ring == 1:
+        part = [(0, seq_len)]
+    else:
+        c = seq_len // (2 * ring)
+        part = [(ring_rank * c, (ring_rank + 1) * c), ((2 * ring - 1 - ring_rank) * c, (2 * ring - ring_rank) * c)]
+    m = seq_len // sp  # this rank's share of its ring part
+    lo, hi = ulysses_rank * m, (ulysses_rank + 1) * m
+    spans, start = [], 0
+    for a, b in part:
+        s, e = max(lo, start), min(hi, start + b - a)
+        if s < e:
+            spans.append((a + s - start, a + e - start))
+        start += b - a
+    return spans
+
+
+def shard_indices(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> torch.Tensor:
+    """(S/sp,) token indices of this rank's shard."""
+    return torch.cat([torch.arange(a, b) for a, b in shard_spans(seq_len, sequence_rank, ulysses, ring)])
+
+
+def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int, image_token_id: int,
+                      tokens_per_tile: int) -> tuple:
+    """((ids (1,S), pos (1,S), pix (N,3,T,T)), (targets (1,S), scale)) -> this rank's
+    ((ids (1,S/sp), pos, pix (n,3,T,T), feature_index (k,)), (targets (1,S/sp), scale*sp))."""
     (ids, pos, pix), (targets, scale) = micro
     B, S = ids.shape
     if B != 1:
         raise ValueError("sequence parallelism packs one sequence per micro-batch: set train.micro_batch=1")
-    if S % sp:
-        raise ValueError(f"sequence length {S} is not divisible by the sequence degree {sp}")
-    n = S // sp
-    a, b = sp_rank * n, (sp_rank + 1) * n
+    idx = shard_indices(S, sequence_rank, ulysses, ring)
     is_img = ids[0] == image_token_id
-    first = int(is_img[:a].sum())  # feature tokens of this sequence before the shard
-    count = int(is_img[a:b].sum())
-    t0, t1 = first // tokens_per_tile, -(-(first + count) // tokens_per_tile)
-    tiles = pix[t0:t1] if count else pix[:0]
-    offset = torch.tensor(first - t0 * tokens_per_tile if count else 0)
-    return ((ids[:, a:b].contiguous(), pos[:, a:b].contiguous(), tiles.contiguous(), offset),
-            (targets[:, a:b].contiguous(), scale * sp))
+    feature = (torch.cumsum(is_img, 0) - 1)[idx][is_img[idx]]  # global feature number of each placeholder
+    tiles = torch.unique(feature // tokens_per_tile)  # sorted
+    feature_index = torch.searchsorted(tiles, feature // tokens_per_tile) * tokens_per_tile + feature % tokens_per_tile
+    return ((ids[:, idx], pos[:, idx], pix[tiles].contiguous(), feature_index),
+            (targets[:, idx], scale * ulysses * ring))
