@@ -3,6 +3,8 @@
     lvita demo [--out DIR] [--nproc N] [--data-only]
     lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict]
     lvita train --stage FILE [--set KEY=VALUE]...        (one process; use the deepspeed launcher for more)
+    lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
+    lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
 """
 from __future__ import annotations
 
@@ -25,7 +27,28 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train one stage in this process (python -m lvita.train)")
     t.add_argument("--stage", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dt = sub.add_parser("data", help="inspect a stage's packed data (no training)")
+    dsub = dt.add_subparsers(dest="data_cmd", required=True)
+    for name, n, text in (("preview", 4, "print the first packed sequences"),
+                          ("stats", 64, "packing efficiency, speed and source shares")):
+        x = dsub.add_parser(name, help=text)
+        x.add_argument("--stage", required=True)
+        x.add_argument("--n", type=int, default=n, help="packed sequences")
+        x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        if name == "preview":
+            x.add_argument("--json", action="store_true", help="one JSON object per sequence")
     args = ap.parse_args(argv)
+    if args.cmd == "data":
+        from lvita.config import ConfigError
+        from lvita.data import inspect
+
+        try:
+            if args.data_cmd == "preview":
+                return inspect.preview(args.stage, args.set, args.n, args.json)
+            return inspect.stats(args.stage, args.set, args.n)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"lvita data: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "demo":
         from lvita.demo.run import main as demo
 

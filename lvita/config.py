@@ -81,10 +81,16 @@ class DataConfig:
     seq_length: int = 1024
     reset_position_ids: bool = True  # stages 1-2: restart positions and attention per sample
     same_source: bool = True  # stages 1-2: pack samples of one source into a sequence
-    max_images: int = 128  # per sample (images, or frames for video)
-    max_frames: int = 128
+    max_images: int = 128  # images per sample (more: the sample is skipped)
+    min_tiles: int = 1  # InternVL dynamic tiling: tiles per image between these (plus a thumbnail)
+    max_tiles: int = 12
+    max_frames: int = 128  # frames per video (one tile each), sampled at most video_fps per second
     video_fps: float = 1.0
     system_prompt: str = "You are a helpful assistant."
+    pack_buffer: int = 256  # pending samples the packer chooses from (token lists only, no pixels)
+    workers: int = 2  # threads decoding this rank's images and videos
+    prefetch: int = 2  # global batches prepared ahead of the training loop
+    max_skip_fraction: float = 0.05  # stop when more bad samples than this are skipped
     sources: list[SourceConfig] = field(default_factory=list)
 
 

@@ -68,7 +68,7 @@ def run(cfg) -> list[float]:
     import torch.distributed as dist
 
     from lvita import checkpoint
-    from lvita.data.packed import PackedStream, rank_micro_batches
+    from lvita.data.stream import DataStream, own_rows, rank_micro_batches
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
     from lvita.monitor import Monitor, peak_memory_gb
     from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
@@ -125,8 +125,9 @@ def run(cfg) -> list[float]:
         log(f"[{cfg.name}] initialised weights from {cfg.model.init_from} ({tag})")
 
     tpt = tokens_per_tile(cfg.model.preset)
-    stream = PackedStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
-                          cfg.seed, log=log)
+    stream = DataStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
+                        cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
+                        log=log)
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name)
     losses = []
     for step in range(1, cfg.train.iterations + 1):
@@ -149,12 +150,13 @@ def run(cfg) -> list[float]:
                 "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
                 "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
                 "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
-                "skipped": dict(stream.skipped),
+                "skipped": stream.skipped_total,
             })
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
             path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict())
             log(f"[{cfg.name}] saved checkpoint {path}")
     monitor.close()
+    stream.close()
     return losses
 
 

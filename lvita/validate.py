@@ -127,6 +127,15 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if m.init_from is not None and not _exists(m.init_from):
         missing.append(f"model.init_from: {m.init_from} (the previous stage's checkpoints/ directory)")
 
+    if not 1 <= d.min_tiles <= d.max_tiles:
+        err(f"data.min_tiles={d.min_tiles}, data.max_tiles={d.max_tiles}: need 1 <= min_tiles <= max_tiles")
+    for key in ("max_images", "max_frames", "pack_buffer", "workers", "prefetch"):
+        if getattr(d, key) < 1:
+            err(f"data.{key}={getattr(d, key)}: must be >= 1")
+    if d.video_fps <= 0:
+        err(f"data.video_fps={d.video_fps}: must be > 0")
+    if not 0 <= d.max_skip_fraction <= 1:
+        err(f"data.max_skip_fraction={d.max_skip_fraction}: a fraction between 0 and 1")
     if d.seq_length < 16:
         err(f"data.seq_length={d.seq_length}: too short")
     if not d.sources:

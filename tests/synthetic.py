@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lvita.data.packed import PackedSequence
+from lvita.data.packer import PackedSequence
 from lvita.model.presets import tile_size, tokens_per_tile
 
 IMG = 5  # <IMG_CONTEXT> id used in tests

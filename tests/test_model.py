@@ -61,7 +61,7 @@ def test_big_presets_build_on_meta(preset, billions):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     from tests.synthetic import packed_batch
-    from lvita.data.packed import collate
+    from lvita.data.stream import collate
 
     ids, pos, pix, tgt = collate(packed_batch(2, 96, seed=1))
     grads = []
@@ -85,3 +85,19 @@ def test_tensor_cache_reuses_only_for_the_same_unmodified_tensor():
     pos[0] = 5  # in-place change bumps the version
     assert cache.get(pos, compute, extra="bf16") == 3
     assert cache.get(torch.arange(8), compute, extra="bf16") == 4  # equal values, other tensor
+
+
+def test_model_package_imports_nothing_parallel():
+    """lvita/model is single-device: parallelism is applied from outside (house rule 1)."""
+    import ast
+    from pathlib import Path
+
+    import lvita.model
+
+    banned = ("torch.distributed", "deepspeed", "lvita.parallel", "yunchang")
+    for path in Path(lvita.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(banned), f"{path.name} imports {name}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lvita.data.packed import collate, rank_micro_batches
+from lvita.data.stream import collate, rank_micro_batches
 from lvita.model.presets import llm_config
 from tests.distributed import run_world
 from tests.synthetic import IMG, packed_batch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lvita.data.packed import rank_micro_batches
+from lvita.data.stream import rank_micro_batches
 from lvita.model.presets import llm_config, tokens_per_tile
 from tests.distributed import run_world
 from tests.synthetic import IMG, packed_batch

@@ -1,14 +1,27 @@
-"""Images and videos -> normalised 448-style tiles for the vision encoder.
+"""Images and videos -> uint8 tiles for the vision encoder, plus cheap tile-count planning.
 
-Owns pixel decoding only (pillow for images, decord for videos). An image becomes one tile
-resized to the model's tile size; a video becomes up to ``max_frames`` frames sampled uniformly at
-no more than ``fps``, one tile each. Normalisation is InternViT's (ImageNet mean/std).
+Owns pixel decoding (pillow for images, decord for videos) and the rules that decide how many
+tiles a piece of media becomes. Images use InternVL's dynamic tiling: the image is resized to the
+``cols x rows`` grid of tiles whose aspect ratio best matches it (``tile_grid``), cut row-major, and
+followed by a whole-image thumbnail when the grid has more than one tile. Videos are sampled
+uniformly at no more than ``fps`` frames per second of video and at most ``max_frames``, one tile
+per frame. Normalisation is InternViT's (ImageNet mean/std)::
 
-Trade-off: one tile per image keeps this simple; InternVL dynamic tiling arrives with the data
-pipeline issue, behind the same ``image_tiles`` signature.
+    n = image_tile_count(path, min_tiles=1, max_tiles=12, tile=448)   # header only, no pixels
+    t = image_tiles(path, 448, 1, 12)                                 # (n, 3, 448, 448) uint8
+    x = normalise(t)                                                  # float32, ready for the ViT
+    m = video_frame_count(vpath, max_frames=32, fps=1.0)              # decord metadata only
+    v = video_tiles(vpath, 448, max_frames=32, fps=1.0)               # (m, 3, 448, 448) uint8
+
+Trade-offs: tiles stay uint8 until ``normalise`` so a buffer of pending samples is 4x smaller than
+float32. The counting functions read only headers/metadata, so a file whose header is fine but
+whose pixels are corrupt is counted and only fails (MediaError) when decoded. All resizing is PIL
+bicubic, as in InternVL, and everything is deterministic. EXIF orientation is ignored (as in
+InternVL). Bad input raises ``MediaError`` naming the path; the data pipeline skips that sample.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,35 +36,117 @@ class MediaError(ValueError):
     """A media file is missing or cannot be decoded; the sample is skipped."""
 
 
-def _to_tile(img: Image.Image, size: int) -> torch.Tensor:
-    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - MEAN) / STD
+def _target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    # Built exactly like InternVL (set, then stable sort by area) so ties break the same way.
+    ratios = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
+                 for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles)
+    return sorted(ratios, key=lambda r: r[0] * r[1])
 
 
-def image_tiles(path: Path, size: int) -> torch.Tensor:
-    """-> (1, 3, size, size)."""
+def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(cols, rows) by InternVL's find_closest_aspect_ratio: the grid whose cols/rows is closest to
+    width/height; on a tie the larger grid wins only if the image area > half the grid's pixel area."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+    aspect, area = width / height, width * height
+    best_diff, best = float("inf"), (1, 1)
+    for i, j in _target_ratios(min_tiles, max_tiles):
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best_diff, best = diff, (i, j)
+        elif diff == best_diff and area > 0.5 * tile * tile * i * j:
+            best = (i, j)
+    return best
+
+
+def _grid_tiles(cols: int, rows: int) -> int:
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+def _open_image(path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return _to_tile(img, size).unsqueeze(0)
+        return Image.open(path)
     except FileNotFoundError:
         raise MediaError(f"missing image {path}") from None
-    except Exception as e:  # PIL raises many types for corrupt files
+    except Exception as e:  # PIL raises many types for unreadable files
         raise MediaError(f"cannot decode image {path}: {e}") from None
 
 
-def video_tiles(path: Path, size: int, max_frames: int, fps: float) -> torch.Tensor:
-    """-> (n_frames, 3, size, size); frames uniform over the clip, at most ``fps`` per second."""
+def image_tile_count(path, min_tiles: int, max_tiles: int, tile: int) -> int:
+    """Tiles ``image_tiles`` will return (grid + thumbnail when the grid has > 1 tile); header only."""
+    with _open_image(path) as img:
+        w, h = img.size
+    return _grid_tiles(*tile_grid(w, h, min_tiles, max_tiles, tile))
+
+
+def _to_uint8(imgs: list[Image.Image]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in imgs])  # (n, T, T, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12) -> torch.Tensor:
+    """-> (n, 3, tile, tile) uint8: grid tiles row-major, then the thumbnail last if n > 1
+    (InternVL's dynamic_preprocess with use_thumbnail=True)."""
+    with _open_image(path) as img:
+        try:
+            img = img.convert("RGB")  # forces the full decode
+        except Exception as e:
+            raise MediaError(f"cannot decode image {path}: {e}") from None
+    cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
+    big = img.resize((cols * tile, rows * tile), Image.BICUBIC)
+    out = [big.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+           for r in range(rows) for c in range(cols)]
+    if len(out) > 1:
+        out.append(img.resize((tile, tile), Image.BICUBIC))
+    return _to_uint8(out)
+
+
+def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, fps: float) -> list[int]:
+    """Centres of n equal segments, n = max(1, min(max_frames, total_frames, floor(seconds * fps))).
+
+    An unknown native fps (<= 0) cannot bound the rate, so then n = min(max_frames, total_frames)."""
+    if total_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {total_frames}")
+    cap = math.floor(total_frames / native_fps * fps) if native_fps > 0 else total_frames
+    n = max(1, min(max_frames, total_frames, cap))
+    seg = total_frames / n
+    return [min(int(seg / 2 + seg * i), total_frames - 1) for i in range(n)]
+
+
+def _open_video(path):
     if not Path(path).is_file():
         raise MediaError(f"missing video {path}")
     try:
         import decord
 
-        vr = decord.VideoReader(str(path))
-        total, native = len(vr), float(vr.get_avg_fps() or 1.0)
-        n = max(1, min(max_frames, total, int(total / native * fps) or 1))
-        idx = np.linspace(0, total - 1, n).round().astype(int).tolist()
+        vr = decord.VideoReader(str(path), num_threads=1)
+        total, native = len(vr), float(vr.get_avg_fps() or 0.0)
+    except Exception as e:  # decord raises DECORDError (and others) for corrupt files
+        raise MediaError(f"cannot decode video {path}: {e}") from None
+    if total < 1:
+        raise MediaError(f"cannot decode video {path}: no frames")
+    return vr, total, native
+
+
+def video_frame_count(path, max_frames: int, fps: float) -> int:
+    """Frames ``video_tiles`` will return, from decord metadata only (no frame decoding)."""
+    _, total, native = _open_video(path)
+    return len(video_frame_indices(total, native, max_frames, fps))
+
+
+def video_tiles(path, tile: int, max_frames: int, fps: float) -> torch.Tensor:
+    """-> (n, 3, tile, tile) uint8: the sampled frames, each resized to one tile (no dynamic tiling)."""
+    vr, total, native = _open_video(path)
+    idx = video_frame_indices(total, native, max_frames, fps)
+    try:
         frames = vr.get_batch(idx).asnumpy()
     except Exception as e:
         raise MediaError(f"cannot decode video {path}: {e}") from None
-    return torch.stack([_to_tile(Image.fromarray(f), size) for f in frames])
+    return _to_uint8([Image.fromarray(f).convert("RGB").resize((tile, tile), Image.BICUBIC) for f in frames])
+
+
+def normalise(tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """(n, 3, T, T) uint8 -> float32 ``(x / 255 - MEAN) / STD``."""
+    return (tiles_uint8.float() / 255.0 - MEAN) / STD

@@ -11,8 +11,10 @@ Shapes: every attention function takes q (B, S, Hq, D), k and v (B, S, Hkv, D) a
 must not attend to each other; None means plain causal attention per row. ``position_ids``
 (B, S) come along for functions that see only a shard and must rebuild the boundaries.
 
-Trade-off: the CPU/default path runs SDPA once per packed sample (exact, O(sum s_i^2) memory);
-GPUs get varlen flash kernels through the sequence-parallel issue's backends.
+Kernels: on CUDA in bf16/fp16, packed rows go through one varlen flash call (flash-attn's
+``flash_attn_varlen_func`` when installed, else torch's ``torch.nn.attention.varlen.varlen_attn``);
+elsewhere (CPU, fp32) SDPA runs once per packed sample: exact, but a Python loop and
+O(max s_i^2) memory per sample. The CUDA branch has not yet been run on a GPU by the test suite.
 """
 from __future__ import annotations
 
@@ -71,6 +73,20 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return out.transpose(1, 2)
 
 
+def _varlen_flash(qf, kf, vf, cu_seqlens: torch.Tensor, scale: float | None) -> torch.Tensor:
+    # (T, Hq, D), (T, Hkv, D) flattened packed tokens -> (T, Hq, D), causal within each sample (CUDA).
+    cu = cu_seqlens.to(device=qf.device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(qf, kf, vf, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
+                           enable_gqa=kf.shape[1] != qf.shape[1])
+    return flash_attn_varlen_func(qf, kf, vf, cu, cu, longest, longest, softmax_scale=scale, causal=True)
+
+
 def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
                     position_ids: torch.Tensor | None = None):
     """Causal attention on one device; with cu_seqlens, each packed sample attends only to itself."""
@@ -78,6 +94,8 @@ def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: f
     if cu_seqlens is None or cu_seqlens.numel() - 1 == B:
         return _sdpa(q, k, v, scale)
     qf, kf, vf = (t.reshape(B * S, *t.shape[2:]) for t in (q, k, v))
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return _varlen_flash(qf, kf, vf, cu_seqlens, scale).reshape(q.shape)
     bounds = cu_seqlens.tolist()
     outs = [
         _sdpa(qf[a:b].unsqueeze(0), kf[a:b].unsqueeze(0), vf[a:b].unsqueeze(0), scale).squeeze(0)

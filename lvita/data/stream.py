@@ -1,0 +1,244 @@
+"""The data stream: mixture -> planned samples -> packed sequences -> global batches, prefetched.
+
+Owns what every training step sees. Every rank runs the same deterministic planning (read the
+mixture, apply the ChatML template, count tiles and frames from file headers, pack), so the
+sequence of global batches depends only on the seed and the config, never on the parallel
+layout. Pixels are decoded only for the rows this rank trains on (``own_rows``), by a pool of
+``data.workers`` threads (pillow and decord release the GIL while decoding and resizing), and
+``data.prefetch`` global batches are prepared ahead in a background thread.
+
+    stream = DataStream(cfg.data, tok, specials, tile=448, tokens_per_tile=256, global_batch=64,
+                        seed=1234, own_rows=range(64))
+    batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles``
+    state = stream.state_dict()              # exact position after the last batch returned
+
+Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
+media count mismatch, missing or unreadable media, too many images, too long with media, text
+truncated to no labels) are skipped and counted per reason; the first few are logged with file
+and line. Past ``data.max_skip_fraction`` (after 100 records) the run stops with the counts.
+An image whose header reads but whose pixels do not decode is found only when its row is decoded:
+its tiles are zeroed and its labels dropped, counted as ``bad_media_at_decode``.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lvita.config import DataConfig
+from lvita.data.media import MediaError, image_tile_count, image_tiles, normalise, video_frame_count, video_tiles
+from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
+from lvita.data.sources import Mixture, Record
+from lvita.data.template import IGNORE, PLACEHOLDER, SampleError, count_placeholders, encode_conversation, normalise_messages
+
+MIN_RECORDS_FOR_THRESHOLD = 100
+
+
+class DataError(RuntimeError):
+    """Too many bad samples: the data, not one sample, is wrong."""
+
+
+class DataStream:
+    def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int,
+                 global_batch: int, seed: int, own_rows=None, log=print, max_reported: int = 5):
+        self.cfg, self.tok, self.specials = data, tokenizer, specials
+        self.tile, self.tpt, self.global_batch, self.log = tile, tokens_per_tile, global_batch, log
+        self.own_rows = set(range(global_batch) if own_rows is None else own_rows)
+        self.mixture = Mixture(data, seed)
+        self.packer = Packer(data.seq_length, data.pack_buffer, data.same_source)
+        self.skipped: Counter = Counter()
+        self.records = 0
+        self.max_reported = max_reported
+        self._decode_failures: Counter = Counter()
+        self._state = self._snapshot()
+        self._queue: queue.Queue | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+
+    # -- planning (every rank, deterministic) ----------------------------------------------------
+    def _skip(self, reason: str, where: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if sum(self.skipped.values()) <= self.max_reported:
+            self.log(f"[data] skipped sample at {where}: {reason}: {detail}")
+
+    def plan(self, record: Record) -> SamplePlan:
+        raw = record.raw
+        if isinstance(raw, Exception):
+            raise SampleError("malformed_json", str(raw))
+        if not isinstance(raw, dict):
+            raise SampleError("malformed_json", "a line must be a JSON object")
+        messages = normalise_messages(raw)
+        images, videos = raw.get("images") or [], raw.get("videos") or []
+        n_img, n_vid = count_placeholders(messages)
+        if (n_img, n_vid) != (len(images), len(videos)):
+            raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
+                                                      f"{len(images)} images / {len(videos)} videos")
+        if len(images) > self.cfg.max_images:
+            raise SampleError("too_many_images", f"{len(images)} images > data.max_images={self.cfg.max_images}")
+        order = PLACEHOLDER.findall("".join(m["content"] for m in messages))
+        it_img, it_vid = iter(images), iter(videos)
+        paths = [("image", record.base / next(it_img)) if ph == "<image>" else ("video", record.base / next(it_vid))
+                 for ph in order]
+        frames = {p: video_frame_count(p, self.cfg.max_frames, self.cfg.video_fps) for k, p in paths if k == "video"}
+        L = self.cfg.seq_length
+        # InternVL's share of tiles per image (max_tiles // images), then halved down to min_tiles
+        # while the sample is too long: tiles are reduced before a sample is dropped.
+        n_images = sum(k == "image" for k, _ in paths)
+        share = max(self.cfg.min_tiles, self.cfg.max_tiles // max(n_images, 1))
+        for max_tiles in _tile_budgets(share, self.cfg.min_tiles):
+            media = [("image", str(p), max_tiles, image_tile_count(p, self.cfg.min_tiles, max_tiles, self.tile))
+                     if k == "image" else ("video", str(p), self.cfg.max_frames, self.cfg.video_fps, frames[p])
+                     for k, p in paths]
+            groups = [[self.tpt * m[-1]] if m[0] == "image" else [self.tpt] * m[-1] for m in media]
+            ids, targets = encode_conversation(messages, self.tok, self.specials, self.cfg.system_prompt, groups)
+            if len(ids) <= L or not any(k == "image" for k, _ in paths):
+                break
+        if len(ids) > L:
+            if media:
+                raise SampleError("too_long_multimodal", f"{len(ids)} tokens > data.seq_length={L} even at "
+                                                         f"{self.cfg.min_tiles} tile(s) per image")
+            ids, targets = ids[:L], targets[:L - 1] + [IGNORE]
+            if all(t == IGNORE for t in targets):
+                raise SampleError("truncated_no_labels", f"text longer than data.seq_length={L}; after "
+                                                         f"truncation no assistant token is left")
+        return SamplePlan(record.source, str(raw.get("id", "?")), record.where, record.cursor, ids, targets, media)
+
+    def _try_plan(self, record: Record) -> SamplePlan | None:
+        self.records += 1
+        try:
+            return self.plan(record)
+        except SampleError as e:
+            self._skip(e.reason, record.where, str(e))
+        except MediaError as e:
+            self._skip("bad_media", record.where, str(e))
+        frac = sum(self.skipped.values()) / self.records
+        if self.records >= MIN_RECORDS_FOR_THRESHOLD and frac > self.cfg.max_skip_fraction:
+            raise DataError(f"data: {sum(self.skipped.values())} of {self.records} records skipped ({frac:.1%}), "
+                            f"above data.max_skip_fraction={self.cfg.max_skip_fraction}; by reason: "
+                            f"{dict(self.skipped)}. Fix the data (the log names the first bad lines) or raise "
+                            f"the threshold.")
+        return None
+
+    def next_sequence(self) -> PackedSequence:
+        while True:
+            plan = self._try_plan(self.mixture.next())
+            if plan is not None and (done := self.packer.add(plan)):
+                return build_sequence(done, self.cfg.seq_length, self.cfg.reset_position_ids,
+                                      self.specials["endoftext"], self.tpt)
+
+    def _snapshot(self) -> dict:
+        return {"mixture": self.mixture.state_dict(), "records": self.records, "skipped": dict(self.skipped),
+                "pending": [[s.source, list(s.cursor)] for s in self.packer.pending]}
+
+    # -- decoding (own rows, worker threads) -----------------------------------------------------
+    def decode(self, seq: PackedSequence) -> tuple[PackedSequence, Counter]:
+        """Fill ``seq.tiles``; a sample whose media fail to decode gets zero tiles and no labels."""
+        tiles, failures, targets = [], Counter(), seq.targets
+        for s, meta in zip(seq.plans, seq.samples):
+            try:
+                got = [image_tiles(m[1], self.tile, self.cfg.min_tiles, m[2]) if m[0] == "image"
+                       else video_tiles(m[1], self.tile, m[2], m[3]) for m in s.media]
+                if [g.shape[0] for g in got] != [m[-1] for m in s.media]:
+                    raise MediaError(f"{s.where}: decoded tile counts differ from the planned ones")
+                tiles += [normalise(g) for g in got]
+            except MediaError as e:
+                failures["bad_media_at_decode"] += 1
+                self.log(f"[data] {s.where}: {e}; the sample's tiles are zeroed and its labels dropped")
+                tiles.append(torch.zeros(s.n_tiles, 3, self.tile, self.tile))
+                targets = targets.clone() if targets is seq.targets else targets
+                targets[meta["start"]:meta["end"]] = IGNORE
+        seq.targets = targets
+        seq.tiles = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
+        return seq, failures
+
+    # -- the prefetching producer ----------------------------------------------------------------
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                rows = [self.next_sequence() for _ in range(self.global_batch)]
+                state = self._snapshot()
+                futures = {i: self._pool.submit(self.decode, rows[i]) for i in sorted(self.own_rows)}
+                self._queue.put((rows, futures, state))
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop
+            self._queue.put(e)
+
+    def _start(self) -> None:
+        self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers), thread_name_prefix="lvita-data")
+        threading.Thread(target=self._produce, name="lvita-data-plan", daemon=True).start()
+
+    def next_global_batch(self) -> list[PackedSequence]:
+        if self._queue is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        rows, futures, state = item
+        for i, fut in futures.items():
+            rows[i], failures = fut.result()
+            self._decode_failures.update(failures)
+        self._state = state
+        return rows
+
+    @property
+    def skipped_total(self) -> dict:
+        return dict(Counter(self._state["skipped"]) + self._decode_failures)
+
+    def state_dict(self) -> dict:
+        return {**self._state, "skipped": self.skipped_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._queue is not None:
+            raise RuntimeError("load_state_dict must come before the first next_global_batch")
+        self.mixture.load_state_dict(state["mixture"])
+        self.records, self.skipped = int(state["records"]), Counter(state["skipped"])
+        self.packer = Packer(self.cfg.seq_length, self.cfg.pack_buffer, self.cfg.same_source)
+        for source, cursor in state["pending"]:  # re-read and re-plan what was waiting in the buffer
+            self.packer.pending.append(self.plan(self.mixture.read_at(source, cursor)))
+        self._state = self._snapshot()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tile_budgets(max_tiles: int, min_tiles: int) -> list[int]:
+    out, t = [max_tiles], max_tiles
+    while t > min_tiles:
+        t = max(min_tiles, t // 2)
+        out.append(t)
+    return out
+
+
+def collate(seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> input_ids (B, L), position_ids (B, L), pixel_values (N, 3, T, T), targets (B, L)."""
+    return (torch.stack([s.input_ids for s in seqs]), torch.stack([s.position_ids for s in seqs]),
+            torch.cat([s.tiles for s in seqs]), torch.stack([s.targets for s in seqs]))
+
+
+def own_rows(data_rank: int, dp: int, micro: int, global_batch: int) -> list[int]:
+    """Rows of the global batch that data-parallel rank ``data_rank`` trains on (see below)."""
+    gas = global_batch // (micro * dp)
+    return [(m * dp + data_rank) * micro + j for m in range(gas) for j in range(micro)]
+
+
+def rank_micro_batches(batch: list[PackedSequence], dp_rank: int, dp: int, micro: int) -> list[tuple]:
+    """This data-parallel rank's micro-batches, as DeepSpeed pipeline tuples
+    ``((input_ids, position_ids, pixel_values), (targets, loss_scale))``.
+
+    Micro-batch m of rank r holds rows ``[(m*dp + r)*micro, ... + micro)`` of the global batch;
+    loss_scale = micro-batches x ranks / labelled tokens of the whole global batch.
+    """
+    gas = len(batch) // (micro * dp)
+    labelled = sum(int((s.targets != IGNORE).sum()) for s in batch)
+    scale = torch.tensor(gas * dp / max(labelled, 1), dtype=torch.float32)
+    out = []
+    for m in range(gas):
+        start = (m * dp + dp_rank) * micro
+        ids, pos, pix, tgt = collate(batch[start: start + micro])
+        out.append(((ids, pos, pix), (tgt, scale)))
+    return out
