@@ -59,11 +59,12 @@ def test_pipeline_2_x_ulysses_2_matches_plain_model():
     _check(run_world(_sp_loss_and_grads, 4, 2, 2, 1, True), ref_loss, ref_grads)
 
 
-@pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2)])
-def test_ring_and_hybrid_match_plain_model(world, ulysses, ring):
-    """Zigzag ring 2 and yunchang's hybrid Ulysses 2 x ring 2 (preserved positions: one causal sequence)."""
+@pytest.mark.parametrize("world,pp,ulysses,ring", [(2, 1, 1, 2), (4, 1, 2, 2), (4, 2, 1, 2)])
+def test_ring_and_hybrid_match_plain_model(world, pp, ulysses, ring):
+    """Zigzag ring 2, yunchang's hybrid Ulysses 2 x ring 2, and pipeline 2 x ring 2 (preserved
+    positions: one causal sequence)."""
     ref_loss, ref_grads = _reference_for(False)
-    _check(run_world(_sp_loss_and_grads, world, 1, ulysses, ring, False), ref_loss, ref_grads)
+    _check(run_world(_sp_loss_and_grads, world, pp, ulysses, ring, False), ref_loss, ref_grads)
 
 
 def _ring_with_reset_positions(rank):
