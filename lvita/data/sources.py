@@ -55,6 +55,7 @@ class SourceReader:
             else:
                 raise FileNotFoundError(f"data source '{name}': {full} does not exist")
         self._handle: tuple[int, object] | None = None
+        self._parquet: dict[int, object] = {}  # open ParquetFile per file index
         self._parquet_cache: dict[tuple[int, int], list[dict]] = {}
         self.size = sum(self._count(i) for i in range(len(self.files)))
         if self.size == 0:
@@ -63,11 +64,16 @@ class SourceReader:
     def _is_parquet(self, i: int) -> bool:
         return self.files[i].suffix == ".parquet"
 
-    def _count(self, i: int) -> int:
-        if self._is_parquet(i):
+    def _parquet_file(self, i: int):
+        if i not in self._parquet:
             import pyarrow.parquet as pq
 
-            return pq.ParquetFile(self.files[i]).metadata.num_rows
+            self._parquet[i] = pq.ParquetFile(self.files[i])
+        return self._parquet[i]
+
+    def _count(self, i: int) -> int:
+        if self._is_parquet(i):
+            return self._parquet_file(i).metadata.num_rows
         with open(self.files[i], "rb") as f:
             head = f.read(64).lstrip()
             if head.startswith(b"["):
@@ -85,10 +91,7 @@ class SourceReader:
         i, off, line = cursor
         for _ in range(len(self.files) + 1):
             if self._is_parquet(i):
-                import pyarrow.parquet as pq
-
-                pf = pq.ParquetFile(self.files[i])
-                if off < pf.metadata.num_rows:
+                if off < self._parquet_file(i).metadata.num_rows:
                     return self._parquet_row(i, off), (i, off + 1, off + 1)
             else:
                 f = self._file(i)
@@ -117,9 +120,7 @@ class SourceReader:
         return self._handle[1]
 
     def _parquet_row(self, i: int, row: int) -> Record:
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(self.files[i])
+        pf = self._parquet_file(i)
         start = 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
