@@ -162,13 +162,14 @@ def run(cfg) -> list[float]:
 
 def main(argv=None) -> int:
     from lvita.config import ConfigError, load_stage
+    from lvita.data.stream import DataError
 
     args = parse_args(argv)
     _single_process_env()
     try:
         cfg = load_stage(args.stage, args.set)
         run(cfg)
-    except (ConfigError, FileNotFoundError, NotImplementedError) as e:
+    except (ConfigError, FileNotFoundError, NotImplementedError, DataError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"lvita.train: error: {e}", file=sys.stderr, flush=True)
         return 2
