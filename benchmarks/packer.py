@@ -12,8 +12,10 @@ against ``data.pack_buffer``. Goal: demo stage 2 packs at >= 97%.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
+from lvita.config import load_stage
 from lvita.data.inspect import measure, open_stream
 
 MIXTURES = {
@@ -24,17 +26,12 @@ MIXTURES = {
 
 
 def _sources(stage: str, keep: list[str] | None) -> list[str]:
-    from lvita.config import load_stage
-
-    cfg = load_stage(stage, [])
+    """``--set`` overrides keeping only the sources named in ``keep`` (each at ratio 1)."""
     if keep is None:
         return []
-    chosen = [s for s in cfg.data.sources if s.name in keep]
-    for s in chosen:
-        s.ratio = 1.0
-    import json
-
-    return ["data.sources=" + json.dumps([{"name": s.name, "paths": s.paths, "ratio": s.ratio} for s in chosen])]
+    chosen = [{"name": s.name, "paths": s.paths, "ratio": 1.0} for s in load_stage(stage, []).data.sources
+              if s.name in keep]
+    return ["data.sources=" + json.dumps(chosen)]
 
 
 def decode_rate(stream, n: int) -> tuple[float, float]:

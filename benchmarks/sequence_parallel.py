@@ -31,20 +31,15 @@ def _worker(rank, ulysses, ring, port, length, preset, steps, queue):
 
     from lvita.model.attention import set_attention
     from lvita.model.longvita import LongVita
-    from lvita.parallel.sequence import shard_indices
+    from lvita.parallel.sequence import sequence_attention, shard_indices
     from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.parallel.ulysses import UlyssesAttention
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sp))
     init_distributed()
     topo = build_topology(1, ulysses, ring)
     model = LongVita(preset, image_token_id=5, seed=0)
-    if ring > 1:
-        from lvita.parallel.hybrid import HybridAttention
-
-        set_attention(model, HybridAttention(topo.ulysses_group, topo.ring_group, ulysses))
-    elif ulysses > 1:
-        set_attention(model, UlyssesAttention(topo.sequence_group, ulysses))
+    if ulysses * ring > 1:
+        set_attention(model, sequence_attention(topo))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (1, length), generator=g)
     pos = torch.arange(length).unsqueeze(0)  # one causal sequence (stages 3-4)

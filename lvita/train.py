@@ -74,9 +74,8 @@ def run(cfg) -> list[float]:
     from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
-    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.sequence import sequence_attention, shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.parallel.ulysses import UlyssesAttention
     from lvita.tokenizer import load_tokenizer, special_token_ids
     from lvita.validate import deepspeed_config, validate
 
@@ -105,12 +104,8 @@ def run(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
                             cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed)
-    if layout.ring > 1:  # yunchang's hybrid Ulysses x zigzag ring
-        from lvita.parallel.hybrid import HybridAttention
-
-        set_attention(module, HybridAttention(topo.ulysses_group, topo.ring_group, layout.ulysses))
-    elif layout.ulysses > 1:
-        set_attention(module, UlyssesAttention(topo.sequence_group, layout.ulysses))
+    if layout.sequence > 1:
+        set_attention(module, sequence_attention(topo))
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
     if not groups:

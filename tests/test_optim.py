@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from lvita.config import TrainConfig
 from lvita.model.longvita import LongVita

@@ -19,20 +19,13 @@ def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
 
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline, plain_name
-    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.sequence import sequence_attention, shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
 
     init_distributed()
     topo = build_topology(pp, ulysses, ring)
     module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
-    if ring > 1:
-        from lvita.parallel.hybrid import HybridAttention
-
-        set_attention(module, HybridAttention(topo.ulysses_group, topo.ring_group, ulysses))
-    else:
-        from lvita.parallel.ulysses import UlyssesAttention
-
-        set_attention(module, UlyssesAttention(topo.sequence_group, ulysses))
+    set_attention(module, sequence_attention(topo))
     opt = GradCapture(module.parameters())
     width = dist.get_world_size() // pp
     gas = GLOBAL // topo.data

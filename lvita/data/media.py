@@ -61,7 +61,9 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int
     return best
 
 
-def _grid_tiles(cols: int, rows: int) -> int:
+def tile_count(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> int:
+    """Tiles an image of this size becomes: the grid, plus a thumbnail when the grid has > 1 tile."""
+    cols, rows = tile_grid(width, height, min_tiles, max_tiles, tile)
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
@@ -74,11 +76,15 @@ def _open_image(path) -> Image.Image:
         raise MediaError(f"cannot decode image {path}: {e}") from None
 
 
+def image_size(path) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding pixels."""
+    with _open_image(path) as img:
+        return img.size
+
+
 def image_tile_count(path, min_tiles: int, max_tiles: int, tile: int) -> int:
     """Tiles ``image_tiles`` will return (grid + thumbnail when the grid has > 1 tile); header only."""
-    with _open_image(path) as img:
-        w, h = img.size
-    return _grid_tiles(*tile_grid(w, h, min_tiles, max_tiles, tile))
+    return tile_count(*image_size(path), min_tiles, max_tiles, tile)
 
 
 def _to_uint8(imgs: list[Image.Image]) -> torch.Tensor:

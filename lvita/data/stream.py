@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from lvita.config import DataConfig
-from lvita.data.media import MediaError, image_tile_count, image_tiles, normalise, video_frame_count, video_tiles
+from lvita.data.media import MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count, video_tiles
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
 from lvita.data.sources import Mixture, Record
 from lvita.data.template import IGNORE, PLACEHOLDER, SampleError, count_placeholders, encode_conversation, normalise_messages
@@ -82,20 +82,35 @@ class DataStream:
         it_img, it_vid = iter(images), iter(videos)
         paths = [("image", record.base / next(it_img)) if ph == "<image>" else ("video", record.base / next(it_vid))
                  for ph in order]
+        # Header reads once per file: image sizes and video frame counts.
+        sizes = {p: image_size(p) for k, p in paths if k == "image"}
         frames = {p: video_frame_count(p, self.cfg.max_frames, self.cfg.video_fps) for k, p in paths if k == "video"}
         L = self.cfg.seq_length
-        # InternVL's share of tiles per image (max_tiles // images), then halved down to min_tiles
-        # while the sample is too long: tiles are reduced before a sample is dropped.
-        n_images = sum(k == "image" for k, _ in paths)
-        share = max(self.cfg.min_tiles, self.cfg.max_tiles // max(n_images, 1))
-        for max_tiles in _tile_budgets(share, self.cfg.min_tiles):
-            media = [("image", str(p), max_tiles, image_tile_count(p, self.cfg.min_tiles, max_tiles, self.tile))
-                     if k == "image" else ("video", str(p), self.cfg.max_frames, self.cfg.video_fps, frames[p])
-                     for k, p in paths]
+
+        def media_at(max_tiles: int) -> list[tuple]:
+            return [("image", str(p), max_tiles, tile_count(*sizes[p], self.cfg.min_tiles, max_tiles, self.tile))
+                    if k == "image" else ("video", str(p), self.cfg.max_frames, self.cfg.video_fps, frames[p])
+                    for k, p in paths]
+
+        def encode(media: list[tuple]) -> tuple[list[int], list[int]]:
             groups = [[self.tpt * m[-1]] if m[0] == "image" else [self.tpt] * m[-1] for m in media]
-            ids, targets = encode_conversation(messages, self.tok, self.specials, self.cfg.system_prompt, groups)
-            if len(ids) <= L or not any(k == "image" for k, _ in paths):
-                break
+            return encode_conversation(messages, self.tok, self.specials, self.cfg.system_prompt, groups)
+
+        # InternVL's share of tiles per image (max_tiles // images), then halved down to min_tiles
+        # while the sample is too long: tiles are reduced before a sample is dropped. Only image
+        # tokens change between budgets, so the text is tokenised once more at most.
+        n_images = len(sizes)
+        share = max(self.cfg.min_tiles, self.cfg.max_tiles // max(n_images, 1))
+        media = media_at(share)
+        ids, targets = encode(media)
+        if len(ids) > L and n_images:
+            tiles = sum(m[-1] for m in media if m[0] == "image")
+            for max_tiles in _tile_budgets(share, self.cfg.min_tiles)[1:]:
+                fewer = media_at(max_tiles)
+                if len(ids) - self.tpt * (tiles - sum(m[-1] for m in fewer if m[0] == "image")) <= L:
+                    break
+            media = fewer
+            ids, targets = encode(media)
         if len(ids) > L:
             if media:
                 raise SampleError("too_long_multimodal", f"{len(ids)} tokens > data.seq_length={L} even at "

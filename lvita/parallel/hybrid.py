@@ -25,6 +25,7 @@ from yunchang.kernels import AttnType
 from lvita.model.attention import TensorCache
 from lvita.parallel.ring import ring_attention
 from lvita.parallel.sequence import shard_indices
+from lvita.parallel.ulysses import replicate_kv
 
 CPU_KERNEL = "lvita_zigzag_cpu"
 
@@ -74,7 +75,5 @@ class HybridAttention:
         # q (B, S/sp, Hq, D), k/v (B, S/sp, Hkv, D) zigzag shards -> (B, S/sp, Hq, D).
         if position_ids is not None:  # never attend across packed samples silently
             self._checked.get(position_ids, lambda: self._check_one_sequence(position_ids))
-        hkv = k.shape[2]
-        if hkv < self.ulysses:
-            k, v = (t.repeat_interleave(self.ulysses // hkv, dim=2) for t in (k, v))
+        k, v = replicate_kv(k, v, self.ulysses)
         return self.attn(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, causal=True)

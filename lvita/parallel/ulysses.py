@@ -22,6 +22,15 @@ def _local(q, k, v, cu_seqlens=None, scale=None):
     return local_attention(q, k, v, cu_seqlens=cu_seqlens, scale=scale)
 
 
+def replicate_kv(k: torch.Tensor, v: torch.Tensor, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, Hkv, D) with Hkv < degree -> (B, S, degree, D): each KV head repeated so that, after
+    the head scatter, every rank holds the KV head its query heads use. Unchanged otherwise."""
+    hkv = k.shape[2]
+    if hkv >= degree:
+        return k, v
+    return k.repeat_interleave(degree // hkv, dim=2), v.repeat_interleave(degree // hkv, dim=2)
+
+
 class UlyssesAttention:
     def __init__(self, group, degree: int):
         self.group, self.degree = group, degree
@@ -38,9 +47,7 @@ class UlyssesAttention:
         # q (B, S/sp, Hq, D), k/v (B, S/sp, Hkv, D) -> (B, S/sp, Hq, D); group: the sequence group.
         if position_ids is None:
             raise ValueError("Ulysses attention needs position_ids to find packed-sample boundaries")
-        hkv = k.shape[2]
-        if hkv < self.degree:
-            k, v = (t.repeat_interleave(self.degree // hkv, dim=2) for t in (k, v))
+        k, v = replicate_kv(k, v, self.degree)
         cu = self._boundaries.get(position_ids,
                                   lambda: cu_seqlens_from_position_ids(self.gather_positions(position_ids)))
         return self.attn(q.contiguous(), k.contiguous(), v.contiguous(), 0, None, cu_seqlens=cu, scale=scale)
