@@ -1,55 +1,234 @@
-"""Checkpoints: DeepSpeed saves under ``<output_dir>/checkpoints/<tag>`` plus our client state.
+"""Checkpoints on disk: crash-safe saving, finding the newest complete one, and checking it.
 
-Owns what goes into a checkpoint besides DeepSpeed's own module/optimizer/scheduler state:
-the step, the data stream's ``state_dict``, the stage config, and DeepSpeed's
-``universal_checkpoint_info`` so ``python -m deepspeed.checkpoint.ds_to_universal`` converts a
-checkpoint without ``--inject_missing_state``. ``load_weights`` starts a stage from another
-stage's checkpoint: module weights only, fresh optimizer and schedule. Pipeline checkpoints are
-stored per layer, so the previous stage may have used another pipeline degree.
+Owns the layout of ``<output_dir>/checkpoints``::
+
+    checkpoints/global_step<N>/      DeepSpeed's files (layer_XX-model_states.pt: one per model block,
+                                     the same at every layout; mp_rank_XX_model_states.pt and
+                                     zero_pp_rank_*_optim_states.pt: per pipeline stage / ZeRO rank)
+                                     + rng_rank<R>.pt (each rank's RNG states)
+                                     + lvita_manifest.json (written last: the checkpoint is complete)
+    checkpoints/latest               the newest complete tag (replaced atomically)
+    checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.universal)
+
+A checkpoint counts only once its manifest exists; the manifest lists every file with its size, the
+parallel layout, the model preset, the precision and a fingerprint of the tokenizer, so a missing
+shard, a truncated file or a resume with another model or vocabulary is a clear error before
+anything is loaded or overwritten. Files are written, then renamed into place, so a SIGKILL at any
+moment leaves either the old or the new state. ``train.keep_checkpoints`` prunes older tags only
+after a newer one is complete.
+
+Trade-off: DeepSpeed writes ``latest`` before its final barrier (not crash-safe), so we save with
+``save_latest=False`` and point ``latest`` ourselves after the manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
+import torch
+
+MANIFEST = "lvita_manifest.json"
+FORMAT = 1
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint is missing, incomplete, damaged or does not fit the run; the message says which
+    file and what to do. (A FileNotFoundError so the entry points report it and exit 2.)"""
 
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def save(engine, output_dir: str | Path, step: int, data_state: dict, config: dict) -> Path:
-    """Collective: every rank must call it."""
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """Size and hash of the vocabulary (token -> id), so a checkpoint knows what its ids mean."""
+    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"size": len(items), "sha256": digest}
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+def save(engine, output_dir: str | Path, step: int, data_state: dict, config: dict, info: dict,
+         keep: int = 0, log=lambda *a: None) -> Path:
+    """Collective: every rank calls it. ``info`` (layout, preset, precision, tokenizer, zero stage)
+    goes into the manifest. Returns the tag directory."""
+    import torch.distributed as dist
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    rank = dist.get_rank()
     ckpt_dir = Path(output_dir) / "checkpoints"
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a partial save of this step from a killed run, or an old one: replace it
+            (tag_dir / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir)
+        tag_dir.mkdir()
+    dist.barrier()
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     client = {
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         "lvita": {"step": step, "data": data_state, "config": config},
     }
-    engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state=client)
-    return ckpt_dir / tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    dist.barrier()
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        manifest = {"format": FORMAT, "tag": tag, "step": step, **info, "files": files}
+        atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write(ckpt_dir / "latest", tag)
+        if keep:
+            for old in complete_tags(ckpt_dir)[:-keep]:
+                remove_tag(ckpt_dir, old)
+                log(f"[checkpoint] removed {ckpt_dir / old} (train.keep_checkpoints={keep})")
+    dist.barrier()
+    return tag_dir
 
 
-def resolve(path: str | Path) -> tuple[Path, str]:
-    """``.../checkpoints`` (uses its ``latest`` file) or ``.../checkpoints/<tag>`` -> (dir, tag)."""
+def remove_tag(ckpt_dir: Path, tag: str) -> None:
+    """Delete a tag: the manifest first, so a kill half-way leaves an incomplete (ignored) tag."""
+    (ckpt_dir / tag / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    shutil.rmtree(ckpt_dir / "universal" / tag, ignore_errors=True)
+
+
+# -- finding and checking -------------------------------------------------------------------------
+
+def _step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a manifest, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def incomplete_tags(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and not (p / MANIFEST).is_file()),
+                  key=_step_of)
+
+
+def read_manifest(tag_dir: Path, what: str = "checkpoint") -> dict:
+    """The manifest of a complete checkpoint after checking every file it lists."""
+    path = tag_dir / MANIFEST
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{what} {tag_dir}: no such directory")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {tag_dir}: incomplete (no {MANIFEST}; the run stopped while saving "
+                              f"it); use an earlier checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    for name, size in manifest["files"].items():
+        f = tag_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{what} {tag_dir}: missing file {name} (listed in {MANIFEST}); the checkpoint "
+                                  f"is damaged: restore the file or use an earlier checkpoint")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{what} {tag_dir}: {name} is {f.stat().st_size} bytes but was saved with {size} "
+                                  f"(truncated or overwritten); restore it or use an earlier checkpoint")
+    return manifest
+
+
+@dataclass
+class Found:
+    tag_dir: Path
+    manifest: dict
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.tag_dir.parent
+
+    @property
+    def tag(self) -> str:
+        return self.tag_dir.name
+
+
+def locate(path: str | Path, what: str) -> Found:
+    """``.../checkpoints`` (its newest complete tag) or ``.../checkpoints/<tag>`` -> a checked checkpoint.
+    ``what`` names the setting in errors (``resume``, ``model.init_from``)."""
     path = Path(path)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and list(path.glob("layer_*-model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"model.init_from={path}: not a checkpoints/ directory with a 'latest' file "
-                            f"nor a checkpoint tag directory; point it at the previous stage's "
-                            f"<output_dir>/checkpoints")
+    if not path.exists():
+        raise CheckpointError(f"{what}={path}: no such file or directory")
+    if _TAG.match(path.name) or (path / MANIFEST).is_file():
+        return Found(path, read_manifest(path, f"{what}={path}:"))
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    tags = complete_tags(path)
+    if not tags:
+        partial = incomplete_tags(path)
+        raise CheckpointError(f"{what}={path}: no complete checkpoint there"
+                              + (f" (incomplete: {', '.join(partial)})" if partial else "")
+                              + "; point it at an output_dir, its checkpoints/ directory or one global_step<N> in it")
+    return Found(path / tags[-1], read_manifest(path / tags[-1], f"{what}={path}:"))
 
 
-def load_weights(engine, path: str | Path) -> str:
-    """Load module weights only (fresh optimizer and LR schedule). Returns the tag loaded."""
-    ckpt_dir, tag = resolve(path)
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
-                                          load_optimizer_states=False, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise FileNotFoundError(f"model.init_from={path}: DeepSpeed found no checkpoint for tag {tag}")
-    return tag
+def check_fits(found: Found, what: str, preset: str, tokenizer: dict, precision: str | None = None) -> None:
+    """The checkpoint was made for this model and vocabulary (and precision, for a resume)."""
+    m, where = found.manifest, f"{what}={found.tag_dir}"
+    if m.get("preset") != preset:
+        raise CheckpointError(f"{where}: saved for model.preset={m.get('preset')!r} but this stage has "
+                              f"model.preset={preset!r}; set model.preset={m.get('preset')!r} or use another checkpoint")
+    saved = m.get("tokenizer") or {}
+    if saved and saved != tokenizer:
+        raise CheckpointError(f"{where}: tokenizer vocabulary differs: the checkpoint was trained with "
+                              f"{saved['size']} tokens (hash {saved['sha256']}), model.tokenizer has {tokenizer['size']} "
+                              f"(hash {tokenizer['sha256']}); token ids would mean other words. Use the stage's "
+                              f"tokenizer (saved in its config: {m.get('tokenizer_path')})")
+    if precision is not None and m.get("precision") != precision:
+        raise CheckpointError(f"{where}: saved with precision={m.get('precision')} and resuming needs the same "
+                              f"optimizer format; set precision={m.get('precision')}, or start a new stage from it "
+                              f"with model.init_from (weights only)")

@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"
     tokenizer: str | None = None  # directory with tokenizer files (HF format)
-    init_from: str | None = None  # previous stage's checkpoints/ dir (or one tag inside it)
+    # previous stage's output_dir / checkpoints / tag (any layout), an InternVL HF directory, or
+    # [InternViT HF dir, Qwen2 HF dir] (the projector then starts fresh)
+    init_from: str | list[str] | None = None
     trainable: list[str] = field(default_factory=lambda: list(MODULES))
     activation_checkpointing: bool = False
 
@@ -51,6 +53,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # keep the newest K complete checkpoints (0: all)
     log_every: int = 1
 
 
@@ -101,6 +104,7 @@ class StageConfig:
     seed: int = 42
     precision: str = "bf16"  # bf16 | fp32
     deepspeed: str = "ds_configs/pipeline_bf16_zero1.json"
+    resume: str = "auto"  # auto: newest complete checkpoint in output_dir | a checkpoint path | none
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -3,7 +3,8 @@
 Owns what a user watches. ``Monitor.log(step, metrics)`` writes every figure to
 ``<output_dir>/metrics.jsonl`` (one JSON object per optimizer step) and to TensorBoard under
 ``<output_dir>/tensorboard/`` with tags ``train/<key>`` (nested dicts become ``train/lr/llm``,
-``data/skipped/<reason>``), then prints a short line. On other ranks every call is a no-op.
+``data/skipped/<reason>``), then prints a short line. On other ranks every call is a no-op. A
+resumed run continues both records from its checkpoint's step.
 
     tensorboard --logdir <output_dir>/tensorboard
 """
@@ -24,8 +25,20 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Monitor:
-    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, name: str = ""):
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, name: str = "",
+                 resume_step: int = 0):
+        """``resume_step``: the run continues after this step (0: a fresh start); what an earlier run
+        logged for later steps is dropped from metrics.jsonl and TensorBoard (``purge_step``), so
+        each step appears once."""
         self.enabled, self.total, self.name = enabled, total_steps, name
         if not enabled:
             return
@@ -33,8 +46,12 @@ class Monitor:
         out.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= resume_step]
+            path.write_text("".join(kept))
+        self.jsonl = open(path, "a")
 
     def _scalars(self, prefix: str, value, step: int) -> None:
         if isinstance(value, dict):

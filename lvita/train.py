@@ -53,6 +53,23 @@ def _keep_fp32_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
+def _one_norm_reduction(engine) -> None:
+    """DeepSpeed's ZeRO-1 optimizer (fp32) reduces the gradient norm over the pipeline group once
+    per parameter group; pipeline stages hold different numbers of groups (vision and projector
+    live on stage 0), so the stages' collectives no longer pair up and the step deadlocks. Take
+    the norm over all groups at once: the same value, one reduction per stage."""
+    opt = engine.optimizer
+    if not hasattr(opt, "averaged_gradients") or getattr(opt, "cpu_offload", False):
+        return
+
+    def scaled_global_norm(norm_type=2):
+        groups = range(len(opt.bit16_groups))
+        return opt.get_grad_norm_direct([g for i in groups for g in opt.averaged_gradients[i]],
+                                        [p for i in groups for p in opt.params_in_partition[i]], norm_type)
+
+    opt.scaled_global_norm = scaled_global_norm
+
+
 def _share_cpu_threads() -> None:
     """On CPU, split the cores between the local processes (unless OMP_NUM_THREADS says otherwise):
     oversubscribed OpenMP threads made steps up to 10x slower and erratic with 2 processes."""
@@ -65,9 +82,9 @@ def _share_cpu_threads() -> None:
 def run(cfg) -> list[float]:
     """Train ``cfg`` (a validated StageConfig) in this process; returns the per-step losses."""
     import deepspeed
-    import torch.distributed as dist
 
-    from lvita import checkpoint
+    from lvita import checkpoint, resume, weights
+    from lvita.checkpoint import tokenizer_fingerprint
     from lvita.data.stream import DataStream, own_rows, rank_micro_batches
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
     from lvita.monitor import Monitor, peak_memory_gb
@@ -86,46 +103,65 @@ def run(cfg) -> list[float]:
         raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
-    _share_cpu_threads()
-    init_distributed()
-    rank = dist.get_rank()
-    topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
-        f"{layout.sequence}; global batch {layout.global_batch} = micro {layout.micro_batch} x "
-        f"accumulation {layout.grad_accum} x data {layout.data}")
-
     tok = load_tokenizer(cfg.model.tokenizer)
     specials = special_token_ids(tok)
     vocab = llm_config(cfg.model.preset).vocab_size
     if len(tok) > vocab:
         raise ValueError(f"model.tokenizer has {len(tok)} tokens but {cfg.model.preset} has vocab {vocab}")
+    ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
+    info = {"name": cfg.name, "preset": cfg.model.preset, "precision": cfg.precision,
+            "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
+            "layout": resume.layout_info(layout, world, ds_cfg.get("zero_optimization", {}).get("stage", 0))}
+    rank = int(os.environ.get("RANK", "0"))
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    plan = resume.plan(cfg, info["layout"], info["tokenizer"])  # checked before anything is written
+    if plan and plan.universal:
+        resume.ensure_universal(plan.found.tag_dir, rank, log)  # before the process group: no timeout
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+
+    _share_cpu_threads()
+    init_distributed()
+    topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
+    log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
+        f"{layout.sequence}; global batch {layout.global_batch} = micro {layout.micro_batch} x "
+        f"accumulation {layout.grad_accum} x data {layout.data}")
 
     torch.manual_seed(cfg.seed)
     module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
                             cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed)
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
+    if cfg.model.init_from and not plan:
+        where = weights.init_from(module, cfg.model.init_from, cfg.model.preset, info["tokenizer"])
+        log(f"[{cfg.name}] initialised weights from {where}")
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
     if not groups:
         groups = [module.add_frozen_stage_placeholder()]
-    ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(groups, cfg.train),
                                            lr_scheduler=scheduler_factory(cfg.train), config=ds_cfg)
     _keep_fp32_grad_norm(engine)
+    _one_norm_reduction(engine)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
-    if cfg.model.init_from:
-        tag = checkpoint.load_weights(engine, cfg.model.init_from)
-        log(f"[{cfg.name}] initialised weights from {cfg.model.init_from} ({tag})")
 
     tpt = tokens_per_tile(cfg.model.preset)
     stream = DataStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
                         cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
                         log=log)
-    monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name)
+    start = 0
+    if plan:
+        state = resume.load(engine, plan, rank)
+        stream.load_state_dict(state["data"])
+        start = plan.step
+        if not plan.same_ranks:
+            torch.manual_seed(cfg.seed + start + rank)
+        log(f"[{cfg.name}] resumed from {plan.found.tag_dir} at step {start}"
+            + (" through a universal checkpoint (layout changed)" if plan.universal else ""))
+        if start >= cfg.train.iterations:
+            log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")
+    monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name, resume_step=start)
     losses = []
-    for step in range(1, cfg.train.iterations + 1):
+    for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
         batch = stream.next_global_batch()
         micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
@@ -148,8 +184,10 @@ def run(cfg) -> list[float]:
                 "skipped": stream.skipped_total,
             })
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
-            path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict())
-            log(f"[{cfg.name}] saved checkpoint {path}")
+            t_save = time.perf_counter()
+            path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict(), info,
+                                   cfg.train.keep_checkpoints, log)
+            log(f"[{cfg.name}] saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
     monitor.close()
     stream.close()
     return losses

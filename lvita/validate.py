@@ -124,8 +124,15 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         err("model.tokenizer is not set: a directory with HF tokenizer files (e.g. Qwen2.5-14B-Instruct)")
     elif not _exists(m.tokenizer):
         missing.append(f"model.tokenizer: {m.tokenizer}")
-    if m.init_from is not None and not _exists(m.init_from):
-        missing.append(f"model.init_from: {m.init_from} (the previous stage's checkpoints/ directory)")
+    for path in [m.init_from] if isinstance(m.init_from, str) else m.init_from or []:
+        if not _exists(path):
+            missing.append(f"model.init_from: {path} (the previous stage's output_dir or an HF model directory)")
+    if isinstance(m.init_from, list) and len(m.init_from) != 2:
+        err(f"model.init_from={m.init_from}: a list must hold two HF directories, [InternViT, Qwen2]")
+    if cfg.resume not in ("auto", "none") and not _exists(cfg.resume):
+        missing.append(f"resume: {cfg.resume} (auto, none, or a checkpoint: output_dir, checkpoints/ or a tag in it)")
+    if t.keep_checkpoints < 0:
+        err(f"train.keep_checkpoints={t.keep_checkpoints}: 0 (keep all) or how many of the newest to keep")
 
     if not 1 <= d.min_tiles <= d.max_tiles:
         err(f"data.min_tiles={d.min_tiles}, data.max_tiles={d.max_tiles}: need 1 <= min_tiles <= max_tiles")

@@ -14,6 +14,7 @@ only lvita's own progress lines (and any error).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False) -> int:
     for stage in sorted(STAGES.glob("*.json")):
         overrides = [f"data.root={data_dir}", f"model.tokenizer={tok_dir}",
                      f"model.init_from={json.dumps(str(out / prev / 'checkpoints')) if prev else 'null'}"]
+        shutil.rmtree(out / stage.stem, ignore_errors=True)  # a fresh run of every stage, not a resume
         t = time.time()
         print(f"[demo] stage {stage.stem}: {json.loads(stage.read_text()).get('description', '')}", flush=True)
         rc = _run_stage(stage, out, nproc, overrides)

@@ -19,7 +19,7 @@ from transformers import InternVLVisionConfig, Qwen2Config
 INTERNVIT_300M = dict(
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
     image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
-    norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1, use_mean_pooling=False,
+    norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1, use_mean_pooling=True,
 )
 
 PRESETS: dict[str, dict] = {
@@ -28,7 +28,7 @@ PRESETS: dict[str, dict] = {
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
             image_size=[112, 112], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
             norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1,
-            use_mean_pooling=False,
+            use_mean_pooling=True,
         ),
         llm=dict(
             hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=4,
