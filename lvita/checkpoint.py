@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,14 @@ def atomic_write(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+# Added by HF exports for InternVL's processor (lvita.hf); a text placeholder lvita never feeds the
+# model as a token, so a tokenizer that gained it still means the same ids.
+NOT_FINGERPRINTED = {"<video>"}
+
+
 def tokenizer_fingerprint(tok) -> dict:
     """Size and hash of the vocabulary (token -> id), so a checkpoint knows what its ids mean."""
-    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    items = sorted(((t, i) for t, i in tok.get_vocab().items() if t not in NOT_FINGERPRINTED), key=lambda kv: kv[1])
     digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
     return {"size": len(items), "sha256": digest}
 
@@ -118,6 +124,8 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
         "lvita": {"step": step, "data": data_state, "config": config},
     }
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    if os.environ.get("LVITA_FAULT_KILL_BEFORE_MANIFEST") == tag:  # fault injection for the crash tests
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}

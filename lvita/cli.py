@@ -1,10 +1,13 @@
-"""The ``lvita`` command: ``demo``, ``check`` and ``train``.
+"""The ``lvita`` command: ``demo``, ``check``, ``train``, ``data``, ``ckpt`` and ``convert``.
 
     lvita demo [--out DIR] [--nproc N] [--data-only]
     lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict]
     lvita train --stage FILE [--set KEY=VALUE]...        (one process; use the deepspeed launcher for more)
     lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
     lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
+    lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
+    lvita convert to-hf CKPT OUT [--tokenizer DIR]       transformers InternVL directory
+    lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
 """
 from __future__ import annotations
 
@@ -37,7 +40,25 @@ def main(argv=None) -> int:
         x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         if name == "preview":
             x.add_argument("--json", action="store_true", help="one JSON object per sequence")
+    ck = sub.add_parser("ckpt", help="checkpoint tools")
+    cksub = ck.add_subparsers(dest="ckpt_cmd", required=True)
+    cu = cksub.add_parser("to-universal", help="convert a checkpoint for another parallel layout (cached beside it)")
+    cu.add_argument("dir", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
+    cv = sub.add_parser("convert", help="weights to and from Hugging Face")
+    cvsub = cv.add_subparsers(dest="convert_cmd", required=True)
+    th = cvsub.add_parser("to-hf", help="write a transformers InternVLForConditionalGeneration directory")
+    th.add_argument("ckpt", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
+    th.add_argument("out")
+    th.add_argument("--tokenizer", help="default: the tokenizer the run trained with (from its manifest)")
+    fh = cvsub.add_parser("from-hf", help="an InternVL dir, or an InternViT dir and a Qwen2 dir -> lvita weights")
+    fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT")
+    fh.add_argument("--preset", required=True, help="model.preset the weights are for (e.g. longvita-14b)")
+    fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     args = ap.parse_args(argv)
+    if args.cmd in ("ckpt", "convert"):
+        from lvita.convert import main as convert
+
+        return convert(args)
     if args.cmd == "data":
         from lvita.config import ConfigError
         from lvita.data import inspect

@@ -64,6 +64,9 @@ def plan(cfg, now: dict, tokenizer: dict) -> ResumePlan | None:
         found = locate(ckpt_dir, "resume=auto: output_dir")
     else:
         found = locate(cfg.resume, "resume")
+    if found.manifest.get("weights_only"):
+        raise CheckpointError(f"resume={found.tag_dir}: holds weights only (made by lvita convert from-hf); start "
+                              f"from it with model.init_from and resume=auto")
     check_fits(found, "resume", cfg.model.preset, tokenizer, cfg.precision)
     then = found.manifest["layout"]
     if then["zero_stage"] != now["zero_stage"]:

@@ -6,7 +6,6 @@ another layout sums in another order, so 1e-5 there (the pipeline/data equivalen
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -70,3 +69,113 @@ def test_resume_data_parallel_from_pipeline(tmp_path, tokenizer_dir, dataset_dir
     _copy_tag(tmp_path / "pp2", "global_step2", tmp_path / "dp2")
     losses = run_world(_train, 2, stage, ["parallel.pipeline=1", f"output_dir={tmp_path / 'dp2'}"])[0]
     assert losses == pytest.approx(ref[2:], rel=1e-5)
+
+
+# -- crash safety -------------------------------------------------------------------------------------
+
+def _start(stage: Path, out: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def test_sigkill_while_training_and_while_saving(tmp_path, tokenizer_dir, dataset_dir):
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "x", iterations=5, save_every=1)
+    stage = write_stage(tmp_path / "s.json", cfg)
+    _finish(_start(stage, tmp_path / "ref"))
+    ref = [m["loss"] for m in _metrics(tmp_path / "ref")]
+
+    # killed during step 3 or 4, once step 2's checkpoint is complete
+    out = tmp_path / "killed"
+    proc = _start(stage, out)
+    done = out / "checkpoints" / "global_step2" / "lvita_manifest.json"
+    deadline = time.time() + 300
+    while not done.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    text = _finish(_start(stage, out))
+    assert "resumed from" in text
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in _metrics(out)] == pytest.approx(ref, rel=1e-6)
+
+    # killed while saving step 3: DeepSpeed's files are written, the manifest is not
+    out = tmp_path / "killed_saving"
+    proc = _start(stage, out, {"LVITA_FAULT_KILL_BEFORE_MANIFEST": "global_step3"})
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = out / "checkpoints"
+    assert (ckpts / "global_step3" / "layer_00-model_states.pt").is_file()
+    assert not (ckpts / "global_step3" / "lvita_manifest.json").exists()
+    assert (ckpts / "latest").read_text() == "global_step2"
+    text = _finish(_start(stage, out))
+    assert "global_step2 at step 2" in text
+    assert [m["loss"] for m in _metrics(out)] == pytest.approx(ref, rel=1e-6)
+    assert (ckpts / "global_step3" / "lvita_manifest.json").is_file() and (ckpts / "latest").read_text() == "global_step5"
+
+
+# -- bad checkpoints: a clear error, nothing overwritten ------------------------------------------------
+
+def _fails(stage: Path, out: Path, *sets: str) -> str:
+    """Run lvita.train expecting exit 2; returns stderr; the output_dir must be untouched."""
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.exists() else {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before if out.exists() else True
+    return proc.stderr
+
+
+@pytest.fixture
+def damaged(reference, tmp_path):
+    root, stage, _ = reference
+    out = tmp_path / "out"
+    _copy_tag(root / "ref", "global_step4", out)
+    return stage, out, out / "checkpoints" / "global_step4"
+
+
+def test_missing_shard(damaged):
+    stage, out, tag = damaged
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    err = _fails(stage, out)
+    assert "missing file zero_pp_rank_1_mp_rank_00_optim_states.pt" in err and "global_step4" in err
+
+
+def test_truncated_file(damaged):
+    stage, out, tag = damaged
+    f = tag / "layer_03-model_states.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    err = _fails(stage, out)
+    assert "layer_03-model_states.pt is 1000 bytes but was saved with" in err
+
+
+def test_model_and_tokenizer_mismatch(damaged, tmp_path):
+    from lvita.tokenizer import train_demo_tokenizer
+
+    stage, out, tag = damaged
+    assert "resume=none but output_dir" in _fails(stage, out, "resume=none")
+    assert "saved for model.preset='tiny' but this stage has model.preset='longvita-1.5b'" in _fails(
+        stage, out, "model.preset=longvita-1.5b")
+    other = train_demo_tokenizer(tmp_path / "tok", vocab_size=900)
+    err = _fails(stage, out, f"model.tokenizer={other}")
+    assert "tokenizer vocabulary differs" in err and "900" in err
+    assert "model.tokenizer has" in _fails(stage, tmp_path / "new", f"model.init_from={out}",
+                                           f"model.tokenizer={other}")
+
+
+def test_incomplete_or_foreign_checkpoints(damaged, tmp_path):
+    stage, out, tag = damaged
+    (tag / "lvita_manifest.json").unlink()
+    assert "incomplete (no lvita_manifest.json" in _fails(stage, tmp_path / "new", f"resume={tag}")
+    shutil.copytree(tag, out / "checkpoints" / "global_step2")
+    err = _fails(stage, tmp_path / "new2", f"resume={out}")
+    assert "no complete checkpoint there (incomplete: global_step2, global_step4)" in err

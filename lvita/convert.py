@@ -1,0 +1,130 @@
+"""``lvita convert``: checkpoints to and from Hugging Face, and ``lvita ckpt to-universal``.
+
+    lvita convert to-hf runs/stage4 export/long-vita-hf        # newest checkpoint of a run, any layout
+    lvita convert from-hf hf/Long-VITA-16K lvita_init --preset longvita-14b
+    lvita convert from-hf hf/InternViT-300M-448px hf/Qwen2.5-14B-Instruct lvita_init --preset longvita-14b
+    lvita ckpt to-universal runs/stage2/checkpoints/global_step500
+
+``to-hf`` writes a transformers-native ``InternVLForConditionalGeneration`` directory (see
+:mod:`lvita.hf`) from the per-block weight files of a checkpoint, with the run's tokenizer.
+``from-hf`` writes a weights-only lvita checkpoint (``OUT/checkpoints/global_step0``, the per-block
+files plus a manifest) and the tokenizer in ``OUT/tokenizer``; point ``model.init_from`` at OUT and
+``model.tokenizer`` at ``OUT/tokenizer`` (``model.init_from`` also reads HF directories directly;
+converting once saves every rank re-reading the HF shards). Outputs are written to a temporary
+sibling and renamed, so a failure leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lvita.checkpoint import MANIFEST, CheckpointError, atomic_write, locate, tag_for, tokenizer_fingerprint
+
+
+def _tokenizer_for(found, tokenizer: str | None):
+    from lvita.tokenizer import load_tokenizer
+
+    path = tokenizer or found.manifest.get("tokenizer_path")
+    if not path or not Path(path).is_dir():
+        raise CheckpointError(f"{found.tag_dir}: its tokenizer ({path}) is not there; pass --tokenizer DIR")
+    tok = load_tokenizer(path)
+    if found.manifest.get("tokenizer") and tokenizer_fingerprint(tok) != found.manifest["tokenizer"]:
+        raise CheckpointError(f"--tokenizer {path}: vocabulary differs from the one {found.tag_dir} was trained "
+                              f"with ({found.manifest['tokenizer']}); pass the run's own tokenizer")
+    return path, tok
+
+
+def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
+    from lvita import hf
+    from lvita.model.presets import llm_config
+    from lvita.tokenizer import special_token_ids
+    from lvita.weights import checkpoint_plain_state
+
+    found = locate(ckpt, "checkpoint")
+    preset = found.manifest["preset"]
+    tok_path, tok = _tokenizer_for(found, tokenizer)
+    t0 = time.perf_counter()
+    plain = checkpoint_plain_state(found.tag_dir, llm_config(preset).num_hidden_layers)
+    path = hf.write_hf_dir(plain, preset, tok_path, out, special_token_ids(tok)["img_context"])
+    log(f"lvita convert: wrote {path} from {found.tag_dir} ({preset}) in {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = None, log=print) -> Path:
+    """Write a weights-only lvita checkpoint; the projector starts fresh (seed 0) when the sources
+    are a separate InternViT and Qwen2."""
+    from lvita import hf
+    from lvita.model.longvita import LongVita
+    from lvita.model.presets import llm_config
+    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.weights import block_of, layer_file
+
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"lvita convert from-hf: {out_dir} exists and is not empty; choose a new directory")
+    tok_src = tokenizer or next((s for s in sources if (Path(s) / "tokenizer_config.json").is_file()), None)
+    if tok_src is None:
+        raise CheckpointError(f"none of {', '.join(sources)} has a tokenizer; pass --tokenizer DIR")
+    t0 = time.perf_counter()
+    state, fresh = hf.read_hf(sources, preset)
+    tok = load_tokenizer(tok_src)
+    if fresh:
+        init = LongVita(preset, special_token_ids(tok)["img_context"], seed=0).state_dict()
+        state.update({k: init[k] for k in fresh})
+        log(f"lvita convert: {len(fresh)} projector weights start fresh (none in {', '.join(sources)})")
+    n_layers = llm_config(preset).num_hidden_layers
+    blocks: dict[int, dict] = {}
+    for key, value in state.items():
+        b, rest = block_of(key, n_layers)
+        blocks.setdefault(b, {})[rest] = value.contiguous()
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tag_dir = tmp / "checkpoints" / tag_for(0)
+    tag_dir.mkdir(parents=True)
+    try:
+        for b, sd in sorted(blocks.items()):
+            torch.save(sd, layer_file(tag_dir, b))
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        manifest = {"format": 1, "tag": tag_for(0), "step": 0, "name": "from-hf", "preset": preset,
+                    "precision": str(next(iter(state.values())).dtype).replace("torch.", ""),
+                    "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": str(out_dir.resolve() / "tokenizer"),
+                    "layout": None, "weights_only": True, "source": [str(s) for s in sources],
+                    "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())}}
+        atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write(tmp / "checkpoints" / "latest", tag_for(0))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"lvita convert: wrote {out_dir} ({preset}, {len(blocks)} blocks) in {time.perf_counter() - t0:.1f}s; "
+        f"use model.init_from={out_dir} model.tokenizer={out_dir / 'tokenizer'}")
+    return out_dir
+
+
+def main(args) -> int:
+    import sys
+
+    from lvita.resume import to_universal
+
+    try:
+        if args.cmd == "ckpt":
+            to_universal(args.dir)
+        elif args.convert_cmd == "to-hf":
+            to_hf(args.ckpt, args.out, args.tokenizer)
+        else:
+            *sources, out = args.paths
+            if not 1 <= len(sources) <= 2:
+                raise CheckpointError("from-hf takes SRC [SRC2] OUT: one InternVL directory, or an InternViT "
+                                      "and a Qwen2 directory, then the output directory")
+            from_hf(sources, out, args.preset, args.tokenizer)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"lvita {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
