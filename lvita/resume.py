@@ -30,6 +30,8 @@ from pathlib import Path
 
 from lvita.checkpoint import MANIFEST, CheckpointError, Found, atomic_write, check_fits, complete_tags, locate, tag_for
 
+PLACEHOLDER = "frozen_stage_placeholder"  # lvita.parallel.pipeline.LongVitaPipeline's attribute
+
 
 @dataclass
 class ResumePlan:
@@ -113,6 +115,7 @@ def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
                               f"{proc.stderr[-3000:]}")
+    _add_placeholder_state(tmp / "zero")
     for layer in sorted(tag_dir.glob("layer_*-model_states.pt")):  # per-block weights are layout-free
         try:
             os.link(layer, tmp / layer.name)
@@ -125,6 +128,22 @@ def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> 
     os.replace(tmp, out)
     log(f"[checkpoint] universal checkpoint ready in {time.perf_counter() - t0:.1f}s: {out}")
     return out
+
+
+def _add_placeholder_state(zero: Path) -> None:
+    """A pipeline stage that trains nothing holds one zero placeholder weight (lr 0, see
+    lvita.parallel.pipeline); at the new layout such a stage may exist where none did. Give the
+    universal copy its (all-zero) state so DeepSpeed finds it."""
+    import torch
+
+    target = zero / PLACEHOLDER
+    steps = sorted(zero.glob("*/step.pt"))
+    if target.exists() or not steps:
+        return
+    target.mkdir()
+    for name in ("fp32", "exp_avg", "exp_avg_sq"):
+        torch.save({"cat_dim": 0, "param": torch.zeros(1)}, target / f"{name}.pt")
+    shutil.copy2(steps[0], target / "step.pt")
 
 
 def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -> Path:

@@ -150,12 +150,13 @@ def run(cfg) -> list[float]:
                         log=log)
     start = 0
     if plan:
+        t_load = time.perf_counter()
         state = resume.load(engine, plan, rank)
         stream.load_state_dict(state["data"])
         start = plan.step
         if not plan.same_ranks:
             torch.manual_seed(cfg.seed + start + rank)
-        log(f"[{cfg.name}] resumed from {plan.found.tag_dir} at step {start}"
+        log(f"[{cfg.name}] resumed from {plan.found.tag_dir} at step {start} in {time.perf_counter() - t_load:.1f}s"
             + (" through a universal checkpoint (layout changed)" if plan.universal else ""))
         if start >= cfg.train.iterations:
             log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")

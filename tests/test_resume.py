@@ -179,3 +179,16 @@ def test_incomplete_or_foreign_checkpoints(damaged, tmp_path):
     shutil.copytree(tag, out / "checkpoints" / "global_step2")
     err = _fails(stage, tmp_path / "new2", f"resume={out}")
     assert "no complete checkpoint there (incomplete: global_step2, global_step4)" in err
+
+
+def test_frozen_stage_resumes_at_pipeline_2(tmp_path, tokenizer_dir, dataset_dir):
+    """Stage 1 trains only the projector: at pipeline 2 the second stage trains nothing and holds a
+    placeholder weight that the pipeline-1 checkpoint never had."""
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "dp2", iterations=4, save_every=2)
+    cfg["model"]["trainable"] = ["projector"]
+    cfg["train"]["lr"] = {"projector": 1e-2}
+    stage = str(write_stage(tmp_path / "s.json", cfg))
+    ref = run_world(_train, 2, stage, [])[0]
+    _copy_tag(tmp_path / "dp2", "global_step2", tmp_path / "pp2")
+    losses = run_world(_train, 2, stage, ["parallel.pipeline=2", f"output_dir={tmp_path / 'pp2'}"])[0]
+    assert losses == pytest.approx(ref[2:], rel=1e-5)
