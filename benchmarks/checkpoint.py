@@ -1,13 +1,14 @@
 """Checkpoint size, save and load time, and the one-off universal conversion, for one stage.
 
     lvita demo --data-only && python benchmarks/checkpoint.py [--stage stages/demo/2_general.json] [--steps 6]
-    python benchmarks/checkpoint.py --stage STAGE --nproc 8 --pipeline 2 --set model.preset=longvita-1.5b  (GPU)
+    python benchmarks/checkpoint.py --nproc 1 --steps 1 --set model.preset=longvita-1.5b --set precision=bf16 \
+        --set deepspeed=ds_configs/pipeline_bf16_zero1.json --set train.warmup_steps=0          (one GPU)
     python benchmarks/checkpoint.py --weights-only longvita-1.5b      # model-weight files only (fits a CPU)
 
 Through the deepspeed launcher (``--nproc`` processes, pipeline ``--pipeline``): trains ``--steps``
-steps saving every step, resumes one more step at the same layout (DeepSpeed's own files), converts
-the last checkpoint with ``lvita ckpt to-universal`` and resumes it at the other pipeline degree
-(1 <-> 2). Prints the checkpoint's size on disk, the median save time and the load times read from
+steps saving every step, resumes the last checkpoint at the same layout (DeepSpeed's own files),
+converts it with ``lvita ckpt to-universal`` and, with 2 or more processes, resumes it at the other
+pipeline degree (1 <-> 2) for one more step. Prints the checkpoint's size on disk, the median save time and the load times read from
 the run's log lines, and the conversion time. CPU timings are indicative; absolute times belong to
 a GPU run.
 """
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--skip-universal", action="store_true", help="no conversion (it needs twice the disk)")
     ap.add_argument("--weights-only", metavar="PRESET", help="only time the model-weight files of PRESET (no training)")
     ap.add_argument("--tokenizer", default="demo_out/tokenizer", help="for --weights-only")
     args = ap.parse_args()
@@ -102,18 +104,20 @@ def main() -> None:
         manifest = json.loads((tag / "lvita_manifest.json").read_text())
         size = sum(manifest["files"].values())
         layer_bytes = sum(v for k, v in manifest["files"].items() if k.startswith("layer_"))
-        log = launch(args.stage, args.nproc, base + [f"train.iterations={args.steps + 1}"])
+        log = launch(args.stage, args.nproc, base + [f"train.iterations={args.steps}"])  # loads, nothing to train
         load_same = seconds(r"resumed from \S+ at step \d+ in ([\d.]+)s", log)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lvita.cli", "ckpt", "to-universal", str(tag)], cwd=REPO, check=True,
-                       capture_output=True)
-        convert_s = time.perf_counter() - t0
-        universal = out / "checkpoints" / "universal" / tag.name
-        usize = sum(p.stat().st_size for p in universal.rglob("*") if p.is_file() and not p.name.startswith("layer_"))
-        moved = Path(tmp) / "moved"
-        log = launch(args.stage, args.nproc, base + [f"output_dir={moved}", f"resume={tag}",
-                                                     f"parallel.pipeline={other}", f"train.iterations={args.steps + 1}"])
-        load_universal = seconds(r"resumed from \S+ at step \d+ in ([\d.]+)s", log)
+        convert_s = usize = load_universal = None
+        if not args.skip_universal:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lvita.cli", "ckpt", "to-universal", str(tag)], cwd=REPO,
+                           check=True, capture_output=True)
+            convert_s = time.perf_counter() - t0
+            universal = out / "checkpoints" / "universal" / tag.name
+            usize = sum(p.stat().st_size for p in universal.rglob("*") if p.is_file() and not p.name.startswith("layer_"))
+        if convert_s is not None and args.nproc >= 2:
+            log = launch(args.stage, args.nproc, base + [f"output_dir={Path(tmp) / 'moved'}", f"resume={tag}",
+                                                         f"parallel.pipeline={other}", f"train.iterations={args.steps + 1}"])
+            load_universal = seconds(r"resumed from \S+ at step \d+ in ([\d.]+)s", log)
     print(f"stage {args.stage} ({manifest['preset']}, {manifest['precision']}, ZeRO {manifest['layout']['zero_stage']}), "
           f"{args.nproc} processes, pipeline {args.pipeline}")
     print("| what | figure |\n|---|---|")
@@ -121,9 +125,11 @@ def main() -> None:
           f"{len(manifest['files'])} files) |")
     print(f"| save, median of {len(saves)} | {statistics.median(saves):.2f} s |")
     print(f"| load at the same layout (resume) | {load_same[0]:.2f} s |")
-    print(f"| one-off universal conversion (`lvita ckpt to-universal`, incl. Python start) | {convert_s:.2f} s |")
-    print(f"| universal copy, besides the hard-linked model weights | {usize / 2**20:.1f} MiB |")
-    print(f"| load at pipeline {other} from the universal copy | {load_universal[0]:.2f} s |")
+    if convert_s is not None:
+        print(f"| one-off universal conversion (`lvita ckpt to-universal`, incl. Python start) | {convert_s:.2f} s |")
+        print(f"| universal copy, besides the hard-linked model weights | {usize / 2**20:.1f} MiB |")
+    if load_universal:
+        print(f"| load at pipeline {other} from the universal copy | {load_universal[0]:.2f} s |")
 
 
 if __name__ == "__main__":
