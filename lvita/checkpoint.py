@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def atomic_write(path: Path, text: str) -> None:
 # Added by HF exports for InternVL's processor (lvita.hf); a text placeholder lvita never feeds the
 # model as a token, so a tokenizer that gained it still means the same ids.
 NOT_FINGERPRINTED = {"<video>"}
+
+
+@contextmanager
+def staged_dir(out: Path):
+    """Yield a fresh temporary sibling of ``out`` to fill; on success it is renamed to ``out`` (which
+    must be absent or empty), on any error removed: ``out`` is never half-written."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def tokenizer_fingerprint(tok) -> dict:

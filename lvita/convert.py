@@ -16,14 +16,12 @@ sibling and renamed, so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from lvita.checkpoint import MANIFEST, CheckpointError, atomic_write, locate, tag_for, tokenizer_fingerprint
+from lvita.checkpoint import MANIFEST, CheckpointError, atomic_write, locate, staged_dir, tag_for, tokenizer_fingerprint
 
 
 def _tokenizer_for(found, tokenizer: str | None):
@@ -82,11 +80,9 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     for key, value in state.items():
         b, rest = block_of(key, n_layers)
         blocks.setdefault(b, {})[rest] = value.contiguous()
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tag_dir = tmp / "checkpoints" / tag_for(0)
-    tag_dir.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
+        tag_dir = tmp / "checkpoints" / tag_for(0)
+        tag_dir.mkdir(parents=True)
         for b, sd in sorted(blocks.items()):
             torch.save(sd, layer_file(tag_dir, b))
         tok.save_pretrained(str(tmp / "tokenizer"))
@@ -97,12 +93,6 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
                     "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())}}
         atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write(tmp / "checkpoints" / "latest", tag_for(0))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"lvita convert: wrote {out_dir} ({preset}, {len(blocks)} blocks) in {time.perf_counter() - t0:.1f}s; "
         f"use model.init_from={out_dir} model.tokenizer={out_dir / 'tokenizer'}")
     return out_dir

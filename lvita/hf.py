@@ -24,23 +24,17 @@ a directory writer and reader:
     state, missing = read_hf([vit_dir, qwen2_dir], preset)              # missing: projector keys
     full = LongVita(preset, image_token_id).state_dict(); full.update(state)
 
-Trade-offs: the processor files are written as JSON, not through ``InternVLProcessor`` (which
-transformers 5.24 cannot build without torchvision, a package lvita does not need; loading them
-with ``AutoProcessor`` still needs torchvision, the model and tokenizer do not). The tokenizer
-gains ``<video>`` as a new special token when it lacks one: InternVL's processor needs a video
-placeholder distinct from ``<IMG_CONTEXT>``; it is only ever a text placeholder the processor
-expands into frames (``Frame1: <img>...</img>``, a prefix lvita's own video template lacks), so
-its embedding row is never used. ``chat_template.jinja`` is lvita's ChatML turns (an image item
-becomes ``<IMG_CONTEXT>``), replacing the tokenizer's own template; tiling allows 1..12 tiles, as
-lvita's data defaults. Weights are read as safetensors only (no ``pytorch_model.bin``).
-OpenGVLab's original InternViT format (``intern_vit_6b``) is mapped as transformers' conversion
-script does (fused qkv split in three); it has no final ViT LayerNorm, nor have lvita's presets
-(``use_mean_pooling=True``, as in every HF InternVL model).
+Trade-offs: processor files are written as JSON (transformers 5.24 cannot build
+``InternVLProcessor`` without torchvision, which lvita does not need; ``AutoProcessor`` needs it
+to load them, the model and tokenizer do not). The tokenizer gains ``<video>``, the placeholder
+InternVL's processor expands into frames (``Frame1: <img>...</img>``, a prefix lvita's video
+template lacks); its embedding row is never used. ``chat_template.jinja`` is lvita's ChatML.
+Weights are read as safetensors only. OpenGVLab's original InternViT format (``intern_vit_6b``)
+is mapped as transformers' conversion script does (fused qkv split in three).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from functools import lru_cache
@@ -50,7 +44,7 @@ import torch
 
 from lvita.model.presets import DOWNSAMPLE_RATIO, PRESETS, check_preset, llm_config, tile_size, \
     tokens_per_tile, vision_config
-from lvita.checkpoint import CheckpointError
+from lvita.checkpoint import CheckpointError, staged_dir
 from lvita.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, special_token_ids
 
 VIDEO_TOKEN = "<video>"
@@ -198,10 +192,7 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
     problems = _mismatch(preset, {k: v.shape for k, v in plain.items() if not _ROTARY.search(k)})
     if problems:
         raise ValueError(f"write_hf_dir: the state dict does not fit model.preset='{preset}': " + "; ".join(problems))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         cfg = hf_config(preset, image_token_id)
         cfg.text_config.eos_token_id, cfg.text_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
         with torch.device("meta"):
@@ -210,12 +201,6 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         _write_tokenizer(tok, tmp, cfg.text_config.vocab_size)
         _write_processor(tmp, preset)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

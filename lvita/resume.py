@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvita.checkpoint import MANIFEST, CheckpointError, Found, atomic_write, check_fits, complete_tags, locate, tag_for
+from lvita.checkpoint import MANIFEST, CheckpointError, Found, atomic_write, check_fits, complete_tags, locate, \
+    staged_dir, tag_for
 
 PLACEHOLDER = "frozen_stage_placeholder"  # lvita.parallel.pipeline.LongVitaPipeline's attribute
 
@@ -102,30 +103,26 @@ def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> 
     if found.manifest["layout"]["zero_stage"] == 0:
         raise CheckpointError(f"{tag_dir}: saved with ZeRO stage 0; DeepSpeed's universal conversion needs the ZeRO "
                               f"optimizer files of stage 1 or more")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     log(f"[checkpoint] converting {tag_dir} to a universal checkpoint (one-off, cached in {out}) ...")
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
-                              f"{proc.stderr[-3000:]}")
-    _add_placeholder_state(tmp / "zero")
-    for layer in sorted(tag_dir.glob("layer_*-model_states.pt")):  # per-block weights are layout-free
-        try:
-            os.link(layer, tmp / layer.name)
-        except OSError:
-            shutil.copy2(layer, tmp / layer.name)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir),
-                "conversion_s": round(time.perf_counter() - t0, 2)}
-    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
+    with staged_dir(out) as tmp:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
+                                  f"{proc.stderr[-3000:]}")
+        _add_placeholder_state(tmp / "zero")
+        for layer in sorted(tag_dir.glob("layer_*-model_states.pt")):  # per-block weights are layout-free
+            try:
+                os.link(layer, tmp / layer.name)
+            except OSError:
+                shutil.copy2(layer, tmp / layer.name)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir),
+                    "conversion_s": round(time.perf_counter() - t0, 2)}
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
     log(f"[checkpoint] universal checkpoint ready in {time.perf_counter() - t0:.1f}s: {out}")
     return out
 
