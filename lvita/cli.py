@@ -1,4 +1,4 @@
-"""The ``lvita`` command: ``demo``, ``check``, ``train``, ``data``, ``ckpt`` and ``convert``.
+"""The ``lvita`` command: ``demo``, ``check``, ``train``, ``data``, ``ckpt``, ``convert``, ``generate``, ``eval``.
 
     lvita demo [--out DIR] [--nproc N] [--data-only]
     lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict]
@@ -8,6 +8,8 @@
     lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
     lvita convert to-hf CKPT OUT [--tokenizer DIR]       transformers InternVL directory
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
+    lvita generate --model DIR --prompt TEXT [--image PATH]...   greedy answer (python -m lvita.generate)
+    lvita eval --model DIR --data FILE.jsonl                     accuracy on a set (python -m lvita.eval)
 """
 from __future__ import annotations
 
@@ -54,6 +56,18 @@ def main(argv=None) -> int:
     fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT")
     fh.add_argument("--preset", required=True, help="model.preset the weights are for (e.g. longvita-14b)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
+    for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
+                       ("eval", "accuracy on a JSONL set (see python -m lvita.eval --help)")):
+        sub.add_parser(name, help=text)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "generate":  # their own parsers, shared with python -m
+        from lvita.generate import main as generate
+
+        return generate(argv[1:])
+    if argv and argv[0] == "eval":
+        from lvita.eval import main as evaluate
+
+        return evaluate(argv[1:])
     args = ap.parse_args(argv)
     if args.cmd in ("ckpt", "convert"):
         from lvita.convert import main as convert

@@ -1,0 +1,418 @@
+"""Greedy generation on one device with a KV cache: a trained Long-VITA answers a prompt.
+
+Owns inference for the plain :class:`lvita.model.longvita.LongVita`: loading it from an lvita
+checkpoint or a Hugging Face InternVL directory (:func:`load_model`), building the prompt exactly as
+training does (:func:`build_prompt`: ChatML from :mod:`lvita.data.template`, tiles from
+:mod:`lvita.data.media` with the data stream's tile budget, then an open assistant turn), and
+greedy decoding (:func:`generate`)::
+
+    python -m lvita.generate --model runs/stage4 --image cat.png --prompt "What is in the picture?"
+    python -m lvita.generate --model export/long-vita-hf --messages chat.json --max-new-tokens 64
+    model, tok, specials, preset = load_model("runs/stage4")
+    p = build_prompt(messages, tok, specials, preset, images=["cat.png"])
+    gen = generate(model, p.input_ids, p.pixel_values, specials, max_new_tokens=64)  # gen.tokens, gen.stop
+
+Reusable single-device pieces (a context-parallel version passes its own ``attend``):
+:func:`layer_step` runs one ``DecoderLayer``'s submodules (input_layernorm -> q/k/v -> rotary ->
+cache -> causal GQA attention -> o_proj -> residual -> post_attention_layernorm -> mlp -> residual),
+:func:`run_layers` all of them, :func:`prefill` / :func:`decode_step` add the embedding and the LM
+head (last position only). :class:`KVCache`: per layer keys/values (B, capacity, Hkv, D) after
+rotary, positions ``[0, length)`` filled.
+
+Trade-offs: greedy only, batch 1 in :func:`generate` (the steps take any B); the cache is allocated
+once for prompt + max_new_tokens (no regrowth); SDPA with an explicit mask only for a chunk appended
+to a non-empty cache; sliding-window layers are refused (no preset has them). ``load_model`` builds
+a randomly initialised model, then loads the weights: simple, but minutes of CPU for 14B. Bad input
+is a clear error (exit 2 from the command line); nothing is ever written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from lvita.checkpoint import CheckpointError, locate, tokenizer_fingerprint
+from lvita.config import DataConfig
+from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count,
+                              video_tiles)
+from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation
+from lvita.model.presets import PRESETS, llm_config, tile_size, tokens_per_tile, vision_config
+
+DEFAULTS = DataConfig()  # training's media and system-prompt defaults
+NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
+               "lvita_manifest.json) or a Hugging Face InternVL directory (config.json + *.safetensors)")
+_SHAPES = {"vision": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "image_size", "patch_size"),
+           "text": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size")}
+
+
+class ContextError(SampleError):
+    """The prompt does not fit the context limit (``reason`` "too_long")."""
+
+    def __init__(self, detail: str):
+        super().__init__("too_long", detail + "; the limit must leave room for one new token")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def preset_of_hf_config(raw: dict, where: str) -> str:
+    """The preset whose vision and text shapes equal those of an HF InternVL config.json."""
+    from transformers import InternVLConfig
+
+    if not isinstance(raw, dict) or raw.get("model_type") != "internvl":
+        kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"--model {where}: config.json has model_type {kind!r}; {NOT_A_MODEL}")
+    pair = lambda x: [x, x] if isinstance(x, int) else list(x)  # noqa: E731
+    shapes = lambda vision, text: {  # noqa: E731
+        f"{part}.{k}": pair(getattr(c, k)) if k in ("image_size", "patch_size") else getattr(c, k)
+        for part, c in (("vision", vision), ("text", text)) for k in _SHAPES[part]}
+    cfg = InternVLConfig.from_dict(raw)
+    got = shapes(cfg.vision_config, cfg.text_config)
+    if not (fits := [n for n in PRESETS if shapes(vision_config(n), llm_config(n)) == got]):
+        raise CheckpointError(f"--model {where}: no preset in lvita/model/presets.py has its shapes ({got})")
+    return fits[0]
+
+
+def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokenizer=None):
+    """-> (LongVita in eval mode without grads, tokenizer, special token ids, preset name).
+
+    ``model_dir``: an lvita checkpoint (output_dir, checkpoints/ or global_step<N>; tokenizer from its
+    manifest) or an HF InternVL directory as :func:`lvita.hf.write_hf_dir` writes it (preset from
+    config.json); ``tokenizer`` overrides. ``dtype`` None: float32 on CPU, else bfloat16. Not a
+    model: CheckpointError (a FileNotFoundError) naming the path and what was expected.
+    """
+    from lvita.model.longvita import LongVita
+    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.weights import init_from
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"--model {path}: " + (f"a file, not a directory; {NOT_A_MODEL}" if path.exists()
+                                                     else "no such directory"))
+    if (path / "config.json").is_file():
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"--model {path}: config.json is unreadable ({e}); {NOT_A_MODEL}") from None
+        preset, tok_path = preset_of_hf_config(raw, str(path)), tokenizer or path
+    else:
+        try:
+            found = locate(path, "--model")
+        except CheckpointError as e:
+            raise CheckpointError(f"--model {path}: not a model directory: {NOT_A_MODEL} ({e})") from None
+        path, preset, tok_path = found.tag_dir, found.manifest.get("preset"), tokenizer or found.manifest.get(
+            "tokenizer_path")
+        if preset not in PRESETS:
+            raise CheckpointError(f"--model {path}: its manifest names no known preset ({preset!r})")
+        if not tok_path or not Path(tok_path).is_dir():
+            raise CheckpointError(f"--model {path}: its tokenizer ({tok_path}) is not there; pass --tokenizer DIR")
+    specials = special_token_ids(tok := load_tokenizer(tok_path))
+    with torch.device(device):
+        model = LongVita(preset, specials["img_context"], seed=0)
+    init_from(model, str(path), preset, tokenizer_fingerprint(tok))
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+    return model.to(dtype).eval().requires_grad_(False), tok, specials, preset
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+@dataclass
+class MediaOptions:
+    """How media become tiles; the defaults are training's (``data.*`` of a stage file)."""
+    min_tiles: int = DEFAULTS.min_tiles
+    max_tiles: int = DEFAULTS.max_tiles
+    max_frames: int = DEFAULTS.max_frames
+    video_fps: float = DEFAULTS.video_fps
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]  # ChatML ids ending in "<|im_start|>assistant\n"
+    pixel_values: torch.Tensor  # (N tiles, 3, T, T) float32, normalised, in placeholder order
+    media: list[tuple] = field(default_factory=list)  # ("image", path, tiles) / ("video", path, frames)
+
+
+def check_messages(messages) -> list[dict]:
+    """role/content (or from/value) dicts -> [{"role", "content"}]; the last turn must be the user's."""
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("empty_conversation", "messages must be a non-empty JSON list of {role, content}")
+    keys = [("role", "content") if isinstance(m, dict) and "role" in m else ("from", "value") for m in messages]
+    for i, (m, (rk, ck)) in enumerate(zip(messages, keys)):
+        if not isinstance(m, dict) or m.get(rk) not in ROLE_ALIASES or not isinstance(m.get(ck), str):
+            raise SampleError("malformed_message", f"message {i} needs 'role' in {sorted(ROLE_ALIASES)} "
+                                                   f"and a string 'content'")
+    out = [{"role": ROLE_ALIASES[m[rk]], "content": m[ck]} for m, (rk, ck) in zip(messages, keys)]
+    if out[-1]["role"] != "user":
+        raise SampleError("malformed_message", f"the last message is the {out[-1]['role']}'s; it must be the "
+                                               f"user's (the model answers it)")
+    return out
+
+
+def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(),
+                 system_prompt: str | None = DEFAULTS.system_prompt, media: MediaOptions = MediaOptions(),
+                 max_context: int | None = None) -> Prompt:
+    """Messages ending with the user's turn (``<image>``/``<video>`` placeholders matching
+    ``images``/``videos`` in order) -> prompt ids + tiles, encoded as training encodes them.
+
+    Tiles per image start at ``max_tiles // n_images`` and halve down to ``min_tiles`` while the
+    prompt is over ``max_context - 1``, as the data stream does. Raises SampleError (reason
+    "placeholder_mismatch" / "malformed_message"), MediaError naming the file, or ContextError.
+    """
+    messages = check_messages(messages)
+    text = "".join(m["content"] for m in messages)
+    n_img, n_vid = text.count("<image>"), text.count("<video>")
+    if (n_img, n_vid) != (len(images), len(videos)):
+        raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
+                                                  f"{len(images)} images / {len(videos)} videos")
+    tile, tpt = tile_size(preset), tokens_per_tile(preset)
+    files = {"<image>": iter(map(Path, images)), "<video>": iter(map(Path, videos))}
+    order = [(ph[1:-1], next(files[ph])) for ph in PLACEHOLDER.findall(text)]
+    sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
+    frames = {p: video_frame_count(p, media.max_frames, media.video_fps) for k, p in order if k == "video"}
+    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
+    limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
+    budgets = [max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
+    while sizes and budgets[-1] > media.min_tiles:  # as lvita.data.stream's _tile_budgets
+        budgets.append(max(media.min_tiles, budgets[-1] // 2))
+    for budget in budgets:
+        plan = [("image", p, budget, tile_count(*sizes[p], media.min_tiles, budget, tile)) if k == "image"
+                else ("video", p, frames[p]) for k, p in order]
+        groups = [[tpt * m[3]] if m[0] == "image" else [tpt] * m[2] for m in plan]
+        ids = encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
+        if len(ids) <= limit:
+            break
+    else:
+        raise ContextError(f"the prompt is {len(ids)} tokens" + (f" even at {media.min_tiles} tile(s) per image"
+                           if sizes else "") + f"; the context limit is {limit + 1} tokens (--max-context)")
+    tiles = []
+    for m in plan:
+        got = (image_tiles(m[1], tile, media.min_tiles, m[2]) if m[0] == "image"
+               else video_tiles(m[1], tile, media.max_frames, media.video_fps))
+        if got.shape[0] != m[-1]:
+            raise MediaError(f"{m[1]}: decoded {got.shape[0]} tiles, its header promised {m[-1]}")
+        tiles.append(normalise(got))
+    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
+    return Prompt(ids, pixels, [(m[0], str(m[1]), m[-1]) for m in plan])
+
+
+# -- decoding: reusable per-layer steps ------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Per layer: keys and values (B, capacity, Hkv, D) after rotary; positions [0, length) filled."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, model, batch: int, capacity: int) -> "KVCache":
+        attn = model.layers[0].layer.self_attn
+        w = attn.k_proj.weight  # (Hkv * D, hidden): the cache takes its dtype and device
+        shape, n = (batch, capacity, w.shape[0] // attn.head_dim, attn.head_dim), len(model.layers)
+        return cls([w.new_zeros(shape) for _ in range(n)], [w.new_zeros(shape) for _ in range(n)])
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, S, Hkv, D) at [length, length + S) -> all keys, values (B, length + S, Hkv, D).
+        ``length`` itself advances once per step, in :func:`run_layers`."""
+        end = self.length + k.shape[1]
+        if end > self.keys[layer_idx].shape[1]:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.keys[layer_idx].shape[1]}")
+        self.keys[layer_idx][:, self.length:end] = k
+        self.values[layer_idx][:, self.length:end] = v
+        return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, S, Hq, D): the last S of T positions; k, v (B, T, Hkv, D) -> (B, S, Hq, D).
+    Query i sits at position T - S + i and sees keys 0..T-S+i; GQA by repeating KV heads."""
+    S, T, rep = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S|T, D)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = None if S in (1, T) else torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T > 1, scale=scale).transpose(1, 2)
+
+
+def layer_step(layer, hidden: torch.Tensor, cos_sin, cache: KVCache | None, layer_idx: int,
+               attend=causal_attention) -> torch.Tensor:
+    """One lvita DecoderLayer (a Qwen2DecoderLayer at ``.layer``) on new positions: hidden (B, S, hidden)
+    and cos, sin (B, S, D) -> (B, S, hidden). Keys/values go into ``cache`` (None: attend within S)."""
+    blk, (B, S, _) = layer.layer, hidden.shape
+    attn, x = blk.self_attn, blk.input_layernorm(hidden)
+    if getattr(attn, "sliding_window", None):
+        raise NotImplementedError("sliding-window attention layers are not supported by lvita.generate")
+    q = attn.q_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hq, D)
+    k = attn.k_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hkv, D)
+    v = attn.v_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hkv, D)
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin, unsqueeze_dim=2)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (B, T, Hkv, D)
+    hidden = hidden + attn.o_proj(attend(q, k, v, attn.scaling).reshape(B, S, -1))
+    return hidden + blk.mlp(blk.post_attention_layernorm(hidden))
+
+
+def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None,
+               attend=causal_attention) -> torch.Tensor:
+    """All decoder layers: hidden (B, S, hidden) at position_ids (B, S) -> (B, S, hidden); the cache
+    grows by S."""
+    cos_sin = model.layers[0].rotary(hidden, position_ids)  # (B, S, D) each, the same for every layer
+    for i, layer in enumerate(model.layers):
+        hidden = layer_step(layer, hidden, cos_sin, cache, i, attend)
+    if cache is not None:
+        cache.length += hidden.shape[1]
+    return hidden
+
+
+def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (B, S, hidden) -> float32 logits (B, vocab) of the last position only."""
+    return model.head.lm_head(model.head(hidden[:, -1:]))[:, 0].float()
+
+
+def prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """ids (B, S) and their tiles (N, 3, T, T), appended at ``cache.length`` -> next-token logits (B, vocab)."""
+    hidden = model.embed(input_ids, pixel_values)
+    pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
+    return last_logits(model, run_layers(model, hidden, pos.expand(input_ids.shape[0], -1), cache))
+
+
+def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row (B, 1) at position ``cache.length`` -> next-token logits (B, vocab)."""
+    hidden = model.embed.embed_tokens(tokens)  # text only: a generated token has no image features
+    return last_logits(model, run_layers(model, hidden, torch.full_like(tokens, cache.length), cache))
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, the stop token excluded
+    stop: str  # "eos" (<|im_end|> or <|endoftext|>), "max_new_tokens" or "context"
+    prompt_tokens: int
+    logits: list[torch.Tensor] | None = None  # with keep_logits: (vocab,) float32 of every step
+
+
+@torch.no_grad()
+def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_new_tokens: int = 256,
+             max_context: int | None = None, keep_logits: bool = False) -> Generation:
+    """Greedy decoding of one prompt (ids as a list or (S,)) with a KV cache; ContextError when the
+    prompt leaves no room under ``max_context`` (default: the preset's max_position_embeddings)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+    device, n = model.embed.embed_tokens.weight.device, ids.shape[1]
+    limit = max_context or model.layers[0].layer.self_attn.config.max_position_embeddings
+    if n >= limit:
+        raise ContextError(f"the prompt is {n} tokens; the context limit is {limit} tokens (--max-context)")
+    cache = KVCache.empty(model, 1, min(n + max(max_new_tokens, 1), limit))
+    gen = Generation([], "", n, [] if keep_logits else None)
+    logits = prefill(model, ids.to(device), pixel_values.to(device), cache)
+    while True:
+        if keep_logits:
+            gen.logits.append(logits[0].cpu())
+        nxt = int(logits[0].argmax())
+        if nxt in (specials["im_end"], specials["endoftext"]):
+            gen.stop = "eos"
+            return gen
+        gen.tokens.append(nxt)
+        if len(gen.tokens) >= max_new_tokens or n + len(gen.tokens) >= limit:
+            gen.stop = "max_new_tokens" if len(gen.tokens) >= max_new_tokens else "context"
+            return gen
+        logits = decode_step(model, torch.tensor([[nxt]], device=device), cache)
+
+
+def answer(model, tok, specials: dict, preset: str, messages, images=(), videos=(), max_new_tokens: int = 256,
+           system_prompt: str | None = DEFAULTS.system_prompt, media: MediaOptions = MediaOptions(),
+           max_context: int | None = None, decode=None) -> tuple[str, Generation]:
+    """Messages (+ media paths) -> (the decoded answer, stripped; the Generation). ``decode``:
+    :func:`generate` or a function like it (context-parallel: lvita.parallel.cp_generate)."""
+    p = build_prompt(messages, tok, specials, preset, images, videos, system_prompt, media, max_context)
+    gen = (decode or generate)(model, p.input_ids, p.pixel_values, specials, max_new_tokens, max_context)
+    return tok.decode(gen.tokens, skip_special_tokens=False).strip(), gen
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """Options shared by ``lvita generate`` and ``lvita eval``; :func:`options` reads them."""
+    ap.add_argument("--model", required=True, help="lvita output_dir / checkpoints / global_step<N>, or HF dir")
+    ap.add_argument("--tokenizer", help="default: the checkpoint's (manifest) or the HF directory's")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the preset's maximum)")
+    ap.add_argument("--system-prompt", default=DEFAULTS.system_prompt, help="'' for none")
+    for name, default in (("min-tiles", DEFAULTS.min_tiles), ("max-tiles", DEFAULTS.max_tiles),
+                          ("max-frames", DEFAULTS.max_frames), ("video-fps", DEFAULTS.video_fps)):
+        ap.add_argument(f"--{name}", type=type(default), default=default, help=f"as data.{name.replace('-', '_')}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--sp", type=int, default=1, help="context-parallel degree (under the deepspeed launcher)")
+    ap.add_argument("--ring", type=int, default=1, help="of --sp, the zigzag ring degree (the rest is Ulysses)")
+    ap.add_argument("--mode", choices=("cache", "recompute"), default="cache",
+                    help="with --sp: sharded KV cache, or the paper's fixed-length recompute per token")
+
+
+def options(args) -> dict:
+    """The keyword arguments of :func:`answer` from :func:`add_model_args`' options."""
+    if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
+        raise ValueError("--max-new-tokens must be at least 1 and --max-context at least 2")
+    return dict(max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,
+                max_context=args.max_context,
+                media=MediaOptions(args.min_tiles, args.max_tiles, args.max_frames, args.video_fps))
+
+
+def load_for_args(args):
+    """The model for the command-line options -> (model, tok, specials, preset, decode, rank); with
+    ``--sp N > 1`` joins the launcher's process group and decodes context-parallel."""
+    rank, device, decode = 0, args.device, None
+    if args.sp > 1:
+        from lvita.parallel import cp_generate
+
+        rank, device = cp_generate.join(args)
+    model, tok, specials, preset = load_model(args.model, DTYPES.get(args.dtype), device, args.tokenizer)
+    if args.sp > 1:
+        decode = cp_generate.generator(args, preset, specials)
+    return model, tok, specials, preset, decode, rank
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lvita generate", description="Greedy answer from a Long-VITA model.")
+    add_model_args(ap)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user's message; one <image>/<video> per file is prepended if absent")
+    src.add_argument("--messages", help="JSON file: a list of {role, content} ending with the user's turn")
+    ap.add_argument("--image", action="append", default=[], metavar="PATH")
+    ap.add_argument("--video", action="append", default=[], metavar="PATH")
+    args = ap.parse_args(argv)
+    try:
+        opts = options(args)
+        if args.prompt is not None:
+            text = args.prompt if PLACEHOLDER.search(args.prompt) else \
+                "<image>\n" * len(args.image) + "<video>\n" * len(args.video) + args.prompt
+            messages = [{"role": "user", "content": text}]
+        else:
+            try:
+                messages = json.loads(Path(args.messages).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"--messages {args.messages}: cannot read it as JSON ({e})") from None
+        for kind, paths in (("image", args.image), ("video", args.video)):  # before a long model load
+            if missing := [p for p in paths if not Path(p).is_file()]:
+                raise MediaError(f"missing {kind} {missing[0]}")
+        model, tok, specials, preset, decode, rank = load_for_args(args)
+        text, _ = answer(model, tok, specials, preset, messages, args.image, args.video, decode=decode, **opts)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError, SampleError, MediaError, ContextError
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lvita generate: error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
