@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,6 +296,7 @@ class Generation:
     stop: str  # "eos" (<|im_end|> or <|endoftext|>), "max_new_tokens" or "context"
     prompt_tokens: int
     logits: list[torch.Tensor] | None = None  # with keep_logits: (vocab,) float32 of every step
+    prefill_s: float = 0.0  # wall time to the first token's logits
 
 
 @torch.no_grad()
@@ -309,7 +311,9 @@ def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_n
         raise ContextError(f"the prompt is {n} tokens; the context limit is {limit} tokens (--max-context)")
     cache = KVCache.empty(model, 1, min(n + max(max_new_tokens, 1), limit))
     gen = Generation([], "", n, [] if keep_logits else None)
+    t0 = time.perf_counter()
     logits = prefill(model, ids.to(device), pixel_values.to(device), cache)
+    gen.prefill_s = time.perf_counter() - t0
     while True:
         if keep_logits:
             gen.logits.append(logits[0].cpu())

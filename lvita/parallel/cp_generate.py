@@ -24,6 +24,8 @@ bound), instead of moving any of the cache.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -126,7 +128,9 @@ def cp_generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, ma
 
     cache = ShardedKVCache(len(model.layers), cp.rank, cp.sp) if mode == "cache" else None
     fixed = cp.padded(min(n + max_new_tokens, limit))  # recompute mode: one length for every step
+    t0 = time.perf_counter()
     logits = _sharded_prefill(model, cp, padded(ids, cp.padded(n) if cache else fixed), pixel_values, n, cache)
+    gen.prefill_s = time.perf_counter() - t0
     seq = ids
     while True:
         if keep_logits:
