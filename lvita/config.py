@@ -38,6 +38,9 @@ class ModelConfig:
     init_from: str | list[str] | None = None
     trainable: list[str] = field(default_factory=lambda: list(MODULES))
     activation_checkpointing: bool = False
+    # labelled tokens per chunk of the training loss's LM-head logits (lvita.model.lm_head): the
+    # loss holds chunk x vocab logits at a time, never sequence x vocab; 0: logits for every position
+    logits_chunk: int = 8192
 
 
 @dataclass

@@ -128,7 +128,8 @@ def run(cfg) -> list[float]:
 
     torch.manual_seed(cfg.seed)
     module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
-                            cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed)
+                            cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed,
+                            logits_chunk=cfg.model.logits_chunk)
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
     if cfg.model.init_from and not plan:

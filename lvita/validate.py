@@ -65,6 +65,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     for x in t.lr:
         if x not in MODULES:
             err(f"train.lr.{x}: unknown module; use {list(MODULES)}")
+    if m.logits_chunk < 0:
+        err(f"model.logits_chunk={m.logits_chunk}: labelled tokens per chunk of the LM-head logits "
+            f"(default 8192), or 0 for logits at every position (memory grows with sequence x vocabulary)")
 
     for key in ("pipeline", "ulysses", "ring"):
         if getattr(p, key) < 1:

@@ -8,8 +8,9 @@ Owns the model's blocks, each usable alone so the pipeline can wrap them one by 
   ``<IMG_CONTEXT>`` placeholders (a count mismatch is an error).
 - :class:`DecoderLayer`: one transformers ``Qwen2DecoderLayer`` with its own rotary embedding;
   attention goes through :mod:`lvita.model.attention` so parallelism can replace it.
-- :class:`LMHead`: final RMSNorm + LM head; the loss runs the head only on labelled positions
-  (no full-vocabulary logits for unlabelled tokens).
+- :class:`LMHead`: final RMSNorm + LM head; the loss runs the head only on labelled positions,
+  ``logits_chunk`` at a time (:mod:`lvita.model.lm_head`), so its memory never grows with
+  sequence x vocabulary.
 
 Run: ``LongVita("tiny", image_token_id=5)(input_ids, position_ids, pixel_values, labels)`` returns
 (sum of token cross-entropies, number of labelled tokens). Labels are already aligned with the
@@ -26,9 +27,9 @@ from transformers import InternVLVisionModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from lvita.model import attention
+from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK, IGNORE_INDEX, chunked_cross_entropy_sum, full_cross_entropy_sum
 from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, vision_config
 
-IGNORE_INDEX = -100
 _ROPE, _BOUNDARIES = attention.TensorCache(), attention.TensorCache()
 
 
@@ -153,33 +154,42 @@ class DecoderLayer(nn.Module):
 
 
 class LMHead(nn.Module):
-    def __init__(self, preset: str):
+    """Final RMSNorm + LM head. ``logits_chunk`` (``model.logits_chunk``): labelled tokens per
+    chunk of the loss's logits (:mod:`lvita.model.lm_head`); 0 computes logits for every position."""
+
+    def __init__(self, preset: str, logits_chunk: int = DEFAULT_LOGITS_CHUNK):
         super().__init__()
         cfg = llm_config(preset)
         self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         _init_linear_and_embedding(self.lm_head, cfg.initializer_range)
+        if logits_chunk < 0:
+            raise ValueError(f"logits_chunk={logits_chunk}: labelled tokens per chunk, or 0 for the full head")
+        self.logits_chunk = logits_chunk
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)
 
     def loss_sum(self, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy summed over labelled positions; the head runs on those positions only.
+        """Cross-entropy summed over labelled positions; the head runs on those positions only,
+        ``logits_chunk`` of them at a time (forward and backward).
 
         normed (B, S, hidden), labels (B, S) -> (loss sum (fp32 scalar), labelled count).
         """
         keep = labels != IGNORE_INDEX
-        logits = self.lm_head(normed[keep]).float()
-        loss = nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+        if self.logits_chunk == 0:
+            return full_cross_entropy_sum(normed, self.lm_head.weight, labels), keep.sum()
+        loss = chunked_cross_entropy_sum(normed[keep], self.lm_head.weight, labels[keep], self.logits_chunk)
         return loss, keep.sum()
 
 
-def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool = False) -> list[nn.Module]:
+def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool = False,
+                 logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[nn.Module]:
     """All blocks in order, block i built right after ``torch.manual_seed(seed + i)``."""
     n_layers = llm_config(preset).num_hidden_layers
     makers = [lambda: MultimodalEmbedding(preset, image_token_id)]
     makers += [lambda i=i: DecoderLayer(preset, i, checkpoint) for i in range(n_layers)]
-    makers += [lambda: LMHead(preset)]
+    makers += [lambda: LMHead(preset, logits_chunk)]
     blocks = []
     for i, make in enumerate(makers):
         torch.manual_seed(seed + i)
@@ -191,9 +201,9 @@ class LongVita(nn.Module):
     """The plain model: ``blocks[0]`` embeds, ``blocks[1:-1]`` decode, ``blocks[-1]`` is the head."""
 
     def __init__(self, preset: str, image_token_id: int, seed: int = 0, checkpoint: bool = False,
-                 blocks: list[nn.Module] | None = None):
+                 blocks: list[nn.Module] | None = None, logits_chunk: int = DEFAULT_LOGITS_CHUNK):
         super().__init__()
-        blocks = blocks or build_blocks(preset, image_token_id, seed, checkpoint)
+        blocks = blocks or build_blocks(preset, image_token_id, seed, checkpoint, logits_chunk)
         self.embed, self.head = blocks[0], blocks[-1]
         self.layers = nn.ModuleList(blocks[1:-1])
 

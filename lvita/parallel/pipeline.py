@@ -8,7 +8,7 @@ Owns the layer list and the tuple protocol between pipeline stages (gpt-neox sty
     DecoderLayerPipe  -> (hidden (B,S,D), position_ids)   one per Qwen2 layer
     HeadPipe          -> normed hidden (B,S,D)
     loss (last stage): LabelledLoss(normed, (labels (B,S), loss_scale ())) runs the LM head on
-                       labelled positions only.
+                       labelled positions only, ``logits_chunk`` at a time (model.logits_chunk).
 
 The vision encoder sits in the first layer spec, so DeepSpeed's ``parameters`` partitioning
 counts its weights on stage 0. Every block is seeded ``seed + index`` (``seed_layers``), which is
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule
 
+from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK
 from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
 from lvita.model.presets import llm_config
 
@@ -43,6 +44,8 @@ class DecoderLayerPipe(DecoderLayer):
 
 
 class HeadPipe(LMHead):
+    """The plain head; its ``loss_sum`` (chunked logits) is what :class:`LabelledLoss` calls."""
+
     def forward(self, inputs):
         hidden, _ = inputs
         return super().forward(hidden)
@@ -53,7 +56,9 @@ class LabelledLoss:
 
     The scale is ``micro-batches per step * data-parallel ranks / labelled tokens in the global
     batch``, so that DeepSpeed's average over micro-batches and ranks gives the token-weighted mean
-    of the whole global batch, whatever the layout.
+    of the whole global batch, whatever the layout. The LM head's logits exist one chunk at a
+    time, in forward and in the backward DeepSpeed runs from the returned loss
+    (``HeadPipe.logits_chunk``, from model.logits_chunk).
     """
 
     def __init__(self):
@@ -117,22 +122,24 @@ def partition(specs: list[LayerSpec], num_stages: int, method: str = "parameters
     raise ValueError(f"parallel.partition_method '{method}': use parameters, uniform or type:REGEX")
 
 
-def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False) -> list[LayerSpec]:
+def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False,
+                logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[LayerSpec]:
     n_layers = llm_config(preset).num_hidden_layers
     specs = [LayerSpec(EmbedPipe, preset, image_token_id)]
     specs += [LayerSpec(DecoderLayerPipe, preset, i, checkpoint) for i in range(n_layers)]
-    specs.append(LayerSpec(HeadPipe, preset))
+    specs.append(LayerSpec(HeadPipe, preset, logits_chunk))
     return specs
 
 
 def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
                    partition_method: str = "parameters", checkpoint: bool = False,
-                   topology=None) -> PipelineModule:
+                   topology=None, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> PipelineModule:
     """The PipelineModule (torch.distributed must be initialised). Loss head is wired in.
-    ``topology``: a DeepSpeed PipeDataParallelTopology (lvita.parallel.topology), else pipe x data."""
+    ``topology``: a DeepSpeed PipeDataParallelTopology (lvita.parallel.topology), else pipe x data.
+    ``logits_chunk``: model.logits_chunk, labelled tokens per chunk of the loss's logits."""
     loss = LabelledLoss()
     module = LongVitaPipeline(
-        layers=layer_specs(preset, image_token_id, checkpoint),
+        layers=layer_specs(preset, image_token_id, checkpoint, logits_chunk),
         num_stages=None if topology is not None else num_stages,
         topology=topology,
         loss_fn=loss,
@@ -152,9 +159,10 @@ def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
     return module
 
 
-def to_sequential(preset: str, image_token_id: int, seed: int, checkpoint: bool = False) -> LongVita:
+def to_sequential(preset: str, image_token_id: int, seed: int, checkpoint: bool = False,
+                  logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> LongVita:
     """The plain single-device model with the same initial weights as :func:`build_pipeline`."""
-    return LongVita(preset, image_token_id, seed=seed, checkpoint=checkpoint)
+    return LongVita(preset, image_token_id, seed=seed, checkpoint=checkpoint, logits_chunk=logits_chunk)
 
 
 def plain_name(pipe_name: str, n_layers: int) -> str:
