@@ -359,6 +359,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ring", type=int, default=1, help="of --sp, the zigzag ring degree (the rest is Ulysses)")
     ap.add_argument("--mode", choices=("cache", "recompute"), default="cache",
                     help="with --sp: sharded KV cache, or the paper's fixed-length recompute per token")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher
 
 
 def options(args) -> dict:
