@@ -314,8 +314,17 @@ def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_n
     t0 = time.perf_counter()
     logits = prefill(model, ids.to(device), pixel_values.to(device), cache)
     gen.prefill_s = time.perf_counter() - t0
+    step = lambda nxt: decode_step(model, torch.tensor([[nxt]], device=device), cache)  # noqa: E731
+    return greedy(gen, logits, step, specials, max_new_tokens, limit)
+
+
+def greedy(gen: Generation, logits: torch.Tensor, step, specials: dict, max_new_tokens: int, limit: int) -> Generation:
+    """The greedy loop shared by every decoder: from the prompt's next-token logits (1, vocab), pick
+    the argmax until a stop token, ``max_new_tokens`` or the context ``limit``; ``step(token)``
+    returns the logits after it. ``gen.logits`` collects every step's logits when it is a list."""
+    n = gen.prompt_tokens
     while True:
-        if keep_logits:
+        if gen.logits is not None:
             gen.logits.append(logits[0].cpu())
         nxt = int(logits[0].argmax())
         if nxt in (specials["im_end"], specials["endoftext"]):
@@ -325,7 +334,7 @@ def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_n
         if len(gen.tokens) >= max_new_tokens or n + len(gen.tokens) >= limit:
             gen.stop = "max_new_tokens" if len(gen.tokens) >= max_new_tokens else "context"
             return gen
-        logits = decode_step(model, torch.tensor([[nxt]], device=device), cache)
+        logits = step(nxt)
 
 
 def answer(model, tok, specials: dict, preset: str, messages, images=(), videos=(), max_new_tokens: int = 256,

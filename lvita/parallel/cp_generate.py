@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lvita.generate import ContextError, Generation, last_logits, layer_step
+from lvita.generate import ContextError, Generation, greedy, last_logits, layer_step
 from lvita.parallel.sequence import sequence_attention, shard_indices, shard_micro_batch
 from lvita.parallel.sharded_kv import ShardedKVCache, sharded_decode_attention
 
@@ -119,7 +119,6 @@ def cp_generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, ma
     limit = max_context or model.layers[0].layer.self_attn.config.max_position_embeddings
     if n >= limit:
         raise ContextError(f"the prompt is {n} tokens; the context limit is {limit} tokens (--max-context)")
-    stops = (specials["im_end"], specials["endoftext"])
     gen = Generation([], "", n, [] if keep_logits else None)
     pad = specials["endoftext"]
 
@@ -132,22 +131,15 @@ def cp_generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, ma
     logits = _sharded_prefill(model, cp, padded(ids, cp.padded(n) if cache else fixed), pixel_values, n, cache)
     gen.prefill_s = time.perf_counter() - t0
     seq = ids
-    while True:
-        if keep_logits:
-            gen.logits.append(logits[0].cpu())
-        nxt = int(logits[0].argmax())
-        if nxt in stops:
-            gen.stop = "eos"
-            return gen
-        gen.tokens.append(nxt)
-        if len(gen.tokens) >= max_new_tokens or n + len(gen.tokens) >= limit:
-            gen.stop = "max_new_tokens" if len(gen.tokens) >= max_new_tokens else "context"
-            return gen
+
+    def step(nxt: int) -> torch.Tensor:
+        nonlocal seq
         if cache is not None:
-            logits = _decode_step(model, cp, nxt, n + len(gen.tokens) - 1, len(gen.tokens) - 1, cache)
-        else:
-            seq = torch.cat([seq, seq.new_tensor([[nxt]])], dim=1)
-            logits = _sharded_prefill(model, cp, padded(seq, fixed), pixel_values, seq.shape[1], None)
+            return _decode_step(model, cp, nxt, n + len(gen.tokens) - 1, len(gen.tokens) - 1, cache)
+        seq = torch.cat([seq, seq.new_tensor([[nxt]])], dim=1)
+        return _sharded_prefill(model, cp, padded(seq, fixed), pixel_values, seq.shape[1], None)
+
+    return greedy(gen, logits, step, specials, max_new_tokens, limit)
 
 
 # -- command line (lvita.generate / lvita.eval with --sp) ---------------------------------------------
