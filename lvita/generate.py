@@ -1,10 +1,8 @@
 """Greedy generation on one device with a KV cache: a trained Long-VITA answers a prompt.
 
 Owns inference for the plain :class:`lvita.model.longvita.LongVita`: loading it from an lvita
-checkpoint or a Hugging Face InternVL directory (:func:`load_model`), building the prompt exactly as
-training does (:func:`build_prompt`: ChatML from :mod:`lvita.data.template`, tiles from
-:mod:`lvita.data.media` with the data stream's tile budget, then an open assistant turn), and
-greedy decoding (:func:`generate`)::
+checkpoint or a Hugging Face InternVL directory (:func:`load_model`) and greedy decoding
+(:func:`generate`) of prompts built as training builds samples (:mod:`lvita.prompt`)::
 
     python -m lvita.generate --model runs/stage4 --image cat.png --prompt "What is in the picture?"
     python -m lvita.generate --model export/long-vita-hf --messages chat.json --max-new-tokens 64
@@ -32,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +38,10 @@ import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from lvita.checkpoint import CheckpointError, locate, tokenizer_fingerprint
-from lvita.config import DataConfig
-from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count,
-                              video_tiles)
-from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation
-from lvita.model.presets import PRESETS, llm_config, tile_size, tokens_per_tile, vision_config
-
-DEFAULTS = DataConfig()  # training's media and system-prompt defaults
+from lvita.data.media import MediaError
+from lvita.data.template import PLACEHOLDER
+from lvita.model.presets import PRESETS, llm_config, vision_config
+from lvita.prompt import DEFAULTS, ContextError, MediaOptions, build_prompt
 NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
                "lvita_manifest.json) or a Hugging Face InternVL directory (config.json + *.safetensors)")
 _SHAPES = {"vision": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -54,15 +49,6 @@ _SHAPES = {"vision": ("hidden_size", "num_hidden_layers", "num_attention_heads",
            "text": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "vocab_size")}
 
-
-class ContextError(SampleError):
-    """The prompt does not fit the context limit (``reason`` "too_long")."""
-
-    def __init__(self, detail: str):
-        super().__init__("too_long", detail + "; the limit must leave room for one new token")
-
-
-# -- loading --------------------------------------------------------------------------------------
 
 def preset_of_hf_config(raw: dict, where: str) -> str:
     """The preset whose vision and text shapes equal those of an HF InternVL config.json."""
@@ -121,87 +107,6 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
     init_from(model, str(path), preset, tokenizer_fingerprint(tok))
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
     return model.to(dtype).eval().requires_grad_(False), tok, specials, preset
-
-
-# -- prompts --------------------------------------------------------------------------------------
-
-@dataclass
-class MediaOptions:
-    """How media become tiles; the defaults are training's (``data.*`` of a stage file)."""
-    min_tiles: int = DEFAULTS.min_tiles
-    max_tiles: int = DEFAULTS.max_tiles
-    max_frames: int = DEFAULTS.max_frames
-    video_fps: float = DEFAULTS.video_fps
-
-
-@dataclass
-class Prompt:
-    input_ids: list[int]  # ChatML ids ending in "<|im_start|>assistant\n"
-    pixel_values: torch.Tensor  # (N tiles, 3, T, T) float32, normalised, in placeholder order
-    media: list[tuple] = field(default_factory=list)  # ("image", path, tiles) / ("video", path, frames)
-
-
-def check_messages(messages) -> list[dict]:
-    """role/content (or from/value) dicts -> [{"role", "content"}]; the last turn must be the user's."""
-    if not isinstance(messages, list) or not messages:
-        raise SampleError("empty_conversation", "messages must be a non-empty JSON list of {role, content}")
-    keys = [("role", "content") if isinstance(m, dict) and "role" in m else ("from", "value") for m in messages]
-    for i, (m, (rk, ck)) in enumerate(zip(messages, keys)):
-        if not isinstance(m, dict) or m.get(rk) not in ROLE_ALIASES or not isinstance(m.get(ck), str):
-            raise SampleError("malformed_message", f"message {i} needs 'role' in {sorted(ROLE_ALIASES)} "
-                                                   f"and a string 'content'")
-    out = [{"role": ROLE_ALIASES[m[rk]], "content": m[ck]} for m, (rk, ck) in zip(messages, keys)]
-    if out[-1]["role"] != "user":
-        raise SampleError("malformed_message", f"the last message is the {out[-1]['role']}'s; it must be the "
-                                               f"user's (the model answers it)")
-    return out
-
-
-def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(),
-                 system_prompt: str | None = DEFAULTS.system_prompt, media: MediaOptions = MediaOptions(),
-                 max_context: int | None = None) -> Prompt:
-    """Messages ending with the user's turn (``<image>``/``<video>`` placeholders matching
-    ``images``/``videos`` in order) -> prompt ids + tiles, encoded as training encodes them.
-
-    Tiles per image start at ``max_tiles // n_images`` and halve down to ``min_tiles`` while the
-    prompt is over ``max_context - 1``, as the data stream does. Raises SampleError (reason
-    "placeholder_mismatch" / "malformed_message"), MediaError naming the file, or ContextError.
-    """
-    messages = check_messages(messages)
-    text = "".join(m["content"] for m in messages)
-    n_img, n_vid = text.count("<image>"), text.count("<video>")
-    if (n_img, n_vid) != (len(images), len(videos)):
-        raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
-                                                  f"{len(images)} images / {len(videos)} videos")
-    tile, tpt = tile_size(preset), tokens_per_tile(preset)
-    files = {"<image>": iter(map(Path, images)), "<video>": iter(map(Path, videos))}
-    order = [(ph[1:-1], next(files[ph])) for ph in PLACEHOLDER.findall(text)]
-    sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
-    frames = {p: video_frame_count(p, media.max_frames, media.video_fps) for k, p in order if k == "video"}
-    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
-    limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
-    budgets = [max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
-    while sizes and budgets[-1] > media.min_tiles:  # as lvita.data.stream's _tile_budgets
-        budgets.append(max(media.min_tiles, budgets[-1] // 2))
-    for budget in budgets:
-        plan = [("image", p, budget, tile_count(*sizes[p], media.min_tiles, budget, tile)) if k == "image"
-                else ("video", p, frames[p]) for k, p in order]
-        groups = [[tpt * m[3]] if m[0] == "image" else [tpt] * m[2] for m in plan]
-        ids = encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
-        if len(ids) <= limit:
-            break
-    else:
-        raise ContextError(f"the prompt is {len(ids)} tokens" + (f" even at {media.min_tiles} tile(s) per image"
-                           if sizes else "") + f"; the context limit is {limit + 1} tokens (--max-context)")
-    tiles = []
-    for m in plan:
-        got = (image_tiles(m[1], tile, media.min_tiles, m[2]) if m[0] == "image"
-               else video_tiles(m[1], tile, media.max_frames, media.video_fps))
-        if got.shape[0] != m[-1]:
-            raise MediaError(f"{m[1]}: decoded {got.shape[0]} tiles, its header promised {m[-1]}")
-        tiles.append(normalise(got))
-    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
-    return Prompt(ids, pixels, [(m[0], str(m[1]), m[-1]) for m in plan])
 
 
 # -- decoding: reusable per-layer steps ------------------------------------------------------------
