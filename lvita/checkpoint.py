@@ -8,7 +8,7 @@ Owns the layout of ``<output_dir>/checkpoints``::
                                      + rng_rank<R>.pt (each rank's RNG states)
                                      + lvita_manifest.json (written last: the checkpoint is complete)
     checkpoints/latest               the newest complete tag (replaced atomically)
-    checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.universal)
+    checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.resume)
 
 A checkpoint counts only once its manifest exists; the manifest lists every file with its size, the
 parallel layout, the model preset, the precision and a fingerprint of the tokenizer, so a missing
@@ -171,19 +171,12 @@ def _step_of(tag: str) -> int:
     return int(_TAG.match(tag).group(1))
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with a manifest, oldest first."""
+def complete_tags(ckpt_dir: Path, complete: bool = True) -> list[str]:
+    """Tags with a manifest (``complete=False``: those without), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / MANIFEST).is_file()]
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / MANIFEST).is_file() == complete]
     return sorted(tags, key=_step_of)
-
-
-def incomplete_tags(ckpt_dir: Path) -> list[str]:
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and not (p / MANIFEST).is_file()),
-                  key=_step_of)
 
 
 def read_manifest(tag_dir: Path, what: str = "checkpoint") -> dict:
@@ -235,7 +228,7 @@ def locate(path: str | Path, what: str) -> Found:
         path = path / "checkpoints"
     tags = complete_tags(path)
     if not tags:
-        partial = incomplete_tags(path)
+        partial = complete_tags(path, complete=False)
         raise CheckpointError(f"{what}={path}: no complete checkpoint there"
                               + (f" (incomplete: {', '.join(partial)})" if partial else "")
                               + "; point it at an output_dir, its checkpoints/ directory or one global_step<N> in it")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lvita.checkpoint import MANIFEST, CheckpointError, atomic_write, locate, staged_dir, tag_for, tokenizer_fingerprint
+from lvita.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, staged_dir, tag_for,
+                              tokenizer_fingerprint)
 
 
 def _tokenizer_for(found, tokenizer: str | None):
@@ -60,7 +61,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     from lvita.model.longvita import LongVita
     from lvita.model.presets import llm_config
     from lvita.tokenizer import load_tokenizer, special_token_ids
-    from lvita.weights import block_of, layer_file
+    from lvita.weights import by_block, layer_file
 
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -76,17 +77,14 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
         state.update({k: init[k] for k in fresh})
         log(f"lvita convert: {len(fresh)} projector weights start fresh (none in {', '.join(sources)})")
     n_layers = llm_config(preset).num_hidden_layers
-    blocks: dict[int, dict] = {}
-    for key, value in state.items():
-        b, rest = block_of(key, n_layers)
-        blocks.setdefault(b, {})[rest] = value.contiguous()
+    blocks = by_block({k: v.contiguous() for k, v in state.items()}, n_layers)
     with staged_dir(out_dir) as tmp:
         tag_dir = tmp / "checkpoints" / tag_for(0)
         tag_dir.mkdir(parents=True)
         for b, sd in sorted(blocks.items()):
             torch.save(sd, layer_file(tag_dir, b))
         tok.save_pretrained(str(tmp / "tokenizer"))
-        manifest = {"format": 1, "tag": tag_for(0), "step": 0, "name": "from-hf", "preset": preset,
+        manifest = {"format": FORMAT, "tag": tag_for(0), "step": 0, "name": "from-hf", "preset": preset,
                     "precision": str(next(iter(state.values())).dtype).replace("torch.", ""),
                     "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": str(out_dir.resolve() / "tokenizer"),
                     "layout": None, "weights_only": True, "source": [str(s) for s in sources],

@@ -211,9 +211,7 @@ def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_n
     prompt leaves no room under ``max_context`` (default: the preset's max_position_embeddings)."""
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     device, n = model.embed.embed_tokens.weight.device, ids.shape[1]
-    limit = max_context or model.layers[0].layer.self_attn.config.max_position_embeddings
-    if n >= limit:
-        raise ContextError(f"the prompt is {n} tokens; the context limit is {limit} tokens (--max-context)")
+    limit = context_limit(model, n, max_context)
     cache = KVCache.empty(model, 1, min(n + max(max_new_tokens, 1), limit))
     gen = Generation([], "", n, [] if keep_logits else None)
     t0 = time.perf_counter()
@@ -221,6 +219,15 @@ def generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, max_n
     gen.prefill_s = time.perf_counter() - t0
     step = lambda nxt: decode_step(model, torch.tensor([[nxt]], device=device), cache)  # noqa: E731
     return greedy(gen, logits, step, specials, max_new_tokens, limit)
+
+
+def context_limit(model, prompt_tokens: int, max_context: int | None) -> int:
+    """``max_context`` (default: the preset's max_position_embeddings); ContextError when a prompt of
+    ``prompt_tokens`` leaves no room for one new token."""
+    limit = max_context or model.layers[0].layer.self_attn.config.max_position_embeddings
+    if prompt_tokens >= limit:
+        raise ContextError(f"the prompt is {prompt_tokens} tokens; the context limit is {limit} tokens (--max-context)")
+    return limit
 
 
 def greedy(gen: Generation, logits: torch.Tensor, step, specials: dict, max_new_tokens: int, limit: int) -> Generation:

@@ -62,7 +62,7 @@ def plan(cfg, now: dict, tokenizer: dict) -> ResumePlan | None:
         return None
     if cfg.resume == "auto":
         ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-        if not any(ckpt_dir.glob(f"*/{MANIFEST}")):
+        if not complete_tags(ckpt_dir):
             return None
         found = locate(ckpt_dir, "resume=auto: output_dir")
     else:
@@ -75,13 +75,14 @@ def plan(cfg, now: dict, tokenizer: dict) -> ResumePlan | None:
     if then["zero_stage"] != now["zero_stage"]:
         raise CheckpointError(f"resume={found.tag_dir}: saved with ZeRO stage {then['zero_stage']}, this run uses "
                               f"{now['zero_stage']} ({cfg.deepspeed}); use a DeepSpeed config with the same stage")
-    same = then["pipeline"] == now["pipeline"] and then["deepspeed_data"] == now["deepspeed_data"]
-    if not same and then["zero_stage"] == 0 and then["pipeline"] != now["pipeline"]:
+    if then["zero_stage"] == 0 and then["pipeline"] != now["pipeline"]:
         raise CheckpointError(f"resume={found.tag_dir}: saved at pipeline {then['pipeline']} with ZeRO stage 0, "
                               f"which DeepSpeed cannot re-shard to pipeline {now['pipeline']}; resume at pipeline "
                               f"{then['pipeline']}, or train with a ZeRO-1 config (ds_configs/pipeline_fp32_cpu.json, "
                               f"pipeline_bf16_zero1.json) so checkpoints move between layouts")
-    universal = not same and then["zero_stage"] > 0
+    # ZeRO-0 keeps whole optimizer states per pipeline stage: any data degree loads them as they are
+    universal = then["zero_stage"] > 0 and (then["pipeline"], then["deepspeed_data"]) != \
+        (now["pipeline"], now["deepspeed_data"])
     same_ranks = all(then[k] == now[k] for k in ("pipeline", "data", "ulysses", "ring", "world"))
     return ResumePlan(found, universal, same_ranks)
 

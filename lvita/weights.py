@@ -35,6 +35,15 @@ def block_of(plain_key: str, n_layers: int) -> tuple[int, str]:
     return int(i) + 1, rest
 
 
+def by_block(state: dict[str, torch.Tensor], n_layers: int) -> dict[int, dict[str, torch.Tensor]]:
+    """A plain state dict -> {block index: that block's state dict}."""
+    blocks: dict[int, dict] = {}
+    for key, value in state.items():
+        b, rest = block_of(key, n_layers)
+        blocks.setdefault(b, {})[rest] = value
+    return blocks
+
+
 def plain_key(block: int, key: str, n_layers: int) -> str:
     if block == 0:
         return f"embed.{key}"
@@ -122,10 +131,7 @@ def init_from(module, spec: str | list[str], preset: str, tokenizer: dict) -> st
 
     state, fresh = hf.read_hf(paths, preset)
     check_tokenizer(paths, tokenizer)
-    per_block: dict[int, dict] = {}
-    for key, value in state.items():
-        b, rest = block_of(key, n_layers)
-        per_block.setdefault(b, {})[rest] = value
+    per_block = by_block(state, n_layers)
     optional = tuple(block_of(k, n_layers)[1] for k in fresh)
     for b, m in blocks.items():
         load_block(m, per_block.get(b, {}), " + ".join(map(str, paths)), optional if b == 0 else ())

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lvita.generate import ContextError, Generation, greedy, last_logits, layer_step
+from lvita.generate import Generation, context_limit, greedy, last_logits, layer_step
 from lvita.parallel.sequence import sequence_attention, shard_indices, shard_micro_batch
 from lvita.parallel.sharded_kv import ShardedKVCache, sharded_decode_attention
 
@@ -116,9 +116,7 @@ def cp_generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, ma
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(device)
     pixel_values = pixel_values.to(device)
     n = ids.shape[1]
-    limit = max_context or model.layers[0].layer.self_attn.config.max_position_embeddings
-    if n >= limit:
-        raise ContextError(f"the prompt is {n} tokens; the context limit is {limit} tokens (--max-context)")
+    limit = context_limit(model, n, max_context)
     gen = Generation([], "", n, [] if keep_logits else None)
     pad = specials["endoftext"]
 

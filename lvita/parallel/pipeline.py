@@ -29,6 +29,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK
 from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
 from lvita.model.presets import llm_config
+from lvita.weights import plain_key
 
 
 class EmbedPipe(MultimodalEmbedding):
@@ -168,9 +169,4 @@ def to_sequential(preset: str, image_token_id: int, seed: int, checkpoint: bool 
 def plain_name(pipe_name: str, n_layers: int) -> str:
     """Map a PipelineModule parameter name ('3.layer.mlp...') to the plain model's name."""
     idx, rest = pipe_name.split(".", 1)
-    i = int(idx)
-    if i == 0:
-        return f"embed.{rest}"
-    if i == n_layers + 1:
-        return f"head.{rest}"
-    return f"layers.{i - 1}.{rest}"
+    return plain_key(int(idx), rest, n_layers)
