@@ -74,7 +74,7 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
     print(f"  total {sum(r['params'] for r in rows) / 1e6:,.1f}M parameters, "
           f"{sum(r['trainable'] for r in rows) / 1e6:,.1f}M trainable")
     for note in layout.notes:
-        print(f"  note: {note}")
+        print(f"  warning: {note}")
     if layout.missing:
         print(f"  to fill in before training ({len(layout.missing)} paths do not exist here):")
         for m in layout.missing:

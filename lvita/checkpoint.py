@@ -235,6 +235,14 @@ def locate(path: str | Path, what: str) -> Found:
     return Found(path / tags[-1], read_manifest(path / tags[-1], f"{what}={path}:"))
 
 
+def saved_system_prompt(manifest: dict) -> str | None:
+    """The system prompt the checkpoint's stage trained with (``data.system_prompt``; None: none);
+    checkpoints saved before lvita recorded it trained with the default."""
+    from lvita.config import DataConfig
+
+    return manifest.get("system_prompt", DataConfig.system_prompt) or None
+
+
 def check_fits(found: Found, what: str, preset: str, tokenizer: dict, precision: str | None = None) -> None:
     """The checkpoint was made for this model and vocabulary (and precision, for a resume)."""
     m, where = found.manifest, f"{what}={found.tag_dir}"

@@ -69,21 +69,35 @@ def main(argv=None) -> int:
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except _user_errors() as e:  # bad input, not a bug: one line (the message names file or key), exit 2
+        what = " ".join(x for x in (args.cmd, getattr(args, "data_cmd", None)) if x)
+        print(f"lvita {what}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (stage file, data, paths, checkpoints, media), not a bug."""
+    from lvita.config import ConfigError
+    from lvita.data.media import MediaError
+    from lvita.data.stream import DataError
+    from lvita.data.template import SampleError
+
+    return ConfigError, DataError, MediaError, SampleError, OSError  # OSError: CheckpointError, missing paths
+
+
+def _run(args) -> int:
     if args.cmd in ("ckpt", "convert"):
         from lvita.convert import main as convert
 
         return convert(args)
     if args.cmd == "data":
-        from lvita.config import ConfigError
         from lvita.data import inspect
 
-        try:
-            if args.data_cmd == "preview":
-                return inspect.preview(args.stage, args.set, args.n, args.json)
-            return inspect.stats(args.stage, args.set, args.n)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
-            print(f"lvita data: error: {e}", file=sys.stderr)
-            return 2
+        if args.data_cmd == "preview":
+            return inspect.preview(args.stage, args.set, args.n, args.json)
+        return inspect.stats(args.stage, args.set, args.n)
     if args.cmd == "demo":
         from lvita.demo.run import main as demo
 

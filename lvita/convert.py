@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lvita.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, staged_dir, tag_for,
-                              tokenizer_fingerprint)
+from lvita.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, saved_system_prompt, staged_dir,
+                              tag_for, tokenizer_fingerprint)
 
 
 def _tokenizer_for(found, tokenizer: str | None):
@@ -49,8 +49,10 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
     tok_path, tok = _tokenizer_for(found, tokenizer)
     t0 = time.perf_counter()
     plain = checkpoint_plain_state(found.tag_dir, llm_config(preset).num_hidden_layers)
-    path = hf.write_hf_dir(plain, preset, tok_path, out, special_token_ids(tok)["img_context"])
-    log(f"lvita convert: wrote {path} from {found.tag_dir} ({preset}) in {time.perf_counter() - t0:.1f}s")
+    system = saved_system_prompt(found.manifest)
+    path = hf.write_hf_dir(plain, preset, tok_path, out, special_token_ids(tok)["img_context"], system_prompt=system)
+    log(f"lvita convert: wrote {path} from {found.tag_dir} ({preset}) in {time.perf_counter() - t0:.1f}s; its chat "
+        f"template adds the system prompt {system!r} when a conversation has none, as training did")
     return path
 
 
@@ -58,6 +60,8 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     """Write a weights-only lvita checkpoint; the projector starts fresh (seed 0) when the sources
     are a separate InternViT and Qwen2."""
     from lvita import hf
+    from lvita.config import DataConfig
+    from lvita.data.template import template_system_prompt
     from lvita.model.longvita import LongVita
     from lvita.model.presets import llm_config
     from lvita.tokenizer import load_tokenizer, special_token_ids
@@ -72,6 +76,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     t0 = time.perf_counter()
     state, fresh = hf.read_hf(sources, preset)
     tok = load_tokenizer(tok_src)
+    system = template_system_prompt(tok, DataConfig.system_prompt)  # the HF model's own default
     if fresh:
         init = LongVita(preset, special_token_ids(tok)["img_context"], seed=0).state_dict()
         state.update({k: init[k] for k in fresh})
@@ -87,6 +92,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
         manifest = {"format": FORMAT, "tag": tag_for(0), "step": 0, "name": "from-hf", "preset": preset,
                     "precision": str(next(iter(state.values())).dtype).replace("torch.", ""),
                     "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": str(out_dir.resolve() / "tokenizer"),
+                    "system_prompt": system,
                     "layout": None, "weights_only": True, "source": [str(s) for s in sources],
                     "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())}}
         atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         opts = options(args)
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data}: no such file")
-        model, tok, specials, preset, decode, rank = load_for_args(args)
+        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
         evaluate(model, tok, specials, preset, args.data, args.out, write=rank == 0, decode=decode, **opts)
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0":

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from lvita.checkpoint import CheckpointError, locate, tokenizer_fingerprint
+from lvita.checkpoint import CheckpointError, locate, saved_system_prompt, tokenizer_fingerprint
 from lvita.data.media import MediaError
-from lvita.data.template import PLACEHOLDER
+from lvita.data.template import PLACEHOLDER, template_system_prompt
 from lvita.model.presets import PRESETS, llm_config, vision_config
 from lvita.prompt import DEFAULTS, ContextError, MediaOptions, build_prompt
 NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
@@ -270,7 +270,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", help="default: the checkpoint's (manifest) or the HF directory's")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the preset's maximum)")
-    ap.add_argument("--system-prompt", default=DEFAULTS.system_prompt, help="'' for none")
+    ap.add_argument("--system-prompt", help="default: the one the model trained with (the stage's data.system_prompt "
+                                            "in a checkpoint's manifest, an HF directory's chat template); '' for none")
     for name, default in (("min-tiles", DEFAULTS.min_tiles), ("max-tiles", DEFAULTS.max_tiles),
                           ("max-frames", DEFAULTS.max_frames), ("video-fps", DEFAULTS.video_fps)):
         ap.add_argument(f"--{name}", type=type(default), default=default, help=f"as data.{name.replace('-', '_')}")
@@ -287,14 +288,24 @@ def options(args) -> dict:
     """The keyword arguments of :func:`answer` from :func:`add_model_args`' options."""
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
         raise ValueError("--max-new-tokens must be at least 1 and --max-context at least 2")
-    return dict(max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,
+    return dict(max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,  # None until loaded
                 max_context=args.max_context,
                 media=MediaOptions(args.min_tiles, args.max_tiles, args.max_frames, args.video_fps))
 
 
-def load_for_args(args):
+def model_system_prompt(model_dir, tok) -> str | None:
+    """The system prompt a model trained with: an lvita checkpoint's manifest says it; an HF directory's
+    chat template adds it (lvita's exports add the stage's, Qwen2.5's adds its own)."""
+    path = Path(model_dir)
+    if (path / "config.json").is_file():
+        return template_system_prompt(tok, DEFAULTS.system_prompt)
+    return saved_system_prompt(locate(path, "--model").manifest)
+
+
+def load_for_args(args, opts: dict):
     """The model for the command-line options -> (model, tok, specials, preset, decode, rank); with
-    ``--sp N > 1`` joins the launcher's process group and decodes context-parallel."""
+    ``--sp N > 1`` joins the launcher's process group and decodes context-parallel. Without
+    ``--system-prompt``, ``opts["system_prompt"]`` becomes the model's own."""
     rank, device, decode = 0, args.device, None
     if args.sp > 1:
         from lvita.parallel import cp_generate
@@ -303,6 +314,8 @@ def load_for_args(args):
     model, tok, specials, preset = load_model(args.model, DTYPES.get(args.dtype), device, args.tokenizer)
     if args.sp > 1:
         decode = cp_generate.generator(args, preset, specials)
+    if args.system_prompt is None:
+        opts["system_prompt"] = model_system_prompt(args.model, tok)
     return model, tok, specials, preset, decode, rank
 
 
@@ -329,7 +342,7 @@ def main(argv=None) -> int:
         for kind, paths in (("image", args.image), ("video", args.video)):  # before a long model load
             if missing := [p for p in paths if not Path(p).is_file()]:
                 raise MediaError(f"missing {kind} {missing[0]}")
-        model, tok, specials, preset, decode, rank = load_for_args(args)
+        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
         text, _ = answer(model, tok, specials, preset, messages, args.image, args.video, decode=decode, **opts)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, SampleError, MediaError, ContextError
         if os.environ.get("RANK", "0") == "0":

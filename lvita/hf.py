@@ -28,7 +28,8 @@ Trade-offs: processor files are written as JSON (transformers 5.24 cannot build
 ``InternVLProcessor`` without torchvision, which lvita does not need; ``AutoProcessor`` needs it
 to load them, the model and tokenizer do not). The tokenizer gains ``<video>``, the placeholder
 InternVL's processor expands into frames (``Frame1: <img>...</img>``, a prefix lvita's video
-template lacks); its embedding row is never used. ``chat_template.jinja`` is lvita's ChatML.
+template lacks); its embedding row is never used. ``chat_template.jinja`` is lvita's ChatML with the
+stage's default system prompt.
 Weights are read as safetensors only. OpenGVLab's original InternViT format (``intern_vit_6b``)
 is mapped as transformers' conversion script does (fused qkv split in three).
 """
@@ -45,6 +46,8 @@ import torch
 from lvita.model.presets import DOWNSAMPLE_RATIO, PRESETS, check_preset, llm_config, tile_size, \
     tokens_per_tile, vision_config
 from lvita.checkpoint import CheckpointError, staged_dir
+from lvita.config import DataConfig
+from lvita.data.template import jinja_chat_template
 from lvita.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, special_token_ids
 
 VIDEO_TOKEN = "<video>"
@@ -52,15 +55,6 @@ NAMED_TOKENS = {"start_image_token": IMG_START, "end_image_token": IMG_END,
                 "context_image_token": IMG_CONTEXT, "video_token": VIDEO_TOKEN}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # as lvita.data.media
 PROJECTOR = "embed.vision.multi_modal_projector."
-# Same turns as lvita.data.template; an image becomes <IMG_CONTEXT>, which the processor expands.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}"
-)
 
 # (plain prefix, HF prefix); the layer rule is a regex below. Keys keep their tails.
 _PREFIXES = [("embed.vision.vision_tower.", "model.vision_tower."), (PROJECTOR, "model.multi_modal_projector."),
@@ -174,8 +168,11 @@ def _mismatch(preset: str, shapes: dict[str, tuple], allow_missing=lambda k: Fal
 
 
 def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: str | Path,
-                 image_token_id: int, max_shard_size: str | int = "5GB") -> Path:
-    """Write a transformers-native InternVL directory; returns ``out_dir``.
+                 image_token_id: int, max_shard_size: str | int = "5GB",
+                 system_prompt: str | None = DataConfig.system_prompt) -> Path:
+    """Write a transformers-native InternVL directory; returns ``out_dir``. Its chat template adds
+    ``system_prompt`` (the stage's ``data.system_prompt``) to conversations without a system turn,
+    as training did.
 
     Refuses (FileExistsError) a non-empty ``out_dir``; ValueError when ``plain`` does not fit
     ``preset`` or ``image_token_id`` is not the tokenizer's ``<IMG_CONTEXT>``.
@@ -199,12 +196,13 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
             model = InternVLForConditionalGeneration(cfg)
         model.load_state_dict(to_hf_state(plain), strict=True, assign=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _write_tokenizer(tok, tmp, cfg.text_config.vocab_size)
-        _write_processor(tmp, preset)
+        template = jinja_chat_template(system_prompt)
+        _write_tokenizer(tok, tmp, cfg.text_config.vocab_size, template)
+        _write_processor(tmp, preset, template)
     return out
 
 
-def _write_tokenizer(tok, out: Path, vocab_size: int) -> None:
+def _write_tokenizer(tok, out: Path, vocab_size: int, template: str) -> None:
     from transformers import AutoTokenizer
 
     if VIDEO_TOKEN not in tok.get_vocab():
@@ -212,13 +210,14 @@ def _write_tokenizer(tok, out: Path, vocab_size: int) -> None:
     if (vid := tok.convert_tokens_to_ids(VIDEO_TOKEN)) >= vocab_size:
         raise ValueError(f"the tokenizer's {VIDEO_TOKEN} id {vid} does not fit the {vocab_size}-row embedding")
     stage = out / ".tokenizer"
+    tok.chat_template = template  # replaces the source tokenizer's (Qwen2.5's names another system prompt)
     tok.save_pretrained(stage)
     # *_token kwargs become named ("model specific") special tokens, saved in tokenizer_config.json.
     AutoTokenizer.from_pretrained(stage, **NAMED_TOKENS).save_pretrained(out)
     shutil.rmtree(stage)
 
 
-def _write_processor(out: Path, preset: str) -> None:
+def _write_processor(out: Path, preset: str, template: str) -> None:
     size = {"height": tile_size(preset), "width": tile_size(preset)}
     common = dict(do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True, resample=3,
                   rescale_factor=1 / 255, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, size=size)
@@ -228,7 +227,7 @@ def _write_processor(out: Path, preset: str) -> None:
             "video_processor": dict(common, video_processor_type="InternVLVideoProcessor",
                                     do_sample_frames=False, initial_shift=True, return_metadata=False)}
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(template)
 
 
 # ----------------------------------------------------------------------------- reading

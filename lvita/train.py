@@ -111,9 +111,12 @@ def run(cfg) -> list[float]:
     ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
     info = {"name": cfg.name, "preset": cfg.model.preset, "precision": cfg.precision,
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
+            "system_prompt": cfg.data.system_prompt,  # what inference and HF exports default to
             "layout": resume.layout_info(layout, world, ds_cfg.get("zero_optimization", {}).get("stage", 0))}
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    for note in layout.notes:
+        log(f"[{cfg.name}] warning: {note}")
     plan = resume.plan(cfg, info["layout"], info["tokenizer"])  # checked before anything is written
     if plan and plan.universal:
         resume.ensure_universal(plan.found.tag_dir, rank, log)  # before the process group: no timeout

@@ -106,8 +106,13 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         gas = t.global_batch // (t.micro_batch * dp)
     if t.iterations < 1:
         err(f"train.iterations={t.iterations}: must be >= 1")
-    if not 0 <= t.warmup_steps <= t.iterations:
-        err(f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.iterations={t.iterations}")
+    notes: list[str] = []
+    if t.warmup_steps < 0:
+        err(f"train.warmup_steps={t.warmup_steps}: must be >= 0 (0: no warmup)")
+    elif t.warmup_steps > t.iterations >= 1:
+        notes.append(f"train.warmup_steps={t.warmup_steps} is longer than train.iterations={t.iterations}: the run "
+                     f"ends during warmup (LR at step t = t/{t.warmup_steps} of train.lr, last step "
+                     f"{t.iterations}/{t.warmup_steps})")
     if t.save_every < 0:
         err(f"train.save_every={t.save_every}: 0 (only at the end) or a positive step count")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -170,7 +175,6 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
 
     if errors:
         raise ConfigError(_fmt(cfg, errors))
-    notes = []
     return Layout(world_size, p.pipeline, p.ulysses, p.ring, dp, t.micro_batch, gas, t.global_batch,
                   missing, notes)
 

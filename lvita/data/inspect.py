@@ -13,6 +13,7 @@ the planner, skipped samples by reason, and per-source counts against the config
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 
@@ -24,11 +25,15 @@ def open_stream(stage: str, sets: list[str], n: int):
     from lvita.data.stream import DataStream
     from lvita.model.presets import tile_size, tokens_per_tile
     from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.validate import validate
 
     cfg = load_stage(stage, sets)
+    p = cfg.parallel
+    validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
     tok = load_tokenizer(cfg.model.tokenizer)
     return cfg, DataStream(cfg.data, tok, special_token_ids(tok), tile_size(cfg.model.preset),
-                           tokens_per_tile(cfg.model.preset), n, cfg.seed, own_rows=[], log=lambda *a: None)
+                           tokens_per_tile(cfg.model.preset), n, cfg.seed, own_rows=[],
+                           log=lambda *a: print(*a, file=sys.stderr))  # skipped records, on stderr
 
 
 def sequence_json(seq: PackedSequence) -> dict:

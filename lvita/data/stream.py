@@ -52,6 +52,7 @@ class DataStream:
         self.skipped: Counter = Counter()
         self.records = 0
         self.max_reported = max_reported
+        self.first_skipped: list[str] = []  # "file:line: reason: detail", for the DataError message
         self._decode_failures: Counter = Counter()
         self._state = self._snapshot()
         self._queue: queue.Queue | None = None
@@ -63,6 +64,8 @@ class DataStream:
         self.skipped[reason] += 1
         if sum(self.skipped.values()) <= self.max_reported:
             self.log(f"[data] skipped sample at {where}: {reason}: {detail}")
+        if len(self.first_skipped) < 3:
+            self.first_skipped.append(f"{where}: {reason}: {detail}")
 
     def plan(self, record: Record) -> SamplePlan:
         raw = record.raw
@@ -133,8 +136,8 @@ class DataStream:
         if self.records >= MIN_RECORDS_FOR_THRESHOLD and frac > self.cfg.max_skip_fraction:
             raise DataError(f"data: {sum(self.skipped.values())} of {self.records} records skipped ({frac:.1%}), "
                             f"above data.max_skip_fraction={self.cfg.max_skip_fraction}; by reason: "
-                            f"{dict(self.skipped)}. Fix the data (the log names the first bad lines) or raise "
-                            f"the threshold.")
+                            f"{dict(self.skipped)}; first: " + "; ".join(self.first_skipped) + ". Fix the data "
+                            f"(`lvita data preview` lists the bad records) or raise the threshold.")
         return None
 
     def next_sequence(self) -> PackedSequence:

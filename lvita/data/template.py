@@ -8,9 +8,14 @@ predict (already shifted), -100 elsewhere, so shards of a sequence need no neigh
 their loss.
 
     ids, targets = encode_conversation(msgs, tok, specials, "You are ...", [16, 16])
+
+Also the same turns as a Jinja chat template for Hugging Face exports (:func:`jinja_chat_template`,
+default system prompt included, as Qwen2.5's own template does) and the reverse question, which
+system prompt a tokenizer's template adds (:func:`template_system_prompt`).
 """
 from __future__ import annotations
 
+import json
 import re
 
 IGNORE = -100
@@ -82,3 +87,42 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
         add(newline, False)
     targets = [ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
     return ids, targets
+
+
+def jinja_chat_template(system_prompt: str | None) -> str:
+    """The ChatML turns of :func:`encode_conversation` as a transformers chat template: ``system_prompt``
+    opens every conversation that has no system turn; an image becomes ``<IMG_CONTEXT>``, a video
+    ``<video>`` (InternVL's processor expands them into tiles)."""
+    # A JSON string is a valid Jinja string literal (quotes, backslashes, newlines escaped).
+    default = (f"{{%- if messages[0]['role'] != 'system' %}}{{{{ '<|im_start|>system\\n' + "
+               f"{json.dumps(system_prompt, ensure_ascii=False)} + '<|im_end|>\\n' }}}}{{%- endif %}}"
+               if system_prompt else "")
+    return default + (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+        "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
+        "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+
+
+_SYSTEM_TURN = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n", re.S)
+
+
+def template_system_prompt(tok, default: str | None) -> str | None:
+    """The system prompt ``tok``'s chat template adds to a conversation without one (None when it
+    adds none, ``default`` when the tokenizer has no chat template or it is not ChatML)."""
+    if not getattr(tok, "chat_template", None):
+        return default
+    probe = "\x00probe\x00"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain turn says nothing
+        return default
+    if not isinstance(text, str) or probe not in text:
+        return default
+    head = text[:text.index(probe)]
+    if head.endswith("<|im_start|>user\n"):
+        found = _SYSTEM_TURN.match(head)
+        return found.group(1) if found else None
+    return default
