@@ -120,8 +120,28 @@ def test_check_reports_errors(capsys):
     assert "does not divide the world size 60" in capsys.readouterr().err
 
 
-def test_demo_stages_validate():
-    for f in sorted((REPO / "stages" / "demo").glob("*.json")):
-        cfg = load_stage(f, [f"deepspeed={REPO}/{load_stage(f).deepspeed}"])
-        layout = validate(cfg, 2)
-        assert layout.world == 2
+# The world each stage directory is written for: `lvita demo` runs 2 processes, the 14B stages 8 x 8 GPUs.
+STAGE_WORLDS = {"demo": 2, "longvita-14b": 64}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "stages").glob("*/*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_stage_file_validates_for_a_short_trial(path):
+    """A user's first run of a stage file is a short trial (`--set train.iterations=3`): it must
+    validate at the stage's own world size and at the smallest one its layout allows."""
+    assert path.parent.name in STAGE_WORLDS, f"add {path.parent.name} to STAGE_WORLDS"
+    sets = [f"deepspeed={REPO}/{load_stage(path).deepspeed}", "train.iterations=3"]
+    cfg = load_stage(path, sets)
+    p = cfg.parallel
+    for world in (STAGE_WORLDS[path.parent.name], p.pipeline * p.ulysses * p.ring):
+        layout = validate(cfg, world)
+        assert layout.world == world and layout.data * layout.pipeline * layout.sequence == world
+        if cfg.train.warmup_steps > 3:
+            assert any("train.warmup_steps" in n and "ends during warmup" in n for n in layout.notes)
+
+
+def test_warmup_is_a_warning_but_negative_values_are_errors(stage):
+    layout = validate(load_stage(stage, ["train.iterations=3", "train.warmup_steps=6"]), 2)
+    assert layout.notes == ["train.warmup_steps=6 is longer than train.iterations=3: the run ends during warmup "
+                            "(LR at step t = t/6 of train.lr, last step 3/6)"]
+    assert validate(load_stage(stage, ["train.iterations=3", "train.warmup_steps=3"]), 2).notes == []
+    assert "train.warmup_steps=-1: must be >= 0" in errors_for(stage, 2, "train.warmup_steps=-1")

@@ -18,11 +18,15 @@ from tests.test_hf import _lvita_logits, _save
 from tests.test_training import _layer_states, _train
 
 
+SYSTEM = 'You are lvita\'s "test" model.\nAnswer briefly.'
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir, dataset_dir):
     """Two steps at pipeline 2 (bf16 ZeRO-1 would do as well; fp32 keeps logits comparable at 1e-5)."""
     root = tmp_path_factory.mktemp("convert")
     cfg = stage_dict(tokenizer_dir, dataset_dir, root / "run", iterations=2)
+    cfg["data"]["system_prompt"] = SYSTEM  # not the default: exports and generate must carry the stage's own
     stage = write_stage(root / "s.json", cfg)
     run_world(_train, 2, str(stage), ["parallel.pipeline=2"])
     return root, stage
@@ -103,3 +107,78 @@ def test_ckpt_to_universal_by_hand(trained):
     universal = root / "run" / "checkpoints" / "universal" / "global_step2"
     assert (universal / "lvita_manifest.json").is_file() and list((universal / "zero").glob("*/fp32.pt"))
     assert len(list(universal.glob("layer_*-model_states.pt"))) == llm_config("tiny").num_hidden_layers + 2
+
+
+def _same_greedy(hf, lv_model, input_ids: list[int], ids: dict, pixel_values, n: int = 8) -> list[int]:
+    """transformers' own greedy generate and lvita's decode the same tokens (cut where lvita stops, at
+    <|im_end|> / <|endoftext|>) from the same logits (1e-4) at every step; returns lvita's first logits."""
+    from lvita.generate import generate
+
+    kw = {"pixel_values": pixel_values} if pixel_values.shape[0] else {}
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([input_ids]), max_new_tokens=n, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, **kw)
+    new = out.sequences[0, len(input_ids):].tolist()
+    stop = next((i for i, t in enumerate(new) if t in (ids["im_end"], ids["endoftext"])), len(new))
+    gen = generate(lv_model, input_ids, pixel_values, ids, max_new_tokens=n, keep_logits=True)
+    assert gen.tokens == new[:stop]
+    for a, b in zip(gen.logits, out.logits):
+        torch.testing.assert_close(a, b[0], rtol=1e-4, atol=1e-4)
+    return gen.logits[0]
+
+
+def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, capsys):
+    """The HF export's chat template builds the prompt training built (the stage's system prompt
+    included), so plain transformers greedy-decodes the tokens `lvita generate` decodes."""
+    import json
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from lvita import generate as lvgen
+    from lvita.prompt import build_prompt
+
+    root, _ = trained
+    run = root / "run"
+    assert json.loads((run / "checkpoints" / "global_step2" / "lvita_manifest.json").read_text())["system_prompt"] == SYSTEM
+    assert cli(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    model, tok, ids, preset = lvgen.load_model(run)
+    assert lvgen.model_system_prompt(run, tok) == lvgen.model_system_prompt(tmp_path / "hf", hf_tok) == SYSTEM
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (200, 90), "blue").save(image)  # 2 tiles + thumbnail
+
+    question = "What is 3 + 4?"
+    hf_ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    lv = build_prompt([{"role": "user", "content": question}], tok, ids, preset, system_prompt=SYSTEM)
+    assert hf_ids == lv.input_ids
+    first = _same_greedy(hf, model, hf_ids, ids, lv.pixel_values)
+    capsys.readouterr()
+    assert lvgen.main(["--model", str(run), "--prompt", question, "--max-new-tokens", "8"]) == 0
+    got = lvgen.generate(model, lv.input_ids, lv.pixel_values, ids, max_new_tokens=8).tokens
+    assert capsys.readouterr().out == tok.decode(got).strip() + "\n"  # the CLI defaults to the stage's prompt
+    without = build_prompt([{"role": "user", "content": question}], tok, ids, preset, system_prompt=None)
+    other = lvgen.generate(model, without.input_ids, without.pixel_values, ids, 1, keep_logits=True).logits[0]
+    assert (other - first).abs().max() > 1e-3  # the old export (no system turn) would have failed above
+
+    # an image: the template's <IMG_CONTEXT> expanded as InternVLProcessor does (start + context x 256 x tiles + end)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    lv = build_prompt([{"role": "user", "content": "<image>\nWhat is in the picture?"}], tok, ids, preset, [image],
+                      system_prompt=SYSTEM)
+    n_tiles = lv.pixel_values.shape[0]
+    assert n_tiles == 3
+    text = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * tokens_per_tile(preset) * n_tiles + "</img>", 1)
+    hf_ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert hf_ids == lv.input_ids
+    _same_greedy(hf, model, hf_ids, ids, lv.pixel_values)
+
+    # an explicit system turn replaces the default on both sides
+    chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": question}]
+    assert hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == \
+        build_prompt(chat, tok, ids, preset, system_prompt=SYSTEM).input_ids
+    # and the export converted back remembers it
+    assert cli(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--preset", "tiny"]) == 0
+    assert lvgen.model_system_prompt(tmp_path / "back", tok) == SYSTEM

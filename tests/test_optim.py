@@ -48,3 +48,18 @@ def test_freeze_projector_only():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("multi_modal_projector" in n for n in trainable)
     assert not any(p.requires_grad for p in model.embed.embed_tokens.parameters())
+
+
+def test_lr_of_a_run_shorter_than_its_warmup():
+    """Every step of a 3-step run with 6 warmup steps: LR = t/6 of the base, finite and positive."""
+    model = LongVita("tiny", image_token_id=5)
+    train = TrainConfig(iterations=3, warmup_steps=6, min_lr_ratio=0.0, lr={"vision": 1e-4, "projector": 1e-3,
+                                                                            "llm": 2e-3})
+    freeze(model, ["vision", "projector", "llm"])
+    opt = build_optimizer(param_groups(model, train), train)
+    sched = scheduler_factory(train)(opt)
+    for t in range(1, train.iterations + 1):
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(train.lr[g["module"]] * t / 6, rel=1e-12)
+        opt.step()
+        sched.step()

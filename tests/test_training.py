@@ -45,12 +45,18 @@ def _layer_states(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir):
-    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "x"))
-    _launch(stage, "parallel.pipeline=2", f"output_dir={tmp_path / 'pp2'}")
+    """The short trial a user runs first (3 steps, warmup longer than that): a warning, then the LR
+    of warmup step t at every step, and the same losses at pipeline 2 and data parallel 2."""
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "x", warmup_steps=6)
+    stage = write_stage(tmp_path / "s.json", cfg)
+    proc = _launch(stage, "parallel.pipeline=2", f"output_dir={tmp_path / 'pp2'}")
+    assert "warning: train.warmup_steps=6 is longer than train.iterations=3" in proc.stdout
     _launch(stage, "parallel.pipeline=1", f"output_dir={tmp_path / 'dp2'}")
     a, b = _metrics(tmp_path / "pp2"), _metrics(tmp_path / "dp2")
     assert [m["step"] for m in a] == [1, 2, 3] == [m["step"] for m in b]
     for x, y in zip(a, b):
+        for m in (x, y):
+            assert m["lr"] == pytest.approx({k: v * x["step"] / 6 for k, v in cfg["train"]["lr"].items()}, rel=1e-9)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
         assert x["labelled_tokens"] == y["labelled_tokens"] > 0

@@ -1,0 +1,65 @@
+"""Every ``lvita`` subcommand ends a user error (bad config, bad data, missing path, not a
+checkpoint) with one message on stderr naming the file or key, exit status 2 and no traceback.
+Each case runs the real command line in a fresh process, as a user would."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, stage_dict, write_stage
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer_dir, dataset_dir):
+    root = tmp_path_factory.mktemp("cli_errors")
+    with open(root / "mostly_bad.jsonl", "w") as f:  # 120 records, 1 in 10 usable: over max_skip_fraction
+        for i in range(120):
+            good = {"id": f"ok-{i}", "messages": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello."}]}
+            f.write(json.dumps(good) + "\n" if i % 10 == 0 else ("{not json\n" if i % 2 else '{"id": 1}\n'))
+    bad = stage_dict(tokenizer_dir, root, root / "out")
+    bad["data"]["sources"] = [{"name": "mostly_bad", "paths": ["mostly_bad.jsonl"]}]
+    good = stage_dict(tokenizer_dir, dataset_dir, root / "out")
+    return {"root": root, "bad_data": write_stage(root / "bad_data.json", bad),
+            "good": write_stage(root / "good.json", good)}
+
+
+def _cases(f):
+    root, good, bad = f["root"], str(f["good"]), str(f["bad_data"])
+    return {
+        "check: unknown key": (["check", "--stage", good, "--world-size", "2", "--set", "train.warmup=3"],
+                               "train.warmup"),
+        "check: missing stage file": (["check", "--stage", str(root / "nope.json"), "--world-size", "2"],
+                                      "nope.json"),
+        "data preview: mostly bad data": (["data", "preview", "--stage", bad], "mostly_bad.jsonl:2"),
+        "data stats: bad value": (["data", "stats", "--stage", good, "--set", "data.pack_buffer=0"],
+                                  "data.pack_buffer"),
+        "data stats: missing source": (["data", "stats", "--stage", good, "--set", f"data.root={root}/gone"],
+                                       f"{root}/gone"),
+        "ckpt: not a checkpoint": (["ckpt", "to-universal", str(root)], str(root)),
+        "convert to-hf: missing": (["convert", "to-hf", str(root / "run"), str(root / "hf")], str(root / "run")),
+        "convert from-hf: no tokenizer": (["convert", "from-hf", str(root), str(root / "lv"), "--preset", "tiny"],
+                                          str(root)),
+        "generate: not a model": (["generate", "--model", str(root), "--prompt", "hi"], str(root)),
+        "eval: missing data": (["eval", "--model", str(root), "--data", str(root / "set.jsonl")], "set.jsonl"),
+    }
+
+
+CASES = ["check: unknown key", "check: missing stage file", "data preview: mostly bad data", "data stats: bad value",
+         "data stats: missing source", "ckpt: not a checkpoint", "convert to-hf: missing",
+         "convert from-hf: no tokenizer", "generate: not a model", "eval: missing data"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_error_exits_2_with_one_clear_message(files, case):
+    argv, names = _cases(files)[case]
+    proc = subprocess.run([sys.executable, "-m", "lvita.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lvita ")]
+    assert len(errors) == 1 and ": error: " in errors[0], proc.stderr[-2000:]
+    assert names in proc.stderr, (names, proc.stderr[-2000:])
