@@ -41,6 +41,11 @@ class ModelConfig:
     # labelled tokens per chunk of the training loss's LM-head logits (lvita.model.lm_head): the
     # loss holds chunk x vocab logits at a time, never sequence x vocab; 0: logits for every position
     logits_chunk: int = 8192
+    # memory levers (lvita.levers), applied from outside the model: each decoder MLP runs over
+    # sequence shards of `hidden` tokens, recomputed in backward (DeepSpeed ALST's TiledMLP) ...
+    tiled_mlp: bool = False
+    # ... and the checkpointed layer inputs wait in host memory (DeepSpeed's cpu_checkpointing)
+    activation_offload: bool = False
 
 
 @dataclass
@@ -54,10 +59,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
+    optimizer_offload: bool = False  # ZeRO-Offload: fp32 master weights and Adam states in host memory
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints (0: all)
     log_every: int = 1
+    peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (None: lvita.flops' table)
 
 
 @dataclass

@@ -72,9 +72,12 @@ class Monitor:
                 self._scalars(f"train/{key}", value, step)
         lr = metrics.get("lr", {})
         lr_text = " ".join(f"{k}={v:.2e}" for k, v in lr.items())
-        gn = metrics.get("grad_norm")
+        gn, mfu = metrics.get("grad_norm"), metrics.get("mfu")
+        speed = f"{metrics['tokens_per_sec']:.0f} tok/s"
+        if "tflops_per_gpu" in metrics:
+            speed += f", {metrics['tflops_per_gpu']:.3g} TFLOPs/GPU" + (f" (MFU {mfu:.1%})" if mfu is not None else "")
         print(f"[{self.name}] step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr_text} | "
-              f"gnorm {gn if gn is None else f'{gn:.3f}'} | {metrics['tokens_per_sec']:.0f} tok/s | "
+              f"gnorm {gn if gn is None else f'{gn:.3f}'} | {speed} | "
               f"{metrics['step_time_s']:.2f}s (data {metrics['data_wait_s']:.2f}s) | "
               f"mem {metrics['peak_memory_gb']:.2f} GB", file=sys.stdout, flush=True)
 

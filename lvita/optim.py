@@ -55,8 +55,14 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=max(g["lr"] for g in groups), betas=tuple(train.adam_betas),
-                             eps=train.adam_eps)
+    """AdamW; with ``train.optimizer_offload`` DeepSpeed's CPU Adam in AdamW mode (the same update,
+    vectorised for host memory, where ZeRO-Offload keeps the fp32 weights and states)."""
+    lr = max(g["lr"] for g in groups)
+    if train.optimizer_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(train.adam_betas), eps=train.adam_eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(train.adam_betas), eps=train.adam_eps)
 
 
 def scheduler_factory(train: TrainConfig):

@@ -59,13 +59,17 @@ def _one_norm_reduction(engine) -> None:
     live on stage 0), so the stages' collectives no longer pair up and the step deadlocks. Take
     the norm over all groups at once: the same value, one reduction per stage."""
     opt = engine.optimizer
-    if not hasattr(opt, "averaged_gradients") or getattr(opt, "cpu_offload", False):
+    if not hasattr(opt, "averaged_gradients"):
         return
 
     def scaled_global_norm(norm_type=2):
         groups = range(len(opt.bit16_groups))
-        return opt.get_grad_norm_direct([g for i in groups for g in opt.averaged_gradients[i]],
-                                        [p for i in groups for p in opt.params_in_partition[i]], norm_type)
+        params = [p for i in groups for p in opt.params_in_partition[i]]
+        if getattr(opt, "cpu_offload", False):  # ZeRO-Offload keeps per-parameter norms; the same fix
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            return combine_grad_norm_groups([opt.complete_grad_norm_calculation_for_cpu_offload(params)])
+        return opt.get_grad_norm_direct([g for i in groups for g in opt.averaged_gradients[i]], params, norm_type)
 
     opt.scaled_global_norm = scaled_global_norm
 
@@ -86,6 +90,8 @@ def run(cfg) -> list[float]:
     from lvita import checkpoint, resume, weights
     from lvita.checkpoint import tokenizer_fingerprint
     from lvita.data.stream import DataStream, own_rows, rank_micro_batches
+    from lvita.flops import peak_tflops, step_flops
+    from lvita.levers import apply_levers
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
     from lvita.monitor import Monitor, peak_memory_gb
     from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
@@ -135,6 +141,8 @@ def run(cfg) -> list[float]:
                             logits_chunk=cfg.model.logits_chunk)
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
+    for line in apply_levers(module, cfg.model):
+        log(f"[{cfg.name}] memory lever: {line}")
     if cfg.model.init_from and not plan:
         where = weights.init_from(module, cfg.model.init_from, cfg.model.preset, info["tokenizer"])
         log(f"[{cfg.name}] initialised weights from {where}")
@@ -165,6 +173,7 @@ def run(cfg) -> list[float]:
         if start >= cfg.train.iterations:
             log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name, resume_step=start)
+    peak = peak_tflops(cfg.train.peak_tflops)  # None on CPU / unknown GPUs: MFU not reported
     losses = []
     for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
@@ -179,11 +188,13 @@ def run(cfg) -> list[float]:
         step_time = time.perf_counter() - t0
         losses.append(loss)
         tokens = sum(s.input_ids.numel() for s in batch)
+        tflops = step_flops(cfg.model.preset, cfg.model.trainable, batch) / step_time / world / 1e12
         gn = engine.get_global_grad_norm()
         if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
             monitor.log(step, {
                 "loss": loss, "lr": lrs, "grad_norm": None if gn is None else float(gn),
                 "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
+                "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                 "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
                 "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
                 "skipped": stream.skipped_total,

@@ -65,6 +65,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     for x in t.lr:
         if x not in MODULES:
             err(f"train.lr.{x}: unknown module; use {list(MODULES)}")
+    if m.activation_offload and not m.activation_checkpointing:
+        err("model.activation_offload=true moves the checkpointed layer inputs to host memory; set "
+            "model.activation_checkpointing=true as well")
     if m.logits_chunk < 0:
         err(f"model.logits_chunk={m.logits_chunk}: labelled tokens per chunk of the LM-head logits "
             f"(default 8192), or 0 for logits at every position (memory grows with sequence x vocabulary)")
@@ -117,6 +120,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         err(f"train.save_every={t.save_every}: 0 (only at the end) or a positive step count")
     if not 0 <= t.min_lr_ratio <= 1:
         err(f"train.min_lr_ratio={t.min_lr_ratio}: between 0 and 1")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        err(f"train.peak_tflops={t.peak_tflops}: the GPU's dense bf16 peak in TFLOPs (e.g. 989 for an H100 SXM), "
+            f"or null to look the GPU up")
     if len(t.adam_betas) != 2:
         err(f"train.adam_betas={t.adam_betas}: two numbers, e.g. [0.9, 0.999]")
 
@@ -213,10 +219,18 @@ def deepspeed_config(cfg: StageConfig, micro: int, gas: int, ds_data_ranks: int)
         raise ConfigError(f"{cfg.deepspeed}: bf16.enabled={bf16} disagrees with precision='{cfg.precision}'; "
                           f"drop bf16.enabled from the DeepSpeed JSON and set precision in the stage file")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
     if stage >= 2:
         raise ConfigError(f"{cfg.deepspeed}: zero_optimization.stage={stage}; DeepSpeed's pipeline engine "
                           f"supports ZeRO stage 0 or 1")
+    if "offload_optimizer" in zero:
+        raise ConfigError(f"{cfg.deepspeed}: remove zero_optimization.offload_optimizer; set train.optimizer_offload "
+                          f"in the stage file (lvita then also uses DeepSpeed's CPU Adam)")
+    if cfg.train.optimizer_offload:
+        if stage != 1:
+            raise ConfigError(f"train.optimizer_offload=true needs ZeRO stage 1 in {cfg.deepspeed} (it has {stage})")
+        ds["zero_optimization"] = {**zero, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds

@@ -137,6 +137,9 @@ class DecoderLayer(nn.Module):
         self.rotary = Qwen2RotaryEmbedding(cfg)
         self.rope_key = (cfg.rope_parameters["rope_theta"], self.layer.self_attn.head_dim)
         self.checkpoint = checkpoint
+        # fn(run, hidden, position_ids) replacing torch's checkpoint, set from outside (memory levers:
+        # DeepSpeed's checkpointing with activation offload to host memory); None: torch's
+        self.checkpoint_fn = None
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # Same for every layer of a forward pass: computed by the first layer, reused by the rest.
@@ -149,6 +152,8 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """hidden (B, S, hidden), position_ids (B, S) -> (B, S, hidden)."""
         if self.checkpoint and torch.is_grad_enabled():
+            if self.checkpoint_fn is not None:
+                return self.checkpoint_fn(self._run, hidden, position_ids)
             return torch.utils.checkpoint.checkpoint(self._run, hidden, position_ids, use_reentrant=False)
         return self._run(hidden, position_ids)
 

@@ -1,0 +1,116 @@
+"""Model FLOPs of a training step, and model FLOPs utilisation (MFU) against the GPU's peak.
+
+Owns the arithmetic behind ``tflops_per_gpu`` and ``mfu`` in metrics.jsonl, TensorBoard and the
+progress line. Counted as the model computes, not as a 6N rule of thumb:
+
+- decoder matmuls (q/k/v/o projections, gate/up/down) per token and layer;
+- attention as actually computed: causal, per packed sample when positions restart (reset
+  packing), else over the whole row: 4 x heads x head_dim x (s(s+1)/2) per sample and layer;
+- the vision encoder per tile (patch embedding, InternViT layers with full attention over its
+  tokens plus CLS) and the projector per tile;
+- the LM head on labelled positions only (the logits-masked head computes nothing else).
+
+Backward counts what autograd runs: a matmul costs its forward again for the input gradient when
+anything before it trains, and again for the weight gradient when its weights train (attention:
+twice its forward when gradients flow through it). Recomputation (activation checkpointing, the
+chunked head's backward, tiled MLP) is not model work and is not counted, as in Megatron's MFU.
+
+    flops = step_flops(cfg.model.preset, cfg.model.trainable, batch)   # batch: PackedSequences
+    tflops = flops / step_time / world / 1e12; mfu = tflops / peak_tflops(cfg.train.peak_tflops)
+
+Trade-off: norms, activations, softmax and the loss are left out (a few percent at most).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lvita.model.presets import check_preset, llm_config, tokens_per_tile, vision_config
+
+# Dense bf16 peak TFLOPs by device name (first match wins); override with train.peak_tflops.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200", 989.0),
+               ("H800", 989.0), ("H20", 148.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0),
+               ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("MI300X", 1307.0), ("MI325X", 1307.0)]
+
+
+def peak_tflops(override: float | None = None) -> float | None:
+    """The device's dense bf16 peak: ``override`` if given, else from :data:`PEAK_TFLOPS` by the
+    CUDA device name; None on CPU or an unknown GPU (MFU is then not reported)."""
+    if override:
+        return float(override)
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The numbers a count needs, per preset."""
+    hidden: int
+    q: int  # query heads x head dim
+    kv: int  # key/value heads x head dim
+    inter: int
+    layers: int
+    vocab: int
+    v_hidden: int
+    v_inter: int
+    v_layers: int
+    v_tokens: int  # patches + CLS per tile
+    patch_in: int  # 3 x patch x patch
+    tile_tokens: int  # LLM tokens per tile after pixel shuffle
+
+    @classmethod
+    def of(cls, preset: str) -> "Shapes":
+        check_preset(preset)
+        lc, vc = llm_config(preset), vision_config(preset)
+        d = lc.hidden_size // lc.num_attention_heads
+        patches = (vc.image_size[0] // vc.patch_size[0]) * (vc.image_size[1] // vc.patch_size[1])
+        return cls(lc.hidden_size, lc.num_attention_heads * d, lc.num_key_value_heads * d, lc.intermediate_size,
+                   lc.num_hidden_layers, lc.vocab_size, vc.hidden_size, vc.intermediate_size,
+                   vc.num_hidden_layers, patches + 1, 3 * vc.patch_size[0] * vc.patch_size[1],
+                   tokens_per_tile(preset))
+
+
+def causal_pairs(lengths) -> int:
+    """Query-key pairs causal attention computes over samples of these lengths."""
+    return sum(s * (s + 1) // 2 for s in lengths)
+
+
+def segment_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the causal segments of one packed row (L,): a segment starts where the position is 0."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return [b - a for a, b in zip(starts, starts[1:] + [position_ids.numel()])]
+
+
+def sequence_flops(s: Shapes, trainable, tokens: int, pairs: int, tiles: int, labelled: int) -> dict[str, float]:
+    """Forward + backward FLOPs of one packed sequence by part: ``tokens`` in the row, ``pairs`` its
+    causal attention pairs (:func:`causal_pairs`), ``tiles`` image tiles, ``labelled`` positions."""
+    tv, tp, tl = "vision" in trainable, "projector" in trainable, "llm" in trainable
+    # (forward, input gradient, weight gradient) -> multiplier of the forward count
+    mult = lambda dx, dw: 1 + int(dx) + int(dw)  # noqa: E731
+    vit_layer = 2 * s.v_tokens * (4 * s.v_hidden * s.v_hidden + 2 * s.v_hidden * s.v_inter)
+    vit_attn = 4 * s.v_tokens * s.v_tokens * s.v_hidden
+    vision = tiles * (2 * (s.v_tokens - 1) * s.patch_in * s.v_hidden * mult(False, tv)
+                      + s.v_layers * (vit_layer * mult(tv, tv) + vit_attn * mult(2 * tv, False)))
+    proj_in = 4 * s.v_hidden  # pixel shuffle: 4 patches per token; a LayerNorm (projector weights) comes first
+    projector = tiles * 2 * s.tile_tokens * (proj_in + s.hidden) * s.hidden * mult(tv or tp, tp)
+    upstream = tv or tp or tl  # something before the decoder trains: gradients flow through it
+    layer = 2 * tokens * (2 * s.hidden * s.q + 2 * s.hidden * s.kv + 3 * s.hidden * s.inter)
+    decoder = s.layers * (layer * mult(upstream, tl) + 4 * s.q * pairs * mult(2 * upstream, False))
+    head = 2 * labelled * s.hidden * s.vocab * mult(upstream, tl)
+    return {"vision": vision, "projector": projector, "decoder": decoder, "head": head}
+
+
+def step_flops(preset: str, trainable, batch) -> float:
+    """Model FLOPs of one optimizer step over ``batch`` (the global batch's PackedSequences)."""
+    s, total = Shapes.of(preset), 0.0
+    for seq in batch:
+        tiles = sum(m["image_tokens"] for m in seq.samples) // s.tile_tokens
+        parts = sequence_flops(s, trainable, seq.input_ids.numel(), causal_pairs(segment_lengths(seq.position_ids)),
+                               tiles, int((seq.targets != -100).sum()))
+        total += sum(parts.values())
+    return total
