@@ -1,19 +1,23 @@
 """``lvita check``: validate a stage for a world size and show its layout, without allocating.
 
-    lvita check --stage stages/longvita-14b/2_general.json --world-size 64
+    lvita check --stage stages/longvita-14b/2_general.json --world-size 64 [--gpu-memory 80] [--suggest]
 
 Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
 counts per stage (total and trainable), computed on the meta device exactly as the training run
-partitions it. Configuration errors exit with status 2; paths that do not exist yet (data,
+partitions it, then the memory plan (:mod:`lvita.memory_plan`): predicted peak GPU memory per
+stage, the stage that bounds the run and whether it fits; ``--suggest`` searches layouts and
+memory levers that fit. Configuration errors exit with status 2; paths that do not exist yet (data,
 tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
 
 from lvita.config import ConfigError, load_stage
+from lvita.memory_plan import describe, memory_plan
 from lvita.validate import validate
 
 
@@ -52,7 +56,47 @@ def _short(names: list[str]) -> str:
     return ", ".join(out)
 
 
-def main(stage: str, world_size: int, overrides: list[str], strict: bool = False) -> int:
+def suggest(cfg, world_size: int, gpu_gb: float, limit: int = 8) -> list[str]:
+    """Layouts (pipeline x ulysses x ring) and lever sets that fit ``gpu_gb`` by the memory plan,
+    fewest levers first, then the lowest peak."""
+    from lvita.memory_plan import memory_plan
+
+    lever_sets = [{}, {"model.activation_checkpointing": True},
+                  {"model.activation_checkpointing": True, "model.tiled_mlp": True},
+                  {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True},
+                  {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True,
+                   "train.optimizer_offload": True}]
+    found, tables = [], {}
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    for rank, levers in enumerate(lever_sets):
+        for pp in divisors:
+            for seq in (d for d in divisors if world_size % (pp * d) == 0):
+                for ring in (d for d in divisors if seq % d == 0):
+                    trial = copy.deepcopy(cfg)
+                    trial.parallel.pipeline, trial.parallel.ulysses, trial.parallel.ring = pp, seq // ring, ring
+                    if seq > 1:
+                        trial.train.micro_batch = 1
+                    for key, value in {"model.activation_checkpointing": False, "model.tiled_mlp": False,
+                                       "model.activation_offload": False, "train.optimizer_offload": False,
+                                       **levers}.items():
+                        section, name = key.split(".")
+                        setattr(getattr(trial, section), name, value)
+                    try:
+                        layout = validate(trial, world_size)
+                    except ConfigError:
+                        continue
+                    if pp not in tables:
+                        tables[pp] = stage_table(trial, pp)
+                    plan = memory_plan(trial, layout, tables[pp])
+                    if plan.fits(gpu_gb):
+                        found.append((rank, plan.bound.total, pp, seq // ring, ring, layout.data, plan.levers))
+    found.sort()
+    return [f"    pipeline {pp} x ulysses {u} x ring {r} x data {d}: {total / 2**30:,.1f} GiB peak; levers: "
+            f"{', '.join(levers) or 'none'}" for _, total, pp, u, r, d, levers in found[:limit]]
+
+
+def main(stage: str, world_size: int, overrides: list[str], strict: bool = False, gpu_memory: float = 80.0,
+         show_suggestions: bool = False) -> int:
     try:
         cfg = load_stage(stage, overrides)
         layout = validate(cfg, world_size)
@@ -73,6 +117,15 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
               f"{r['params'] / 1e6:,.1f}M parameters, {r['trainable'] / 1e6:,.1f}M trainable{warn}")
     print(f"  total {sum(r['params'] for r in rows) / 1e6:,.1f}M parameters, "
           f"{sum(r['trainable'] for r in rows) / 1e6:,.1f}M trainable")
+    plan = memory_plan(cfg, layout, rows)
+    for line in describe(plan, gpu_memory):
+        print(line)
+    if show_suggestions:
+        fitting = suggest(cfg, world_size, gpu_memory)
+        print(f"  layouts and levers that fit {gpu_memory:g} GB GPUs at world {world_size}"
+              + (":" if fitting else ": none (more GPUs, a shorter data.seq_length or a smaller model)"))
+        for line in fitting:
+            print(line)
     for note in layout.notes:
         print(f"  warning: {note}")
     if layout.missing:

@@ -1,7 +1,7 @@
 """The ``lvita`` command: ``demo``, ``check``, ``train``, ``data``, ``ckpt``, ``convert``, ``generate``, ``eval``.
 
     lvita demo [--out DIR] [--nproc N] [--data-only]
-    lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict]
+    lvita check --stage FILE --world-size N [--set KEY=VALUE]... [--strict] [--gpu-memory GB] [--suggest]
     lvita train --stage FILE [--set KEY=VALUE]...        (one process; use the deepspeed launcher for more)
     lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
     lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     c.add_argument("--world-size", type=int, required=True)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--strict", action="store_true", help="also fail on paths that do not exist")
+    c.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="GPU memory for the plan (80)")
+    c.add_argument("--suggest", action="store_true", help="list layouts and memory levers that fit")
     t = sub.add_parser("train", help="train one stage in this process (python -m lvita.train)")
     t.add_argument("--stage", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -105,7 +107,7 @@ def _run(args) -> int:
     if args.cmd == "check":
         from lvita.check import main as check
 
-        return check(args.stage, args.world_size, args.set, args.strict)
+        return check(args.stage, args.world_size, args.set, args.strict, args.gpu_memory, args.suggest)
     from lvita.train import main as train
 
     return train(["--stage", args.stage] + sum((["--set", s] for s in args.set), []))

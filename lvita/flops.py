@@ -60,6 +60,10 @@ class Shapes:
     v_tokens: int  # patches + CLS per tile
     patch_in: int  # 3 x patch x patch
     tile_tokens: int  # LLM tokens per tile after pixel shuffle
+    heads: int  # query heads
+    head_dim: int
+    v_heads: int
+    tile: int  # tile side in pixels
 
     @classmethod
     def of(cls, preset: str) -> "Shapes":
@@ -70,7 +74,7 @@ class Shapes:
         return cls(lc.hidden_size, lc.num_attention_heads * d, lc.num_key_value_heads * d, lc.intermediate_size,
                    lc.num_hidden_layers, lc.vocab_size, vc.hidden_size, vc.intermediate_size,
                    vc.num_hidden_layers, patches + 1, 3 * vc.patch_size[0] * vc.patch_size[1],
-                   tokens_per_tile(preset))
+                   tokens_per_tile(preset), lc.num_attention_heads, d, vc.num_attention_heads, vc.image_size[0])
 
 
 def causal_pairs(lengths) -> int:

@@ -65,10 +65,15 @@ class Projector(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, preset: str):
+    def __init__(self, preset: str, checkpoint: bool = False):
+        """``checkpoint``: recompute each InternViT layer (transformers' activation checkpointing) and
+        the projector in backward, so only layer inputs are kept per tile."""
         super().__init__()
         vcfg, lcfg = vision_config(preset), llm_config(preset)
         self.vision_tower = InternVLVisionModel(vcfg)
+        if checkpoint:
+            self.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
+        self.checkpoint = checkpoint  # the projector too: its input is 4x wider than the LLM's hidden
         self.multi_modal_projector = Projector(vcfg.hidden_size, lcfg.hidden_size)
         _init_linear_and_embedding(self.multi_modal_projector, lcfg.initializer_range)
 
@@ -78,16 +83,18 @@ class VisionEncoder(nn.Module):
         feats = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state[:, 1:]
         n, p, c = feats.shape
         side = int(p**0.5)
-        feats = pixel_shuffle(feats.reshape(n, side, side, c))
-        return self.multi_modal_projector(feats.reshape(n, -1, feats.shape[-1]))
+        feats = pixel_shuffle(feats.reshape(n, side, side, c)).reshape(n, -1, 4 * c)
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.multi_modal_projector, feats, use_reentrant=False)
+        return self.multi_modal_projector(feats)
 
 
 class MultimodalEmbedding(nn.Module):
-    def __init__(self, preset: str, image_token_id: int):
+    def __init__(self, preset: str, image_token_id: int, checkpoint: bool = False):
         super().__init__()
         lcfg = llm_config(preset)
         self.image_token_id = image_token_id
-        self.vision = VisionEncoder(preset)
+        self.vision = VisionEncoder(preset, checkpoint)
         self.embed_tokens = nn.Embedding(lcfg.vocab_size, lcfg.hidden_size)
         _init_linear_and_embedding(self.embed_tokens, lcfg.initializer_range)
         self.tile = vision_config(preset).image_size[0]
@@ -192,7 +199,7 @@ def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool =
                  logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[nn.Module]:
     """All blocks in order, block i built right after ``torch.manual_seed(seed + i)``."""
     n_layers = llm_config(preset).num_hidden_layers
-    makers = [lambda: MultimodalEmbedding(preset, image_token_id)]
+    makers = [lambda: MultimodalEmbedding(preset, image_token_id, checkpoint)]
     makers += [lambda i=i: DecoderLayer(preset, i, checkpoint) for i in range(n_layers)]
     makers += [lambda: LMHead(preset, logits_chunk)]
     blocks = []

@@ -126,7 +126,7 @@ def partition(specs: list[LayerSpec], num_stages: int, method: str = "parameters
 def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False,
                 logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[LayerSpec]:
     n_layers = llm_config(preset).num_hidden_layers
-    specs = [LayerSpec(EmbedPipe, preset, image_token_id)]
+    specs = [LayerSpec(EmbedPipe, preset, image_token_id, checkpoint)]
     specs += [LayerSpec(DecoderLayerPipe, preset, i, checkpoint) for i in range(n_layers)]
     specs.append(LayerSpec(HeadPipe, preset, logits_chunk))
     return specs

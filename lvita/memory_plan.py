@@ -1,0 +1,211 @@
+"""The memory plan: predicted peak GPU memory per pipeline stage, before anything is allocated.
+
+Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per stage, in bytes:
+
+- weights (by precision), gradients (bf16 gradients plus DeepSpeed's fp32 accumulation buffer;
+  fp32: one copy), optimizer states (fp32 master + Adam moments, ZeRO-1 sharded over DeepSpeed's
+  data axis = data x sequence ranks; 0 with ``train.optimizer_offload``);
+- activations: what autograd keeps per micro-batch (with activation checkpointing each layer's
+  input, without it everything :func:`layer_saved` counts), times the micro-batches in flight under
+  DeepSpeed's 1F1B schedule on that stage (``min(pipeline - stage, accumulation)``); with
+  ``model.activation_offload`` only the newest layer input stays on the GPU;
+- the largest transient: one layer recomputed and back-propagated at the local sequence length
+  (the MLP over one shard of ``hidden`` tokens with ``model.tiled_mlp``), the vision encoder's tiles,
+  or the loss's logits chunk; communication buffers (pipeline sends, Ulysses all-to-all, ZeRO
+  bucket) and a fixed 1.5 GiB for the CUDA context and library workspaces.
+
+The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and
+InternViT layers (``tests/test_memory_plan.py`` checks them against saved-tensor hooks on the tiny
+model at three lengths and two layouts); attention is counted as the kernel saves it: flash
+attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads
+repeated on CPU. Worst cases are assumed where the data decides: every local token labelled, image
+tokens filling the local sequence.
+
+    plan = memory_plan(cfg, layout)          # cfg: StageConfig, layout: lvita.validate.Layout
+    plan.bound.total / 2**30, plan.fits(80)
+
+Trade-off: allocator fragmentation and kernels' private workspaces are not modelled beyond the
+fixed overhead; treat a plan within ~10% of the GPU's size as not fitting.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lvita.flops import Shapes
+
+GIB = 2**30
+OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
+
+
+def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_mlp: bool = False) -> int:
+    """Bytes autograd saves for one Qwen2 decoder layer over ``tokens`` tokens (no checkpointing).
+
+    Per token: each RMSNorm keeps its fp32 input, 1/rms, the normalised and the weighted output;
+    attention keeps its kernel's tensors; o_proj its input; the MLP gate, act(gate), up and their
+    product (with ``tiled_mlp`` only the MLP input, as DeepSpeed's TiledMLP saves)."""
+    norm = 4 * s.hidden + 4 + 2 * e * s.hidden
+    if attention == "flash":
+        attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads
+    else:  # lvita's CPU path: SDPA per sample on KV heads repeated to the query heads
+        attn = 4 * s.q * e + 4 * s.heads
+    mlp = e * s.hidden if tiled_mlp else 4 * s.inter * e
+    return tokens * (2 * norm + attn + s.q * e + mlp)
+
+
+def vit_saved_per_tile(s: Shapes, e: int, checkpoint: bool = False) -> int:
+    """Bytes autograd saves for the InternViT tower on one tile when it trains (pixels included);
+    checkpointed: each layer's input only."""
+    per_token = s.v_hidden * e if checkpoint else 10 * s.v_hidden * e + 16 + 4 * s.v_heads + 2 * s.v_inter * e
+    return 3 * s.tile * s.tile * e + s.v_layers * s.v_tokens * per_token
+
+
+def projector_saved_per_tile(s: Shapes, e: int, checkpoint: bool = False) -> int:
+    """Pixel-shuffled features through LayerNorm / Linear / GELU / Linear when the projector trains
+    (checkpointed: its input only)."""
+    return s.tile_tokens * (4 * s.v_hidden * e if checkpoint else 2 * 4 * s.v_hidden * e + 8 + 2 * s.hidden * e)
+
+
+@dataclass
+class Micro:
+    """One micro-batch on one rank: its local tokens, labelled tokens and image tiles."""
+    tokens: int
+    labelled: int
+    tiles: int
+
+
+def stage_activations(s: Shapes, blocks: range, n_blocks: int, m: Micro, e: int, trainable, checkpoint: bool,
+                      attention: str = "flash", tiled_mlp: bool = False) -> int:
+    """Bytes saved for backward by the blocks ``blocks`` of the pipeline (0: embedding + vision,
+    1..n-2: decoder layers, n-1: head) for one micro-batch ``m``."""
+    layers = [b for b in blocks if 0 < b < n_blocks - 1]
+    total = 0
+    if layers:
+        if checkpoint:
+            total += len(layers) * m.tokens * s.hidden * e + m.tokens * 8  # layer inputs + int64 positions
+        else:
+            total += len(layers) * layer_saved(s, m.tokens, e, attention, tiled_mlp)
+            total += 2 * m.tokens * s.head_dim * e  # rotary cos/sin, shared by the stage's layers
+    if 0 in blocks:
+        total += m.tokens  # image-token mask
+        total += m.tokens * 8 if "llm" in trainable else 0  # embedding indices
+        if "vision" in trainable:
+            total += m.tiles * vit_saved_per_tile(s, e, checkpoint)
+        if "vision" in trainable or "projector" in trainable:
+            total += m.tiles * projector_saved_per_tile(s, e, checkpoint)
+    if n_blocks - 1 in blocks:
+        total += m.tokens * (4 * s.hidden + 4 + e * s.hidden + 1)  # final RMSNorm, label mask
+        total += m.labelled * (s.hidden * e + 12)  # labelled rows, targets, log-sum-exp
+    return total
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    parts: dict[str, int] = field(default_factory=dict)
+    host: int = 0  # host memory the levers use (offloaded optimizer states and activations)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    stages: list[StagePlan]
+    micro: Micro
+    levers: list[str]
+
+    @property
+    def bound(self) -> StagePlan:
+        return max(self.stages, key=lambda p: p.total)
+
+    def fits(self, gpu_gb: float) -> bool:
+        return self.bound.total <= gpu_gb * GIB
+
+
+def levers_of(cfg) -> list[str]:
+    m = cfg.model
+    return [name for name, on in (("activation checkpointing", m.activation_checkpointing),
+                                  ("tiled MLP", m.tiled_mlp), ("activation offload", m.activation_offload),
+                                  ("optimizer offload", cfg.train.optimizer_offload)) if on]
+
+
+def worst_micro(cfg, layout) -> Micro:
+    """One rank's micro-batch at its largest: every local token labelled, image tokens filling it."""
+    s = Shapes.of(cfg.model.preset)
+    tokens = layout.micro_batch * cfg.data.seq_length // layout.sequence
+    return Micro(tokens, tokens, math.ceil(tokens / s.tile_tokens) + layout.micro_batch)
+
+
+def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, attention: str = "flash") -> Plan:
+    """Predicted peak GPU memory per pipeline stage; ``rows``: lvita.check.stage_table's (blocks and
+    parameter counts per stage)."""
+    from lvita.validate import deepspeed_config
+
+    s, m, t = Shapes.of(cfg.model.preset), micro or worst_micro(cfg, layout), cfg.train
+    e = 2 if cfg.precision == "bf16" else 4
+    ds = deepspeed_config(cfg, layout.micro_batch, max(layout.grad_accum, 1), layout.world // layout.pipeline)
+    zero = ds.get("zero_optimization", {})
+    shards = layout.world // layout.pipeline if zero.get("stage", 0) >= 1 else 1
+    n_blocks, ckpt = s.layers + 2, cfg.model.activation_checkpointing
+    stages = []
+    for r in rows:
+        blocks = range(r["first"], r["last"] + 1)
+        p = StagePlan(r["stage"])
+        trained = r["trainable"] or 1  # a frozen stage trains its one-element placeholder
+        p.parts["weights"] = r["params"] * e
+        p.parts["gradients"] = trained * (e + 4 if e == 2 else 4)
+        states = trained * 12 // shards
+        p.parts["optimizer"] = 0 if t.optimizer_offload else states
+        in_flight = max(1, min(layout.pipeline - r["stage"], layout.grad_accum))
+        act = stage_activations(s, blocks, n_blocks, m, e, cfg.model.trainable, ckpt, attention, cfg.model.tiled_mlp)
+        p.parts["activations"] = act * in_flight
+        layers = [b for b in blocks if 0 < b < n_blocks - 1]
+        if cfg.model.activation_offload and ckpt and layers:  # layer inputs wait on the host, the newest excepted
+            moved = len(layers) * m.tokens * s.hidden * e * in_flight - m.tokens * s.hidden * e
+            p.parts["activations"] -= moved
+            p.host += moved
+        if t.optimizer_offload:
+            p.host += states
+        working = 0
+        if layers:  # one layer recomputed (if checkpointed), its gradients, the MLP's gradients
+            working = (layer_saved(s, m.tokens, e, attention, cfg.model.tiled_mlp) if ckpt else 0)
+            mlp = min(m.tokens, s.hidden) * 6 * s.inter * e if cfg.model.tiled_mlp else m.tokens * 2 * s.inter * e
+            working += 3 * m.tokens * s.hidden * e + mlp
+        if 0 in blocks:  # the tower's largest layer over all tiles (forward; or recomputed in backward)
+            vit = m.tiles * s.v_tokens * (4 * s.v_hidden + s.v_inter) * e
+            if "vision" in cfg.model.trainable and ckpt:
+                vit = m.tiles * s.v_tokens * (10 * s.v_hidden * e + 16 + 4 * s.v_heads + 2 * s.v_inter * e) * 2
+            working = max(working, vit)
+        if n_blocks - 1 in blocks:
+            rows_ = m.labelled if cfg.model.logits_chunk == 0 else min(cfg.model.logits_chunk, m.labelled)
+            working = max(working, rows_ * s.vocab * (4 + e))
+        p.parts["largest transient"] = working
+        comm = 0
+        if layout.pipeline > 1 and r["stage"] < layout.pipeline - 1:
+            comm += in_flight * m.tokens * s.hidden * e  # outputs kept for the next stage's gradients
+        if layout.ulysses > 1 and layers:
+            comm += 2 * m.tokens * (s.q + 2 * s.kv) * e  # all-to-all send and receive
+        comm += min(int(zero.get("reduce_bucket_size", 5e8)), trained) * 4 if shards > 1 else 0
+        p.parts["communication"] = comm
+        p.parts["CUDA context"] = OVERHEAD
+        stages.append(p)
+    return Plan(stages, m, levers_of(cfg))
+
+
+def describe(plan: Plan, gpu_gb: float) -> list[str]:
+    """Lines for lvita check: one per stage, then the bound and the verdict."""
+    gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
+    out = [f"  memory plan per GPU ({plan.micro.tokens:,} local tokens, {plan.micro.tiles:,} tiles at most; "
+           f"levers: {', '.join(plan.levers) or 'none'}), GiB:"]
+    keys = list(plan.stages[0].parts)
+    out.append("    stage " + "".join(f"{k[:11]:>12}" for k in keys) + f"{'total':>9}" + f"{'host':>8}")
+    for p in plan.stages:
+        out.append(f"    {p.stage:>5} " + "".join(f"{gib(p.parts[k]):>12}" for k in keys) + f"{gib(p.total):>9}"
+                   + f"{gib(p.host):>8}")
+    b = plan.bound
+    verdict = "fits" if plan.fits(gpu_gb) else "does NOT fit"
+    out.append(f"  pipeline stage {b.stage} bounds the run at {gib(b.total)} GiB: {verdict} {gpu_gb:g} GB GPUs"
+               + ("" if plan.fits(gpu_gb) else " (lvita check --suggest lists layouts and levers that do)"))
+    return out

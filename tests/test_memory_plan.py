@@ -1,0 +1,117 @@
+"""The memory plan (lvita.memory_plan): its activation bytes equal what autograd keeps for the tiny
+model, measured with saved-tensor hooks, at three lengths, two layouts, with and without activation
+checkpointing and with the vision tower trainable or frozen (the issue asks 15%; the formulas are
+exact on CPU, so the test holds them to 1%); and every 14B stage file fits 80 GB GPUs by the plan."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from lvita.flops import Shapes
+from lvita.memory_plan import Micro, stage_activations
+from tests.conftest import REPO
+
+
+def _kept_bytes(blocks: range, trainable, checkpoint: bool, length: int, tiles: int) -> tuple[int, int]:
+    """Bytes of the tensors autograd keeps for backward after a forward of ``blocks`` (deduplicated by
+    storage, parameters excluded), and the labelled tokens."""
+    from lvita.model.longvita import LongVita
+    from lvita.optim import freeze
+
+    model = LongVita("tiny", 5, checkpoint=checkpoint)
+    freeze(model, trainable)
+    every = [model.embed, *model.layers, model.head]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    holders = []
+
+    class Held:  # the graph holds this; it dies with the graph, so only what backward keeps is counted
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        h = Held(t)
+        holders.append(weakref.ref(h))
+        return h
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(10, 1000, (1, length), generator=g)
+    ids[0, 4:4 + 16 * tiles] = 5
+    pos = torch.cat([torch.arange(length // 3), torch.arange(length - length // 3)]).unsqueeze(0)
+    labels = ids.clone()
+    labels[0, :length // 4] = -100
+    out = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        for b in blocks:
+            if b == 0:
+                out = every[0](ids, torch.randn(tiles, 3, 112, 112, generator=g))
+                continue
+            if out is None:  # a later pipeline stage: its input arrives with requires_grad
+                out = torch.randn(1, length, 160, generator=g, requires_grad=True)
+            if b == len(every) - 1:
+                out = every[b].loss_sum(every[b](out), labels)[0]
+            else:
+                out = every[b](out, pos)
+    kept = {}
+    for ref in holders:
+        h = ref()
+        if h is not None and h.t.untyped_storage().data_ptr() not in params:
+            kept[h.t.untyped_storage().data_ptr()] = h.t.untyped_storage().nbytes()
+    del out
+    return sum(kept.values()), int((labels != -100).sum())
+
+
+def _stages(pipeline: int) -> list[range]:
+    from lvita.parallel.pipeline import layer_specs, partition
+
+    parts = partition(layer_specs("tiny", 5), pipeline)
+    return [range(parts[s], parts[s + 1]) for s in range(pipeline)]
+
+
+@pytest.mark.parametrize("trainable", [["vision", "projector", "llm"], ["projector", "llm"]], ids=["all", "vit-frozen"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+def test_plan_activations_equal_what_autograd_keeps(trainable, checkpoint):
+    s = Shapes.of("tiny")
+    for pipeline in (1, 2):
+        for blocks in _stages(pipeline):
+            for length in (256, 512, 1024):
+                got, labelled = _kept_bytes(blocks, trainable, checkpoint, length, tiles=3)
+                plan = stage_activations(s, blocks, s.layers + 2, Micro(length, labelled, 3), 4, trainable,
+                                         checkpoint, attention="sdpa")
+                assert plan == pytest.approx(got, rel=0.01), (pipeline, list(blocks), length)
+
+
+@pytest.mark.parametrize("name", ["1_align", "2_general", "3_long_128k", "4_long_1m"])
+def test_longvita_14b_stages_fit_80gb(name, capsys):
+    from lvita.check import main as check
+
+    assert check(str(REPO / "stages" / "longvita-14b" / f"{name}.json"), 64,
+                 [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"], gpu_memory=80) == 0
+    out = capsys.readouterr().out
+    assert "bounds the run at" in out and ": fits 80 GB GPUs" in out, out
+
+
+def test_levers_lower_the_plan_where_they_should():
+    """1M tokens on 64 GPUs (stage 4's layout): without the levers it does not fit 80 GB; tiled MLP
+    shrinks the largest transient, activation offload the activations, optimizer offload the states."""
+    from lvita.check import stage_table
+    from lvita.config import load_stage
+    from lvita.memory_plan import memory_plan
+    from lvita.validate import validate
+
+    def plan(*sets):
+        cfg = load_stage(REPO / "stages" / "longvita-14b" / "4_long_1m.json",
+                         [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json", "model.tiled_mlp=false",
+                          "model.activation_offload=false", *sets])
+        layout = validate(cfg, 64)
+        return memory_plan(cfg, layout, stage_table(cfg, layout.pipeline))
+
+    base, tiled = plan(), plan("model.tiled_mlp=true")
+    offload = plan("model.tiled_mlp=true", "model.activation_offload=true")
+    states = plan("train.optimizer_offload=true")
+    assert not base.fits(80) and offload.fits(80)
+    b, t, o, st = (p.stages[1].parts for p in (base, tiled, offload, states))
+    assert t["largest transient"] < 0.7 * b["largest transient"] and t["activations"] == b["activations"]
+    assert o["activations"] < 0.1 * b["activations"] and offload.stages[1].host > 0
+    assert st["optimizer"] == 0 and b["optimizer"] > 0 and states.stages[1].host > 0
