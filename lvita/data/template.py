@@ -1,7 +1,6 @@
 """Qwen2.5 ChatML template: conversation -> token ids + next-token targets on assistant turns.
 
-Owns the text side of a sample. Accepts ``messages`` (role/content) and LLaVA-style
-``conversations`` (from/value). ``<image>`` / ``<video>`` placeholders expand to
+Owns the text side of a sample (record schemas are :mod:`lvita.data.formats`'s). ``<image>`` / ``<video>`` placeholders expand to
 ``<img>`` + tokens x ``<IMG_CONTEXT>`` + ``</img>`` per tile group. Only assistant content and
 its ``<|im_end|>`` are learned; the returned ``targets[t]`` is the token that position t must
 predict (already shifted), -100 elsewhere, so shards of a sequence need no neighbour to compute
@@ -28,24 +27,11 @@ class SampleError(ValueError):
 
 
 def normalise_messages(sample: dict) -> list[dict]:
-    """-> [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
-    if "messages" in sample:
-        raw, rk, ck = sample["messages"], "role", "content"
-    elif "conversations" in sample:
-        raw, rk, ck = sample["conversations"], "from", "value"
-    else:
-        raise SampleError("empty_conversation", "no 'messages' or 'conversations' key")
-    if not isinstance(raw, list) or not raw:
-        raise SampleError("empty_conversation", "the conversation is empty")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get(rk) not in ROLE_ALIASES or not isinstance(m.get(ck), str):
-            raise SampleError("malformed_message", f"message {i} needs '{rk}' in {sorted(ROLE_ALIASES)} "
-                                                   f"and a string '{ck}'")
-        out.append({"role": ROLE_ALIASES[m[rk]], "content": m[ck]})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise SampleError("no_assistant_turn", "no assistant turn to learn from")
-    return out
+    """-> [{"role": "system"|"user"|"assistant", "content": str}, ...] for any record schema of
+    :mod:`lvita.data.formats` (detected per record)."""
+    from lvita.data.formats import normalise
+
+    return normalise(sample).messages
 
 
 def count_placeholders(messages: list[dict]) -> tuple[int, int]:
