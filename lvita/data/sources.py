@@ -71,6 +71,26 @@ class SourceReader:
     def _base(self, i: int) -> Path:
         return self.media_root if self.media_root is not None else self.files[i].parent
 
+    def _row(self, i: int, k: int) -> Record:
+        r = self.readers[i]
+        kind = "row" if r.path.suffix in (".parquet", ".arrow") else "record"
+        return Record(self.name, r.read(k), f"{self.files[i]}:{kind} {k}", (i, k, k), self._base(i), self.fmt)
+
+    def scan(self, i: int, start: int, line: int, end: int):
+        """Records of file i from row (or byte offset, at line index ``line``) ``start`` up to ``end``."""
+        r = self.readers[i]
+        if r.rows:
+            for k in range(start, min(end, len(r))):
+                yield self._row(i, k)
+            return
+        off = start
+        while off < end:
+            got = r.read_line(off, line)
+            if got is None or got[2] >= end:
+                return
+            parsed, where, begin, first, off, line = got
+            yield Record(self.name, parsed, where, (i, begin, first), self._base(i), self.fmt)
+
     def read(self, cursor: tuple) -> tuple[Record, tuple]:
         """The record at ``cursor`` (or the next one after blank lines) and the cursor after it;
         wraps round to the first file at the end."""
@@ -79,9 +99,7 @@ class SourceReader:
             r = self.readers[i]
             if r.rows:
                 if off < len(r):
-                    kind = "row" if r.path.suffix in (".parquet", ".arrow") else "record"
-                    return Record(self.name, r.read(off), f"{self.files[i]}:{kind} {off}", (i, off, off),
-                                  self._base(i), self.fmt), (i, off + 1, off + 1)
+                    return self._row(i, off), (i, off + 1, off + 1)
             else:
                 got = r.read_line(off, line)
                 if got is not None:
