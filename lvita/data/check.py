@@ -12,9 +12,10 @@ read, which training would find only when it reaches them: ``bad_media_at_decode
 when a source's skipped fraction is above ``data.max_skip_fraction``; 2 for a bad stage or path.
 
 Parallelism: each file is cut into ranges (rows, or byte ranges starting at line boundaries for
-JSON lines) handed to ``--workers`` forked processes, each with its own file handles; results are
-merged in order, so the output does not depend on the worker count. Trade-off: every worker holds
-the tokenizer and, for parquet, one decoded row group; per-sample figures are kept as int32 arrays
+JSON lines) handed to ``--workers`` spawned processes (not forked: the caller may run threads),
+each opening the files itself from the parent's file list and record counts; results are merged in
+order, so the output does not depend on the worker count. Trade-off: every worker imports lvita
+and holds the tokenizer (a few seconds to start) and, for parquet, one decoded row group; per-sample figures are kept as int32 arrays
 (12 bytes a record) for exact percentiles.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lvita.data.sources import SourceReader
 from lvita.data.template import SampleError
 
 SHOWN = 3  # first file:line examples kept per reason
-_STATE: dict = {}  # the forked workers' planner and readers
+_STATE: dict = {}  # a worker's planner and readers
 
 
 def _units(reader: SourceReader, pieces: int) -> list[tuple]:
@@ -68,7 +69,7 @@ def _units(reader: SourceReader, pieces: int) -> list[tuple]:
 def _init(state: dict) -> None:
     _STATE.clear()
     _STATE.update(state)
-    _STATE["readers"] = {n: r.reopen() for n, r in state["readers"].items()}  # own handles per process
+    _STATE["readers"] = {n: SourceReader.from_spec(spec) for n, spec in state["readers"].items()}
 
 
 def _scan(source: str, unit: tuple) -> dict:
@@ -144,13 +145,13 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
         check_format(s.format, f"data.sources[{names.index(s.name)}].format")
     readers = {s.name: SourceReader(s.name, d.root, s.paths, s.media_root, s.format) for s in chosen}
     state = {"planner": Planner(d, tok, specials, tile, tokens_per_tile), "decode": decode,
-             "seq_length": d.seq_length, "readers": readers}
+             "seq_length": d.seq_length, "readers": {n: r.spec() for n, r in readers.items()}}
     jobs = [(n, u) for n, r in readers.items() for u in _units(r, max(1, workers) * 4)]
     if workers <= 1:
         _init(state)
         results = [_scan(n, u) for n, u in jobs]
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init,
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
                                  initargs=(state,)) as pool:
             results = list(pool.map(_scan, [n for n, _ in jobs], [u for _, u in jobs], chunksize=1))
     return [_summary(n, [r for (m, _), r in zip(jobs, results) if m == n], d.max_skip_fraction) for n in readers]
@@ -167,7 +168,6 @@ def check(stage: str, sets: list[str], source: str | None, workers: int, decode:
     from lvita.model.presets import tile_size, tokens_per_tile
     from lvita.tokenizer import load_tokenizer, special_token_ids
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
     cfg = load_stage(stage, sets)
     tok = load_tokenizer(cfg.model.tokenizer)
     t0 = time.perf_counter()

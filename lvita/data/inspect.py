@@ -13,6 +13,7 @@ the planner, skipped samples by reason, and per-source counts against the config
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 
@@ -53,8 +54,8 @@ def preview(stage: str, sets: list[str], n: int, as_json: bool) -> int:
                               for k, p, *x in plan.media) or "text only"
             print(f"  [{m['start']:>6}, {m['end']:>6}) {m['source']:<14} {m['id']:<18} {media}; "
                   f"{m['image_tokens']} image tokens, {m['labels']} labelled")
-    for reason, count in sorted(stream.skipped.items()):
-        print(f"skipped {reason}: {count}")
+    for reason, count in sorted(stream.skipped.items()):  # stderr under --json: stdout stays JSON lines
+        print(f"skipped {reason}: {count}", file=sys.stderr if as_json else sys.stdout)
     return 0
 
 

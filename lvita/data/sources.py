@@ -65,6 +65,17 @@ class SourceReader:
         other.media_root, other.size = self.media_root, self.size
         return other
 
+    def spec(self) -> tuple:
+        """What another process needs to open the same source without scanning it again (picklable)."""
+        return self.name, self.files, [len(r) for r in self.readers], self.media_root, self.fmt
+
+    @classmethod
+    def from_spec(cls, spec: tuple) -> "SourceReader":
+        name, files, sizes, media_root, fmt = spec
+        out = cls(name, "", [], None, fmt, (files, [open_file(f, n) for f, n in zip(files, sizes)]))
+        out.media_root, out.size = media_root, sum(sizes)
+        return out
+
     def start(self) -> tuple:
         return (0, 0, 0)
 

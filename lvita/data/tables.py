@@ -71,12 +71,13 @@ def _in_directory(name: str, d: Path) -> list[Path]:
                   key=lambda f: f.relative_to(d).as_posix())
 
 
-def open_file(path: Path):
+def open_file(path: Path, size: int | None = None):
+    """The reader for one data file (``size``: a JSON-lines file's known record count, to skip the scan)."""
     if path.suffix == ".parquet":
         return ParquetRows(path)
     if path.suffix == ".arrow":
         return ArrowRows(path)
-    return JsonArray(path) if is_json_array(path) else JsonLines(path)
+    return JsonArray(path) if is_json_array(path) else JsonLines(path, size)
 
 
 class JsonLines:
