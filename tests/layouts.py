@@ -188,7 +188,12 @@ def write_layouts(root: Path) -> tuple[list[dict], dict]:
     _array(t / "LongAlpaca-12k.json", [{"instruction": "Read the paper.", "input": "A long paper.", "output": "Read."}])
     (t / "LongAlign-10k.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Long?"},
                                                                     {"role": "assistant", "content": "Yes."}]}) + "\n")
-    for a in ("A sheep.", "Blue.", "2.", "4.", "6.", "Hello.<|im_end|>Bye.", "Paris.", "Read.", "Yes."):
+    datasets.Dataset.from_dict({"input": ["Write a story."], "output": ["Once."], "source": ["x"], "subset": ["y"]}
+                               ).to_parquet(str(t / "LongForm-train.parquet"))  # the input alone is the prompt
+    (t / "LongQLoRA.jsonl").write_text(json.dumps({"conversation": [{"human": "Q1", "assistant": "A1."},
+                                                                    {"human": "Q2", "assistant": "A2."}]}) + "\n")
+    for a in ("A sheep.", "Blue.", "2.", "4.", "6.", "Hello.<|im_end|>Bye.", "Paris.", "Read.", "Yes.", "Once.",
+              "A1.<|im_end|>A2."):
         ok(f"text:{a}", a)
 
     sources = [

@@ -252,7 +252,7 @@ def test_data_check_and_preview_on_a_stage_mixing_every_layout(layouts, tokenize
     got = {s["source"]: s for s in json.loads(capsys.readouterr().out)["sources"]}
     assert {n: (s["records"], s["usable"]) for n, s in got.items()} == {
         "long-vita": (3, 3), "llava": (16, 11), "llava-video": (3, 2), "recap": (3, 3), "onevision": (3, 3),
-        "cauldron": (2, 2), "text": (9, 9)}
+        "cauldron": (2, 2), "text": (11, 11)}
     assert got["llava"]["skipped"] == {"bad_media": 3, "placeholder_mismatch": 1, "bad_media_at_decode": 1}
     assert "truncated.jpg: image file is truncated" in got["llava"]["first"]["bad_media_at_decode"][0]
     assert "llava_v1_5_mix665k.json:record 11: missing image" in got["llava"]["first"]["bad_media"][0]

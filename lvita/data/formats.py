@@ -11,10 +11,12 @@ messages   ``messages`` [{role: system|user|assistant, content}]    Long-VITA JS
            (content may also be a list of {type: text|image|video})  LongWriter-6k
 sharegpt   ``conversations`` [{from: human|gpt|system, value}]      LLaVA-665K, ShareGPT4V, ALLaVA,
            (user/assistant accepted too)                            LLaVA-OneVision, OpenHermes-2.5
-cauldron   ``texts`` [{user, assistant, source}]: one turn each     the_cauldron, Docmatix
+cauldron   ``texts`` [{user, assistant, source}]: one turn each     the_cauldron, Docmatix,
+           (or Firefly's ``conversation`` [{human, assistant}])      LongQLoRA
 instruction one prompt field (instruction|query|question|prompt),   dolly-15k, Alpaca, MetaMathQA,
            optional input|context, one answer field                 MathInstruct, Orca-Math,
-           (output|response|answer|completion), optional system     LongAlpaca
+           (output|response|answer|completion), optional system;    LongAlpaca, goat, LongForm
+           ``input`` alone is the prompt when there is no other
 lima       ``conversations`` as a list of strings, user first       LIMA
 ========== ======================================================== =============================
 
@@ -69,9 +71,9 @@ def detect(raw: dict) -> str:
         return "lima"
     if "conversations" in raw:
         return "sharegpt"
-    if "texts" in raw:
+    if "texts" in raw or isinstance(raw.get("conversation"), list):
         return "cauldron"
-    if any(k in raw for k in PROMPT_KEYS) and any(k in raw for k in ANSWER_KEYS):
+    if any(k in raw for k in PROMPT_KEYS + INPUT_KEYS) and any(k in raw for k in ANSWER_KEYS):
         return "instruction"
     raise SampleError("empty_conversation", f"no conversation: expected 'messages', 'conversations', 'texts' "
                                             f"or instruction/answer fields; the record has {sorted(raw)[:8]}")
@@ -118,11 +120,13 @@ def _sharegpt(raw: dict) -> list[dict]:
 
 
 def _cauldron(raw: dict) -> list[dict]:
+    key = "texts" if "texts" in raw or "conversation" not in raw else "conversation"
     out = []
-    for i, t in enumerate(_list(raw, "texts")):
-        if not isinstance(t, dict) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
-            raise SampleError("malformed_message", f"texts[{i}] needs string 'user' and 'assistant'")
-        out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]
+    for i, t in enumerate(_list(raw, key)):
+        user = t.get("user", t.get("human")) if isinstance(t, dict) else None
+        if not isinstance(user, str) or not isinstance(t.get("assistant"), str):
+            raise SampleError("malformed_message", f"{key}[{i}] needs string 'user' (or 'human') and 'assistant'")
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": t["assistant"]}]
     return out
 
 
@@ -141,11 +145,12 @@ def _first(raw: dict, keys: tuple) -> str | None:
 
 
 def _instruction(raw: dict) -> list[dict]:
-    prompt, answer = _first(raw, PROMPT_KEYS), _first(raw, ANSWER_KEYS)
+    prompt, answer, extra = _first(raw, PROMPT_KEYS), _first(raw, ANSWER_KEYS), _first(raw, INPUT_KEYS)
+    if prompt is None:  # LongForm: the input alone is the prompt
+        prompt, extra = extra, None
     if prompt is None or answer is None:
-        raise SampleError("empty_conversation", f"an instruction record needs a string prompt ({'|'.join(PROMPT_KEYS)}) "
-                                                f"and answer ({'|'.join(ANSWER_KEYS)})")
-    extra = _first(raw, INPUT_KEYS)
+        raise SampleError("empty_conversation", f"an instruction record needs a string prompt ({'|'.join(PROMPT_KEYS)} "
+                                                f"or {'|'.join(INPUT_KEYS)}) and answer ({'|'.join(ANSWER_KEYS)})")
     user = prompt + (f"\n\n{extra}" if extra and extra.strip() else "")
     system = _first(raw, SYSTEM_KEYS)
     head = [{"role": "system", "content": system}] if system and system.strip() else []
