@@ -28,6 +28,7 @@ InternVL). Bad input raises ``MediaError`` naming the path; the data pipeline sk
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -44,11 +45,12 @@ class MediaError(ValueError):
     """A media file is missing or cannot be decoded; the sample is skipped."""
 
 
-def _target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def _target_ratios(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     # Built exactly like InternVL (set, then stable sort by area) so ties break the same way.
     ratios = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
                  for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles)
-    return sorted(ratios, key=lambda r: r[0] * r[1])
+    return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 
 def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
