@@ -102,8 +102,8 @@ def test_every_layout_gives_the_right_image_tokens_labels_and_skip_reasons(layou
 def test_text_forms_fold_context_input_and_system_like_their_cards(layouts, tok):
     root, sources, _ = layouts
     t, sp = tok
-    mix = Mixture(_data(root, [s for s in sources if s["name"] == "text"]), 0)
-    planner = Planner(mix_cfg := _data(root, sources), t, sp, TILE, TPT)  # noqa: F841
+    cfg = _data(root, [s for s in sources if s["name"] == "text"])
+    mix, planner = Mixture(cfg, 0), Planner(cfg, t, sp, TILE, TPT)
     texts = [t.decode(planner.plan(r).input_ids) for r in _records(mix, "text")]
     dolly = next(x for x in texts if "Summarise." in x)
     assert "<|im_start|>user\nSummarise.\n\nDolly is a sheep.<|im_end|>" in dolly
@@ -121,9 +121,10 @@ def test_forced_format_and_bad_keys(layouts, tok, tmp_path):
     root, sources, _ = layouts
     t, sp = tok
     llava = [dict(s, format="cauldron") for s in sources if s["name"] == "llava"]
-    mix = Mixture(_data(root, llava), 0)
+    cfg = _data(root, llava)
+    mix = Mixture(cfg, 0)
     with pytest.raises(SampleError) as e:
-        Planner(mix.readers["llava"] and _data(root, llava), t, sp, TILE, TPT).plan(next(_records(mix, "llava")))
+        Planner(cfg, t, sp, TILE, TPT).plan(next(_records(mix, "llava")))
     assert e.value.reason == "empty_conversation" and "texts" in str(e.value)
     with pytest.raises(ValueError, match=r"data.sources\[0\].format='llava'"):
         Mixture(_data(root, [dict(llava[0], format="llava")]), 0)
@@ -287,3 +288,15 @@ def test_training_steps_on_a_stage_mixing_every_layout(layouts, tokenizer_dir, t
     assert len(losses) == 2 and all(np.isfinite(losses))
     metrics = _metrics(tmp_path / "o")
     assert metrics[-1]["skipped"], "the faulty records are counted, not fatal"
+
+
+def test_check_ranges_cover_every_json_line_once_with_its_line_number(tmp_path):
+    from lvita.data.check import _units
+    from lvita.data.sources import SourceReader
+
+    lines = [json.dumps({"i": i, "pad": "x" * (i % 13)}) if i % 10 else "" for i in range(200)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    reader = SourceReader("a", str(tmp_path), ["a.jsonl"])
+    for pieces in (1, 3, 7, 64):
+        got = [(r.raw["i"], r.where.rsplit(":", 1)[1]) for u in _units(reader, pieces) for r in reader.scan(*u)]
+        assert got == [(i, str(i + 1)) for i in range(200) if i % 10]

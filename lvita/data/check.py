@@ -46,9 +46,8 @@ def _units(reader: SourceReader, pieces: int) -> list[tuple]:
             out += [(i, a, a, min(n, a + step)) for a in range(0, n, step)]
             continue
         size = os.path.getsize(r.path)
-        cuts, step = [0], max(1, size // pieces)
+        cuts, step, lines = [0], max(1, size // pieces), 0
         with open(r.path, "rb") as f:
-            lines = 0
             for b in range(step, size, step):  # next line start after b, and the lines before it
                 f.seek(b - 1)
                 rest = f.readline()
@@ -56,12 +55,12 @@ def _units(reader: SourceReader, pieces: int) -> list[tuple]:
                 if start <= cuts[-1] or start >= size:
                     continue
                 cuts.append(start)
-        with open(r.path, "rb") as f:
+        with open(r.path, "rb") as f:  # lines before each cut, counted 8 MB at a time
             pos = 0
             for a, z in zip(cuts, cuts[1:] + [size]):
-                f.seek(pos)
-                lines += f.read(a - pos).count(b"\n")
-                pos = a
+                while pos < a:
+                    block = f.read(min(8 << 20, a - pos))
+                    lines, pos = lines + block.count(b"\n"), pos + len(block)
                 out.append((i, a, lines, z))
     return out
 
