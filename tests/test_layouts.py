@@ -300,3 +300,22 @@ def test_check_ranges_cover_every_json_line_once_with_its_line_number(tmp_path):
     for pieces in (1, 3, 7, 64):
         got = [(r.raw["i"], r.where.rsplit(":", 1)[1]) for u in _units(reader, pieces) for r in reader.scan(*u)]
         assert got == [(i, str(i + 1)) for i in range(200) if i % 10]
+
+
+def _open_array(path):
+    from lvita.data.jsonarray import JsonArray
+
+    return len(JsonArray(path)), JsonArray(path).read(123)["id"]
+
+
+def test_json_array_index_built_by_many_processes_at_once(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    p = tmp_path / "many.json"
+    p.write_text(json.dumps([{"id": i, "t": "word " * 50} for i in range(20000)]))
+    with ProcessPoolExecutor(4, mp_context=get_context("spawn")) as pool:
+        got = list(pool.map(_open_array, [str(p)] * 4))
+    assert got == [(20000, 123)] * 4
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".many.json.lvita-index", ".many.json.lvita-index.lock",
+                                                          "many.json"]  # no temporary file left behind

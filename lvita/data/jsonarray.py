@@ -11,8 +11,9 @@ array as Python objects: a rank reads exactly the bytes of the records it asks f
 The index is cached beside the data file as ``.NAME.lvita-index`` (or, when that folder is not
 writable, under ``$LVITA_CACHE_DIR`` / ``~/.cache/lvita/index``), with the data file's size and
 mtime in its header: a changed file is re-indexed. It is written to a temporary file and renamed,
-so many ranks starting at once each get a complete index (its content is rank-independent; they
-may all build it the first time, never read a half-written one).
+and built under an exclusive ``flock`` of ``INDEX.lock``: when many ranks start at once one scans
+the file and the others wait and load its index (its content is rank-independent); none ever reads
+a half-written one, even where locks do not work and each builds its own.
 
 Trade-offs: indexing parses every element with the C JSON decoder (memory: one element and an 8 MB
 read buffer; speed: see BENCHMARKS.md) instead of a hand-written scanner, so a malformed element
@@ -22,6 +23,8 @@ is an error for the whole file (a broken download), not a skipped sample; an ele
 from __future__ import annotations
 
 import codecs
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -178,6 +181,24 @@ def scan(path: Path):
             advance(pos + 1)
 
 
+@contextlib.contextmanager
+def _build_lock(ip: Path):
+    """An exclusive ``flock`` on ``INDEX.lock`` while building. Where locks are unsupported (some
+    network filesystems) every rank builds its own copy: still correct, thanks to the atomic rename."""
+    ip.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(ip.with_name(ip.name + ".lock"), "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 class JsonArray:
     rows = True  # record k is addressable (cursor = element index)
 
@@ -185,7 +206,10 @@ class JsonArray:
         self.path = Path(path)
         self.index = load_index(self.path)
         if self.index is None:
-            self.index = build_index(self.path)
+            with _build_lock(index_path(self.path)):  # one builder; the others wait, then load its index
+                self.index = load_index(self.path)
+                if self.index is None:
+                    self.index = build_index(self.path)
         self._f = None
 
     def __len__(self) -> int:
