@@ -319,3 +319,22 @@ def test_json_array_index_built_by_many_processes_at_once(tmp_path):
     assert got == [(20000, 123)] * 4
     assert sorted(x.name for x in tmp_path.iterdir()) == [".many.json.lvita-index", ".many.json.lvita-index.lock",
                                                           "many.json"]  # no temporary file left behind
+
+
+def test_packed_sequences_of_every_layout_carry_their_tiles_and_labels(layouts, tok):
+    root, sources, _ = layouts
+    t, sp = tok
+    s = DataStream(_data(root, sources, max_tiles=2, same_source=True), t, sp, TILE, TPT, 4, 1, log=lambda *a: None)
+    seen = set()
+    for _ in range(6):
+        for seq in s.next_global_batch():
+            ctx = seq.input_ids == sp["img_context"]
+            assert seq.tiles.shape == (int(ctx.sum()) // TPT, 3, TILE, TILE)
+            for m in seq.samples:
+                assert int(ctx[m["start"]:m["end"]].sum()) == m["image_tokens"]
+                labelled = int((seq.targets[m["start"]:m["end"]] != IGNORE).sum())
+                assert labelled == (0 if m["id"] == "ll-truncated" else m["labels"]) and m["labels"] > 0  # dropped at decode
+                seen.add(m["source"])
+            assert len({m["source"] for m in seq.samples}) == 1  # same_source packing
+    assert seen == {x["name"] for x in sources}
+    s.close()
