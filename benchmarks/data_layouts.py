@@ -97,10 +97,12 @@ def main() -> None:
     rng = random.Random(1)
     for i in range(100):
         Image.new("RGB", (rng.randrange(300, 1000), rng.randrange(300, 1000)), "gray").save(imgs / f"{i:012d}.jpg")
-    arr = out / "llava_big.json"
-    t0 = time.perf_counter()
-    write_array(arr, args.records)
-    print(f"wrote {args.records} records, {arr.stat().st_size / 2**20:.0f} MiB, in {time.perf_counter() - t0:.1f} s")
+    arr = out / f"llava_{args.records}.json"
+    if not arr.exists():  # the same seed writes the same file: reused by later runs
+        t0 = time.perf_counter()
+        write_array(arr, args.records)
+        print(f"wrote {args.records} records in {time.perf_counter() - t0:.1f} s")
+    print(f"{arr.name}: {args.records} records, {arr.stat().st_size / 2**20:.0f} MiB")
     index_path(arr).unlink(missing_ok=True)
     n, build_s, build_mb = index_run(arr)
     _, load_s, load_mb = index_run(arr)
@@ -115,7 +117,7 @@ def main() -> None:
     big = DataConfig(root=str(out), seq_length=4096, max_tiles=12, sources=[
         SourceConfig("llava-array", [arr.name], media_root="images")])
     print(f"\nplanning samples/s (no pixels), {'layout':<28}")
-    print(f"  {'LLaVA JSON array, 500K':<28}{plan_rate(big, tok, sp, 3000):>8.0f}")
+    print(f"  {'LLaVA JSON array':<28}{plan_rate(big, tok, sp, 3000):>8.0f}")
     lay = out / "layouts"
     shutil.rmtree(lay, ignore_errors=True)
     sources, _ = write_layouts(lay)
@@ -124,7 +126,8 @@ def main() -> None:
         print(f"  {s['name']:<28}{plan_rate(cfg, tok, sp, 600):>8.0f}")
 
     sub = out / f"llava_{args.check_records}.json"
-    write_array(sub, args.check_records)
+    if not sub.exists():
+        write_array(sub, args.check_records)
     stage = out / "check_stage.json"
     stage.write_text(json.dumps({"model": {"preset": "tiny", "tokenizer": str(tok_dir)}, "data": {
         "root": str(out), "seq_length": 4096, "sources": [{"name": "llava", "paths": [sub.name],
