@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     if args.cmd == "data":
         from lvita.config import ConfigError
         from lvita.data import inspect
+        from lvita.data.errors import DataError
 
         try:
             if args.data_cmd == "preview":
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
 
                 return check(args.stage, args.set, args.source, args.workers, args.decode, args.json)
             return inspect.stats(args.stage, args.set, args.n)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
+        except (ConfigError, DataError, OSError, ValueError) as e:
             print(f"lvita data: error: {e}", file=sys.stderr)
             return 2
     if args.cmd == "demo":

@@ -126,7 +126,7 @@ def test_forced_format_and_bad_keys(layouts, tok, tmp_path):
     with pytest.raises(SampleError) as e:
         Planner(cfg, t, sp, TILE, TPT).plan(next(_records(mix, "llava")))
     assert e.value.reason == "empty_conversation" and "texts" in str(e.value)
-    with pytest.raises(ValueError, match=r"data.sources\[0\].format='llava'"):
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].format='llava'"):
         Mixture(_data(root, [dict(llava[0], format="llava")]), 0)
     from lvita.config import load_stage
     from lvita.validate import validate
@@ -271,6 +271,12 @@ def test_data_check_and_preview_on_a_stage_mixing_every_layout(layouts, tokenize
     assert "llava-video: 3 records, 2 usable" in out and "tokens/sample: p50" in out
     assert main(["data", "check", "--stage", stage, "--source", "nope"]) == 2
     assert "no such source" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('[{"id": 1}, {"id": ')  # a cut download: one line, exit 2
+    broken = str(write_stage(tmp_path / "b.json", _check_stage(tokenizer_dir, tmp_path, [
+        {"name": "cut", "paths": ["broken.json"]}], tmp_path / "o")))
+    assert main(["data", "check", "--stage", broken]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.json: not a valid JSON array" in err[0] and "re-download" in err[0]
     assert main(["data", "preview", "--stage", stage, "--n", "6", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {s["source"] for r in rows for s in r["samples"]} >= {"llava", "text"}

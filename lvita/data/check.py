@@ -132,13 +132,14 @@ def _summary(name: str, parts: list[dict], max_skip: float) -> dict:
 
 def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str | None = None, workers: int = 1,
               decode: bool = False) -> list[dict]:
+    from lvita.config import ConfigError
     from lvita.data.formats import check_format
     from lvita.data.plan import Planner
 
     d = cfg.data
     names = [s.name for s in d.sources]
     if source is not None and source not in names:
-        raise ValueError(f"--source {source}: no such source; the stage has {', '.join(names)}")
+        raise ConfigError(f"--source {source}: no such source; the stage has {', '.join(names)}")
     chosen = [s for s in d.sources if (s.name == source if source else s.ratio > 0)]
     for s in chosen:
         check_format(s.format, f"data.sources[{names.index(s.name)}].format")
@@ -167,7 +168,11 @@ def check(stage: str, sets: list[str], source: str | None, workers: int, decode:
     from lvita.model.presets import tile_size, tokens_per_tile
     from lvita.tokenizer import load_tokenizer, special_token_ids
 
+    from lvita.validate import validate
+
     cfg = load_stage(stage, sets)
+    p = cfg.parallel
+    validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
     tok = load_tokenizer(cfg.model.tokenizer)
     t0 = time.perf_counter()
     out = run_check(cfg, tok, special_token_ids(tok), tile_size(cfg.model.preset), tokens_per_tile(cfg.model.preset),

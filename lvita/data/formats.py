@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lvita.config import ConfigError
 from lvita.data.template import ROLE_ALIASES, SampleError, count_placeholders
 
 FORMATS = ("auto", "messages", "sharegpt", "cauldron", "instruction", "lima")
@@ -60,7 +61,7 @@ class Sample:
 
 def check_format(fmt: str, where: str) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"{where}='{fmt}': unknown record format; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"{where}='{fmt}': unknown record format; use one of {', '.join(FORMATS)}")
 
 
 def detect(raw: dict) -> str:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvita.data.errors import DataError
+
 MAGIC = b"LVIDX01\0"
 HEADER = 32  # magic, size, mtime_ns, count: 4 x 8 bytes
 CHUNK = 8 << 20
@@ -41,7 +43,7 @@ MAX_ELEMENT = 256 << 20
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-class JsonArrayError(ValueError):
+class JsonArrayError(DataError):
     """The file is not a readable JSON array; the message names the file and the byte."""
 
 

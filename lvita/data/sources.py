@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvita.config import DataConfig
+from lvita.data.errors import DataError
 from lvita.data.formats import check_format
 from lvita.data.tables import open_file, source_files
 
@@ -57,7 +58,7 @@ class SourceReader:
         self.readers = [open_file(f) for f in self.files]
         self.size = sum(len(r) for r in self.readers)
         if self.size == 0:
-            raise ValueError(f"data source '{name}' has no records in {[str(f) for f in self.files]}")
+            raise DataError(f"data source '{name}' has no records in {[str(f) for f in self.files]}")
 
     def reopen(self) -> "SourceReader":
         """A reader of the same files with its own handles (one per decoding thread)."""
@@ -117,7 +118,7 @@ class SourceReader:
                     parsed, where, start, first, off, line = got
                     return Record(self.name, parsed, where, (i, start, first), self._base(i), self.fmt), (i, off, line)
             i, off, line = (i + 1) % len(self.files), 0, 0
-        raise ValueError(f"data source '{self.name}' has no records")
+        raise DataError(f"data source '{self.name}' has no records")
 
 
 class Mixture:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from lvita.config import DataConfig
+from lvita.data.errors import DataError  # noqa: F401 - re-exported: lvita.data.stream.DataError
 from lvita.data.media import MediaError, image_tiles, normalise, video_tiles
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
 from lvita.data.plan import Planner
@@ -37,10 +38,6 @@ from lvita.data.sources import Mixture, Record
 from lvita.data.template import IGNORE, SampleError
 
 MIN_RECORDS_FOR_THRESHOLD = 100
-
-
-class DataError(RuntimeError):
-    """Too many bad samples: the data, not one sample, is wrong."""
 
 
 class DataStream:
