@@ -344,3 +344,19 @@ def test_packed_sequences_of_every_layout_carry_their_tiles_and_labels(layouts, 
             assert len({m["source"] for m in seq.samples}) == 1  # same_source packing
     assert seen == {x["name"] for x in sources}
     s.close()
+
+
+def test_a_source_of_many_files_holds_one_open_at_a_time(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for i in range(150):
+        d = tmp_path / "repo" / f"subset{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{"query": f"q{i}", "response": "r"}]), d / f"train-{i:05d}.parquet")
+        (d / f"extra-{i:05d}.jsonl").write_text(json.dumps({"query": f"j{i}", "response": "r"}) + "\n")
+    before = len(os.listdir("/proc/self/fd"))
+    mix = Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("many", ["repo"])]), 0)
+    got = [mix.next().raw["query"] for _ in range(600)]
+    assert len(os.listdir("/proc/self/fd")) - before <= 3
+    assert sorted(set(got)) == sorted([f"q{i}" for i in range(150)] + [f"j{i}" for i in range(150)])

@@ -222,6 +222,11 @@ class JsonArray:
         other.path, other.index, other._f = self.path, self.index, None
         return other
 
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
     def read(self, k: int):
         start, end = (int(x) for x in self.index[k])
         if self._f is None:

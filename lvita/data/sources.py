@@ -51,11 +51,14 @@ class SourceReader:
         self.name, self.fmt = name, fmt
         self.media_root = None if media_root is None else (
             Path(media_root) if Path(media_root).is_absolute() else Path(root) / media_root)
+        self._current: int | None = None  # the one file held open
         if _files is not None:  # reopen(): the same files, fresh handles
             self.files, self.readers = _files
             return
         self.files = source_files(name, root, paths)
         self.readers = [open_file(f) for f in self.files]
+        for r in self.readers:
+            r.close()  # counted; opened again when read
         self.size = sum(len(r) for r in self.readers)
         if self.size == 0:
             raise DataError(f"data source '{name}' has no records in {[str(f) for f in self.files]}")
@@ -83,14 +86,20 @@ class SourceReader:
     def _base(self, i: int) -> Path:
         return self.media_root if self.media_root is not None else self.files[i].parent
 
+    def _reader(self, i: int):
+        if self._current is not None and self._current != i:
+            self.readers[self._current].close()
+        self._current = i
+        return self.readers[i]
+
     def _row(self, i: int, k: int) -> Record:
-        r = self.readers[i]
+        r = self._reader(i)
         kind = "row" if r.path.suffix in (".parquet", ".arrow") else "record"
         return Record(self.name, r.read(k), f"{self.files[i]}:{kind} {k}", (i, k, k), self._base(i), self.fmt)
 
     def scan(self, i: int, start: int, line: int, end: int):
         """Records of file i from row (or byte offset, at line index ``line``) ``start`` up to ``end``."""
-        r = self.readers[i]
+        r = self._reader(i)
         if r.rows:
             for k in range(start, min(end, len(r))):
                 yield self._row(i, k)
@@ -108,7 +117,7 @@ class SourceReader:
         wraps round to the first file at the end."""
         i, off, line = cursor
         for _ in range(len(self.files) + 1):
-            r = self.readers[i]
+            r = self._reader(i)
             if r.rows:
                 if off < len(r):
                     return self._row(i, off), (i, off + 1, off + 1)

@@ -10,7 +10,9 @@ rules that turn a source's ``paths`` into a sorted list of files:
   shards, in order), a ``DatasetDict`` (its ``train`` split), or a downloaded dataset repository
   (parquet/json/arrow files in subfolders, e.g. the_cauldron's ``<subset>/train-*.parquet``).
 
-Readers: ``JsonLines`` (sequential, cursor = byte offset and line), ``JsonArray``
+A reader holds its file open only while it is being read: ``close()`` is called when the source
+moves on to another file, so a source of thousands of parquet shards never holds thousands of
+descriptors (arrow shards stay memory-mapped). Readers: ``JsonLines`` (sequential, cursor = byte offset and line), ``JsonArray``
 (:mod:`lvita.data.jsonarray`), ``ParquetRows`` (pyarrow: one row group at a time, the row
 converted alone), ``ArrowRows`` (``datasets.Dataset.from_file``: memory-mapped, every row
 addressable). Images stored with the ``datasets`` Image feature come back as
@@ -98,6 +100,11 @@ class JsonLines:
     def reopen(self) -> "JsonLines":
         return JsonLines(self.path, self.size)
 
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
     def read_line(self, off: int, line: int):
         """-> (parsed or JSONDecodeError, where, start offset, line index, next offset, next line),
         or None at the end of the file."""
@@ -120,25 +127,35 @@ class JsonLines:
 class ParquetRows:
     rows = True
 
-    def __init__(self, path: Path, meta=None):
-        import pyarrow.parquet as pq
+    def __init__(self, path: Path, starts: list[int] | None = None):
+        self.path, self.pf = Path(path), None  # opened while this file is being read (close() frees it)
+        if starts is None:
+            import pyarrow.parquet as pq
 
-        self.path = Path(path)
-        self.pf = pq.ParquetFile(self.path)
-        md = self.pf.metadata
-        self.starts = [0]
-        for g in range(md.num_row_groups):
-            self.starts.append(self.starts[-1] + md.row_group(g).num_rows)
+            with pq.ParquetFile(self.path) as pf:  # row-group sizes from the footer only
+                starts = [0]
+                for g in range(pf.metadata.num_row_groups):
+                    starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+        self.starts = starts
         self._group: tuple[int, object] | None = None
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def reopen(self) -> "ParquetRows":
-        return ParquetRows(self.path)
+        return ParquetRows(self.path, self.starts)
+
+    def close(self) -> None:
+        if self.pf is not None:
+            self.pf.close()
+        self.pf, self._group = None, None
 
     def read(self, row: int) -> dict:
         g = bisect.bisect_right(self.starts, row) - 1
+        if self.pf is None:
+            import pyarrow.parquet as pq
+
+            self.pf = pq.ParquetFile(self.path)
         if self._group is None or self._group[0] != g:
             self._group = (g, self.pf.read_row_group(g))
         return self._group[1].slice(row - self.starts[g], 1).to_pylist()[0]
@@ -160,6 +177,9 @@ class ArrowRows:
 
     def reopen(self) -> "ArrowRows":
         return ArrowRows(self.path, self.table)  # immutable and memory-mapped: shared by threads
+
+    def close(self) -> None:
+        pass  # the memory map stays (pages are the OS's to drop)
 
     def read(self, row: int) -> dict:
         return self.table.slice(row, 1).to_pylist()[0]
