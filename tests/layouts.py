@@ -178,12 +178,14 @@ def write_layouts(root: Path) -> tuple[list[dict], dict]:
     t = root / "text"
     t.mkdir()
     (t / "databricks-dolly-15k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"instruction": "Summarise.", "context": "Dolly is a sheep.", "response": "A sheep.", "category": "summarization"},
+        {"instruction": "Summarise.", "context": "Dolly is a sheep.", "response": "A sheep.",
+         "category": "summarization"},
         {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}]))
     _array(t / "MetaMathQA-395K.json", [{"query": "1+1?", "response": "2.", "type": "GSM_AnsAug"}])
     _array(t / "MathInstruct.json", [{"instruction": "2+2?", "output": "4.", "source": "data/CoT/gsm.json"}])
     datasets.Dataset.from_dict({"question": ["3+3?"], "answer": ["6."]}).to_parquet(str(t / "orca-math.parquet"))
-    (t / "lima.jsonl").write_text(json.dumps({"conversations": ["Hi?", "Hello.", "Bye?", "Bye."], "source": "x"}) + "\n")
+    lima = {"conversations": ["Hi?", "Hello.", "Bye?", "Bye."], "source": "x"}
+    (t / "lima.jsonl").write_text(json.dumps(lima) + "\n")
     _array(t / "openhermes2_5.json", [{"conversations": _conv("Capital of France?", "Paris.", "You are wise.")}])
     _array(t / "LongAlpaca-12k.json", [{"instruction": "Read the paper.", "input": "A long paper.", "output": "Read."}])
     (t / "LongAlign-10k.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Long?"},

@@ -15,8 +15,8 @@ Parallelism: each file is cut into ranges (rows, or byte ranges starting at line
 JSON lines) handed to ``--workers`` spawned processes (not forked: the caller may run threads),
 each opening the files itself from the parent's file list and record counts; results are merged in
 order, so the output does not depend on the worker count. Trade-off: every worker imports lvita
-and holds the tokenizer (a few seconds to start) and, for parquet, one decoded row group; per-sample figures are kept as int32 arrays
-(12 bytes a record) for exact percentiles.
+and holds the tokenizer (a few seconds to start) and, for parquet, one decoded row group;
+per-sample figures are kept as int32 arrays (12 bytes a record) for exact percentiles.
 """
 from __future__ import annotations
 

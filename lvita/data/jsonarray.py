@@ -179,7 +179,8 @@ def scan(path: Path):
             if c == "]":
                 return
             if c != ",":
-                raise fail(f"expected ',' or ']' after an element, got {c!r}" if c else "the file ends inside the array")
+                raise fail(f"expected ',' or ']' after an element, got {c!r}" if c
+                           else "the file ends inside the array")
             advance(pos + 1)
 
 

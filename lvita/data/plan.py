@@ -57,7 +57,8 @@ def _ref(entry, kind: str, k: int, record: Record):
         raise MediaError(f"{what}: unknown media form {type(entry).__name__} ({str(entry)[:40]!r}); expected a path "
                          f"or {{'bytes', 'path'}}")
     if "://" in entry:
-        raise MediaError(f"{what}: {entry} is a URL; download the media and give local paths (data.sources[].media_root)")
+        raise MediaError(f"{what}: {entry} is a URL; download the media and give local paths "
+                         f"(data.sources[].media_root)")
     return entry if Path(entry).is_absolute() else str(record.base / entry)
 
 

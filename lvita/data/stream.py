@@ -14,8 +14,8 @@ layout. Pixels are decoded only for the rows this rank trains on (``own_rows``),
 
 Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders).
 Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
-media count mismatch, a URL or unknown media form, missing or unreadable media, too many images, too long with media, text
-truncated to no labels) are skipped and counted per reason; the first few are logged with file
+media count mismatch, a URL or unknown media form, missing or unreadable media, too many images,
+too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
 and line. Past ``data.max_skip_fraction`` (after 100 records) the run stops with the counts.
 An image whose header reads but whose pixels do not decode is found only when its row is decoded:
 its tiles are zeroed and its labels dropped, counted as ``bad_media_at_decode``.

@@ -12,10 +12,10 @@ rules that turn a source's ``paths`` into a sorted list of files:
 
 A reader holds its file open only while it is being read: ``close()`` is called when the source
 moves on to another file, so a source of thousands of parquet shards never holds thousands of
-descriptors (arrow shards stay memory-mapped). Readers: ``JsonLines`` (sequential, cursor = byte offset and line), ``JsonArray``
-(:mod:`lvita.data.jsonarray`), ``ParquetRows`` (pyarrow: one row group at a time, the row
-converted alone), ``ArrowRows`` (``datasets.Dataset.from_file``: memory-mapped, every row
-addressable). Images stored with the ``datasets`` Image feature come back as
+descriptors (arrow shards stay memory-mapped). Readers: ``JsonLines`` (sequential, cursor = byte
+offset and line), ``JsonArray`` (:mod:`lvita.data.jsonarray`), ``ParquetRows`` (pyarrow: one
+row group at a time, the row converted alone), ``ArrowRows`` (``datasets.Dataset.from_file``:
+memory-mapped, every row addressable). Images stored with the ``datasets`` Image feature come back as
 ``{"bytes": ..., "path": ...}`` dicts.
 
 Trade-off: parquet is read with pyarrow rather than ``datasets.load_dataset``, which would first

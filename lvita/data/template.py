@@ -1,8 +1,8 @@
 """Qwen2.5 ChatML template: conversation -> token ids + next-token targets on assistant turns.
 
-Owns the text side of a sample (record schemas are :mod:`lvita.data.formats`'s). ``<image>`` / ``<video>`` placeholders expand to
-``<img>`` + tokens x ``<IMG_CONTEXT>`` + ``</img>`` per tile group. Only assistant content and
-its ``<|im_end|>`` are learned; the returned ``targets[t]`` is the token that position t must
+Owns the text side of a sample (record schemas are :mod:`lvita.data.formats`'s). ``<image>`` /
+``<video>`` placeholders expand to ``<img>`` + tokens x ``<IMG_CONTEXT>`` + ``</img>`` per tile
+group. Only assistant content and its ``<|im_end|>`` are learned; the returned ``targets[t]`` is the token that position t must
 predict (already shifted), -100 elsewhere, so shards of a sequence need no neighbour to compute
 their loss.
 
