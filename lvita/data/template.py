@@ -2,9 +2,9 @@
 
 Owns the text side of a sample (record schemas are :mod:`lvita.data.formats`'s). ``<image>`` /
 ``<video>`` placeholders expand to ``<img>`` + tokens x ``<IMG_CONTEXT>`` + ``</img>`` per tile
-group. Only assistant content and its ``<|im_end|>`` are learned; the returned ``targets[t]`` is the token that position t must
-predict (already shifted), -100 elsewhere, so shards of a sequence need no neighbour to compute
-their loss.
+group. Only assistant content and its ``<|im_end|>`` are learned; the returned ``targets[t]`` is
+the token that position t must predict (already shifted), -100 elsewhere, so shards of a sequence
+need no neighbour to compute their loss.
 
     ids, targets = encode_conversation(msgs, tok, specials, "You are ...", [16, 16])
 """
