@@ -5,6 +5,7 @@
     lvita train --stage FILE [--set KEY=VALUE]...        (one process; use the deepspeed launcher for more)
     lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
     lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
+    lvita data check --stage FILE [--source NAME] [--workers N] [--decode] [--json]   every record, before a run
     lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
     lvita convert to-hf CKPT OUT [--tokenizer DIR]       transformers InternVL directory
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
@@ -44,6 +45,13 @@ def main(argv=None) -> int:
         x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         if name == "preview":
             x.add_argument("--json", action="store_true", help="one JSON object per sequence")
+    ch = dsub.add_parser("check", help="read every record of every source: usable, skipped by reason, lengths")
+    ch.add_argument("--stage", required=True)
+    ch.add_argument("--source", help="only this source (whatever its ratio)")
+    ch.add_argument("--workers", type=int, default=1, help="processes scanning in parallel")
+    ch.add_argument("--decode", action="store_true", help="also decode every image and video")
+    ch.add_argument("--json", action="store_true", help="one JSON object with every source's figures")
+    ch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ck = sub.add_parser("ckpt", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="ckpt_cmd", required=True)
     cu = cksub.add_parser("to-universal", help="convert a checkpoint for another parallel layout (cached beside it)")
@@ -83,7 +91,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (stage file, data, paths, checkpoints, media), not a bug."""
     from lvita.config import ConfigError
     from lvita.data.media import MediaError
-    from lvita.data.stream import DataError
+    from lvita.data.errors import DataError
     from lvita.data.template import SampleError
 
     return ConfigError, DataError, MediaError, SampleError, OSError  # OSError: CheckpointError, missing paths
@@ -99,6 +107,10 @@ def _run(args) -> int:
 
         if args.data_cmd == "preview":
             return inspect.preview(args.stage, args.set, args.n, args.json)
+        if args.data_cmd == "check":
+            from lvita.data.check import check
+
+            return check(args.stage, args.set, args.source, args.workers, args.decode, args.json)
         return inspect.stats(args.stage, args.set, args.n)
     if args.cmd == "demo":
         from lvita.demo.run import main as demo

@@ -82,10 +82,16 @@ class ParallelConfig:
 @dataclass
 class SourceConfig:
     name: str = ""
-    paths: list[str] = field(default_factory=list)  # JSONL files or directories, relative to data.root
+    # JSONL / JSON-array / parquet / arrow files, globs, directories of them, or a Hugging Face
+    # dataset directory (save_to_disk or a downloaded repository), relative to data.root
+    paths: list[str] = field(default_factory=list)
     ratio: float = 1.0  # fraction of the source used per pass; > 1 repeats it
     max_samples: int | None = None  # cap after the ratio
     total: str | None = None  # informative: size quoted in the paper (Table 1)
+    # record schema (lvita.data.formats.FORMATS): auto (detected per record) | messages | sharegpt |
+    # cauldron | instruction | lima
+    format: str = "auto"
+    media_root: str | None = None  # image/video folder, relative to data.root; default: each data file's folder
 
 
 @dataclass

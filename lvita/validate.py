@@ -14,11 +14,13 @@ cross-checked against the DeepSpeed file (equal or absent), never silently dupli
 """
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvita.config import MODULES, ConfigError, StageConfig
+from lvita.data.formats import FORMATS
 from lvita.model.presets import PRESETS, llm_config
 
 
@@ -172,10 +174,16 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
             err(f"{key}.ratio={s.ratio}: must be >= 0 (a fraction of the source per pass; > 1 repeats)")
         if not s.paths:
             err(f"{key}.paths is empty")
+        if s.format not in FORMATS:
+            err(f"{key}.format='{s.format}': unknown record format; use one of {', '.join(FORMATS)}")
         for path in (s.paths if s.ratio > 0 else []):
             full = Path(path) if Path(path).is_absolute() else Path(d.root) / path
-            if not full.exists():
+            if not (glob.glob(str(full)) if glob.has_magic(str(full)) else full.exists()):
                 missing.append(f"{key} ({s.name}): {full}")
+        if s.media_root is not None and s.ratio > 0:
+            full = Path(s.media_root) if Path(s.media_root).is_absolute() else Path(d.root) / s.media_root
+            if not full.is_dir():
+                missing.append(f"{key}.media_root ({s.name}): {full}")
     if d.sources and all(s.ratio == 0 for s in d.sources):
         err("every data source has ratio 0: nothing to train on")
 

@@ -199,11 +199,10 @@ def test_directories_and_parquet_sources(tok, tmp_path, dataset_dir):
 
     mix = Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("t", ["d"])]), seed=0)
     ids = [mix.next().raw["id"] for _ in range(15)]
-    assert ids == [r["id"] for r in rows[10:15]] + [r["id"] for r in rows[:10]]  # sorted: *.jsonl, then *.parquet
-    assert mix.read_at("t", (1, 5, 5)).raw["id"] == rows[5]["id"]
-    (tmp_path / "arr.jsonl").write_text("[" + json.dumps(rows[0]) + "]")
-    with pytest.raises(ValueError, match="JSON array"):
-        Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("x", ["arr.jsonl"])]), seed=0)
+    assert ids == [r["id"] for r in rows[:10]] + [r["id"] for r in rows[10:15]]  # sorted by path: a.parquet, sub/b.jsonl
+    assert mix.read_at("t", (0, 5, 5)).raw["id"] == rows[5]["id"]
+    (tmp_path / "arr.jsonl").write_text("[" + json.dumps(rows[0]) + "]")  # an array, whatever the suffix
+    assert Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("x", ["arr.jsonl"])]), seed=0).next().raw == rows[0]
     with pytest.raises(FileNotFoundError, match="data source 'y'"):
         Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("y", ["nope.jsonl"])]), seed=0)
 
@@ -219,7 +218,7 @@ def _bad_dataset(root):
     bad = [
         "{not json",
         json.dumps({"id": "x1", "images": ["images/missing.png"], "messages": qa("<image>\nhi")}),
-        json.dumps({"id": "x2", "images": ["images/0.png"], "messages": qa("no placeholder")}),
+        json.dumps({"id": "x2", "images": ["images/0.png"], "messages": qa("<image> and <image>: one image")}),
         json.dumps({"id": "x3", "messages": [{"role": "user", "content": "only a question"}]}),
         json.dumps({"id": "x4", "images": ["images/corrupt.png"], "messages": qa("<image>")}),
         json.dumps({"id": "x5", "messages": []}),

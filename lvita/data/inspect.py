@@ -18,6 +18,7 @@ import time
 from collections import Counter
 
 from lvita.data.packer import PackedSequence
+from lvita.data.plan import media_name
 
 
 def open_stream(stage: str, sets: list[str], n: int):
@@ -53,12 +54,12 @@ def preview(stage: str, sets: list[str], n: int, as_json: bool) -> int:
         print(f"sequence {i}: {len(seq.input_ids)} tokens, {len(seq.samples)} samples, {seq.pad} padding, "
               f"position ids restart at {seq.cu_seqlens[:-1] if seq.cu_seqlens else [0]}")
         for m, plan in zip(seq.samples, seq.plans):
-            media = ", ".join(f"{k} {p.rsplit('/', 1)[-1]} ({x[-1]} {'tiles' if k == 'image' else 'frames'})"
+            media = ", ".join(f"{k} {media_name(p)} ({x[-1]} {'tiles' if k == 'image' else 'frames'})"
                               for k, p, *x in plan.media) or "text only"
             print(f"  [{m['start']:>6}, {m['end']:>6}) {m['source']:<14} {m['id']:<18} {media}; "
                   f"{m['image_tokens']} image tokens, {m['labels']} labelled")
-    for reason, count in sorted(stream.skipped.items()):
-        print(f"skipped {reason}: {count}")
+    for reason, count in sorted(stream.skipped.items()):  # stderr under --json: stdout stays JSON lines
+        print(f"skipped {reason}: {count}", file=sys.stderr if as_json else sys.stdout)
     return 0
 
 

@@ -13,6 +13,13 @@ per frame. Normalisation is InternViT's (ImageNet mean/std)::
     m = video_frame_count(vpath, max_frames=32, fps=1.0)              # decord metadata only
     v = video_tiles(vpath, 448, max_frames=32, fps=1.0)               # (m, 3, 448, 448) uint8
 
+Media sources: a path, or an in-memory file (``io.BytesIO``, for images and videos embedded in
+parquet/arrow rows). A video may also be a directory of frame images, sorted by name (its frame rate
+is unknown, so ``fps`` cannot bound the sampling there: up to ``max_frames`` frames are taken).
+Every image mode becomes RGB the way InternVL's loaders end up: grayscale, palette (with
+transparency through RGBA), RGBA (alpha dropped), CMYK, 16-bit (scaled to 8 bits, not clipped),
+animated GIF / multi-frame TIFF (first frame).
+
 Trade-offs: tiles stay uint8 until ``normalise`` so a buffer of pending samples is 4x smaller than
 float32. The counting functions read only headers/metadata, so a file whose header is fine but
 whose pixels are corrupt is counted and only fails (MediaError) when decoded. All resizing is PIL
@@ -21,6 +28,8 @@ InternVL). Bad input raises ``MediaError`` naming the path; the data pipeline sk
 """
 from __future__ import annotations
 
+import functools
+import io
 import math
 from pathlib import Path
 
@@ -36,11 +45,12 @@ class MediaError(ValueError):
     """A media file is missing or cannot be decoded; the sample is skipped."""
 
 
-def _target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def _target_ratios(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     # Built exactly like InternVL (set, then stable sort by area) so ties break the same way.
     ratios = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
                  for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles)
-    return sorted(ratios, key=lambda r: r[0] * r[1])
+    return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 
 def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
@@ -67,13 +77,33 @@ def tile_count(width: int, height: int, min_tiles: int, max_tiles: int, tile: in
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
+FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def _name(src) -> str:
+    return getattr(src, "name", None) or (str(src) if not isinstance(src, io.IOBase) else "embedded image")
+
+
 def _open_image(path) -> Image.Image:
+    if isinstance(path, io.IOBase):
+        path.seek(0)
     try:
         return Image.open(path)
     except FileNotFoundError:
-        raise MediaError(f"missing image {path}") from None
+        raise MediaError(f"missing image {_name(path)}") from None
     except Exception as e:  # PIL raises many types for unreadable files
-        raise MediaError(f"cannot decode image {path}: {e}") from None
+        raise MediaError(f"cannot decode image {_name(path)}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (forces the full decode of the current frame)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # a copy even when already RGB: the caller may close the file
 
 
 def image_size(path) -> tuple[int, int]:
@@ -97,9 +127,9 @@ def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12) -> tor
     (InternVL's dynamic_preprocess with use_thumbnail=True)."""
     with _open_image(path) as img:
         try:
-            img = img.convert("RGB")  # forces the full decode
+            img = to_rgb(img)  # forces the full decode
         except Exception as e:
-            raise MediaError(f"cannot decode image {path}: {e}") from None
+            raise MediaError(f"cannot decode image {_name(path)}: {e}") from None
     cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
     big = img.resize((cols * tile, rows * tile), Image.BICUBIC)
     out = [big.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
@@ -121,18 +151,31 @@ def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, f
     return [min(int(seg / 2 + seg * i), total_frames - 1) for i in range(n)]
 
 
+def _frame_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+
+
 def _open_video(path):
-    if not Path(path).is_file():
-        raise MediaError(f"missing video {path}")
+    """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
+    if not isinstance(path, io.IOBase):
+        if Path(path).is_dir():
+            frames = _frame_files(Path(path))
+            if not frames:
+                raise MediaError(f"video directory {path} has no frame images ({', '.join(sorted(FRAME_SUFFIXES))})")
+            return frames, len(frames), 0.0
+        if not Path(path).is_file():
+            raise MediaError(f"missing video {path}")
     try:
         import decord
 
-        vr = decord.VideoReader(str(path), num_threads=1)
+        if isinstance(path, io.IOBase):
+            path.seek(0)
+        vr = decord.VideoReader(path if isinstance(path, io.IOBase) else str(path), num_threads=1)
         total, native = len(vr), float(vr.get_avg_fps() or 0.0)
     except Exception as e:  # decord raises DECORDError (and others) for corrupt files
-        raise MediaError(f"cannot decode video {path}: {e}") from None
+        raise MediaError(f"cannot decode video {_name(path)}: {e}") from None
     if total < 1:
-        raise MediaError(f"cannot decode video {path}: no frames")
+        raise MediaError(f"cannot decode video {_name(path)}: no frames")
     return vr, total, native
 
 
@@ -146,10 +189,19 @@ def video_tiles(path, tile: int, max_frames: int, fps: float) -> torch.Tensor:
     """-> (n, 3, tile, tile) uint8: the sampled frames, each resized to one tile (no dynamic tiling)."""
     vr, total, native = _open_video(path)
     idx = video_frame_indices(total, native, max_frames, fps)
+    if isinstance(vr, list):
+        out = []
+        for i in idx:
+            with _open_image(vr[i]) as im:
+                try:
+                    out.append(to_rgb(im).resize((tile, tile), Image.BICUBIC))
+                except Exception as e:
+                    raise MediaError(f"cannot decode frame {vr[i]}: {e}") from None
+        return _to_uint8(out)
     try:
         frames = vr.get_batch(idx).asnumpy()
     except Exception as e:
-        raise MediaError(f"cannot decode video {path}: {e}") from None
+        raise MediaError(f"cannot decode video {_name(path)}: {e}") from None
     return _to_uint8([Image.fromarray(f).convert("RGB").resize((tile, tile), Image.BICUBIC) for f in frames])
 
 

@@ -35,7 +35,10 @@ class SamplePlan:
     cursor: tuple  # where the mixture can read the record again
     input_ids: list[int]
     targets: list[int]
-    media: list[tuple]  # ("image", path, max_tiles, n_tiles) | ("video", path, max_frames, fps, n_frames)
+    # ("image", ref, max_tiles, n_tiles) | ("video", ref, max_frames, fps, n_frames); ref: a path or
+    # lvita.data.plan.Embedded (bytes inside the record, read again when decoding)
+    media: list[tuple]
+    tokens: int = 0  # length before truncation to data.seq_length (lvita data check's distribution)
 
     @property
     def n_tiles(self) -> int:

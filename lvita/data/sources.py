@@ -1,10 +1,12 @@
 """Training sources read as streams, and the seeded mixture that interleaves them.
 
-A source is named and lists paths under ``data.root``: JSONL files, directories of them
-(``*.jsonl`` found recursively, sorted), or parquet files (one sample per row, same keys). Records
-are read lazily from a cursor (file, byte offset or row, line), so millions of lines are never
-held in memory, and any record can be read again from its cursor (that is how the packer's
-buffer is restored on resume). Media paths in a record are relative to its file's directory.
+A source is named and lists paths under ``data.root``: JSONL files, JSON arrays, parquet or arrow
+files, globs, directories of them, or Hugging Face dataset directories (:mod:`lvita.data.tables`
+says which files a path names and how each is opened). Records are read lazily from a cursor
+(file, byte offset or row, line), so millions of records are never held in memory, and any record
+can be read again from its cursor (that is how the packer's buffer is restored on resume, and how
+decoding threads fetch embedded image bytes). Media paths in a record are relative to the source's
+``media_root`` (under ``data.root``), by default to its data file's directory.
 
 The mixture works in passes. In each pass source s contributes ``round(ratio_s x records_s)``
 records (at least one when the ratio is above 0; capped by ``max_samples``), read on from where
@@ -14,129 +16,127 @@ record of a pass is a seeded draw weighted by the quotas still open, so the orde
 the seed and the config (never on the parallel layout), and the state to resume is a few integers.
 
     mix = Mixture(cfg.data, seed=1234)
-    record = mix.next()          # Record(source, raw line or row, where "file:line", cursor, base dir)
+    record = mix.next()          # Record(source, raw record, where "file:line", cursor, media base, format)
     mix.state_dict(); mix.load_state_dict(state)
 
 Trade-off: records of one source come in file order (shuffle big files once beforehand); the
-interleave of sources is random. Counting a JSONL source's records scans it once at start-up.
+interleave of sources is random. Counting a JSONL source's records scans it once at start-up; a
+JSON array is indexed once (cached beside it).
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from lvita.config import DataConfig
+from lvita.data.errors import DataError
+from lvita.data.formats import check_format
+from lvita.data.tables import open_file, source_files
 
 
 @dataclass
 class Record:
     source: str
-    raw: object  # parsed JSON (dict expected), or a JSONDecodeError for a malformed line
-    where: str  # "file:line" or "file:row N", for error messages
+    raw: object  # parsed JSON or row (dict expected), or a JSONDecodeError for a malformed line
+    where: str  # "file:line", "file:record N" or "file:row N", for error messages
     cursor: tuple  # (file index, offset or row, line): read_at(cursor) gives this record again
-    base: Path  # media paths are relative to this directory
+    base: Path  # relative media paths are relative to this directory
+    fmt: str = "auto"  # record schema (lvita.data.formats)
 
 
 class SourceReader:
-    def __init__(self, name: str, root: str, paths: list[str]):
-        self.name = name
-        self.files: list[Path] = []
-        for p in paths:
-            full = Path(p) if Path(p).is_absolute() else Path(root) / p
-            if full.is_dir():
-                found = sorted(full.rglob("*.jsonl")) + sorted(full.rglob("*.parquet"))
-                if not found:
-                    raise FileNotFoundError(f"data source '{name}': directory {full} has no *.jsonl or *.parquet")
-                self.files += found
-            elif full.is_file():
-                self.files.append(full)
-            else:
-                raise FileNotFoundError(f"data source '{name}': {full} does not exist")
-        self._handle: tuple[int, object] | None = None
-        self._parquet: dict[int, object] = {}  # open ParquetFile per file index
-        self._parquet_cache: dict[tuple[int, int], list[dict]] = {}
-        self.size = sum(self._count(i) for i in range(len(self.files)))
+    def __init__(self, name: str, root: str, paths: list[str], media_root: str | None = None,
+                 fmt: str = "auto", _files=None):
+        self.name, self.fmt = name, fmt
+        self.media_root = None if media_root is None else (
+            Path(media_root) if Path(media_root).is_absolute() else Path(root) / media_root)
+        self._current: int | None = None  # the one file held open
+        if _files is not None:  # reopen(): the same files, fresh handles
+            self.files, self.readers = _files
+            return
+        self.files = source_files(name, root, paths)
+        self.readers = [open_file(f) for f in self.files]
+        for r in self.readers:
+            r.close()  # counted; opened again when read
+        self.size = sum(len(r) for r in self.readers)
         if self.size == 0:
-            raise ValueError(f"data source '{name}' has no records in {[str(f) for f in self.files]}")
+            raise DataError(f"data source '{name}' has no records in {[str(f) for f in self.files]}")
 
-    def _is_parquet(self, i: int) -> bool:
-        return self.files[i].suffix == ".parquet"
+    def reopen(self) -> "SourceReader":
+        """A reader of the same files with its own handles (one per decoding thread)."""
+        other = SourceReader(self.name, "", [], None, self.fmt, (self.files, [r.reopen() for r in self.readers]))
+        other.media_root, other.size = self.media_root, self.size
+        return other
 
-    def _parquet_file(self, i: int):
-        if i not in self._parquet:
-            import pyarrow.parquet as pq
+    def spec(self) -> tuple:
+        """What another process needs to open the same source without scanning it again (picklable)."""
+        return self.name, self.files, [len(r) for r in self.readers], self.media_root, self.fmt
 
-            self._parquet[i] = pq.ParquetFile(self.files[i])
-        return self._parquet[i]
-
-    def _count(self, i: int) -> int:
-        if self._is_parquet(i):
-            return self._parquet_file(i).metadata.num_rows
-        with open(self.files[i], "rb") as f:
-            head = f.read(64).lstrip()
-            if head.startswith(b"["):
-                raise ValueError(f"{self.files[i]}: a JSON array; sources must be JSON lines (one object per "
-                                 f"line), e.g. convert with: jq -c '.[]' FILE > FILE.jsonl")
-            f.seek(0)
-            return sum(1 for line in f if line.strip())
+    @classmethod
+    def from_spec(cls, spec: tuple) -> "SourceReader":
+        name, files, sizes, media_root, fmt = spec
+        out = cls(name, "", [], None, fmt, (files, [open_file(f, n) for f, n in zip(files, sizes)]))
+        out.media_root, out.size = media_root, sum(sizes)
+        return out
 
     def start(self) -> tuple:
         return (0, 0, 0)
+
+    def _base(self, i: int) -> Path:
+        return self.media_root if self.media_root is not None else self.files[i].parent
+
+    def _reader(self, i: int):
+        if self._current is not None and self._current != i:
+            self.readers[self._current].close()
+        self._current = i
+        return self.readers[i]
+
+    def _row(self, i: int, k: int) -> Record:
+        r = self._reader(i)
+        kind = "row" if r.path.suffix in (".parquet", ".arrow") else "record"
+        return Record(self.name, r.read(k), f"{self.files[i]}:{kind} {k}", (i, k, k), self._base(i), self.fmt)
+
+    def scan(self, i: int, start: int, line: int, end: int):
+        """Records of file i from row (or byte offset, at line index ``line``) ``start`` up to ``end``."""
+        r = self._reader(i)
+        if r.rows:
+            for k in range(start, min(end, len(r))):
+                yield self._row(i, k)
+            return
+        off = start
+        while off < end:
+            got = r.read_line(off, line)
+            if got is None or got[2] >= end:
+                return
+            parsed, where, begin, first, off, line = got
+            yield Record(self.name, parsed, where, (i, begin, first), self._base(i), self.fmt)
 
     def read(self, cursor: tuple) -> tuple[Record, tuple]:
         """The record at ``cursor`` (or the next one after blank lines) and the cursor after it;
         wraps round to the first file at the end."""
         i, off, line = cursor
         for _ in range(len(self.files) + 1):
-            if self._is_parquet(i):
-                if off < self._parquet_file(i).metadata.num_rows:
-                    return self._parquet_row(i, off), (i, off + 1, off + 1)
+            r = self._reader(i)
+            if r.rows:
+                if off < len(r):
+                    return self._row(i, off), (i, off + 1, off + 1)
             else:
-                f = self._file(i)
-                f.seek(off)
-                while True:
-                    raw = f.readline()
-                    if not raw:
-                        break
-                    start, off, line = off, off + len(raw), line + 1
-                    if raw.strip():
-                        where = f"{self.files[i]}:{line}"
-                        try:
-                            parsed = json.loads(raw)
-                        except json.JSONDecodeError as e:
-                            parsed = e
-                        return Record(self.name, parsed, where, (i, start, line - 1), self.files[i].parent), \
-                            (i, off, line)
+                got = r.read_line(off, line)
+                if got is not None:
+                    parsed, where, start, first, off, line = got
+                    return Record(self.name, parsed, where, (i, start, first), self._base(i), self.fmt), (i, off, line)
             i, off, line = (i + 1) % len(self.files), 0, 0
-        raise ValueError(f"data source '{self.name}' has no records")
-
-    def _file(self, i: int):
-        if self._handle is None or self._handle[0] != i:
-            if self._handle is not None:
-                self._handle[1].close()
-            self._handle = (i, open(self.files[i], "rb"))
-        return self._handle[1]
-
-    def _parquet_row(self, i: int, row: int) -> Record:
-        pf = self._parquet_file(i)
-        start = 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if row < start + n:
-                if (i, g) not in self._parquet_cache:
-                    self._parquet_cache = {(i, g): pf.read_row_group(g).to_pylist()}  # one group at a time
-                raw = self._parquet_cache[(i, g)][row - start]
-                return Record(self.name, raw, f"{self.files[i]}:row {row}", (i, row, row), self.files[i].parent)
-            start += n
-        raise IndexError(f"{self.files[i]} has no row {row}")
+        raise DataError(f"data source '{self.name}' has no records")
 
 
 class Mixture:
     def __init__(self, data: DataConfig, seed: int):
         self.seed = seed
-        self.readers = {s.name: SourceReader(s.name, data.root, s.paths) for s in data.sources if s.ratio > 0}
+        for i, s in enumerate(data.sources):
+            check_format(s.format, f"data.sources[{i}].format")
+        self.readers = {s.name: SourceReader(s.name, data.root, s.paths, s.media_root, s.format)
+                        for s in data.sources if s.ratio > 0}
         self.quota = {}
         for s in data.sources:
             if s.ratio > 0:

@@ -12,9 +12,10 @@ layout. Pixels are decoded only for the rows this rank trains on (``own_rows``),
     batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles``
     state = stream.state_dict()              # exact position after the last batch returned
 
+Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders).
 Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
-media count mismatch, missing or unreadable media, too many images, too long with media, text
-truncated to no labels) are skipped and counted per reason; the first few are logged with file
+media count mismatch, a URL or unknown media form, missing or unreadable media, too many images,
+too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
 and line. Past ``data.max_skip_fraction`` (after 100 records) the run stops with the counts.
 An image whose header reads but whose pixels do not decode is found only when its row is decoded:
 its tiles are zeroed and its labels dropped, counted as ``bad_media_at_decode``.
@@ -29,16 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from lvita.config import DataConfig
-from lvita.data.media import MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count, video_tiles
+from lvita.data.errors import DataError  # noqa: F401 - re-exported: lvita.data.stream.DataError
+from lvita.data.media import MediaError, image_tiles, normalise, video_tiles
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
+from lvita.data.plan import Planner
 from lvita.data.sources import Mixture, Record
-from lvita.data.template import IGNORE, PLACEHOLDER, SampleError, count_placeholders, encode_conversation, normalise_messages
+from lvita.data.template import IGNORE, SampleError
 
 MIN_RECORDS_FOR_THRESHOLD = 100
-
-
-class DataError(RuntimeError):
-    """Too many bad samples: the data, not one sample, is wrong."""
 
 
 class DataStream:
@@ -48,6 +47,8 @@ class DataStream:
         self.tile, self.tpt, self.global_batch, self.log = tile, tokens_per_tile, global_batch, log
         self.own_rows = set(range(global_batch) if own_rows is None else own_rows)
         self.mixture = Mixture(data, seed)
+        self.planner = Planner(data, tokenizer, specials, tile, tokens_per_tile)
+        self._local = threading.local()  # per decoding thread: its own readers (embedded media)
         self.packer = Packer(data.seq_length, data.pack_buffer, data.same_source)
         self.skipped: Counter = Counter()
         self.records = 0
@@ -68,61 +69,7 @@ class DataStream:
             self.first_skipped.append(f"{where}: {reason}: {detail}")
 
     def plan(self, record: Record) -> SamplePlan:
-        raw = record.raw
-        if isinstance(raw, Exception):
-            raise SampleError("malformed_json", str(raw))
-        if not isinstance(raw, dict):
-            raise SampleError("malformed_json", "a line must be a JSON object")
-        messages = normalise_messages(raw)
-        images, videos = raw.get("images") or [], raw.get("videos") or []
-        n_img, n_vid = count_placeholders(messages)
-        if (n_img, n_vid) != (len(images), len(videos)):
-            raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
-                                                      f"{len(images)} images / {len(videos)} videos")
-        if len(images) > self.cfg.max_images:
-            raise SampleError("too_many_images", f"{len(images)} images > data.max_images={self.cfg.max_images}")
-        order = PLACEHOLDER.findall("".join(m["content"] for m in messages))
-        it_img, it_vid = iter(images), iter(videos)
-        paths = [("image", record.base / next(it_img)) if ph == "<image>" else ("video", record.base / next(it_vid))
-                 for ph in order]
-        # Header reads once per file: image sizes and video frame counts.
-        sizes = {p: image_size(p) for k, p in paths if k == "image"}
-        frames = {p: video_frame_count(p, self.cfg.max_frames, self.cfg.video_fps) for k, p in paths if k == "video"}
-        L = self.cfg.seq_length
-
-        def media_at(max_tiles: int) -> list[tuple]:
-            return [("image", str(p), max_tiles, tile_count(*sizes[p], self.cfg.min_tiles, max_tiles, self.tile))
-                    if k == "image" else ("video", str(p), self.cfg.max_frames, self.cfg.video_fps, frames[p])
-                    for k, p in paths]
-
-        def encode(media: list[tuple]) -> tuple[list[int], list[int]]:
-            groups = [[self.tpt * m[-1]] if m[0] == "image" else [self.tpt] * m[-1] for m in media]
-            return encode_conversation(messages, self.tok, self.specials, self.cfg.system_prompt, groups)
-
-        # InternVL's share of tiles per image (max_tiles // images), then halved down to min_tiles
-        # while the sample is too long: tiles are reduced before a sample is dropped. Only image
-        # tokens change between budgets, so the text is tokenised once more at most.
-        n_images = len(sizes)
-        share = max(self.cfg.min_tiles, self.cfg.max_tiles // max(n_images, 1))
-        media = media_at(share)
-        ids, targets = encode(media)
-        if len(ids) > L and n_images:
-            tiles = sum(m[-1] for m in media if m[0] == "image")
-            for max_tiles in _tile_budgets(share, self.cfg.min_tiles)[1:]:
-                fewer = media_at(max_tiles)
-                if len(ids) - self.tpt * (tiles - sum(m[-1] for m in fewer if m[0] == "image")) <= L:
-                    break
-            media = fewer
-            ids, targets = encode(media)
-        if len(ids) > L:
-            if media:
-                raise SampleError("too_long_multimodal", f"{len(ids)} tokens > data.seq_length={L} even at "
-                                                         f"{self.cfg.min_tiles} tile(s) per image")
-            ids, targets = ids[:L], targets[:L - 1] + [IGNORE]
-            if all(t == IGNORE for t in targets):
-                raise SampleError("truncated_no_labels", f"text longer than data.seq_length={L}; after "
-                                                         f"truncation no assistant token is left")
-        return SamplePlan(record.source, str(raw.get("id", "?")), record.where, record.cursor, ids, targets, media)
+        return self.planner.plan(record)
 
     def _try_plan(self, record: Record) -> SamplePlan | None:
         self.records += 1
@@ -152,13 +99,22 @@ class DataStream:
                 "pending": [[s.source, list(s.cursor)] for s in self.packer.pending]}
 
     # -- decoding (own rows, worker threads) -----------------------------------------------------
+    def _read_at(self, source: str, cursor: tuple) -> Record:
+        readers = self._local.__dict__.setdefault("readers", {})
+        if source not in readers:
+            readers[source] = self.mixture.readers[source].reopen()
+        return readers[source].read(tuple(cursor))[0]
+
+    def _source(self, ref):
+        return self.planner.media_source(ref, self._read_at)
+
     def decode(self, seq: PackedSequence) -> tuple[PackedSequence, Counter]:
         """Fill ``seq.tiles``; a sample whose media fail to decode gets zero tiles and no labels."""
         tiles, failures, targets = [], Counter(), seq.targets
         for s, meta in zip(seq.plans, seq.samples):
             try:
-                got = [image_tiles(m[1], self.tile, self.cfg.min_tiles, m[2]) if m[0] == "image"
-                       else video_tiles(m[1], self.tile, m[2], m[3]) for m in s.media]
+                got = [image_tiles(self._source(m[1]), self.tile, self.cfg.min_tiles, m[2]) if m[0] == "image"
+                       else video_tiles(self._source(m[1]), self.tile, m[2], m[3]) for m in s.media]
                 if [g.shape[0] for g in got] != [m[-1] for m in s.media]:
                     raise MediaError(f"{s.where}: decoded tile counts differ from the planned ones")
                 tiles += [normalise(g) for g in got]
@@ -222,14 +178,6 @@ class DataStream:
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _tile_budgets(max_tiles: int, min_tiles: int) -> list[int]:
-    out, t = [max_tiles], max_tiles
-    while t > min_tiles:
-        t = max(min_tiles, t // 2)
-        out.append(t)
-    return out
 
 
 def collate(seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
