@@ -206,6 +206,6 @@ def describe(plan: Plan, gpu_gb: float) -> list[str]:
                    + f"{gib(p.host):>8}")
     b = plan.bound
     verdict = "fits" if plan.fits(gpu_gb) else "does NOT fit"
-    out.append(f"  pipeline stage {b.stage} bounds the run at {gib(b.total)} GiB: {verdict} {gpu_gb:g} GB GPUs"
+    out.append(f"  stage {b.stage} bounds the run at {gib(b.total)} GiB: {verdict} {gpu_gb:g} GB GPUs"
                + ("" if plan.fits(gpu_gb) else " (lvita check --suggest lists layouts and levers that do)"))
     return out
