@@ -1,0 +1,183 @@
+"""Stopping a run on purpose: signals, a launcher that went away, and ``train.time_limit``.
+
+Owns *when* every rank stops early and that they all stop at the same step. lvita.train makes one
+:class:`Stopper` per run; after each optimizer step it calls :meth:`Stopper.agree`, which every rank
+must call (one all-reduce MAX of a 1-element tensor over the world):
+
+    stopper = Stopper(time_limit_s, log)          # installs SIGTERM/SIGUSR1 handlers in this rank
+    for step in ...:
+        engine.train_batch(...)
+        reason, skipped = stopper.agree(step_time, skipped)  # the same on every rank
+        if reason: save through lvita.checkpoint, print stopper.message(...), return (exit 0)
+    stopper.close()                               # the previous handlers come back
+
+A rank asks to stop when
+
+- it receives SIGTERM (what Slurm, Kubernetes and most schedulers send before taking the machines)
+  or SIGUSR1 (Slurm's ``--signal=USR1@<seconds>`` ahead of the time limit);
+- its DeepSpeed launcher went away: DeepSpeed's runner (``deepspeed ...``) installs no signal
+  handler for a local run, so a SIGTERM ends it at once and leaves its ``launch`` child and the ranks
+  running with parent 1. Each rank therefore remembers its parent (``launch``) and that process's
+  parent (the runner) and asks to stop when either changes (a SIGKILL of ``launch`` included);
+- ``train.time_limit`` would pass before the next step and the save end: the next step is predicted
+  by the longest step so far and the save by the longest save so far (before any: one step).
+
+The handler only sets a flag: the step in progress finishes, then the ranks agree at its end, so
+every rank saves the same step through the normal crash-safe path. Signals that arrive while
+stopping (a scheduler or ``launch`` repeating SIGTERM during the save) are noted and otherwise
+ignored: the save completes, and if a SIGKILL ends it first, the previous complete checkpoint stays
+``latest`` (lvita.checkpoint writes the manifest and ``latest`` last).
+
+Trade-offs: the launcher is polled once per step (two reads of /proc), so a rank notices a vanished
+runner only at the end of its current step; the runner itself dies of the signal (exit 143 or 138)
+since it is DeepSpeed's code; ``python -m lvita.launch`` (a drop-in for ``deepspeed``) forwards the
+signal to the ranks instead and exits 0 after their save. The time limit is counted from this
+process's start, so each requeued run gets the whole allocation again; it never stops a run before
+its first step, so every requeue makes progress.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import psutil
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REASONS = {1: "signal", 2: "launcher gone", 3: "time limit"}
+LAUNCH_MODULE = "deepspeed.launcher.launch"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str | None, key: str = "train.time_limit") -> float | None:
+    """``"47h30m"``, ``"90m"``, ``"3600s"``, ``"1d2h"`` -> seconds; None -> None. Raises ConfigError."""
+    from lvita.config import ConfigError
+
+    if text is None:
+        return None
+    s = str(text).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(s)
+    if not s or "".join(n + u for n, u in parts) != s:
+        raise ConfigError(f"{key}={text!r}: expected a duration such as \"47h30m\", \"90m\", \"3600s\" or \"1d2h\" "
+                          f"(units d, h, m, s), or null for no limit")
+    seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{key}={text!r}: must be longer than 0")
+    return seconds
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return []
+
+
+class Stopper:
+    def __init__(self, time_limit_s: float | None = None, log=lambda *a: None, install: bool = True):
+        self.time_limit_s, self.log = time_limit_s, log
+        try:
+            self.started = psutil.Process().create_time()  # the process's start: imports count too
+        except (psutil.Error, OSError):
+            self.started = time.time()
+        self.signal_name: str | None = None
+        self._repeated = False
+        self.stopping = False
+        self.longest_step = 0.0
+        self.longest_save = 0.0
+        self._previous = {}
+        self.parent = os.getppid()
+        # watch DeepSpeed's runner too: the parent of our launch process
+        self.grandparent = None
+        if any(LAUNCH_MODULE in part for part in _cmdline(self.parent)):
+            try:
+                self.grandparent = psutil.Process(self.parent).ppid()
+            except (psutil.Error, OSError):
+                pass
+        if install:
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+                signal.siginterrupt(sig, False)  # restart system calls (gloo/NCCL sockets, file writes)
+
+    # -- local state --------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping or self.signal_name:
+            if not self._repeated:  # os.write: no re-entrant print if the signal lands inside one
+                os.write(2, f"lvita.train: {name} again while stopping (pid {os.getpid()}): still saving, "
+                            f"please wait\n".encode())
+            self._repeated = True
+            return
+        self.signal_name = name
+
+    def launcher_gone(self) -> bool:
+        if os.getppid() != self.parent:
+            return True
+        if self.grandparent is None:
+            return False
+        try:
+            return psutil.Process(self.parent).ppid() != self.grandparent
+        except (psutil.Error, OSError):
+            return True
+
+    def local_reason(self) -> int:
+        if self.signal_name:
+            return 1
+        if self.launcher_gone():
+            return 2
+        if self.time_limit_s is not None:
+            ahead = self.longest_step + (self.longest_save or self.longest_step)
+            if time.time() - self.started + ahead >= self.time_limit_s:
+                return 3
+        return 0
+
+    # -- collective ---------------------------------------------------------------------------------
+
+    def agree(self, step_time: float, skipped: bool = False, group=None) -> tuple[str | None, bool]:
+        """Collective (the world, or ``group``): the stop reason every rank agrees on (or None), and
+        whether any rank's optimizer skipped the step (lvita.guard), in one all-reduce MAX."""
+        import torch
+        import torch.distributed as dist
+
+        self.longest_step = max(self.longest_step, step_time)
+        code, skipped = self.local_reason(), int(skipped)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            from deepspeed.accelerator import get_accelerator
+
+            t = torch.tensor([code, skipped], dtype=torch.int32, device=get_accelerator().current_device_name())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            code, skipped = (int(v) for v in t.tolist())
+        if not code:
+            return None, bool(skipped)
+        self.stopping = True
+        if code == 1:
+            return (f"signal {self.signal_name}" if self.signal_name else "a signal to another rank"), bool(skipped)
+        return REASONS[code], bool(skipped)
+
+    def saved(self, seconds: float) -> None:
+        self.longest_save = max(self.longest_save, seconds)
+
+    def message(self, reason: str, step: int, total: int, tag_dir) -> str:
+        limit = f" (train.time_limit: {self.time_limit_s:.0f}s from the start)" if reason == "time limit" else ""
+        return (f"lvita.train: stopped at step {step} of {total} on {reason}{limit}; saved {tag_dir}; run the same "
+                f"command again to continue from it (resume=auto)")
+
+    def close(self) -> None:
+        """Put the previous handlers back, unless the run is stopping: then later signals (the
+        scheduler repeating itself while the process exits) stay harmless until the exit."""
+        if self.stopping:
+            return
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def say(text: str) -> None:
+    """Print a line that must not fail when the terminal or the launcher's pipe is gone."""
+    try:
+        print(text, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
