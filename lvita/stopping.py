@@ -166,9 +166,14 @@ class Stopper:
                 f"command again to continue from it (resume=auto)")
 
     def close(self) -> None:
-        """Put the previous handlers back, unless the run is stopping: then later signals (the
-        scheduler repeating itself while the process exits) stay harmless until the exit."""
-        if self.stopping:
+        """Put the previous handlers back, unless the run is stopping: then the process ignores
+        SIGTERM/SIGUSR1 until it exits (the scheduler repeating itself must not turn the clean exit
+        into death by signal; Python keeps an ignored signal ignored through its shutdown, where it
+        would reset a Python handler to the default)."""
+        if self.stopping and self._previous:
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous = {}
             return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
