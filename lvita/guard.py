@@ -17,7 +17,9 @@ weights or Adam moments change, and the engine then leaves the LR scheduler wher
 itself: any non-finite gradient in this rank's partition, or (last pipeline stage) a non-finite
 loss, ORed over the whole world with one all-reduce, so every rank skips or steps together. The
 optimizer's own check of the global gradient norm (inf/NaN, e.g. squares that overflow) still
-applies. Without ZeRO the optimizer's ``step`` is wrapped the same way.
+applies. DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeRO-1, the shipped
+GPU config) and plain optimizers (ZeRO 0) get their ``step`` wrapped instead: it returns early with
+``overflow`` set, and the engine then zeroes the gradients and leaves the schedule alone.
 
 Trade-offs: a skipped step does not advance the LR schedule (as DeepSpeed's fp16 overflow and
 Megatron do), so the schedule follows the applied steps; the data stream advances regardless (the
@@ -95,15 +97,19 @@ class NonFiniteGuard:
 
             opt.check_grad_overflow = True
             opt.check_overflow = check_overflow
-        else:
+        else:  # DeepSpeed's BF16_Optimizer (bf16 + fp32 accumulation + ZeRO-1) or a plain optimizer (ZeRO 0)
             inner = opt.step
             params = [p for g in opt.param_groups for p in g["params"]]
 
             def step(*args, **kwargs):
-                opt.overflow = _world_any(self._local_bad(engine, [p.grad for p in params]), dev)
-                if opt.overflow:
+                hp = getattr(opt, "fp32_groups_gradients_flat", None)  # BF16_Optimizer's fp32 accumulators
+                grads = list(hp) if hp is not None else [p.grad for p in params]
+                bad = _world_any(self._local_bad(engine, grads), dev)
+                if bad:  # the engine reads ``overflow``, then zeroes the gradients and keeps the schedule
+                    opt.overflow = True
                     return None
-                return inner(*args, **kwargs)
+                opt.overflow = False
+                return inner(*args, **kwargs)  # BF16_Optimizer still skips on a non-finite global norm
 
             opt.step = step
         opt._lvita_guarded = True

@@ -42,9 +42,8 @@ def _forward(signum, frame) -> None:
 def main(argv=None) -> int:
     from deepspeed.launcher import runner
 
-    for sig in SIGNALS:
+    for sig in SIGNALS:  # (no siginterrupt(False): the handler must run while the runner waits)
         signal.signal(sig, _forward)
-        signal.siginterrupt(sig, False)
     runner.main(argv)  # exits with the ranks' status when it is not 0
     return 0
 

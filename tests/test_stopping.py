@@ -95,8 +95,8 @@ def stage(tmp_path_factory, tokenizer_dir, dataset_dir):
 
 def test_preempted_four_ways_resumes_exactly(stage):
     """One training run stopped four times, each continued by the same command: SIGTERM to the
-    ``deepspeed`` runner, SIGTERM to one rank, SIGUSR1 to the other with SIGTERMs hammering both
-    ranks while they save, and ``train.time_limit``; then it finishes. Its losses equal an
+    ``deepspeed`` runner, SIGTERM to one rank, SIGUSR1 to ``python -m lvita.launch`` with SIGTERMs
+    hammering both ranks while they save, and ``train.time_limit``; then it finishes. Its losses equal an
     uninterrupted run's, every step is logged once, and no stopped run leaves a process behind."""
     root, stage_file = stage
     ref_out = root / "reference"
@@ -124,11 +124,13 @@ def test_preempted_four_ways_resumes_exactly(stage):
     s2 = _stopped(text, out, "signal")
     assert s2 > s1
 
-    # 3. SIGUSR1 (Slurm's --signal) to the other rank, then SIGTERM to both every 20 ms until they
-    # are gone: the repeats land in the step, the agreement and the save, and change nothing
-    proc = _start(stage_file, out)
+    # 3. SIGUSR1 (Slurm's --signal) to lvita.launch, which passes it to the ranks and waits for
+    # them; then SIGTERM to both ranks every 20 ms until they are gone: the repeats land in the
+    # step, the agreement and the save, and change nothing
+    proc = _start(stage_file, out, launcher="lvita.launch")
     tree, ranks = _tree(proc, out)
-    ranks[0].send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.2)
     while any(_alive(r) for r in ranks):
         for r in ranks:
             try:
@@ -138,6 +140,7 @@ def test_preempted_four_ways_resumes_exactly(stage):
         time.sleep(0.02)
     text = _end(proc, tree)
     assert proc.returncode == 0, text[-4000:]
+    assert "lvita.launch: SIGUSR1: passed to 2 training processes" in text
     assert "again while stopping" in text
     s3 = _stopped(text, out, "signal SIGUSR1")
     assert s3 > s2
@@ -218,3 +221,33 @@ def test_stop_keys_are_checked(stage, tmp_path):
                       (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps=0: stop after")):
         with pytest.raises(ConfigError, match=re.escape(msg)):
             validate(load_stage(stage_file, sets), 2)
+
+
+def test_stopper_in_one_process():
+    """``lvita.train`` run directly: a signal is a stop at the next agreement, repeats are harmless,
+    a stopping process ignores further signals; the time limit counts the longest step and save."""
+    from lvita.stopping import Stopper
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        s = Stopper()
+        assert s.agree(0.1) == (None, False)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert s.agree(0.1, skipped=True) == ("signal SIGUSR1", True)
+        os.kill(os.getpid(), signal.SIGTERM)  # while stopping: noted, nothing else
+        s.close()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGUSR1)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        t = Stopper(time_limit_s=time.time() - Stopper(install=False).started + 30)
+        t.saved(2.0)
+        assert t.agree(5.0) == (None, False)  # 5 s step + 2 s save fit in the 30 s left
+        assert t.agree(29.0)[0] == "time limit"
+        t.close()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # it stopped
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    u = Stopper()
+    u.close()
+    assert {sig: signal.getsignal(sig) for sig in saved} == saved  # no stop: the previous handlers are back
