@@ -107,6 +107,8 @@ class NonFiniteGuard:
                 bad = _world_any(self._local_bad(engine, grads), dev)
                 if bad:  # the engine reads ``overflow``, then zeroes the gradients and keeps the schedule
                     opt.overflow = True
+                    if hasattr(opt, "_global_grad_norm"):
+                        opt._global_grad_norm = float("inf")  # as DeepSpeed's own skip reports it
                     return None
                 opt.overflow = False
                 return inner(*args, **kwargs)  # BF16_Optimizer still skips on a non-finite global norm

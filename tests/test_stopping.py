@@ -162,7 +162,7 @@ def test_preempted_four_ways_resumes_exactly(stage):
 
 def _optimizer_states(tag: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for f in sorted(tag.glob("zero_pp_rank_*_optim_states.pt")):
+    for f in sorted(tag.glob("*zero_pp_rank_*_optim_states.pt")):
         state = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         for i, s in state["base_optimizer_state"]["state"].items():
             for k, v in s.items():
@@ -172,14 +172,17 @@ def _optimizer_states(tag: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_divergence_skips_steps_and_stops_with_exit_2(stage):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_divergence_skips_steps_and_stops_with_exit_2(stage, precision):
     """lr 1e4 without clipping: the gradient norm goes inf. Those steps change neither weights nor
     optimizer state, are counted and logged with their samples; after 2 in a row the run exits 2,
-    and the last healthy checkpoint survives keep_checkpoints=1."""
+    and the last healthy checkpoint survives keep_checkpoints=1. fp32 goes through DeepSpeed's ZeRO-1
+    optimizer, bf16 (the GPU config, here on CPU) through its BF16_Optimizer."""
     root, stage_file = stage
-    out = root / "diverged"
+    out = root / f"diverged_{precision}"
+    sets = [] if precision == "fp32" else ["precision=bf16", f"deepspeed={REPO / 'ds_configs' / 'pipeline_bf16_zero1.json'}"]
     proc = _start(stage_file, out, 'train.lr={"vision":1e4,"projector":1e4,"llm":1e4}', "train.grad_clip=0",
-                  "train.max_nonfinite_steps=2", "train.save_every=1", "train.keep_checkpoints=1")
+                  "train.max_nonfinite_steps=2", "train.save_every=1", "train.keep_checkpoints=1", *sets)
     text = _end(proc, [])
     assert proc.returncode == 2, text[-4000:]
     metrics = _metrics(out)
@@ -189,6 +192,7 @@ def test_divergence_skips_steps_and_stops_with_exit_2(stage):
     assert [m["nonfinite_steps"] for m in metrics] == [0] * (first - 1) + [1, 2]
     assert all(re.fullmatch(r"(captions:cap|text:txt)-\d+", s) for s in metrics[-1]["nonfinite_samples"])
     assert f"step {first}: loss" in text and "the step was skipped" in text
+    assert all(m["grad_norm"] == float("inf") for m in metrics[first - 1:])
     ckpts = out / "checkpoints"
     healthy, during = ckpts / f"global_step{first - 1}", ckpts / f"global_step{first}"
     assert re.search(rf"lvita\.train: error: training diverged: .* \(steps {first}-{first + 1}, .*"
