@@ -2,14 +2,15 @@
 
 Owns *when* every rank stops early and that they all stop at the same step. lvita.train makes one
 :class:`Stopper` per run; after each optimizer step it calls :meth:`Stopper.agree`, which every rank
-must call (one all-reduce MAX of a 1-element tensor over the world):
+must call (one all-reduce MAX of two integers over the world: the stop reason, and whether any
+rank's optimizer skipped the step, for lvita.guard):
 
     stopper = Stopper(time_limit_s, log)          # installs SIGTERM/SIGUSR1 handlers in this rank
     for step in ...:
         engine.train_batch(...)
         reason, skipped = stopper.agree(step_time, skipped)  # the same on every rank
         if reason: save through lvita.checkpoint, print stopper.message(...), return (exit 0)
-    stopper.close()                               # the previous handlers come back
+    stopper.close()                               # handlers back (after a stop: signals ignored)
 
 A rank asks to stop when
 
@@ -19,11 +20,14 @@ A rank asks to stop when
   handler for a local run, so a SIGTERM ends it at once and leaves its ``launch`` child and the ranks
   running with parent 1. Each rank therefore remembers its parent (``launch``) and that process's
   parent (the runner) and asks to stop when either changes (a SIGKILL of ``launch`` included);
+  a rank not started by DeepSpeed's launch (``python -m lvita.train``, nohup) does not watch;
 - ``train.time_limit`` would pass before the next step and the save end: the next step is predicted
   by the longest step so far and the save by the longest save so far (before any: one step).
 
-The handler only sets a flag: the step in progress finishes, then the ranks agree at its end, so
-every rank saves the same step through the normal crash-safe path. Signals that arrive while
+Handlers are installed just before the first step: a signal during start-up (model build, resume,
+universal conversion) ends the process at once, with nothing new to save. After that a handler
+only sets a flag: the step in progress finishes, then the ranks agree at its end, so every rank
+saves the same step through the normal crash-safe path. Signals that arrive while
 stopping (a scheduler or ``launch`` repeating SIGTERM during the save) are noted and otherwise
 ignored: the save completes, and if a SIGKILL ends it first, the previous complete checkpoint stays
 ``latest`` (lvita.checkpoint writes the manifest and ``latest`` last).
@@ -88,14 +92,15 @@ class Stopper:
         self.longest_step = 0.0
         self.longest_save = 0.0
         self._previous = {}
+        # under DeepSpeed's launch: watch it and its parent (the runner); a rank started otherwise
+        # (``python -m lvita.train``, nohup, tests) does not care who its parent is
         self.parent = os.getppid()
-        # watch DeepSpeed's runner too: the parent of our launch process
         self.grandparent = None
         if any(LAUNCH_MODULE in part for part in _cmdline(self.parent)):
             try:
                 self.grandparent = psutil.Process(self.parent).ppid()
             except (psutil.Error, OSError):
-                pass
+                self.grandparent = -1  # launch is already gone
         if install:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -114,10 +119,10 @@ class Stopper:
         self.signal_name = name
 
     def launcher_gone(self) -> bool:
-        if os.getppid() != self.parent:
-            return True
         if self.grandparent is None:
             return False
+        if os.getppid() != self.parent:
+            return True
         try:
             return psutil.Process(self.parent).ppid() != self.grandparent
         except (psutil.Error, OSError):
