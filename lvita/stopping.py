@@ -96,15 +96,20 @@ class Stopper:
         # (``python -m lvita.train``, nohup, tests) does not care who its parent is
         self.parent = os.getppid()
         self.grandparent = None
+        self.siblings: list[psutil.Process] = []  # the other ranks launch started on this node
         if any(LAUNCH_MODULE in part for part in _cmdline(self.parent)):
             try:
-                self.grandparent = psutil.Process(self.parent).ppid()
+                launch = psutil.Process(self.parent)
+                self.grandparent = launch.ppid()
+                self.siblings = [p for p in launch.children() if p.pid != os.getpid()]
             except (psutil.Error, OSError):
                 self.grandparent = -1  # launch is already gone
+        self._wakeup = None
         if install:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
                 signal.siginterrupt(sig, False)  # restart system calls (gloo/NCCL sockets, file writes)
+            self._watch_signals()
 
     # -- local state --------------------------------------------------------------------------------
 
@@ -117,6 +122,49 @@ class Stopper:
             self._repeated = True
             return
         self.signal_name = name
+
+    def _watch_signals(self) -> None:
+        """A thread learns of every signal at once through Python's wakeup fd, even while the main
+        thread is blocked in a collective (where the Python handler waits). It only acts when a
+        rank of this node has died and the run is not stopping: then DeepSpeed's launch is ending
+        the survivors (SIGTERM, SIGKILL 30 s later), no collective save is possible, and this rank
+        exits at once, as it did before lvita handled SIGTERM."""
+        import socket
+        import threading
+
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        try:
+            self._wakeup = (signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False), r, w)
+        except ValueError:  # not the main thread
+            r.close(), w.close()
+            return
+
+        def watch():
+            while True:
+                try:
+                    data = r.recv(64)
+                except OSError:
+                    data = b""
+                if not data:
+                    r.close()
+                    return
+                hit = [b for b in data if b in SIGNALS]
+                if hit and not self.stopping and self.sibling_lost():
+                    os.write(2, f"lvita.train: {signal.Signals(hit[0]).name} after another rank of this node died; "
+                                f"exiting at once (pid {os.getpid()})\n".encode())
+                    os._exit(128 + hit[0])
+
+        threading.Thread(target=watch, name="lvita-signal-watch", daemon=True).start()
+
+    def sibling_lost(self) -> bool:
+        for p in self.siblings:
+            try:
+                if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                return True
+        return False
 
     def launcher_gone(self) -> bool:
         if self.grandparent is None:
@@ -183,6 +231,11 @@ class Stopper:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self._wakeup:
+            old, r, w = self._wakeup
+            signal.set_wakeup_fd(old)
+            w.close()  # the watching thread reads EOF and ends
+            self._wakeup = None
 
 
 def say(text: str) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import REPO, stage_dict, write_stage
 from tests.distributed import free_port
 from tests.test_training import _layer_states, _metrics
 
-ITERATIONS = 10
+ITERATIONS = 12
 STOPPED = re.compile(r"lvita\.train: stopped at step (\d+) of \d+ on (.+); saved (\S+); run the same command again")
 
 
@@ -96,7 +96,8 @@ def stage(tmp_path_factory, tokenizer_dir, dataset_dir):
 def test_preempted_four_ways_resumes_exactly(stage):
     """One training run stopped four times, each continued by the same command: SIGTERM to the
     ``deepspeed`` runner, SIGTERM to one rank, SIGUSR1 to ``python -m lvita.launch`` with SIGTERMs
-    hammering both ranks while they save, and ``train.time_limit``; then it finishes. Its losses equal an
+    hammering both ranks while they save, and ``train.time_limit``; then a rank is killed (-9) and
+    the run finishes. Its losses equal an
     uninterrupted run's, every step is logged once, and no stopped run leaves a process behind."""
     root, stage_file = stage
     ref_out = root / "reference"
@@ -151,7 +152,18 @@ def test_preempted_four_ways_resumes_exactly(stage):
     assert proc.returncode == 0, text[-4000:]
     assert _stopped(text, out, "time limit") == s3 + 1
 
-    # 5. the same command finishes the run
+    # 5. kill -9 of one rank is still a crash: the launcher ends the other within seconds (it
+    # SIGTERMs it, and a rank whose sibling died exits at once instead of stopping), exit != 0
+    proc = _start(stage_file, out)
+    tree, ranks = _tree(proc, out)
+    t0 = time.time()
+    ranks[0].kill()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive and time.time() - t0 < 20, f"{time.time() - t0:.1f}s"
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, None) and "lvita.train: stopped" not in text
+
+    # 6. the same command finishes the run
     proc = _start(stage_file, out)
     text = _end(proc, [])
     assert proc.returncode == 0, text[-4000:]
@@ -255,3 +267,41 @@ def test_stopper_in_one_process():
     u = Stopper()
     u.close()
     assert {sig: signal.getsignal(sig) for sig in saved} == saved  # no stop: the previous handlers are back
+
+
+_BLOCKED_RANK = """
+import socket, subprocess, sys, psutil
+from lvita.stopping import Stopper
+sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+s = Stopper()
+s.grandparent, s.siblings = -1, [psutil.Process(sibling.pid)]  # as if under DeepSpeed's launch
+if sys.argv[1] == "dead":
+    sibling.kill(); sibling.wait()
+a, b = socket.socketpair()
+print("blocked", flush=True)
+a.recv(1)  # like a collective waiting for a dead peer: the Python handler cannot run here
+"""
+
+
+@pytest.mark.parametrize("sibling", ["dead", "alive"])
+def test_sigterm_after_a_rank_died_exits_at_once(sibling):
+    """DeepSpeed's launch SIGTERMs the survivors when a rank dies (then SIGKILLs them 30 s later).
+    A survivor blocked in a collective must still die at once, as before lvita caught SIGTERM; with
+    every rank alive the same SIGTERM is a stop request and ends nothing by itself."""
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_RANK, sibling], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "blocked"
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        if sibling == "dead":
+            assert proc.wait(timeout=20) == 128 + signal.SIGTERM and time.time() - t0 < 10
+            assert "SIGTERM after another rank of this node died; exiting at once" in proc.stderr.read()
+        else:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        proc.kill()
+        proc.wait()
