@@ -133,6 +133,7 @@ class NonFiniteGuard:
         if self.first_of_streak is None:
             self.first_of_streak = step
         seen = ", ".join(self.samples(batch))
+        grad_norm = None if grad_norm is None else float(grad_norm)
         log(f"warning: step {step}: loss {loss} / gradient norm {grad_norm} not finite; the step was skipped "
             f"(weights, optimizer state and LR schedule unchanged; {self.streak} in a row, "
             f"train.max_nonfinite_steps={self.max_in_row}); its samples (source:id): {seen}")
@@ -142,9 +143,10 @@ class NonFiniteGuard:
         """``source:id`` of every sample packed into a global batch (lvita.data.packer.PackedSequence)."""
         return [f"{m['source']}:{m['id']}" for s in batch for m in s.samples]
 
-    def check(self, step: int) -> None:
-        """Raises Diverged after ``max_in_row`` non-finite steps in a row."""
+    def check(self, step: int, before_raising=lambda: None) -> None:
+        """Raises Diverged after ``max_in_row`` non-finite steps in a row (``before_raising`` first)."""
         if self.streak >= self.max_in_row:
+            before_raising()
             raise Diverged(f"training diverged: the loss or gradient norm was not finite for {self.streak} steps in a "
                            f"row (steps {self.first_of_streak}-{step}, train.max_nonfinite_steps={self.max_in_row}); "
                            f"the weights are still those from before step {self.first_of_streak}")

@@ -179,48 +179,48 @@ def run(cfg) -> list[float]:
         log(f"[{cfg.name}] saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
         return path
 
-    losses = []
-    try:
-        for step in range(start + 1, cfg.train.iterations + 1):
-            t0 = time.perf_counter()
-            batch = stream.next_global_batch()
-            micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
-            if layout.sequence > 1:
-                micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"],
-                                           tpt) for m in micro]
-            data_wait = time.perf_counter() - t0
-            lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-            loss = float(engine.train_batch(data_iter=iter(micro)))
-            step_time = time.perf_counter() - t0
-            losses.append(loss)
-            tokens = sum(s.input_ids.numel() for s in batch)
-            gn = engine.get_global_grad_norm()
-            gn = None if gn is None else float(gn)
-            # one all-reduce: every rank stops (or not) and counts the step as skipped (or not) together
-            reason, bad = stopper.agree(step_time, guard.skipped(engine))
-            guard.count(step, bad, loss, gn, batch, lambda m: log(f"[{cfg.name}] {m}"))
-            if bad or step % cfg.train.log_every == 0 or step == cfg.train.iterations:
-                monitor.log(step, {
-                    "loss": loss, "lr": lrs, "grad_norm": gn,
-                    "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
-                    "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
-                    "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
-                    "skipped": stream.skipped_total, "nonfinite_steps": guard.total,
-                    **({"nonfinite_samples": guard.samples(batch)} if bad else {}),
-                })
-            guard.check(step)  # raises Diverged after N in a row: nothing saved
-            saved = None
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
-                saved = save(step)
-            if reason and step < cfg.train.iterations:
-                path = saved or save(step)
-                if rank == 0:
-                    say(stopper.message(reason, step, cfg.train.iterations, path))
-                break
-    finally:
+    def finish():
         stopper.close()
         monitor.close()
         stream.close()
+
+    losses = []
+    for step in range(start + 1, cfg.train.iterations + 1):
+        t0 = time.perf_counter()
+        batch = stream.next_global_batch()
+        micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
+        if layout.sequence > 1:
+            micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"],
+                                       tpt) for m in micro]
+        data_wait = time.perf_counter() - t0
+        lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+        loss = float(engine.train_batch(data_iter=iter(micro)))
+        step_time = time.perf_counter() - t0
+        losses.append(loss)
+        tokens = sum(s.input_ids.numel() for s in batch)
+        gn = engine.get_global_grad_norm()
+        # one all-reduce: every rank stops (or not) and counts the step as skipped (or not) together
+        reason, bad = stopper.agree(step_time, guard.skipped(engine))
+        guard.count(step, bad, loss, gn, batch, lambda m: log(f"[{cfg.name}] {m}"))
+        if bad or step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+            monitor.log(step, {
+                "loss": loss, "lr": lrs, "grad_norm": None if gn is None else float(gn),
+                "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
+                "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
+                "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
+                "skipped": stream.skipped_total, "nonfinite_steps": guard.total,
+                **({"nonfinite_samples": guard.samples(batch)} if bad else {}),
+            })
+        guard.check(step, before_raising=finish)  # Diverged after N in a row: nothing saved
+        saved = None
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
+            saved = save(step)
+        if reason and step < cfg.train.iterations:
+            path = saved or save(step)
+            if rank == 0:
+                say(stopper.message(reason, step, cfg.train.iterations, path))
+            break
+    finish()
     return losses
 
 

@@ -202,6 +202,11 @@ def test_divergence_skips_steps_and_stops_with_exit_2(stage, precision):
     assert len(bad) == 2 and bad[1] == bad[0] + 1 == metrics[-1]["step"], metrics
     first = bad[0]
     assert [m["nonfinite_steps"] for m in metrics] == [0] * (first - 1) + [1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()  # the writer was closed before the exit
+    assert [e.value for e in board.Scalars("train/nonfinite_steps")] == [0] * (first - 1) + [1, 2]
     assert all(re.fullmatch(r"(captions:cap|text:txt)-\d+", s) for s in metrics[-1]["nonfinite_samples"])
     assert f"step {first}: loss" in text and "the step was skipped" in text
     assert all(m["grad_norm"] == float("inf") for m in metrics[first - 1:])
