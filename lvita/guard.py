@@ -39,10 +39,11 @@ class Diverged(RuntimeError):
 
 
 def _any_nonfinite(tensors) -> bool:
-    for t in tensors:
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return True
-    return False
+    """Whether any tensor holds inf or NaN, with one device sync and no full-size temporaries: a
+    tensor's sum is not finite then (nor when its finite values overflow the sum, which DeepSpeed's
+    own overflow check accepts too)."""
+    sums = [t.detach().sum().float() for t in tensors if t is not None]
+    return bool(sums) and not bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _world_any(flag: bool, device) -> bool:
@@ -91,7 +92,7 @@ class NonFiniteGuard:
                 if getattr(opt, "cpu_offload", False):
                     local = bool(getattr(opt, "local_overflow", False)) or self._local_bad(engine, [])
                 else:
-                    grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients[i] or [])]
+                    grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients.get(i) or [])]
                     local = self._local_bad(engine, grads)
                 opt.overflow = _world_any(local, dev)
 

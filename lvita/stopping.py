@@ -117,8 +117,8 @@ class Stopper:
         name = signal.Signals(signum).name
         if self.stopping or self.signal_name:
             if not self._repeated:  # os.write: no re-entrant print if the signal lands inside one
-                os.write(2, f"lvita.train: {name} again while stopping (pid {os.getpid()}): still saving, "
-                            f"please wait\n".encode())
+                os.write(2, f"lvita.train: {name} again while stopping (pid {os.getpid()}): ignored; this rank "
+                            f"saves and exits after its current step\n".encode())
             self._repeated = True
             return
         self.signal_name = name
