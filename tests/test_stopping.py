@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from lvita.checkpoint import read_manifest
 from tests.conftest import REPO, stage_dict, write_stage
 from tests.distributed import free_port
 from tests.test_training import _layer_states, _metrics
@@ -145,6 +146,7 @@ def test_preempted_four_ways_resumes_exactly(stage):
     assert "again while stopping" in text
     s3 = _stopped(text, out, "signal SIGUSR1")
     assert s3 > s2
+    read_manifest(out / "checkpoints" / f"global_step{s2}")  # the previous checkpoint is intact too
 
     # 4. the time limit: one step per run (it is over by the end of the first), saved, exit 0
     proc = _start(stage_file, out, "train.time_limit=1s")
