@@ -9,8 +9,10 @@ Owns the decision to skip an optimizer step, the count of such steps and the sto
     guard.count(step, bad, loss, grad_norm, batch, log)   # counts and logs a skipped step
     guard.check(step)                    # raises Diverged after N in a row
 
-How the step is skipped: DeepSpeed's bf16 and fp32 paths apply whatever gradients they get (only
-fp16 loss scaling skips). Its ZeRO-1/2 optimizer has a skip path for fp16 overflow, though: when
+What DeepSpeed (0.19.8, read and checked here) does by itself: its fp32 ZeRO-1/2 optimizer and its
+BF16_Optimizer skip a step whose global gradient norm is inf/NaN; bf16 ZeRO-1/2 with bf16
+accumulation does not, none looks at the loss, nothing stops a run that only ever skips, and the
+skips are not reported. Its ZeRO-1/2 skip path: when
 ``optimizer.overflow`` is set, ``step`` zeroes the gradients and returns before the fp32 master
 weights or Adam moments change, and the engine then leaves the LR scheduler where it was and counts
 ``engine.skipped_steps``. The guard turns that path on for every precision and decides ``overflow``
