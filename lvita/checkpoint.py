@@ -15,7 +15,8 @@ parallel layout, the model preset, the precision and a fingerprint of the tokeni
 shard, a truncated file or a resume with another model or vocabulary is a clear error before
 anything is loaded or overwritten. Files are written, then renamed into place, so a SIGKILL at any
 moment leaves either the old or the new state. ``train.keep_checkpoints`` prunes older tags only
-after a newer one is complete.
+after a newer one is complete, and never the newest *healthy* one (saved from finite weights after
+a finite step; lvita.guard): a run that stops learning cannot prune away its last sound state.
 
 Trade-off: DeepSpeed writes ``latest`` before its final barrier (not crash-safe), so we save with
 ``save_latest=False`` and point ``latest`` ourselves after the manifest.
@@ -115,10 +116,14 @@ def set_rng_state(state: dict) -> None:
 # -- saving ---------------------------------------------------------------------------------------
 
 def save(engine, output_dir: str | Path, step: int, data_state: dict, config: dict, info: dict,
-         keep: int = 0, log=lambda *a: None) -> Path:
+         keep: int = 0, log=lambda *a: None, guard: dict | None = None) -> Path:
     """Collective: every rank calls it. ``info`` (layout, preset, precision, tokenizer, zero stage)
-    goes into the manifest. Returns the tag directory."""
+    goes into the manifest. ``guard``: lvita.guard's counters (``streak`` > 0: saved during a run of
+    non-finite steps, so not :func:`healthy`). Refuses (lvita.guard.Diverged) to save weights that
+    are not finite. Returns the tag directory."""
     import torch.distributed as dist
+
+    from lvita.guard import Diverged, weights_finite
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -128,6 +133,10 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
     rank = dist.get_rank()
     ckpt_dir = Path(output_dir) / "checkpoints"
     tag = tag_for(step)
+    if not weights_finite(engine):
+        raise Diverged(f"step {step}: the weights are not finite; not saving them (the newest healthy checkpoint "
+                       f"in {ckpt_dir} is {last_healthy(ckpt_dir)})")
+    guard = guard or {}
     tag_dir = ckpt_dir / tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +148,7 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
     torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     client = {
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-        "lvita": {"step": step, "data": data_state, "config": config},
+        "lvita": {"step": step, "data": data_state, "config": config, "guard": guard},
     }
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
     if os.environ.get("LVITA_FAULT_KILL_BEFORE_MANIFEST") == tag:  # fault injection for the crash tests
@@ -147,15 +156,35 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
     dist.barrier()
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT, "tag": tag, "step": step, **info, "files": files}
+        manifest = {"format": FORMAT, "tag": tag, "step": step, **info, "weights_finite": True,
+                    "nonfinite_streak": int(guard.get("streak", 0)), "files": files}
         atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write(ckpt_dir / "latest", tag)
         if keep:
+            spare = last_healthy(ckpt_dir)  # never pruned: the newest checkpoint saved while training was sound
             for old in complete_tags(ckpt_dir)[:-keep]:
+                if old == spare:
+                    continue
                 remove_tag(ckpt_dir, old)
                 log(f"[checkpoint] removed {ckpt_dir / old} (train.keep_checkpoints={keep})")
     dist.barrier()
     return tag_dir
+
+
+def healthy(manifest: dict) -> bool:
+    """Saved from finite weights after a finite step (manifests from before the guard count too)."""
+    return manifest.get("weights_finite", True) and not manifest.get("nonfinite_streak", 0)
+
+
+def last_healthy(ckpt_dir: Path) -> str | None:
+    """The newest complete tag that is :func:`healthy`, or None."""
+    for tag in reversed(complete_tags(ckpt_dir)):
+        try:
+            if healthy(json.loads((ckpt_dir / tag / MANIFEST).read_text())):
+                return tag
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
 
 
 def remove_tag(ckpt_dir: Path, tag: str) -> None:

@@ -63,6 +63,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints (0: all)
+    max_nonfinite_steps: int = 5  # stop (exit 2) after this many non-finite steps in a row (lvita.guard)
+    time_limit: str | None = None  # e.g. "47h30m": save and exit 0 before then (lvita.stopping)
     log_every: int = 1
     peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (None: lvita.flops' table)
 

@@ -174,7 +174,7 @@ def load(engine, plan_: ResumePlan, rank: int) -> dict:
     load_dir = universal_dir(found.tag_dir).parent if plan_.universal else found.ckpt_dir
     # DeepSpeed's universal loader copies group settings (lr, weight decay) by group position, which
     # differs between pipeline layouts; the stage config owns them, so they are put back after loading
-    # and the LR schedule is set from the step (it depends on nothing else).
+    # and the LR schedule is set from the step, less the steps skipped as non-finite (nothing else).
     settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     path, client = engine.load_checkpoint(str(load_dir), tag=found.tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
@@ -182,13 +182,15 @@ def load(engine, plan_: ResumePlan, rank: int) -> dict:
         raise CheckpointError(f"resume={found.tag_dir}: DeepSpeed loaded nothing from {load_dir}/{found.tag}")
     for group, saved in zip(engine.optimizer.param_groups, settings):
         group.update(saved)
+    state = client["lvita"]
+    # steps skipped as non-finite (lvita.guard) did not advance the schedule
+    position = plan_.step - int((state.get("guard") or {}).get("nonfinite_steps", 0))
     sched = engine.lr_scheduler
-    sched.last_epoch = plan_.step
-    lrs = [base * fn(plan_.step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    sched.last_epoch = position
+    lrs = [base * fn(position) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
     for group, lr in zip(engine.optimizer.param_groups, lrs):
         group["lr"] = lr
     sched._last_lr = lrs
-    state = client["lvita"]
     if state["step"] != plan_.step or found.tag != tag_for(state["step"]):
         raise CheckpointError(f"resume={found.tag_dir}: step {state['step']} inside disagrees with the manifest")
     rng = found.tag_dir / f"rng_rank{rank:05d}.pt"

@@ -88,6 +88,8 @@ def run(cfg) -> list[float]:
     import deepspeed
 
     from lvita import checkpoint, resume, weights
+    from lvita.guard import NonFiniteGuard
+    from lvita.stopping import Stopper, parse_duration, say
     from lvita.checkpoint import tokenizer_fingerprint
     from lvita.data.stream import DataStream, own_rows, rank_micro_batches
     from lvita.flops import peak_tflops, step_flops
@@ -154,6 +156,7 @@ def run(cfg) -> list[float]:
                                            lr_scheduler=scheduler_factory(cfg.train), config=ds_cfg)
     _keep_fp32_grad_norm(engine)
     _one_norm_reduction(engine)
+    guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
 
     tpt = tokens_per_tile(cfg.model.preset)
@@ -165,6 +168,7 @@ def run(cfg) -> list[float]:
         t_load = time.perf_counter()
         state = resume.load(engine, plan, rank)
         stream.load_state_dict(state["data"])
+        guard.load_state_dict(state.get("guard"))
         start = plan.step
         if not plan.same_ranks:
             torch.manual_seed(cfg.seed + start + rank)
@@ -174,6 +178,21 @@ def run(cfg) -> list[float]:
             log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name, resume_step=start)
     peak = peak_tflops(cfg.train.peak_tflops)  # None on CPU / unknown GPUs: MFU not reported
+    stopper = Stopper(parse_duration(cfg.train.time_limit), log)  # SIGTERM/SIGUSR1, launcher gone, time limit
+
+    def save(step):
+        t_save = time.perf_counter()
+        path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict(), info,
+                               cfg.train.keep_checkpoints, log, guard=guard.state_dict())
+        stopper.saved(time.perf_counter() - t_save)
+        log(f"[{cfg.name}] saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
+        return path
+
+    def finish():
+        stopper.close()
+        monitor.close()
+        stream.close()
+
     losses = []
     for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
@@ -190,28 +209,36 @@ def run(cfg) -> list[float]:
         tokens = sum(s.input_ids.numel() for s in batch)
         tflops = step_flops(cfg.model.preset, cfg.model.trainable, batch) / step_time / world / 1e12
         gn = engine.get_global_grad_norm()
-        if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+        # one all-reduce: every rank stops (or not) and counts the step as skipped (or not) together
+        reason, bad = stopper.agree(step_time, guard.skipped(engine))
+        guard.count(step, bad, loss, gn, batch, lambda m: log(f"[{cfg.name}] {m}"))
+        if bad or step % cfg.train.log_every == 0 or step == cfg.train.iterations:
             monitor.log(step, {
                 "loss": loss, "lr": lrs, "grad_norm": None if gn is None else float(gn),
                 "tokens": tokens, "labelled_tokens": sum(int((s.targets != -100).sum()) for s in batch),
                 "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                 "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
                 "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
-                "skipped": stream.skipped_total,
+                "skipped": stream.skipped_total, "nonfinite_steps": guard.total,
+                **({"nonfinite_samples": guard.samples(batch)} if bad else {}),
             })
+        guard.check(step, before_raising=finish)  # Diverged after N in a row: nothing saved
+        saved = None
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
-            t_save = time.perf_counter()
-            path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict(), info,
-                                   cfg.train.keep_checkpoints, log)
-            log(f"[{cfg.name}] saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
-    monitor.close()
-    stream.close()
+            saved = save(step)
+        if reason and step < cfg.train.iterations:
+            path = saved or save(step)
+            if rank == 0:
+                say(stopper.message(reason, step, cfg.train.iterations, path))
+            break
+    finish()
     return losses
 
 
 def main(argv=None) -> int:
     from lvita.config import ConfigError, load_stage
     from lvita.data.stream import DataError
+    from lvita.guard import Diverged
 
     args = parse_args(argv)
     _single_process_env()
@@ -222,7 +249,24 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"lvita.train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Diverged as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"lvita.train: error: {e}{_healthy_hint(cfg)}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+def _healthy_hint(cfg) -> str:
+    from pathlib import Path
+
+    from lvita.checkpoint import last_healthy
+
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    tag = last_healthy(ckpts)
+    if tag is None:
+        return ". No checkpoint was saved before it; lower train.lr or set train.grad_clip and start again"
+    return (f". Newest checkpoint from sound training: {ckpts / tag}; lower train.lr or set train.grad_clip and "
+            f"continue from it with --set resume={ckpts / tag}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,14 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         missing.append(f"resume: {cfg.resume} (auto, none, or a checkpoint: output_dir, checkpoints/ or a tag in it)")
     if t.keep_checkpoints < 0:
         err(f"train.keep_checkpoints={t.keep_checkpoints}: 0 (keep all) or how many of the newest to keep")
+    if t.max_nonfinite_steps < 1:
+        err(f"train.max_nonfinite_steps={t.max_nonfinite_steps}: stop after this many non-finite steps in a row (>= 1)")
+    try:
+        from lvita.stopping import parse_duration
+
+        parse_duration(t.time_limit)
+    except ConfigError as e:
+        err(str(e))
 
     if not 1 <= d.min_tiles <= d.max_tiles:
         err(f"data.min_tiles={d.min_tiles}, data.max_tiles={d.max_tiles}: need 1 <= min_tiles <= max_tiles")
