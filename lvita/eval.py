@@ -42,7 +42,8 @@ from pathlib import Path
 
 from lvita.checkpoint import atomic_write
 from lvita.data.media import MediaError
-from lvita.data.template import SampleError, normalise_messages
+from lvita.data.formats import normalise_messages
+from lvita.data.template import SampleError
 from lvita.generate import add_model_args, answer, load_for_args, options
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

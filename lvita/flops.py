@@ -23,9 +23,11 @@ Trade-off: norms, activations, softmax and the loss are left out (a few percent 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from lvita.model.attention import cu_seqlens_from_position_ids
 from lvita.model.presets import check_preset, llm_config, tokens_per_tile, vision_config
 
 # Dense bf16 peak TFLOPs by device name (first match wins); override with train.peak_tflops.
@@ -66,6 +68,7 @@ class Shapes:
     tile: int  # tile side in pixels
 
     @classmethod
+    @lru_cache(maxsize=None)  # once per preset, not once per training step
     def of(cls, preset: str) -> "Shapes":
         check_preset(preset)
         lc, vc = llm_config(preset), vision_config(preset)
@@ -83,11 +86,8 @@ def causal_pairs(lengths) -> int:
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the causal segments of one packed row (L,): a segment starts where the position is 0."""
-    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return [b - a for a, b in zip(starts, starts[1:] + [position_ids.numel()])]
+    """Lengths of the causal segments of one packed row (L,), as the attention splits it."""
+    return cu_seqlens_from_position_ids(position_ids.reshape(1, -1)).diff().tolist()
 
 
 def sequence_flops(s: Shapes, trainable, tokens: int, pairs: int, tiles: int, labelled: int) -> dict[str, float]:

@@ -9,7 +9,8 @@ import torch
 from lvita.config import DataConfig, SourceConfig
 from lvita.data.media import tile_grid
 from lvita.data.stream import DataStream, own_rows, rank_micro_batches
-from lvita.data.template import IGNORE, SampleError, encode_conversation, normalise_messages
+from lvita.data.formats import normalise_messages
+from lvita.data.template import IGNORE, SampleError, encode_conversation
 from lvita.tokenizer import load_tokenizer, special_token_ids
 
 

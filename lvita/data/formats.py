@@ -205,3 +205,9 @@ def resolve_placeholders(sample: Sample) -> Sample:
             raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
                                                       f"{images} images / {videos} videos")
     return sample
+
+
+def normalise_messages(sample: dict) -> list[dict]:
+    """-> [{"role": "system"|"user"|"assistant", "content": str}, ...] for any record schema above
+    (detected per record)."""
+    return normalise(sample).messages

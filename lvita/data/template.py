@@ -31,14 +31,6 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-def normalise_messages(sample: dict) -> list[dict]:
-    """-> [{"role": "system"|"user"|"assistant", "content": str}, ...] for any record schema of
-    :mod:`lvita.data.formats` (detected per record)."""
-    from lvita.data.formats import normalise
-
-    return normalise(sample).messages
-
-
 def count_placeholders(messages: list[dict]) -> tuple[int, int]:
     text = "".join(m["content"] for m in messages)
     return text.count("<image>"), text.count("<video>")
