@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lvita.train import free_port
+from lvita.training.loop import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,10 +47,10 @@ def weights_only(preset: str, tokenizer: str) -> None:
     the per-block files, read them into a fresh model, export to HF. Fits a CPU machine."""
     import torch
 
-    from lvita import hf
+    from lvita.ckpt import hf
     from lvita.model.longvita import LongVita
-    from lvita.tokenizer import load_tokenizer, special_token_ids
-    from lvita.weights import layer_file, load_block, local_blocks, read_block
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.ckpt.weights import layer_file, load_block, local_blocks, read_block
 
     image_token = special_token_ids(load_tokenizer(tokenizer))["img_context"]
     with torch.device("meta"):

@@ -85,9 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     from PIL import Image
 
-    from lvita.config import DataConfig, SourceConfig
+    from lvita.config.schema import DataConfig, SourceConfig
     from lvita.data.jsonarray import index_path
-    from lvita.tokenizer import load_tokenizer, special_token_ids, train_demo_tokenizer
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids, train_demo_tokenizer
     from tests.layouts import write_layouts
 
     out = Path(args.out)

@@ -34,9 +34,9 @@ def _model(preset: str, specials: dict):
 
 def _run(rank: int, preset: str, tokenizer: str, length: int, new: int, sp: int) -> dict:
     from lvita.model.presets import tokens_per_tile
-    from lvita.parallel.cp_generate import ContextParallel, cp_generate
+    from lvita.infer.cp_generate import ContextParallel, cp_generate
     from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
 
     specials = special_token_ids(load_tokenizer(tokenizer))
     model = _model(preset, specials)

@@ -11,7 +11,7 @@ causal packed sequence of L tokens (stage 3-4 style: long text, positions not re
 labelled), doubling L from ``--start`` until a run fails (CUDA out of memory) or passes ``--max``,
 then bisecting ``--refine`` times. Each success records tokens/s, model TFLOPs and MFU (from the
 run's metrics.jsonl, last step), the measured peak memory (``torch.cuda.max_memory_allocated``)
-and the memory plan's prediction for the same stage (``lvita.memory_plan``). In the same run the
+and the memory plan's prediction for the same stage (``lvita.config.memory_plan``). In the same run the
 peer: transformers' ``Qwen2ForCausalLM`` with the same shapes, its gradient checkpointing and its
 standard loss (full logits), AdamW, one process per length, doubled and bisected the same way.
 
@@ -91,10 +91,10 @@ def lvita_trial(args, root: Path, length: int, lever: str) -> dict:
 
 
 def plan_gb(stage_path: Path) -> float | None:
-    from lvita.check import stage_table
-    from lvita.config import load_stage
-    from lvita.memory_plan import memory_plan
-    from lvita.validate import validate
+    from lvita.config.check import stage_table
+    from lvita.config.schema import load_stage
+    from lvita.config.memory_plan import memory_plan
+    from lvita.config.validate import validate
 
     cfg = load_stage(stage_path)
     layout = validate(cfg, 1)
@@ -186,7 +186,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        from lvita.tokenizer import train_demo_tokenizer
+        from lvita.data.tokenizer import train_demo_tokenizer
 
         train_demo_tokenizer(root / "tokenizer")
         longest = {}

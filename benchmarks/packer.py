@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from lvita.config import load_stage
+from lvita.config.schema import load_stage
 from lvita.data.inspect import measure, open_stream
 
 MIXTURES = {

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from lvita.train import free_port
+from lvita.training.loop import free_port
 
 
 def _worker(rank, ulysses, ring, port, length, preset, steps, queue):
@@ -31,7 +31,8 @@ def _worker(rank, ulysses, ring, port, length, preset, steps, queue):
 
     from lvita.model.attention import set_attention
     from lvita.model.longvita import LongVita
-    from lvita.parallel.sequence import sequence_attention, shard_indices
+    from lvita.parallel.hybrid import sequence_attention
+    from lvita.parallel.sequence import shard_indices
     from lvita.parallel.topology import build_topology, init_distributed
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sp))

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lvita.train import free_port
+from lvita.training.loop import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {

@@ -71,11 +71,11 @@ def main(argv=None) -> int:
         sub.add_parser(name, help=text)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":  # their own parsers, shared with python -m
-        from lvita.generate import main as generate
+        from lvita.infer.generate import main as generate
 
         return generate(argv[1:])
     if argv and argv[0] == "eval":
-        from lvita.eval import main as evaluate
+        from lvita.infer.eval import main as evaluate
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (stage file, data, paths, checkpoints, media), not a bug."""
-    from lvita.config import ConfigError
+    from lvita.config.schema import ConfigError
     from lvita.data.media import MediaError
     from lvita.data.errors import DataError
     from lvita.data.template import SampleError
@@ -99,7 +99,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _run(args) -> int:
     if args.cmd in ("ckpt", "convert"):
-        from lvita.convert import main as convert
+        from lvita.ckpt.convert import main as convert
 
         return convert(args)
     if args.cmd == "data":
@@ -117,10 +117,10 @@ def _run(args) -> int:
 
         return demo(args.out, args.nproc, args.data_only)
     if args.cmd == "check":
-        from lvita.check import main as check
+        from lvita.config.check import main as check
 
         return check(args.stage, args.world_size, args.set, args.strict, args.gpu_memory, args.suggest)
-    from lvita.train import main as train
+    from lvita.training.loop import main as train
 
     return train(["--stage", args.stage] + sum((["--set", s] for s in args.set), []))
 

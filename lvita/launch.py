@@ -4,7 +4,7 @@
 
 Runs DeepSpeed's own runner (``deepspeed.launcher.runner.main``) in this process with one change:
 SIGTERM and SIGUSR1 are passed on to the training ranks (the processes below DeepSpeed's ``launch``)
-instead of ending the runner. The ranks finish their step, save and exit 0 (lvita.stopping), so
+instead of ending the runner. The ranks finish their step, save and exit 0 (lvita.training.stopping), so
 ``launch`` and this process exit 0 once the checkpoint is complete: a batch script that ``wait``s for
 it waits for the save. Plain ``deepspeed`` dies of the signal at once (it installs no handler for a
 local run); its ranks still save and exit (they notice the runner is gone), but nothing waits for them.
@@ -21,7 +21,7 @@ import sys
 
 import psutil
 
-from lvita.stopping import SIGNALS
+from lvita.training.stopping import SIGNALS
 
 
 def _forward(signum, frame) -> None:

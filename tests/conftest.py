@@ -14,7 +14,7 @@ COLOURS = ["red", "green", "blue", "yellow"]
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from lvita.tokenizer import train_demo_tokenizer
+    from lvita.data.tokenizer import train_demo_tokenizer
 
     return train_demo_tokenizer(tmp_path_factory.mktemp("tok"))
 

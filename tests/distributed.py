@@ -17,7 +17,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from lvita.train import free_port
+from lvita.training.loop import free_port
 
 
 def _entry(rank, world, port, fn, args, queue):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from lvita.check import main as check
-from lvita.config import ConfigError, load_stage
-from lvita.validate import validate
+from lvita.config.check import main as check
+from lvita.config.schema import ConfigError, load_stage
+from lvita.config.validate import validate
 from tests.conftest import REPO, stage_dict, write_stage
 
 

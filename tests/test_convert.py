@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvita.checkpoint import tokenizer_fingerprint
+from lvita.ckpt.checkpoint import tokenizer_fingerprint
 from lvita.cli import main as cli
 from lvita.model.longvita import LongVita
 from lvita.model.presets import llm_config, tokens_per_tile, vision_config
-from lvita.tokenizer import load_tokenizer, special_token_ids
-from lvita.weights import init_from
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from lvita.infer.decode import generate
+from lvita.ckpt.weights import init_from
 from tests.conftest import stage_dict, write_stage
 from tests.distributed import run_world
 from tests.test_hf import _lvita_logits, _save
@@ -112,8 +113,6 @@ def test_ckpt_to_universal_by_hand(trained):
 def _same_greedy(hf, lv_model, input_ids: list[int], ids: dict, pixel_values, n: int = 8) -> list[int]:
     """transformers' own greedy generate and lvita's decode the same tokens (cut where lvita stops, at
     <|im_end|> / <|endoftext|>) from the same logits (1e-4) at every step; returns lvita's first logits."""
-    from lvita.generate import generate
-
     kw = {"pixel_values": pixel_values} if pixel_values.shape[0] else {}
     with torch.no_grad():
         out = hf.generate(input_ids=torch.tensor([input_ids]), max_new_tokens=n, do_sample=False,
@@ -135,8 +134,8 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from lvita import generate as lvgen
-    from lvita.prompt import build_prompt
+    from lvita.infer import generate as lvgen
+    from lvita.infer.prompt import build_prompt
 
     root, _ = trained
     run = root / "run"
@@ -157,10 +156,10 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     first = _same_greedy(hf, model, hf_ids, ids, lv.pixel_values)
     capsys.readouterr()
     assert lvgen.main(["--model", str(run), "--prompt", question, "--max-new-tokens", "8"]) == 0
-    got = lvgen.generate(model, lv.input_ids, lv.pixel_values, ids, max_new_tokens=8).tokens
+    got = generate(model, lv.input_ids, lv.pixel_values, ids, max_new_tokens=8).tokens
     assert capsys.readouterr().out == tok.decode(got).strip() + "\n"  # the CLI defaults to the stage's prompt
     without = build_prompt([{"role": "user", "content": question}], tok, ids, preset, system_prompt=None)
-    other = lvgen.generate(model, without.input_ids, without.pixel_values, ids, 1, keep_logits=True).logits[0]
+    other = generate(model, without.input_ids, without.pixel_values, ids, 1, keep_logits=True).logits[0]
     assert (other - first).abs().max() > 1e-3  # the old export (no system turn) would have failed above
 
     # an image: the template's <IMG_CONTEXT> expanded as InternVLProcessor does (start + context x 256 x tiles + end)

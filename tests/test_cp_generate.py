@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lvita.generate import build_prompt, generate
+from lvita.infer.decode import generate
+from lvita.infer.prompt import build_prompt
 from lvita.model.longvita import LongVita
-from lvita.tokenizer import load_tokenizer, special_token_ids
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from tests.distributed import run_world
 
 SEED, NEW = 11, 8
@@ -29,9 +30,9 @@ def _setup(tokenizer_dir, image):
 
 
 def _cp(rank, tokenizer_dir, image, ring, mode, eval_data):
-    from lvita import eval as lveval
+    from lvita.infer import eval as lveval
     from lvita.model.presets import tokens_per_tile
-    from lvita.parallel.cp_generate import ContextParallel, cp_generate
+    from lvita.infer.cp_generate import ContextParallel, cp_generate
     from lvita.parallel.topology import build_topology, init_distributed
     from functools import partial
 
@@ -70,7 +71,7 @@ def test_context_parallel_generation_equals_single_process(tmp_path, tokenizer_d
             single = [json.loads(x)["prediction"] for x in (tmp_path / "set-eval" / "predictions.jsonl").open()]
             assert results["scored"] == 2 and len(single) == 2
     if data:  # the same set single-process: the same predictions
-        from lvita import eval as lveval
+        from lvita.infer import eval as lveval
 
         cp_preds = (tmp_path / "set-eval" / "predictions.jsonl").read_text()
         lveval.evaluate(model, tok, specials, "tiny", data, tmp_path / "single", max_new_tokens=NEW)

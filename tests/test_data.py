@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from lvita.config import DataConfig, SourceConfig
+from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data.media import tile_grid
 from lvita.data.stream import DataStream, own_rows, rank_micro_batches
 from lvita.data.formats import normalise_messages
 from lvita.data.template import IGNORE, SampleError, encode_conversation
-from lvita.tokenizer import load_tokenizer, special_token_ids
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
 
 
 @pytest.fixture(scope="module")

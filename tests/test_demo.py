@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lvita.demo.dataset import generate_demo_data
-from lvita.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, train_demo_tokenizer
+from lvita.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, train_demo_tokenizer
 
 COUNTS = {"captions": 200, "multi_image": 80, "comic": 20, "video": 20, "text_short": 200, "text_long": 20}
 

@@ -1,11 +1,11 @@
-"""Model FLOPs (lvita.flops): a hand count for the tiny model, every matmul autograd runs counted
+"""Model FLOPs (lvita.model.flops): a hand count for the tiny model, every matmul autograd runs counted
 by torch's FlopCounterMode for four trainable sets, causal pairs by packing mode, and the GPU peak."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lvita.flops import PEAK_TFLOPS, Shapes, causal_pairs, peak_tflops, segment_lengths, sequence_flops
+from lvita.model.flops import PEAK_TFLOPS, Shapes, causal_pairs, peak_tflops, segment_lengths, sequence_flops
 
 ALL = ["vision", "projector", "llm"]
 
@@ -36,7 +36,7 @@ def test_matmuls_equal_what_autograd_runs(trainable):
     from torch.utils.flop_counter import FlopCounterMode
 
     from lvita.model.longvita import LongVita
-    from lvita.optim import freeze
+    from lvita.training.optim import freeze
 
     model = LongVita("tiny", 5, logits_chunk=0)
     freeze(model, trainable)

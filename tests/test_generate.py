@@ -9,14 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lvita import eval as lveval
-from lvita import generate as lvgen
-from lvita.checkpoint import CheckpointError
+from lvita.infer import eval as lveval
+from lvita.infer import generate as lvgen
+from lvita.ckpt.checkpoint import CheckpointError
 from lvita.data.media import MediaError
-from lvita.generate import ContextError, KVCache, build_prompt, generate, load_model, prefill
-from lvita.hf import write_hf_dir
+from lvita.infer.decode import KVCache, generate, prefill
+from lvita.infer.generate import load_model
+from lvita.infer.prompt import ContextError, build_prompt
+from lvita.ckpt.hf import write_hf_dir
 from lvita.model.longvita import LongVita
-from lvita.tokenizer import load_tokenizer, special_token_ids
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
 
 ASK = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
 
@@ -85,7 +87,7 @@ def test_kv_cache_decoding_equals_full_recompute(model, tok, image):
 
 
 def test_load_model_from_hf_dir_and_checkpoint(model, tok, hf_dir, image, tmp_path, capsys):
-    from lvita.convert import from_hf
+    from lvita.ckpt.convert import from_hf
 
     t, sp = tok
     ref, _ = lvgen.answer(model, t, sp, "tiny", ASK, [image], max_new_tokens=8)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from lvita.hf import CheckpointError, from_hf_state, read_hf, to_hf_state, write_hf_dir
+from lvita.ckpt.hf import CheckpointError, from_hf_state, read_hf, to_hf_state, write_hf_dir
 from lvita.model.longvita import LongVita
 from lvita.model.presets import PRESETS, llm_config, tokens_per_tile, vision_config
-from lvita.tokenizer import load_tokenizer, special_token_ids
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_write_refuses_non_empty_dir_and_leaves_nothing_on_error(model, ids, tok
     def crash(*a):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("lvita.hf._write_processor", crash)
+    monkeypatch.setattr("lvita.ckpt.hf._write_processor", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "new", ids["img_context"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lvita.config import ConfigError, DataConfig, SourceConfig
+from lvita.config.schema import ConfigError, DataConfig, SourceConfig
 from lvita.data.media import image_tiles, tile_count
 from lvita.data.plan import Embedded, Planner
 from lvita.data.sources import Mixture
 from lvita.data.stream import DataStream
 from lvita.data.template import IGNORE, SampleError
-from lvita.tokenizer import load_tokenizer, special_token_ids
+from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from tests.layouts import write_layouts
 
 TILE, TPT = 112, 16
@@ -128,8 +128,8 @@ def test_forced_format_and_bad_keys(layouts, tok, tmp_path):
     assert e.value.reason == "empty_conversation" and "texts" in str(e.value)
     with pytest.raises(ConfigError, match=r"data.sources\[0\].format='llava'"):
         Mixture(_data(root, [dict(llava[0], format="llava")]), 0)
-    from lvita.config import load_stage
-    from lvita.validate import validate
+    from lvita.config.schema import load_stage
+    from lvita.config.validate import validate
     from tests.conftest import stage_dict, write_stage
 
     cfg = stage_dict(t.name_or_path, root, tmp_path / "o")

@@ -1,4 +1,4 @@
-"""Memory levers (lvita.levers) keep the plain model's numbers: with the tiled MLP, with the
+"""Memory levers (lvita.training.levers) keep the plain model's numbers: with the tiled MLP, with the
 checkpointed activations offloaded to host memory, and with ZeRO-Offload of the optimizer, the
 loss and every gradient (or, for the optimizer, every step's loss and the final weights) equal
 the plain run's in fp32 within 1e-5 relative to each tensor's largest entry."""
@@ -49,14 +49,14 @@ def _gpu_offload_path_on_cpu() -> None:
     engine = _ActivationOffloadEngine(use_pin_memory=False, use_streams=False, min_offload_bytes=0)
     checkpointing._get_cpu_offload_engine = lambda: engine if checkpointing.CPU_CHECKPOINT else None
     cpu = deepspeed.accelerator.get_accelerator()
-    deepspeed.accelerator.get_accelerator = lambda: NotSynchronized(cpu)  # what lvita.levers asks
+    deepspeed.accelerator.get_accelerator = lambda: NotSynchronized(cpu)  # what lvita.training.levers asks
     offload_activations.get_accelerator = deepspeed.accelerator.get_accelerator  # and the engine
     return engine
 
 
 def _loss_and_grads(rank, levers: dict, checkpoint: bool):
-    from lvita.config import ModelConfig
-    from lvita.levers import apply_levers
+    from lvita.config.schema import ModelConfig
+    from lvita.training.levers import apply_levers
     from lvita.model.longvita import LongVita
     from lvita.parallel.topology import init_distributed
 
@@ -89,8 +89,8 @@ def test_lever_keeps_loss_and_every_gradient(levers, checkpoint):
 
 def test_tiled_mlp_keeps_no_intermediate_activations():
     """The lever's point: one MLP at 640 tokens saves only its input, not tokens x intermediate."""
-    from lvita.config import ModelConfig
-    from lvita.levers import apply_levers
+    from lvita.config.schema import ModelConfig
+    from lvita.training.levers import apply_levers
     from lvita.model.longvita import DecoderLayer
 
     def saved_bytes(tiled: bool) -> int:
@@ -112,8 +112,8 @@ def test_tiled_mlp_keeps_no_intermediate_activations():
 
 
 def _train(rank, stage, sets):
-    from lvita.config import load_stage
-    from lvita.train import run
+    from lvita.config.schema import load_stage
+    from lvita.training.loop import run
 
     return run(load_stage(stage, sets))
 

@@ -153,8 +153,8 @@ def test_chunked_loss_never_holds_labelled_times_vocab_logits():
 
 
 def test_logits_chunk_key_default_stage_files_and_validation():
-    from lvita.config import ConfigError, ModelConfig, StageConfig
-    from lvita.validate import validate
+    from lvita.config.schema import ConfigError, ModelConfig, StageConfig
+    from lvita.config.validate import validate
 
     assert ModelConfig().logits_chunk == DEFAULT_LOGITS_CHUNK == 8192
     for path in sorted((Path(__file__).resolve().parents[1] / "stages").glob("*/*.json")):

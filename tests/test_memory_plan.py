@@ -1,4 +1,4 @@
-"""The memory plan (lvita.memory_plan): its activation bytes equal what autograd keeps for the tiny
+"""The memory plan (lvita.config.memory_plan): its activation bytes equal what autograd keeps for the tiny
 model, measured with saved-tensor hooks, at three lengths, two layouts, with and without activation
 checkpointing and with the vision tower trainable or frozen (the issue asks 15%; the formulas are
 exact on CPU, so the test holds them to 1%); and every 14B stage file fits 80 GB GPUs by the plan."""
@@ -9,8 +9,8 @@ import weakref
 import pytest
 import torch
 
-from lvita.flops import Shapes
-from lvita.memory_plan import Micro, stage_activations
+from lvita.model.flops import Shapes
+from lvita.config.memory_plan import Micro, stage_activations
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ def _kept_bytes(blocks: range, trainable, checkpoint: bool, length: int, tiles: 
     """Bytes of the tensors autograd keeps for backward after a forward of ``blocks`` (deduplicated by
     storage, parameters excluded), and the labelled tokens."""
     from lvita.model.longvita import LongVita
-    from lvita.optim import freeze
+    from lvita.training.optim import freeze
 
     model = LongVita("tiny", 5, checkpoint=checkpoint)
     freeze(model, trainable)
@@ -84,7 +84,7 @@ def test_plan_activations_equal_what_autograd_keeps(trainable, checkpoint):
 
 @pytest.mark.parametrize("name", ["1_align", "2_general", "3_long_128k", "4_long_1m"])
 def test_longvita_14b_stages_fit_80gb(name, capsys):
-    from lvita.check import main as check
+    from lvita.config.check import main as check
 
     assert check(str(REPO / "stages" / "longvita-14b" / f"{name}.json"), 64,
                  [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"], gpu_memory=80) == 0
@@ -95,10 +95,10 @@ def test_longvita_14b_stages_fit_80gb(name, capsys):
 def test_levers_lower_the_plan_where_they_should():
     """1M tokens on 64 GPUs (stage 4's layout): without the levers it does not fit 80 GB; tiled MLP
     shrinks the largest transient, activation offload the activations, optimizer offload the states."""
-    from lvita.check import stage_table
-    from lvita.config import load_stage
-    from lvita.memory_plan import memory_plan
-    from lvita.validate import validate
+    from lvita.config.check import stage_table
+    from lvita.config.schema import load_stage
+    from lvita.config.memory_plan import memory_plan
+    from lvita.config.validate import validate
 
     def plan(*sets):
         cfg = load_stage(REPO / "stages" / "longvita-14b" / "4_long_1m.json",

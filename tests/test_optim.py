@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from lvita.config import TrainConfig
+from lvita.config.schema import TrainConfig
 from lvita.model.longvita import LongVita
-from lvita.optim import freeze, lr_factor, param_groups, scheduler_factory, build_optimizer
+from lvita.training.optim import freeze, lr_factor, param_groups, scheduler_factory, build_optimizer
 
 
 def test_warmup_then_cosine():

@@ -159,7 +159,7 @@ def test_truncated_file(damaged):
 
 
 def test_model_and_tokenizer_mismatch(damaged, tmp_path):
-    from lvita.tokenizer import train_demo_tokenizer
+    from lvita.data.tokenizer import train_demo_tokenizer
 
     stage, out, tag = damaged
     assert "resume=none but output_dir" in _fails(stage, out, "resume=none")

@@ -19,7 +19,8 @@ def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
 
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline, plain_name
-    from lvita.parallel.sequence import sequence_attention, shard_micro_batch
+    from lvita.parallel.hybrid import sequence_attention
+    from lvita.parallel.sequence import shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
 
     init_distributed()

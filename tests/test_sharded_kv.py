@@ -24,7 +24,7 @@ def _full(q, k, v):
 def _sharded(rank: int, splits: list[list[int]]):
     import torch.distributed as dist
 
-    from lvita.parallel.sharded_kv import sharded_decode_attention
+    from lvita.infer.sharded_kv import sharded_decode_attention
 
     dist.init_process_group("gloo")
     q, k, v = _keys()

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from lvita.checkpoint import read_manifest
+from lvita.ckpt.checkpoint import read_manifest
 from tests.conftest import REPO, stage_dict, write_stage
 from tests.distributed import free_port
 from tests.test_training import _layer_states, _metrics
@@ -233,9 +233,9 @@ def test_divergence_skips_steps_and_stops_with_exit_2(stage, precision):
 
 
 def test_stop_keys_are_checked(stage, tmp_path):
-    from lvita.config import ConfigError, load_stage
-    from lvita.stopping import parse_duration
-    from lvita.validate import validate
+    from lvita.config.schema import ConfigError, load_stage
+    from lvita.config.schema import parse_duration
+    from lvita.config.validate import validate
 
     assert [parse_duration(t) for t in ("47h30m", "90m", "3600s", "1d2h", None)] == [171000, 5400, 3600, 93600, None]
     _, stage_file = stage
@@ -249,7 +249,7 @@ def test_stop_keys_are_checked(stage, tmp_path):
 def test_stopper_in_one_process():
     """``lvita.train`` run directly: a signal is a stop at the next agreement, repeats are harmless,
     a stopping process ignores further signals; the time limit counts the longest step and save."""
-    from lvita.stopping import Stopper
+    from lvita.training.stopping import Stopper
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -278,7 +278,7 @@ def test_stopper_in_one_process():
 
 _BLOCKED_RANK = """
 import socket, subprocess, sys, psutil
-from lvita.stopping import Stopper
+from lvita.training.stopping import Stopper
 sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 s = Stopper()
 s.grandparent, s.siblings = -1, [psutil.Process(sibling.pid)]  # as if under DeepSpeed's launch

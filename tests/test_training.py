@@ -15,8 +15,8 @@ from tests.distributed import free_port, run_world
 
 
 def _train(rank, cfg_path, overrides):
-    from lvita.config import load_stage
-    from lvita.train import run
+    from lvita.config.schema import load_stage
+    from lvita.training.loop import run
 
     return run(load_stage(cfg_path, overrides))
 

@@ -8,7 +8,7 @@ Owns the layout of ``<output_dir>/checkpoints``::
                                      + rng_rank<R>.pt (each rank's RNG states)
                                      + lvita_manifest.json (written last: the checkpoint is complete)
     checkpoints/latest               the newest complete tag (replaced atomically)
-    checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.resume)
+    checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.ckpt.resume)
 
 A checkpoint counts only once its manifest exists; the manifest lists every file with its size, the
 parallel layout, the model preset, the precision and a fingerprint of the tokenizer, so a missing
@@ -16,7 +16,7 @@ shard, a truncated file or a resume with another model or vocabulary is a clear 
 anything is loaded or overwritten. Files are written, then renamed into place, so a SIGKILL at any
 moment leaves either the old or the new state. ``train.keep_checkpoints`` prunes older tags only
 after a newer one is complete, and never the newest *healthy* one (saved from finite weights after
-a finite step; lvita.guard): a run that stops learning cannot prune away its last sound state.
+a finite step; lvita.training.guard): a run that stops learning cannot prune away its last sound state.
 
 Trade-off: DeepSpeed writes ``latest`` before its final barrier (not crash-safe), so we save with
 ``save_latest=False`` and point ``latest`` ourselves after the manifest.
@@ -65,7 +65,7 @@ def atomic_write(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-# Added by HF exports for InternVL's processor (lvita.hf); a text placeholder lvita never feeds the
+# Added by HF exports for InternVL's processor (lvita.ckpt.hf); a text placeholder lvita never feeds the
 # model as a token, so a tokenizer that gained it still means the same ids.
 NOT_FINGERPRINTED = {"<video>"}
 
@@ -118,12 +118,11 @@ def set_rng_state(state: dict) -> None:
 def save(engine, output_dir: str | Path, step: int, data_state: dict, config: dict, info: dict,
          keep: int = 0, log=lambda *a: None, guard: dict | None = None) -> Path:
     """Collective: every rank calls it. ``info`` (layout, preset, precision, tokenizer, zero stage)
-    goes into the manifest. ``guard``: lvita.guard's counters (``streak`` > 0: saved during a run of
-    non-finite steps, so not :func:`healthy`). Refuses (lvita.guard.Diverged) to save weights that
-    are not finite. Returns the tag directory."""
+    goes into the manifest. ``guard``: lvita.training.guard's counters (``streak`` > 0: saved during a run of
+    non-finite steps, so not :func:`healthy`). The caller checks the weights are finite first
+    (lvita.training.loop refuses to save weights that are not). Returns the tag directory."""
     import torch.distributed as dist
 
-    from lvita.guard import Diverged, weights_finite
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -133,9 +132,6 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
     rank = dist.get_rank()
     ckpt_dir = Path(output_dir) / "checkpoints"
     tag = tag_for(step)
-    if not weights_finite(engine):
-        raise Diverged(f"step {step}: the weights are not finite; not saving them (the newest healthy checkpoint "
-                       f"in {ckpt_dir} is {last_healthy(ckpt_dir)})")
     guard = guard or {}
     tag_dir = ckpt_dir / tag
     if rank == 0:
@@ -267,7 +263,7 @@ def locate(path: str | Path, what: str) -> Found:
 def saved_system_prompt(manifest: dict) -> str | None:
     """The system prompt the checkpoint's stage trained with (``data.system_prompt``; None: none);
     checkpoints saved before lvita recorded it trained with the default."""
-    from lvita.config import DataConfig
+    from lvita.config.schema import DataConfig
 
     return manifest.get("system_prompt", DataConfig.system_prompt) or None
 

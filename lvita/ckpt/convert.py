@@ -6,7 +6,7 @@
     lvita ckpt to-universal runs/stage2/checkpoints/global_step500
 
 ``to-hf`` writes a transformers-native ``InternVLForConditionalGeneration`` directory (see
-:mod:`lvita.hf`) from the per-block weight files of a checkpoint, with the run's tokenizer.
+:mod:`lvita.ckpt.hf`) from the per-block weight files of a checkpoint, with the run's tokenizer.
 ``from-hf`` writes a weights-only lvita checkpoint (``OUT/checkpoints/global_step0``, the per-block
 files plus a manifest) and the tokenizer in ``OUT/tokenizer``; point ``model.init_from`` at OUT and
 ``model.tokenizer`` at ``OUT/tokenizer`` (``model.init_from`` also reads HF directories directly;
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from lvita.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, saved_system_prompt, staged_dir,
+from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, saved_system_prompt, staged_dir,
                               tag_for, tokenizer_fingerprint)
 
 
 def _tokenizer_for(found, tokenizer: str | None):
-    from lvita.tokenizer import load_tokenizer
+    from lvita.data.tokenizer import load_tokenizer
 
     path = tokenizer or found.manifest.get("tokenizer_path")
     if not path or not Path(path).is_dir():
@@ -39,10 +39,10 @@ def _tokenizer_for(found, tokenizer: str | None):
 
 
 def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
-    from lvita import hf
+    from lvita.ckpt import hf
     from lvita.model.presets import llm_config
-    from lvita.tokenizer import special_token_ids
-    from lvita.weights import checkpoint_plain_state
+    from lvita.data.tokenizer import special_token_ids
+    from lvita.ckpt.weights import checkpoint_plain_state
 
     found = locate(ckpt, "checkpoint")
     preset = found.manifest["preset"]
@@ -59,13 +59,14 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
 def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = None, log=print) -> Path:
     """Write a weights-only lvita checkpoint; the projector starts fresh (seed 0) when the sources
     are a separate InternViT and Qwen2."""
-    from lvita import hf
-    from lvita.config import DataConfig
+    from lvita.ckpt import hf
+    from lvita.config.schema import DataConfig
     from lvita.data.template import template_system_prompt
     from lvita.model.longvita import LongVita
     from lvita.model.presets import llm_config
-    from lvita.tokenizer import load_tokenizer, special_token_ids
-    from lvita.weights import by_block, layer_file
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.ckpt.weights import layer_file
+    from lvita.model.longvita import by_block
 
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -105,7 +106,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
 def main(args) -> int:
     import sys
 
-    from lvita.resume import to_universal
+    from lvita.ckpt.resume import to_universal
 
     try:
         if args.cmd == "ckpt":

@@ -18,7 +18,7 @@ a directory writer and reader:
 - ``read_hf([dir], preset)`` (an InternVL HF dir) or ``read_hf([vit_dir, qwen2_dir], preset)``
   -> ``(plain state, missing keys)``; only projector keys can be missing (separate dirs hold none).
 
-    from lvita.hf import read_hf, write_hf_dir
+    from lvita.ckpt.hf import read_hf, write_hf_dir
     write_hf_dir(model.state_dict(), "tiny", "demo_out/tokenizer", "export/tiny-hf", image_token_id=5)
     state, missing = read_hf(["export/tiny-hf"], "tiny")               # missing == []
     state, missing = read_hf([vit_dir, qwen2_dir], preset)              # missing: projector keys
@@ -45,10 +45,10 @@ import torch
 
 from lvita.model.presets import DOWNSAMPLE_RATIO, PRESETS, check_preset, llm_config, tile_size, \
     tokens_per_tile, vision_config
-from lvita.checkpoint import CheckpointError, staged_dir
-from lvita.config import DataConfig
+from lvita.ckpt.checkpoint import CheckpointError, staged_dir
+from lvita.config.schema import DataConfig
 from lvita.data.template import jinja_chat_template
-from lvita.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, special_token_ids
+from lvita.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, special_token_ids
 
 VIDEO_TOKEN = "<video>"
 NAMED_TOKENS = {"start_image_token": IMG_START, "end_image_token": IMG_END,

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvita.checkpoint import MANIFEST, CheckpointError, Found, atomic_write, check_fits, complete_tags, locate, \
+from lvita.ckpt.checkpoint import MANIFEST, CheckpointError, Found, atomic_write, check_fits, complete_tags, locate, \
     staged_dir, tag_for
 
 PLACEHOLDER = "frozen_stage_placeholder"  # lvita.parallel.pipeline.LongVitaPipeline's attribute
@@ -168,7 +168,7 @@ def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -
 
 def load(engine, plan_: ResumePlan, rank: int) -> dict:
     """Load model, optimizer and LR schedule; returns lvita's client state (step, data, config)."""
-    from lvita.checkpoint import set_rng_state
+    from lvita.ckpt.checkpoint import set_rng_state
 
     found = plan_.found
     load_dir = universal_dir(found.tag_dir).parent if plan_.universal else found.ckpt_dir
@@ -183,7 +183,7 @@ def load(engine, plan_: ResumePlan, rank: int) -> dict:
     for group, saved in zip(engine.optimizer.param_groups, settings):
         group.update(saved)
     state = client["lvita"]
-    # steps skipped as non-finite (lvita.guard) did not advance the schedule
+    # steps skipped as non-finite (lvita.training.guard) did not advance the schedule
     position = plan_.step - int((state.get("guard") or {}).get("nonfinite_steps", 0))
     sched = engine.lr_scheduler
     sched.last_epoch = position

@@ -21,35 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lvita.checkpoint import CheckpointError, check_fits, locate
-
-
-def block_of(plain_key: str, n_layers: int) -> tuple[int, str]:
-    """'layers.3.layer.mlp.up_proj.weight' -> (4, 'layer.mlp.up_proj.weight'); embed -> 0; head -> n+1."""
-    head, rest = plain_key.split(".", 1)
-    if head == "embed":
-        return 0, rest
-    if head == "head":
-        return n_layers + 1, rest
-    i, rest = rest.split(".", 1)
-    return int(i) + 1, rest
-
-
-def by_block(state: dict[str, torch.Tensor], n_layers: int) -> dict[int, dict[str, torch.Tensor]]:
-    """A plain state dict -> {block index: that block's state dict}."""
-    blocks: dict[int, dict] = {}
-    for key, value in state.items():
-        b, rest = block_of(key, n_layers)
-        blocks.setdefault(b, {})[rest] = value
-    return blocks
-
-
-def plain_key(block: int, key: str, n_layers: int) -> str:
-    if block == 0:
-        return f"embed.{key}"
-    if block == n_layers + 1:
-        return f"head.{key}"
-    return f"layers.{block - 1}.{key}"
+from lvita.ckpt.checkpoint import CheckpointError, check_fits, locate
+from lvita.model.longvita import block_of, by_block, plain_key
 
 
 def layer_file(tag_dir: Path, block: int) -> Path:
@@ -100,8 +73,8 @@ def load_block(block: nn.Module, state: dict[str, torch.Tensor], source: str, op
 def check_tokenizer(paths: list[Path], tokenizer: dict) -> None:
     """An HF directory that ships a tokenizer must have the stage's vocabulary (after lvita adds its
     image markers to both)."""
-    from lvita.checkpoint import tokenizer_fingerprint
-    from lvita.tokenizer import load_tokenizer
+    from lvita.ckpt.checkpoint import tokenizer_fingerprint
+    from lvita.data.tokenizer import load_tokenizer
 
     for path in paths:
         if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
@@ -127,7 +100,7 @@ def init_from(module, spec: str | list[str], preset: str, tokenizer: dict) -> st
         for b, m in blocks.items():
             load_block(m, read_block(found.tag_dir, b), str(layer_file(found.tag_dir, b)))
         return str(found.tag_dir)
-    from lvita import hf
+    from lvita.ckpt import hf
 
     state, fresh = hf.read_hf(paths, preset)
     check_tokenizer(paths, tokenizer)

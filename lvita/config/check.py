@@ -4,7 +4,7 @@
 
 Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
 counts per stage (total and trainable), computed on the meta device exactly as the training run
-partitions it, then the memory plan (:mod:`lvita.memory_plan`): predicted peak GPU memory per
+partitions it, then the memory plan (:mod:`lvita.config.memory_plan`): predicted peak GPU memory per
 stage, the stage that bounds the run and whether it fits; ``--suggest`` searches layouts and
 memory levers that fit. Configuration errors exit with status 2; paths that do not exist yet (data,
 tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from lvita.config import ConfigError, load_stage
-from lvita.memory_plan import describe, memory_plan
-from lvita.validate import validate
+from lvita.config.schema import ConfigError, load_stage
+from lvita.config.memory_plan import describe, memory_plan
+from lvita.config.validate import validate
 
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
@@ -59,7 +59,7 @@ def _short(names: list[str]) -> str:
 def suggest(cfg, world_size: int, gpu_gb: float, limit: int = 8) -> list[str]:
     """Layouts (pipeline x ulysses x ring) and lever sets that fit ``gpu_gb`` by the memory plan,
     fewest levers first, then the lowest peak."""
-    from lvita.memory_plan import memory_plan
+    from lvita.config.memory_plan import memory_plan
 
     lever_sets = [{}, {"model.activation_checkpointing": True},
                   {"model.activation_checkpointing": True, "model.tiled_mlp": True},

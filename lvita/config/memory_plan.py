@@ -21,7 +21,7 @@ attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA wi
 repeated on CPU. Worst cases are assumed where the data decides: every local token labelled, image
 tokens filling the local sequence.
 
-    plan = memory_plan(cfg, layout)          # cfg: StageConfig, layout: lvita.validate.Layout
+    plan = memory_plan(cfg, layout)          # cfg: StageConfig, layout: lvita.config.validate.Layout
     plan.bound.total / 2**30, plan.fits(80)
 
 Trade-off: allocator fragmentation and kernels' private workspaces are not modelled beyond the
@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lvita.flops import Shapes
+from lvita.model.flops import Shapes
 
 GIB = 2**30
 OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
@@ -139,9 +139,9 @@ def worst_micro(cfg, layout) -> Micro:
 
 
 def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, attention: str = "flash") -> Plan:
-    """Predicted peak GPU memory per pipeline stage; ``rows``: lvita.check.stage_table's (blocks and
+    """Predicted peak GPU memory per pipeline stage; ``rows``: lvita.config.check.stage_table's (blocks and
     parameter counts per stage)."""
-    from lvita.validate import deepspeed_config
+    from lvita.config.validate import deepspeed_config
 
     s, m, t = Shapes.of(cfg.model.preset), micro or worst_micro(cfg, layout), cfg.train
     e = 2 if cfg.precision == "bf16" else 4

@@ -4,9 +4,9 @@ This module owns the single source of truth for a run. A stage file (``stages/*/
 read, ``--set dotted.key=value`` overrides are applied to the raw dict, and the result becomes
 :class:`StageConfig`. Unknown keys are errors that name the file and the dotted key; so are
 values of the wrong type. Checks that need the world size (parallel layout, batch arithmetic)
-live in :mod:`lvita.validate`, which runs before anything heavy is built.
+live in :mod:`lvita.config.validate`, which runs before anything heavy is built.
 
-    from lvita.config import load_stage
+    from lvita.config.schema import load_stage
     cfg = load_stage("stages/demo/2_general.json", ["parallel.pipeline=2"])
 
 Trade-off: plain dataclasses and a small hand-written converter instead of pydantic, so the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class ModelConfig:
     # labelled tokens per chunk of the training loss's LM-head logits (lvita.model.lm_head): the
     # loss holds chunk x vocab logits at a time, never sequence x vocab; 0: logits for every position
     logits_chunk: int = 8192
-    # memory levers (lvita.levers), applied from outside the model: each decoder MLP runs over
+    # memory levers (lvita.training.levers), applied from outside the model: each decoder MLP runs over
     # sequence shards of `hidden` tokens, recomputed in backward (DeepSpeed ALST's TiledMLP) ...
     tiled_mlp: bool = False
     # ... and the checkpointed layer inputs wait in host memory (DeepSpeed's cpu_checkpointing)
@@ -63,10 +64,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints (0: all)
-    max_nonfinite_steps: int = 5  # stop (exit 2) after this many non-finite steps in a row (lvita.guard)
-    time_limit: str | None = None  # e.g. "47h30m": save and exit 0 before then (lvita.stopping)
+    max_nonfinite_steps: int = 5  # stop (exit 2) after this many non-finite steps in a row (lvita.training.guard)
+    time_limit: str | None = None  # e.g. "47h30m": save and exit 0 before then (lvita.training.stopping)
     log_every: int = 1
-    peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (None: lvita.flops' table)
+    peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (None: lvita.model.flops' table)
 
 
 @dataclass
@@ -81,6 +82,9 @@ class ParallelConfig:
         return self.ulysses * self.ring
 
 
+FORMATS = ("auto", "messages", "sharegpt", "cauldron", "instruction", "lima")  # source.format
+
+
 @dataclass
 class SourceConfig:
     name: str = ""
@@ -90,7 +94,7 @@ class SourceConfig:
     ratio: float = 1.0  # fraction of the source used per pass; > 1 repeats it
     max_samples: int | None = None  # cap after the ratio
     total: str | None = None  # informative: size quoted in the paper (Table 1)
-    # record schema (lvita.data.formats.FORMATS): auto (detected per record) | messages | sharegpt |
+    # record schema (FORMATS; read by lvita.data.formats): auto (detected per record) | messages | sharegpt |
     # cauldron | instruction | lima
     format: str = "auto"
     media_root: str | None = None  # image/video folder, relative to data.root; default: each data file's folder
@@ -249,3 +253,22 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
     return cfg
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str | None, key: str = "train.time_limit") -> float | None:
+    """``"47h30m"``, ``"90m"``, ``"3600s"``, ``"1d2h"`` -> seconds; None -> None. Raises ConfigError."""
+    if text is None:
+        return None
+    s = str(text).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(s)
+    if not s or "".join(n + u for n, u in parts) != s:
+        raise ConfigError(f"{key}={text!r}: expected a duration such as \"47h30m\", \"90m\", \"3600s\" or \"1d2h\" "
+                          f"(units d, h, m, s), or null for no limit")
+    seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{key}={text!r}: must be longer than 0")
+    return seconds

@@ -19,8 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lvita.config import MODULES, ConfigError, StageConfig
-from lvita.data.formats import FORMATS
+from lvita.config.schema import FORMATS, MODULES, ConfigError, StageConfig, parse_duration
 from lvita.model.presets import PRESETS, llm_config
 
 
@@ -152,8 +151,6 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if t.max_nonfinite_steps < 1:
         err(f"train.max_nonfinite_steps={t.max_nonfinite_steps}: stop after this many non-finite steps in a row (>= 1)")
     try:
-        from lvita.stopping import parse_duration
-
         parse_duration(t.time_limit)
     except ConfigError as e:
         err(str(e))

@@ -132,7 +132,7 @@ def _summary(name: str, parts: list[dict], max_skip: float) -> dict:
 
 def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str | None = None, workers: int = 1,
               decode: bool = False) -> list[dict]:
-    from lvita.config import ConfigError
+    from lvita.config.schema import ConfigError
     from lvita.data.formats import check_format
     from lvita.data.plan import Planner
 
@@ -164,11 +164,11 @@ def _line(name: str, d: dict) -> str:
 def check(stage: str, sets: list[str], source: str | None, workers: int, decode: bool, as_json: bool) -> int:
     import time
 
-    from lvita.config import load_stage
+    from lvita.config.schema import load_stage
     from lvita.model.presets import tile_size, tokens_per_tile
-    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
 
-    from lvita.validate import validate
+    from lvita.config.validate import validate
 
     cfg = load_stage(stage, sets)
     p = cfg.parallel

@@ -42,10 +42,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lvita.config import ConfigError
+from lvita.config.schema import FORMATS, ConfigError
 from lvita.data.template import ROLE_ALIASES, SampleError, count_placeholders
 
-FORMATS = ("auto", "messages", "sharegpt", "cauldron", "instruction", "lima")
 PROMPT_KEYS = ("instruction", "query", "question", "prompt")
 INPUT_KEYS = ("input", "context")
 ANSWER_KEYS = ("output", "response", "answer", "completion")

@@ -22,11 +22,11 @@ from lvita.data.plan import media_name
 
 
 def open_stream(stage: str, sets: list[str], n: int):
-    from lvita.config import load_stage
+    from lvita.config.schema import load_stage
     from lvita.data.stream import DataStream
     from lvita.model.presets import tile_size, tokens_per_tile
-    from lvita.tokenizer import load_tokenizer, special_token_ids
-    from lvita.validate import validate
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.config.validate import validate
 
     cfg = load_stage(stage, sets)
     p = cfg.parallel

@@ -21,7 +21,7 @@ import io
 from pathlib import Path
 from typing import NamedTuple
 
-from lvita.config import DataConfig
+from lvita.config.schema import DataConfig
 from lvita.data.formats import normalise, resolve_placeholders
 from lvita.data.media import MediaError, image_size, tile_count, video_frame_count
 from lvita.data.packer import SamplePlan

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvita.config import DataConfig
+from lvita.config.schema import DataConfig
 from lvita.data.errors import DataError
 from lvita.data.formats import check_format
 from lvita.data.tables import open_file, source_files

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lvita.config import DataConfig
+from lvita.config.schema import DataConfig
 from lvita.data.errors import DataError  # noqa: F401 - re-exported: lvita.data.stream.DataError
 from lvita.data.media import MediaError, image_tiles, normalise, video_tiles
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence

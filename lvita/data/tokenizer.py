@@ -5,13 +5,13 @@ Owns the special tokens the model and the chat template rely on: ChatML (``<|im_
 ``<IMG_CONTEXT>``). ``load_tokenizer`` adds whichever of them a tokenizer lacks (a plain Qwen2.5
 tokenizer lacks the image markers; their new ids still fit its 152064-row embedding).
 
-    python -c "from lvita.tokenizer import train_demo_tokenizer; train_demo_tokenizer('demo_out/tokenizer')"
+    python -c "from lvita.data.tokenizer import train_demo_tokenizer; train_demo_tokenizer('demo_out/tokenizer')"
 
-    from lvita.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
     tok = load_tokenizer("demo_out/tokenizer"); ids = special_token_ids(tok)
 
 Trade-off: the demo tokenizer is a small byte-level BPE (1024 entries by default) trained in well
-under a second on English text shipped with the package (``lvita/assets/corpus.txt``), so nothing
+under a second on English text shipped with the package (``lvita/data/assets/corpus.txt``), so nothing
 is downloaded and any text round-trips; it compresses text worse than a real tokenizer, so the
 demo's sequences are longer than Qwen2.5 would make them.
 """
@@ -47,7 +47,7 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
                          f"{len(SPECIAL_TOKENS)} special tokens")
     if not CORPUS.is_file():
         raise FileNotFoundError(f"demo tokenizer corpus {CORPUS} is missing; reinstall lvita "
-                                f"(it ships as package data lvita/assets/corpus.txt)")
+                                f"(it ships as package data lvita/data/assets/corpus.txt)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -67,7 +67,7 @@ def _no_tokenizer_error(path: Path, why: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"tokenizer path {path}: no tokenizer files there ({why}); point model.tokenizer at a local "
         f"HF tokenizer directory (e.g. a Qwen2.5-14B-Instruct download with tokenizer.json), or make "
-        f"the demo one with `lvita demo --data-only` / lvita.tokenizer.train_demo_tokenizer(dir)")
+        f"the demo one with `lvita demo --data-only` / lvita.data.tokenizer.train_demo_tokenizer(dir)")
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -97,5 +97,5 @@ def special_token_ids(tok: Any) -> dict[str, int]:
     vocab = tok.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
-        raise ValueError(f"tokenizer lacks special tokens {missing}; load it with lvita.tokenizer.load_tokenizer")
+        raise ValueError(f"tokenizer lacks special tokens {missing}; load it with lvita.data.tokenizer.load_tokenizer")
     return {name: int(vocab[t]) for name, t in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from lvita.train import free_port
+from lvita.training.loop import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = REPO / "stages" / "demo"
@@ -29,7 +29,7 @@ STAGES = REPO / "stages" / "demo"
 def prepare(out: Path) -> tuple[Path, Path]:
     """Tokenizer and data under ``out`` (reused when already there)."""
     from lvita.demo.dataset import generate_demo_data
-    from lvita.tokenizer import train_demo_tokenizer
+    from lvita.data.tokenizer import train_demo_tokenizer
 
     tok_dir, data_dir = out / "tokenizer", out / "data"
     if not (tok_dir / "tokenizer.json").is_file():

@@ -13,11 +13,11 @@ context parallelism for million-token prompts, Table 3):
   keeps the keys/values of its own real prompt tokens: the cache starts sharded.
 - decode (``mode="cache"``, beyond the paper): the new token is replicated; per layer each rank
   attends over its cache shard and the partial results merge exactly
-  (:mod:`lvita.parallel.sharded_kv`); the new key/value is stored by one rank, round robin.
+  (:mod:`lvita.infer.sharded_kv`); the new key/value is stored by one rank, round robin.
 - ``mode="recompute"``: the paper's official implementation, kept for comparison: no cache, every
   new token re-runs the sharded prefill over a fixed-length sequence (prompt + max_new_tokens).
 
-Both give the tokens of single-process greedy decoding (``lvita.generate.generate``), which the
+Both give the tokens of single-process greedy decoding (``lvita.infer.decode.generate``), which the
 tests check at sp = 2. The LM head runs on the last position only, on the rank that holds it.
 Trade-off: the per-layer decode step all-gathers a (1, Hq, D + 1) partial per rank (latency
 bound), instead of moving any of the cache.
@@ -29,9 +29,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from lvita.generate import Generation, context_limit, greedy, last_logits, layer_step
-from lvita.parallel.sequence import sequence_attention, shard_indices, shard_micro_batch
-from lvita.parallel.sharded_kv import ShardedKVCache, sharded_decode_attention
+from lvita.infer.decode import Generation, context_limit, greedy, last_logits, layer_step
+from lvita.infer.sharded_kv import ShardedKVCache, sharded_decode_attention
+from lvita.parallel.hybrid import sequence_attention
+from lvita.parallel.sequence import shard_indices, shard_micro_batch
 
 
 class ContextParallel:

@@ -40,11 +40,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lvita.checkpoint import atomic_write
+from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.formats import normalise_messages
 from lvita.data.template import SampleError
-from lvita.generate import add_model_args, answer, load_for_args, options
+from lvita.infer.generate import add_model_args, answer, load_for_args, options
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -173,7 +173,7 @@ def evaluate(model, tok, specials: dict, preset: str, data, out=None, log=print,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lvita eval", description="Accuracy of a Long-VITA model on a JSONL set.")
     add_model_args(ap)
-    ap.add_argument("--data", required=True, help="JSONL in the training sample format (see lvita/eval.py)")
+    ap.add_argument("--data", required=True, help="JSONL in the training sample format (see lvita/infer/eval.py)")
     ap.add_argument("--out", help="default: <data dir>/<data stem>-eval")
     ap.set_defaults(max_new_tokens=64)
     args = ap.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lvita.config import DataConfig
+from lvita.config.schema import DataConfig
 from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count,
                               video_tiles)
 from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation

@@ -16,6 +16,10 @@ Run: ``LongVita("tiny", image_token_id=5)(input_ids, position_ids, pixel_values,
 (sum of token cross-entropies, number of labelled tokens). Labels are already aligned with the
 position that predicts them (``labels[t]`` is the target for ``input_ids[t]``); -100 is ignored.
 
+Parameter names are the model's: a plain state dict has ``embed.*``, ``layers.<i>.*``, ``head.*``;
+block ``k`` of the pipeline is ``embed`` (k = 0), ``layers.<k-1>`` or ``head`` (k = layers + 1)
+(:func:`block_of`, :func:`plain_key`; checkpoints store one file per block).
+
 Trade-off: blocks are seeded one by one (``seed + block index``) so that a pipelined copy that
 builds only some blocks on each rank gets the same initial weights as this plain model.
 """
@@ -234,3 +238,33 @@ def module_of(param_name: str) -> str:
     if "multi_modal_projector" in param_name:
         return "projector"
     return "llm"
+
+
+# -- parameter names: plain keys <-> pipeline blocks ----------------------------------------------
+
+def block_of(plain_key: str, n_layers: int) -> tuple[int, str]:
+    """'layers.3.layer.mlp.up_proj.weight' -> (4, 'layer.mlp.up_proj.weight'); embed -> 0; head -> n+1."""
+    head, rest = plain_key.split(".", 1)
+    if head == "embed":
+        return 0, rest
+    if head == "head":
+        return n_layers + 1, rest
+    i, rest = rest.split(".", 1)
+    return int(i) + 1, rest
+
+
+def by_block(state: dict[str, torch.Tensor], n_layers: int) -> dict[int, dict[str, torch.Tensor]]:
+    """A plain state dict -> {block index: that block's state dict}."""
+    blocks: dict[int, dict] = {}
+    for key, value in state.items():
+        b, rest = block_of(key, n_layers)
+        blocks.setdefault(b, {})[rest] = value
+    return blocks
+
+
+def plain_key(block: int, key: str, n_layers: int) -> str:
+    if block == 0:
+        return f"embed.{key}"
+    if block == n_layers + 1:
+        return f"head.{key}"
+    return f"layers.{block - 1}.{key}"

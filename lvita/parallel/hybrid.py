@@ -13,6 +13,10 @@ KV heads fewer than the Ulysses degree are replicated first, as in lvita.paralle
 
     topo = build_topology(pipeline, ulysses=2, ring=2)   # hands the subgroups to yunchang
     set_attention(model, HybridAttention(topo.ulysses_group, topo.ring_group, 2))
+    set_attention(model, sequence_attention(topo))        # the same, chosen from the topology
+
+:func:`sequence_attention` is where training and context-parallel generation pick their attention:
+Ulysses alone (lvita.parallel.ulysses) when ring is 1, this hybrid otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from yunchang.kernels import AttnType
 from lvita.model.attention import TensorCache
 from lvita.parallel.ring import ring_attention
 from lvita.parallel.sequence import shard_indices
-from lvita.parallel.ulysses import replicate_kv
+from lvita.parallel.ulysses import UlyssesAttention, replicate_kv
 
 CPU_KERNEL = "lvita_zigzag_cpu"
 
@@ -77,3 +81,13 @@ class HybridAttention:
             self._checked.get(position_ids, lambda: self._check_one_sequence(position_ids))
         k, v = replicate_kv(k, v, self.ulysses)
         return self.attn(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, causal=True)
+
+
+def sequence_attention(topology):
+    """The attention function for ``set_attention``: Ulysses alone (DeepSpeed's all-to-all) when
+    ring is 1, yunchang's hybrid Ulysses x zigzag ring otherwise; None without sequence parallelism."""
+    if topology.ring > 1:
+        return HybridAttention(topology.ulysses_group, topology.ring_group, topology.ulysses)
+    if topology.ulysses > 1:
+        return UlyssesAttention(topology.sequence_group, topology.ulysses)
+    return None

@@ -29,7 +29,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK
 from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
 from lvita.model.presets import llm_config
-from lvita.weights import plain_key
+from lvita.model.longvita import plain_key
 
 
 class EmbedPipe(MultimodalEmbedding):

@@ -1,5 +1,5 @@
-"""Sequence parallelism: cut each packed micro-batch into this rank's shard, and pick the
-attention that joins the shards (:func:`sequence_attention`).
+"""Sequence parallelism: cut each packed micro-batch into this rank's shard (the attention that
+joins the shards is :func:`lvita.parallel.hybrid.sequence_attention`'s choice).
 
 A sequence group of ``sp = ulysses x ring`` ranks trains on the same micro-batches. The split is
 the one yunchang's hybrid attention expects (``zigzag_extract_local``): the sequence is cut into
@@ -67,16 +67,3 @@ def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int,
     return ((ids[:, idx], pos[:, idx], pix[tiles].contiguous(), feature_index),
             (targets[:, idx], scale * ulysses * ring))
 
-
-def sequence_attention(topology):
-    """The attention function for ``set_attention``: Ulysses alone (DeepSpeed's all-to-all) when
-    ring is 1, yunchang's hybrid Ulysses x zigzag ring otherwise; None without sequence parallelism."""
-    if topology.ring > 1:
-        from lvita.parallel.hybrid import HybridAttention
-
-        return HybridAttention(topology.ulysses_group, topology.ring_group, topology.ulysses)
-    if topology.ulysses > 1:
-        from lvita.parallel.ulysses import UlyssesAttention
-
-        return UlyssesAttention(topology.sequence_group, topology.ulysses)
-    return None

@@ -5,7 +5,7 @@ Owns the decision to skip an optimizer step, the count of such steps and the sto
 
     guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)   # hooks the optimizer once
     loss = engine.train_batch(...)
-    bad = guard.skipped(engine)          # this rank's view; lvita.stopping agrees on it with the others
+    bad = guard.skipped(engine)          # this rank's view; lvita.training.stopping agrees on it with the others
     guard.count(step, bad, loss, grad_norm, batch, log)   # counts and logs a skipped step
     guard.check(step)                    # raises Diverged after N in a row
 
@@ -26,7 +26,7 @@ GPU config) and plain optimizers (ZeRO 0) get their ``step`` wrapped instead: it
 Trade-offs: a skipped step does not advance the LR schedule (as DeepSpeed's fp16 overflow and
 Megatron do), so the schedule follows the applied steps; the data stream advances regardless (the
 bad batch is not retried). Resume stays exact: the schedule position is restored from the step
-count minus the skipped steps (lvita.resume), and the guard's counters are in the checkpoint.
+count minus the skipped steps (lvita.ckpt.resume), and the guard's counters are in the checkpoint.
 """
 from __future__ import annotations
 

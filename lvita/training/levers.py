@@ -14,8 +14,8 @@ DeepSpeed's own piece (DeepSpeed-ALST, arXiv 2506.13996) rather than a rewrite:
   GPU memory for activations no longer grows with layers x micro-batches in flight; costs
   host memory and PCIe traffic. DeepSpeed's setting is process-global.
 - ``train.optimizer_offload``: ZeRO-Offload (``zero_optimization.offload_optimizer``, set by
-  :func:`lvita.validate.deepspeed_config`): fp32 master weights and Adam states in host memory,
-  stepped by DeepSpeed's CPU Adam (:func:`lvita.optim.build_optimizer`). Not applied here.
+  :func:`lvita.config.validate.deepspeed_config`): fp32 master weights and Adam states in host memory,
+  stepped by DeepSpeed's CPU Adam (:func:`lvita.training.optim.build_optimizer`). Not applied here.
 
     module = build_pipeline(...)
     for line in apply_levers(module, cfg.model): log(line)
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from lvita.config import ModelConfig
+from lvita.config.schema import ModelConfig
 from lvita.model.longvita import DecoderLayer
 
 

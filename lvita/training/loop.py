@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -87,22 +88,24 @@ def run(cfg) -> list[float]:
     """Train ``cfg`` (a validated StageConfig) in this process; returns the per-step losses."""
     import deepspeed
 
-    from lvita import checkpoint, resume, weights
-    from lvita.guard import NonFiniteGuard
-    from lvita.stopping import Stopper, parse_duration, say
-    from lvita.checkpoint import tokenizer_fingerprint
+    from lvita.ckpt import checkpoint, resume, weights
+    from lvita.training.guard import Diverged, NonFiniteGuard, weights_finite
+    from lvita.config.schema import parse_duration
+    from lvita.training.stopping import Stopper, say
+    from lvita.ckpt.checkpoint import tokenizer_fingerprint
     from lvita.data.stream import DataStream, own_rows, rank_micro_batches
-    from lvita.flops import peak_tflops, step_flops
-    from lvita.levers import apply_levers
+    from lvita.model.flops import peak_tflops, step_flops
+    from lvita.training.levers import apply_levers
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
-    from lvita.monitor import Monitor, peak_memory_gb
-    from lvita.optim import build_optimizer, freeze, param_groups, scheduler_factory
+    from lvita.training.monitor import Monitor, peak_memory_gb
+    from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
-    from lvita.parallel.sequence import sequence_attention, shard_micro_batch
+    from lvita.parallel.hybrid import sequence_attention
+    from lvita.parallel.sequence import shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.tokenizer import load_tokenizer, special_token_ids
-    from lvita.validate import deepspeed_config, validate
+    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.config.validate import deepspeed_config, validate
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate(cfg, world)
@@ -182,6 +185,10 @@ def run(cfg) -> list[float]:
 
     def save(step):
         t_save = time.perf_counter()
+        if not weights_finite(engine):  # collective
+            ckpts = Path(cfg.output_dir) / "checkpoints"
+            raise Diverged(f"step {step}: the weights are not finite; not saving them (the newest healthy checkpoint "
+                           f"in {ckpts} is {checkpoint.last_healthy(ckpts)})")
         path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict(), info,
                                cfg.train.keep_checkpoints, log, guard=guard.state_dict())
         stopper.saved(time.perf_counter() - t_save)
@@ -236,9 +243,9 @@ def run(cfg) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from lvita.config import ConfigError, load_stage
+    from lvita.config.schema import ConfigError, load_stage
     from lvita.data.stream import DataError
-    from lvita.guard import Diverged
+    from lvita.training.guard import Diverged
 
     args = parse_args(argv)
     _single_process_env()
@@ -257,9 +264,7 @@ def main(argv=None) -> int:
 
 
 def _healthy_hint(cfg) -> str:
-    from pathlib import Path
-
-    from lvita.checkpoint import last_healthy
+    from lvita.ckpt.checkpoint import last_healthy
 
     ckpts = Path(cfg.output_dir) / "checkpoints"
     tag = last_healthy(ckpts)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from lvita.config import TrainConfig
+from lvita.config.schema import TrainConfig
 from lvita.model.longvita import module_of
 
 

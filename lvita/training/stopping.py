@@ -3,13 +3,13 @@
 Owns *when* every rank stops early and that they all stop at the same step. lvita.train makes one
 :class:`Stopper` per run; after each optimizer step it calls :meth:`Stopper.agree`, which every rank
 must call (one all-reduce MAX of two integers over the world: the stop reason, and whether any
-rank's optimizer skipped the step, for lvita.guard):
+rank's optimizer skipped the step, for lvita.training.guard):
 
     stopper = Stopper(time_limit_s, log)          # installs SIGTERM/SIGUSR1 handlers in this rank
     for step in ...:
         engine.train_batch(...)
         reason, skipped = stopper.agree(step_time, skipped)  # the same on every rank
-        if reason: save through lvita.checkpoint, print stopper.message(...), return (exit 0)
+        if reason: save through lvita.ckpt.checkpoint, print stopper.message(...), return (exit 0)
     stopper.close()                               # handlers back (after a stop: signals ignored)
 
 A rank asks to stop when
@@ -30,7 +30,7 @@ only sets a flag: the step in progress finishes, then the ranks agree at its end
 saves the same step through the normal crash-safe path. Signals that arrive while
 stopping (a scheduler or ``launch`` repeating SIGTERM during the save) are noted and otherwise
 ignored: the save completes, and if a SIGKILL ends it first, the previous complete checkpoint stays
-``latest`` (lvita.checkpoint writes the manifest and ``latest`` last).
+``latest`` (lvita.ckpt.checkpoint writes the manifest and ``latest`` last).
 
 Trade-offs: the launcher is polled once per step (two reads of /proc), so a rank notices a vanished
 runner only at the end of its current step; the runner itself dies of the signal (exit 143 or 138)
@@ -42,7 +42,6 @@ its first step, so every requeue makes progress.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
@@ -51,27 +50,6 @@ import psutil
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 REASONS = {1: "signal", 2: "launcher gone", 3: "time limit"}
 LAUNCH_MODULE = "deepspeed.launcher.launch"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
-_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(text: str | None, key: str = "train.time_limit") -> float | None:
-    """``"47h30m"``, ``"90m"``, ``"3600s"``, ``"1d2h"`` -> seconds; None -> None. Raises ConfigError."""
-    from lvita.config import ConfigError
-
-    if text is None:
-        return None
-    s = str(text).strip().lower().replace(" ", "")
-    parts = _DURATION.findall(s)
-    if not s or "".join(n + u for n, u in parts) != s:
-        raise ConfigError(f"{key}={text!r}: expected a duration such as \"47h30m\", \"90m\", \"3600s\" or \"1d2h\" "
-                          f"(units d, h, m, s), or null for no limit")
-    seconds = sum(float(n) * _UNIT[u] for n, u in parts)
-    if seconds <= 0:
-        raise ConfigError(f"{key}={text!r}: must be longer than 0")
-    return seconds
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         return psutil.Process(pid).cmdline()
@@ -191,7 +169,7 @@ class Stopper:
 
     def agree(self, step_time: float, skipped: bool = False, group=None) -> tuple[str | None, bool]:
         """Collective (the world, or ``group``): the stop reason every rank agrees on (or None), and
-        whether any rank's optimizer skipped the step (lvita.guard), in one all-reduce MAX."""
+        whether any rank's optimizer skipped the step (lvita.training.guard), in one all-reduce MAX."""
         import torch
         import torch.distributed as dist
 

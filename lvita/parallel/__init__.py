@@ -1,0 +1,7 @@
+"""Parallelism for training, applied from outside the model: the topology (the one place process
+groups are made), the DeepSpeed PipelineModule adapters, sequence sharding, Ulysses, the zigzag
+ring kernel and the hybrid (yunchang) attention.
+
+May import: lvita.model, torch.distributed, deepspeed, yunchang. Not lvita.config, data, ckpt,
+training or infer (they sit above).
+"""
