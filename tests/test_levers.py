@@ -54,32 +54,54 @@ def _gpu_offload_path_on_cpu() -> None:
     return engine
 
 
-def _loss_and_grads(rank, levers: dict, checkpoint: bool):
-    from lvita.config.schema import ModelConfig
-    from lvita.training.levers import apply_levers
-    from lvita.model.longvita import LongVita
-    from lvita.parallel.topology import init_distributed
+CASES = {"tiled_mlp": ({"tiled_mlp": True}, False), "tiled_mlp+checkpointing": ({"tiled_mlp": True}, True),
+         "activation_offload": ({"activation_offload": True}, True),
+         "both": ({"tiled_mlp": True, "activation_offload": True}, True)}
 
-    init_distributed()  # DeepSpeed's checkpointing configure reads the rank
-    engine = _gpu_offload_path_on_cpu() if levers.get("activation_offload") else None
+
+def _loss_and_grads(levers: dict, checkpoint: bool, engine=None):
+    from lvita.config.schema import ModelConfig
+    from lvita.model.longvita import LongVita
+    from lvita.training.levers import apply_levers
+
     model = LongVita("tiny", 5, seed=7, checkpoint=checkpoint)
     applied = apply_levers(model, ModelConfig(activation_checkpointing=checkpoint, **levers))
     ids, pos, pixels, labels = _batch()
+    before = engine.stats.offloaded_tensors if engine is not None else 0
     loss, n = model(ids, pos, pixels, labels)
     (loss / n).backward()
-    if engine is not None:  # the layers' inputs really went through the offload engine
-        assert engine.stats.offloaded_tensors >= 3, vars(engine.stats)
-    return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, applied
+    offloaded = engine.stats.offloaded_tensors - before if engine is not None else 0
+    return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, applied, offloaded
 
 
-@pytest.mark.parametrize("levers,checkpoint", [({"tiled_mlp": True}, False), ({"tiled_mlp": True}, True),
-                                               ({"activation_offload": True}, True),
-                                               ({"tiled_mlp": True, "activation_offload": True}, True)],
-                         ids=["tiled_mlp", "tiled_mlp+checkpointing", "activation_offload", "both"])
-def test_lever_keeps_loss_and_every_gradient(levers, checkpoint):
-    (ref_loss, ref, none), (loss, got, applied) = [
-        run_world(_loss_and_grads, 1, lv, checkpoint)[0] for lv in ({}, levers)]
+def _every_case(rank):
+    """One process for the plain runs and every lever case (a process each cost ~10 s of start-up):
+    the cases without offload run first, then DeepSpeed's offload engine is switched on for the rest."""
+    from lvita.parallel.topology import init_distributed
+
+    init_distributed()  # DeepSpeed's checkpointing configure reads the rank
+    out = {f"plain/{c}": _loss_and_grads({}, c) for c in (False, True)}
+    engine = None
+    for name, (levers, checkpoint) in CASES.items():
+        if levers.get("activation_offload") and engine is None:
+            engine = _gpu_offload_path_on_cpu()
+        out[name] = _loss_and_grads(levers, checkpoint, engine if levers.get("activation_offload") else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def every_case():
+    return run_world(_every_case, 1)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lever_keeps_loss_and_every_gradient(every_case, name):
+    levers, checkpoint = CASES[name]
+    ref_loss, ref, none, _ = every_case[f"plain/{checkpoint}"]
+    loss, got, applied, offloaded = every_case[name]
     assert none == [] and len(applied) == len(levers)
+    if levers.get("activation_offload"):  # the layers' inputs really went through the offload engine
+        assert offloaded >= 3, offloaded
     assert loss == pytest.approx(ref_loss, rel=TOL)
     assert got.keys() == ref.keys() and len(ref) > 50
     for k in ref:
