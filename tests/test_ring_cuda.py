@@ -70,6 +70,38 @@ def test_kernel_choice_by_device_dtype_and_gpu():
     assert not flash_fits(torch.bfloat16, 128, (7, 5)) and not flash_fits(torch.bfloat16, 512, (9, 0))
 
 
+def test_hybrid_uses_lvita_ring_on_gpus_unless_flash_attn_imports(monkeypatch):
+    """yunchang's own fallback (TORCH_FLASH) has no backward: never chosen; a flash-attn that fails
+    to import (absent, wrong ABI) means lvita's ring, registered in yunchang's kernel table."""
+    import sys
+    import types
+
+    import yunchang.globals
+    from yunchang.hybrid.utils import RING_IMPL_DICT
+    from yunchang.kernels import AttnType
+
+    from lvita.parallel import hybrid
+
+    assert RING_IMPL_DICT[hybrid.LVITA_KERNEL] is hybrid._lvita_zigzag_ring
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", None)
+    impl, attn_type, note = hybrid._kernel()
+    assert (impl, attn_type) == (hybrid.LVITA_KERNEL, None) and "CUDA flash/memory-efficient" in note
+    broken = types.ModuleType("flash_attn.flash_attn_interface")
+    broken.__getattr__ = lambda name: (_ for _ in ()).throw(OSError("undefined symbol: _ZN3c10"))
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", broken)
+    assert hybrid._kernel()[0] == hybrid.LVITA_KERNEL and "undefined symbol" in hybrid._kernel()[2]
+    good = types.ModuleType("flash_attn.flash_attn_interface")
+    good._flash_attn_forward = good._flash_attn_backward = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", good)
+    monkeypatch.setattr(yunchang.globals, "HAS_FLASH_ATTN", True)
+    assert hybrid._kernel()[:2] == ("zigzag", AttnType.FA)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hybrid._kernel()[:2] == (hybrid.LVITA_KERNEL, None)
+
+
 class _EmulatedCudaOps:
     """torch.ops.aten for lse_kernels: CUDA ops checked on meta, computed on CPU, CUDA-shaped outputs."""
 

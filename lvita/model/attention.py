@@ -93,10 +93,15 @@ def _torch_varlen(qf, kf, vf, cu, longest: int, scale):
     return varlen_attn(qf, kf, vf, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **extra)
 
 
-def _varlen_params() -> set[str]:
+def _varlen_params() -> frozenset[str]:
     from torch.nn.attention.varlen import varlen_attn
 
-    return set(inspect.signature(varlen_attn).parameters)
+    return _parameters(varlen_attn)
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _has_flash_attn() -> bool:

@@ -38,8 +38,8 @@ LVITA_KERNEL = "lvita_zigzag"  # one kernel for CPU and CUDA tensors (lse_kernel
 
 
 def _lvita_zigzag_ring(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, attn_type=None,
-                     attn_processor=None):
+                       alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                       attn_type=None, attn_processor=None):
     """yunchang's ring-kernel signature; q (B, S/ring, Hq', D), k/v (B, S/ring, Hkv', D) on ``group``."""
     if not causal or dropout_p or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None:
         raise NotImplementedError("lvita's ring kernel does plain causal attention only")
