@@ -19,7 +19,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lvita.config.schema import FORMATS, MODULES, ConfigError, StageConfig, parse_duration
+from lvita.model.attention import packed_kernels
 from lvita.model.presets import PRESETS, llm_config
 
 
@@ -96,6 +99,11 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         err(f"parallel.ring={p.ring} with data.reset_position_ids=true: the ring kernels have no varlen path, "
             f"so packed samples would attend to each other; use parallel.ulysses for reset-packed stages "
             f"(Ulysses keeps samples apart), or set data.reset_position_ids=false")
+    if d.reset_position_ids and not packed_kernels():
+        err(f"data.reset_position_ids=true packs samples that must not attend to each other, and torch "
+            f"{torch.__version__} offers no kernel for it (flash-attn does not import; torch's varlen_attn with "
+            f"scale/window_size needs torch >= 2.11; no scaled_dot_product_attention): install flash-attn or a "
+            f"torch in the range pyproject.toml names, or set data.reset_position_ids=false")
     if p.sequence > 1 and d.seq_length % (2 * p.sequence):
         err(f"data.seq_length={d.seq_length} must be a multiple of 2 x sequence degree = {2 * p.sequence}")
 

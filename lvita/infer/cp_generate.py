@@ -13,7 +13,8 @@ context parallelism for million-token prompts, Table 3):
   keeps the keys/values of its own real prompt tokens: the cache starts sharded.
 - decode (``mode="cache"``, beyond the paper): the new token is replicated; per layer each rank
   attends over its cache shard and the partial results merge exactly
-  (:mod:`lvita.infer.sharded_kv`); the new key/value is stored by one rank, round robin.
+  (:mod:`lvita.infer.sharded_kv`, in the cache's dtype, grouped query heads); the new key/value
+  is written by one rank, round robin, into its preallocated cache shard.
 - ``mode="recompute"``: the paper's official implementation, kept for comparison: no cache, every
   new token re-runs the sharded prefill over a fixed-length sequence (prompt + max_new_tokens).
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lvita.infer.decode import Generation, context_limit, greedy, last_logits, layer_step
-from lvita.infer.sharded_kv import ShardedKVCache, sharded_decode_attention
+from lvita.infer.sharded_kv import ShardedKVCache, shard_owner, sharded_decode_attention
 from lvita.parallel.hybrid import sequence_attention
 from lvita.parallel.sequence import shard_indices, shard_micro_batch
 
@@ -49,10 +50,7 @@ class ContextParallel:
 
     def owner_of(self, seq_len: int, position: int) -> int:
         """Global rank holding ``position`` of a ``seq_len`` sequence."""
-        for r in range(self.sp):
-            if position in set(shard_indices(seq_len, r, self.topo.ulysses, self.topo.ring).tolist()):
-                return dist.get_global_rank(self.group, r)
-        raise AssertionError(position)
+        return dist.get_global_rank(self.group, shard_owner(seq_len, position, self.topo.ulysses, self.topo.ring))
 
 
 def _sharded_prefill(model, cp: ContextParallel, ids: torch.Tensor, pixel_values: torch.Tensor, real: int,
@@ -98,7 +96,7 @@ def _decode_step(model, cp: ContextParallel, token: int, position: int, index: i
         def fn(q, k, v, scale):  # q (1, 1, Hq, D); k/v (1, 1, Hkv, D) the new token's
             if mine:
                 cache.append(i, k, v)
-            return sharded_decode_attention(q, cache.k[i], cache.v[i], cp.group, scale)
+            return sharded_decode_attention(q, cache.keys(i), cache.values(i), cp.group, scale)
         return fn
 
     for i, layer in enumerate(model.layers):
@@ -124,7 +122,7 @@ def cp_generate(model, input_ids, pixel_values: torch.Tensor, specials: dict, ma
     def padded(seq: torch.Tensor, length: int) -> torch.Tensor:
         return torch.cat([seq, seq.new_full((1, length - seq.shape[1]), pad)], dim=1)
 
-    cache = ShardedKVCache(len(model.layers), cp.rank, cp.sp) if mode == "cache" else None
+    cache = ShardedKVCache(len(model.layers), cp.rank, cp.sp, max_new_tokens) if mode == "cache" else None
     fixed = cp.padded(min(n + max_new_tokens, limit))  # recompute mode: one length for every step
     t0 = time.perf_counter()
     logits = _sharded_prefill(model, cp, padded(ids, cp.padded(n) if cache else fixed), pixel_values, n, cache)

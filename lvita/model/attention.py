@@ -11,13 +11,20 @@ Shapes: every attention function takes q (B, S, Hq, D), k and v (B, S, Hkv, D) a
 must not attend to each other; None means plain causal attention per row. ``position_ids``
 (B, S) come along for functions that see only a shard and must rebuild the boundaries.
 
-Kernels: on CUDA in bf16/fp16, packed rows go through one varlen flash call (flash-attn's
-``flash_attn_varlen_func`` when installed, else torch's ``torch.nn.attention.varlen.varlen_attn``);
-elsewhere (CPU, fp32) SDPA runs once per packed sample: exact, but a Python loop and
-O(max s_i^2) memory per sample. The CUDA branch has not yet been run on a GPU by the test suite.
+Kernels for packed rows (:func:`packed_kernels` says which this process has, best first): on CUDA
+in bf16/fp16 one varlen flash call, flash-attn's ``flash_attn_varlen_func`` when it imports, else
+torch's ``torch.nn.attention.varlen.varlen_attn`` when it takes ``scale`` and ``window_size``
+(torch >= 2.11; ``enable_gqa`` is passed where it exists, 2.12+); otherwise (CPU, fp32, older
+torch) SDPA once per packed sample ("sdpa"): exact, but a Python loop. Validation
+(lvita.config.validate) refuses packed stages when none is available, naming the torch version.
+The longest sample (``max_seqlen``, a device sync) and the sample bounds are computed once per
+``cu_seqlens`` tensor, which every layer of a forward pass (and its recompute) shares.
+Tested with torch 2.6 to 2.13 signatures (faked on CPU); the CUDA kernels need a GPU run.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from typing import Callable
 
@@ -73,18 +80,97 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return out.transpose(1, 2)
 
 
-def _varlen_flash(qf, kf, vf, cu_seqlens: torch.Tensor, scale: float | None) -> torch.Tensor:
-    # (T, Hq, D), (T, Hkv, D) flattened packed tokens -> (T, Hq, D), causal within each sample (CUDA).
-    cu = cu_seqlens.to(device=qf.device, dtype=torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        from torch.nn.attention.varlen import varlen_attn
+def _flash_attn_varlen(qf, kf, vf, cu, longest: int, scale):
+    from flash_attn import flash_attn_varlen_func
 
-        return varlen_attn(qf, kf, vf, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
-                           enable_gqa=kf.shape[1] != qf.shape[1])
     return flash_attn_varlen_func(qf, kf, vf, cu, cu, longest, longest, softmax_scale=scale, causal=True)
+
+
+def _torch_varlen(qf, kf, vf, cu, longest: int, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = {"enable_gqa": kf.shape[1] != qf.shape[1]} if "enable_gqa" in _varlen_params() else {}
+    return varlen_attn(qf, kf, vf, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **extra)
+
+
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return _parameters(varlen_attn)
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _has_flash_attn() -> bool:
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # noqa: BLE001 - a build with the wrong ABI raises ImportError or OSError
+        return False
+    return True
+
+
+def _has_torch_varlen() -> bool:
+    """torch's varlen_attn with the keyword arguments lvita passes: scale, window_size (torch >= 2.11;
+    2.10's takes is_causal and no scale, before 2.10 there is none)."""
+    try:
+        return {"scale", "window_size"} <= _varlen_params()
+    except ImportError:
+        return False
+
+
+def _has_sdpa() -> bool:
+    return hasattr(F, "scaled_dot_product_attention")
+
+
+# name -> (probe, kernel on flattened packed tokens, CUDA only)
+_PACKED = {"flash_attn": (_has_flash_attn, _flash_attn_varlen, True),
+           "torch_varlen": (_has_torch_varlen, _torch_varlen, True),
+           "sdpa": (_has_sdpa, None, False)}
+
+
+@functools.lru_cache(maxsize=None)
+def packed_kernels() -> tuple[str, ...]:
+    """Kernels that keep packed samples apart in this process, best first: a subset of
+    ("flash_attn", "torch_varlen", "sdpa"); the first two are CUDA bf16/fp16 only."""
+    return tuple(name for name, (probe, _, _) in _PACKED.items() if probe())
+
+
+_LONGEST, _BOUNDS = TensorCache(), TensorCache()
+
+
+def max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    """Longest sample of ``cu_seqlens``: one device sync per cu_seqlens tensor, not per layer."""
+    return _LONGEST.get(cu_seqlens, lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
+def packed_attention(qf, kf, vf, cu_seqlens: torch.Tensor, scale: float | None, kernel: str) -> torch.Tensor:
+    """(T, Hq, D), (T, Hkv, D) flattened packed tokens -> (T, Hq, D), causal within each sample."""
+    if kernel == "sdpa":
+        bounds = _BOUNDS.get(cu_seqlens, cu_seqlens.tolist)
+        return torch.cat([_sdpa(qf[a:b].unsqueeze(0), kf[a:b].unsqueeze(0), vf[a:b].unsqueeze(0), scale).squeeze(0)
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+    cu = cu_seqlens.to(device=qf.device, dtype=torch.int32)
+    return _PACKED[kernel][1](qf, kf, vf, cu, max_seqlen(cu_seqlens), scale)
+
+
+_told: list[str] = []
+
+
+def _packed_kernel(q: torch.Tensor) -> str:
+    fused = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    for name in packed_kernels():
+        if fused or not _PACKED[name][2]:
+            if fused and name == "sdpa" and not _told:
+                _told.append(name)
+                print(f"lvita: packed samples on CUDA run one SDPA call per sample: torch {torch.__version__} has no "
+                      f"varlen_attn with scale/window_size (torch >= 2.11) and flash-attn does not import", flush=True)
+            return name
+    raise RuntimeError(f"no attention kernel keeps packed samples apart with torch {torch.__version__} on "
+                       f"{q.device.type} {q.dtype}: install flash-attn or torch >= 2.11, or set "
+                       f"data.reset_position_ids=false")
 
 
 def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
@@ -94,14 +180,7 @@ def local_attention(q, k, v, *, cu_seqlens: torch.Tensor | None = None, scale: f
     if cu_seqlens is None or cu_seqlens.numel() - 1 == B:
         return _sdpa(q, k, v, scale)
     qf, kf, vf = (t.reshape(B * S, *t.shape[2:]) for t in (q, k, v))
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return _varlen_flash(qf, kf, vf, cu_seqlens, scale).reshape(q.shape)
-    bounds = cu_seqlens.tolist()
-    outs = [
-        _sdpa(qf[a:b].unsqueeze(0), kf[a:b].unsqueeze(0), vf[a:b].unsqueeze(0), scale).squeeze(0)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(outs).reshape(q.shape)
+    return packed_attention(qf, kf, vf, cu_seqlens, scale, _packed_kernel(q)).reshape(q.shape)
 
 
 def _lvita_attention(module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None,

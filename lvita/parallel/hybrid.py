@@ -2,10 +2,13 @@
 
 Each rank holds a zigzag shard (lvita.parallel.sequence). yunchang all-to-alls q/k/v inside the
 Ulysses group, (B, S/sp, H, D) -> (B, S/ring, H/ulysses, D), runs zigzag ring attention over the
-ring group on that ring part, and all-to-alls back. The ring kernel is flash-attn's zigzag ring on
-GPU when flash-attn is installed, else yunchang's zigzag ring on torch's CUDA flash op; on CPU it
-is lvita's own (lvita.parallel.ring, on torch's CPU flash op with log-sum-exp), registered in
-yunchang's kernel table so that CPU tests run the same yunchang code path as GPUs.
+ring group on that ring part, and all-to-alls back. The ring kernel is yunchang's flash-attn zigzag
+ring on GPUs where flash-attn imports (decided by importing the functions yunchang calls, so a
+build with the wrong ABI counts as absent); everywhere else it is lvita's own (lvita.parallel.ring:
+torch's CPU flash op on CPU, torch's CUDA flash or memory-efficient op on GPUs, exact backward,
+fp32 log-sum-exp merge), registered in yunchang's kernel table so that CPU tests run the same
+yunchang code path as GPUs. yunchang's own fallback (AttnType.TORCH_FLASH) has no backward.
+The choice is printed once per process (rank 0) and kept in ``HybridAttention.kernel``.
 
 Only one causal sequence per micro-batch: ring kernels here have no varlen path, so packing
 with reset position ids is refused at validation (use Ulysses alone for reset-packed stages).
@@ -31,35 +34,50 @@ from lvita.parallel.ring import ring_attention
 from lvita.parallel.sequence import shard_indices
 from lvita.parallel.ulysses import UlyssesAttention, replicate_kv
 
-CPU_KERNEL = "lvita_zigzag_cpu"
+LVITA_KERNEL = "lvita_zigzag"  # one kernel for CPU and CUDA tensors (lse_kernels picks by device)
 
 
-def _cpu_zigzag_ring(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, attn_type=None,
-                     attn_processor=None):
+def _lvita_zigzag_ring(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                       attn_type=None, attn_processor=None):
     """yunchang's ring-kernel signature; q (B, S/ring, Hq', D), k/v (B, S/ring, Hkv', D) on ``group``."""
     if not causal or dropout_p or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None:
-        raise NotImplementedError("the CPU ring kernel does plain causal attention only")
+        raise NotImplementedError("lvita's ring kernel does plain causal attention only")
     return ring_attention(q, k, v, group, softmax_scale)
 
 
-RING_IMPL_DICT.setdefault(CPU_KERNEL, _cpu_zigzag_ring)
+RING_IMPL_DICT.setdefault(LVITA_KERNEL, _lvita_zigzag_ring)
 
 
-def _kernel() -> tuple[str, AttnType | None]:
-    if not torch.cuda.is_available():
-        return CPU_KERNEL, None
+def flash_attn_error() -> str | None:
+    """None when flash-attn's ring functions import (as yunchang needs them), else why not."""
     try:
-        import flash_attn  # noqa: F401
+        from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward  # noqa: F401
+        from yunchang.globals import HAS_FLASH_ATTN
+    except Exception as e:  # noqa: BLE001 - a wrong-ABI build raises ImportError or OSError
+        return f"{type(e).__name__}: {e}"
+    return None if HAS_FLASH_ATTN else "yunchang could not import flash-attn"
 
-        return "zigzag", AttnType.FA
-    except ImportError:
-        return "zigzag", AttnType.TORCH_FLASH
+
+def _kernel() -> tuple[str, AttnType | None, str]:
+    """(yunchang ring_impl_type, attn_type, what to tell the user)."""
+    if not torch.cuda.is_available():
+        return LVITA_KERNEL, None, "lvita zigzag ring on torch's CPU flash op"
+    why = flash_attn_error()
+    if why is None:
+        return "zigzag", AttnType.FA, "yunchang zigzag ring on flash-attn"
+    return LVITA_KERNEL, None, f"lvita zigzag ring on torch's CUDA flash/memory-efficient ops (no flash-attn: {why})"
+
+
+_told: set[str] = set()
 
 
 class HybridAttention:
     def __init__(self, ulysses_group, ring_group, ulysses: int):
-        impl, attn_type = _kernel()
+        impl, attn_type, self.kernel = _kernel()
+        if self.kernel not in _told and dist.get_rank() == 0:
+            print(f"lvita: ring attention kernel: {self.kernel}", flush=True)
+            _told.add(self.kernel)
         self.ulysses, self.ring = ulysses, dist.get_world_size(ring_group)
         self.sequence_rank = dist.get_rank(ring_group) * ulysses + dist.get_rank(ulysses_group)
         self.attn = LongContextAttention(ring_impl_type=impl, attn_type=attn_type)
