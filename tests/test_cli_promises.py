@@ -1,17 +1,17 @@
 """README promises of the command line and stage keys that nothing else checks: ``lvita check
 --strict`` fails on paths that do not exist (and only then), ``parallel.partition_method`` ``uniform``
-and ``type:REGEX`` decide the pipeline stages (in ``lvita check``'s table and in DeepSpeed's
+and ``type:REGEX`` decide the pipeline stages (in ``lvita check``'s table, and handed to DeepSpeed's
 PipelineModule), and ``lvita generate --messages`` answers a multi-turn conversation from a JSON file."""
 from __future__ import annotations
 
 import json
 import re
 
+import pytest
 import torch
 
 from lvita.cli import main as cli
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import run_world
 
 STAGE_14B = str(REPO / "stages" / "longvita-14b" / "2_general.json")
 DS_BF16 = f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"
@@ -51,17 +51,29 @@ def test_partition_methods_in_lvita_check(capsys):
     assert len({tuple(uniform), tuple(decoders), tuple(params)}) == 3
 
 
-def _pipeline_parts(rank, method):
-    from lvita.parallel.pipeline import build_pipeline
-    from lvita.parallel.topology import init_distributed
+def test_partition_method_reaches_the_pipeline_module(monkeypatch):
+    """build_pipeline (what lvita.train calls with parallel.partition_method) hands the method to
+    DeepSpeed's PipelineModule, whose partitioning lvita.parallel.pipeline.partition mirrors. Checked
+    in this process: the PipelineModule's constructor is intercepted (building it needs a world of
+    pipeline-degree processes)."""
+    from lvita.parallel import pipeline
 
-    init_distributed()
-    return [int(p) for p in build_pipeline("tiny", 5, 0, 2, partition_method=method).parts]
+    seen = {}
 
+    class Built(Exception):
+        pass
 
-def test_partition_method_reaches_the_pipeline_module():
-    """tiny: 6 blocks; by parameters they split 3/3, by type:embed|head 5/1."""
-    assert run_world(_pipeline_parts, 2, "type:embed|head") == [[0, 5, 6]] * 2
+    def record(self, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(pipeline.PipelineModule, "__init__", record)
+    for method in ("uniform", "type:embed|head"):
+        with pytest.raises(Built):
+            pipeline.build_pipeline("tiny", 5, 0, 2, partition_method=method)
+        assert seen["partition_method"] == method and seen["num_stages"] == 2
+        assert [type(spec).__name__ for spec in seen["layers"]] == ["LayerSpec"] * 6
+    assert [int(p) for p in pipeline.partition(pipeline.layer_specs("tiny", 5), 2, "type:embed|head")] == [0, 5, 6]
 
 
 def test_generate_messages_answers_a_conversation(tmp_path, tokenizer_dir, capsys):
