@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import REPO
@@ -26,7 +27,12 @@ def setup(tmp_path_factory, tokenizer_dir):
 
     root = tmp_path_factory.mktemp("launcher")
     img = special_token_ids(load_tokenizer(tokenizer_dir))["img_context"]
-    hf = write_hf_dir(LongVita("tiny", img, seed=11).state_dict(), "tiny", tokenizer_dir, root / "hf", img)
+    model = LongVita("tiny", img, seed=11)
+    with torch.no_grad():  # sharper attention: at init the answer hardly depends on the context (one token
+        for name, p in model.named_parameters():  # repeated), so a wrong shard or position would go unseen
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                p.mul_(8)
+    hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, root / "hf", img)
     Image.new("RGB", (200, 90), "red").save(root / "wide.png")  # 2 tiles + thumbnail
     items = [{"id": "img", "images": ["wide.png"], "messages": [{"role": "user", "content": "<image>\nColour?"},
                                                                {"role": "assistant", "content": "red"}]},
@@ -63,7 +69,7 @@ def test_eval_under_the_launcher_ulysses_cache(setup):
     from lvita.infer.eval import main
 
     root, hf = setup
-    args = ["--model", str(hf), "--data", str(root / "set.jsonl"), "--max-new-tokens", "4"]
+    args = ["--model", str(hf), "--data", str(root / "set.jsonl"), "--max-new-tokens", "12"]
     assert main([*args, "--out", str(root / "ref")]) == 0
     _launch("lvita.eval", *args, "--out", str(root / "cp"), "--sp", "2", "--mode", "cache")
 
@@ -72,4 +78,5 @@ def test_eval_under_the_launcher_ulysses_cache(setup):
                 map(json.loads, (root / d / "predictions.jsonl").read_text().splitlines())]
 
     assert preds("cp") == preds("ref") and len(preds("ref")) == 2
+    assert len({p for _, p, _ in preds("ref")}) == 2  # the answers differ with the question
     assert json.loads((root / "cp" / "results.json").read_text())["scored"] == 2
