@@ -75,13 +75,25 @@ def _one_norm_reduction(engine) -> None:
     opt.scaled_global_norm = scaled_global_norm
 
 
-def _share_cpu_threads() -> None:
-    """On CPU, split the cores between the local processes (unless OMP_NUM_THREADS says otherwise):
-    oversubscribed OpenMP threads made steps up to 10x slower and erratic with 2 processes."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
-        return
-    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+def cpu_threads(cores: int, local_size: int, env, cuda: bool) -> tuple[int | None, str]:
+    """Torch CPU threads for one of ``local_size`` processes on a node of ``cores`` cores -> (threads
+    or None to leave torch's choice, a line saying why). The cores are split between the local
+    processes, on GPU nodes too (8 ranks each starting an all-core OpenMP pool next to their data
+    threads oversubscribe the node: CPU steps up to 10x slower), unless OMP_NUM_THREADS is set."""
+    if "OMP_NUM_THREADS" in env:
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (set by you) decides torch's CPU threads"
+    n = max(1, cores // max(local_size, 1))
+    return n, (f"{n} torch CPU thread(s) per process: {cores} cores / {local_size} local process(es)"
+               f"{' on a GPU node' if cuda else ''}; set OMP_NUM_THREADS to choose otherwise")
+
+
+def _share_cpu_threads(log=lambda *a: None) -> None:
+    env = os.environ
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE", "1"))
+    threads, why = cpu_threads(os.cpu_count() or 1, local, env, torch.cuda.is_available())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log(f"[threads] {why}")
 
 
 def run(cfg) -> list[float]:
@@ -133,7 +145,7 @@ def run(cfg) -> list[float]:
         resume.ensure_universal(plan.found.tag_dir, rank, log)  # before the process group: no timeout
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
 
-    _share_cpu_threads()
+    _share_cpu_threads(log)
     init_distributed()
     topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
     log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
