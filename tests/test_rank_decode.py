@@ -179,3 +179,41 @@ def test_a_decode_failure_drops_the_same_labels_on_every_rank(tok, video_dir, mo
     b = later.next_global_batch(agree=lambda f: f + failed)  # what the all-gather hands back
     assert _same_rows(a, b) and stage0.skipped_total == later.skipped_total == {"bad_media_at_decode": len(failed)}
     stage0.close(), later.close()
+
+
+def _train_counting(rank, cfg_path, overrides):
+    """lvita.train in one rank, counting the tiles its stream decodes and the dtype of the pixels
+    that reach the model's first block."""
+    from lvita.config.schema import load_stage
+    from lvita.parallel import pipeline
+    from lvita.training.loop import run
+
+    count = {"tiles": 0, "dtypes": set()}
+
+    def spy(real):
+        def wrapped(*a, **kw):
+            out = real(*a, **kw)
+            count["tiles"] += out.shape[0]
+            return out
+        return wrapped
+    stream_mod.image_tiles, stream_mod.video_tiles = spy(stream_mod.image_tiles), spy(stream_mod.video_tiles)
+    forward = pipeline.EmbedPipe.forward
+
+    def embed(self, inputs):
+        count["dtypes"].add(str(inputs[2].dtype))
+        return forward(self, inputs)
+    pipeline.EmbedPipe.forward = embed
+    losses = run(load_stage(cfg_path, overrides))
+    return losses, count["tiles"], sorted(count["dtypes"])
+
+
+def test_trainer_decodes_pixels_on_pipeline_stage_0_only_and_sends_uint8(tmp_path, tokenizer_dir, dataset_dir):
+    from tests.conftest import stage_dict, write_stage
+    from tests.distributed import run_world
+
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out", iterations=2)
+    stage = str(write_stage(tmp_path / "s.json", cfg))
+    (loss0, tiles0, dtypes0), (loss1, tiles1, dtypes1) = run_world(_train_counting, 2, stage, ["parallel.pipeline=2"])
+    assert tiles0 > 0 and tiles1 == 0  # stage 1 decodes nothing, yet trains on the same steps
+    assert dtypes0 == ["torch.uint8"] and dtypes1 == []
+    assert loss0 == loss1 and len(loss0) == 2
