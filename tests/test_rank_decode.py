@@ -217,3 +217,27 @@ def test_trainer_decodes_pixels_on_pipeline_stage_0_only_and_sends_uint8(tmp_pat
     assert tiles0 > 0 and tiles1 == 0  # stage 1 decodes nothing, yet trains on the same steps
     assert dtypes0 == ["torch.uint8"] and dtypes1 == []
     assert loss0 == loss1 and len(loss0) == 2
+
+
+def _micro(n=3):
+    return [((torch.zeros(1, 8, dtype=torch.long), torch.arange(8)[None], torch.full((2, 3, 4, 4), i, dtype=torch.uint8)),
+             (torch.zeros(1, 8, dtype=torch.long), torch.tensor(1.0))) for i in range(n)]
+
+
+def test_pixels_to_device_passes_micro_batches_through_on_cpu():
+    from lvita.training.loop import pixels_to_device
+
+    micro = _micro()
+    assert [m[0][2] is n[0][2] for m, n in zip(pixels_to_device(micro, None), micro)] == [True] * 3
+    assert list(pixels_to_device(micro, torch.device("cpu"))) == micro
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pixels_to_device_copies_uint8_tiles_ahead_to_cuda():
+    from lvita.training.loop import pixels_to_device
+
+    micro = _micro()
+    got = list(pixels_to_device(micro, torch.device("cuda", 0)))
+    for (x, lab), (y, lab_y) in zip(got, micro):
+        assert x[2].is_cuda and x[2].dtype == torch.uint8 and torch.equal(x[2].cpu(), y[2])
+        assert not x[0].is_cuda and lab is lab_y  # ids/positions/labels: DeepSpeed moves them as before

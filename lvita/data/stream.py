@@ -157,7 +157,7 @@ class DataStream:
                           for m, keep in zip(s.media, keeps) if keep != []]
             except MediaError as e:
                 failed.append(i)
-                self.log(f"[data] {s.where}: {e}; the sample's tiles are zeroed and its labels dropped")
+                self.log(f"[data] {s.where}: {e}; the sample's tiles are blanked and its labels dropped")
                 n = sum(m[-1] if k is None else len(k) for m, k in zip(s.media, keeps))
                 tiles.append(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(1, 3, 1, 1)
                              .expand(n, 3, self.tile, self.tile).clone())
