@@ -91,7 +91,7 @@ def test_images_are_tiled_and_labels_follow_the_template(tok, dataset_dir):
                 cols, rows = tile_grid(w, h, 1, max_tiles, 112)
                 assert count == cols * rows + (cols * rows > 1)
                 n += count
-        assert seq.tiles.shape == (n, 3, 112, 112) and seq.tiles.dtype == torch.float32
+        assert seq.tiles.shape == (n, 3, 112, 112) and seq.tiles.dtype == torch.uint8  # normalised on the device
     s.close()
 
 

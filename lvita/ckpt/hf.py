@@ -341,8 +341,13 @@ def _plan(kind: str, heads: dict, d: Path) -> dict[str, tuple[Path, str, int | N
     return plan
 
 
-def read_hf(paths: list[str | Path], preset: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_hf(paths: list[str | Path], preset: str, keep=None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read HF weights into a plain state dict for ``preset``: ``(state, missing_keys)``.
+
+    ``keep(plain_key) -> bool`` (optional) selects the tensors to read, e.g. a pipeline rank's
+    blocks: keys and shapes are still checked for the whole model from the safetensors headers,
+    but only the kept tensors' bytes are read (each shard is memory-mapped; shards holding none of
+    them are not read at all).
 
     ``paths``: one InternVL directory (model_type "internvl"), or an InternViT directory
     (model_type "internvl_vision" or "intern_vit_6b") and a Qwen2 directory, in either order.
@@ -373,7 +378,8 @@ def read_hf(paths: list[str | Path], preset: str) -> tuple[dict[str, torch.Tenso
                 "no preset in lvita/model/presets.py matches it")
         raise CheckpointError(f"read_hf: {', '.join(map(str, dirs))} does not fit model.preset='{preset}' "
                               f"({hint}): " + "; ".join(problems))
-    return _load(plan), sorted(k for k in _expected_shapes(preset) if k not in plan)
+    missing = sorted(k for k in _expected_shapes(preset) if k not in plan)
+    return _load({k: p for k, p in plan.items() if keep is None or keep(k)}), missing
 
 
 def _load(plan: dict) -> dict[str, torch.Tensor]:
@@ -385,8 +391,11 @@ def _load(plan: dict) -> dict[str, torch.Tensor]:
             with safe_open(f, "pt") as h:
                 for key, (file, hf_key, third, _) in plan.items():
                     if file == f:
-                        t = h.get_tensor(hf_key)
-                        out[key] = t if third is None else t.chunk(3, dim=0)[third].clone()
+                        if third is None:
+                            out[key] = h.get_tensor(hf_key)
+                        else:  # one third of a fused qkv: read only its rows
+                            n = h.get_slice(hf_key).get_shape()[0] // 3
+                            out[key] = h.get_slice(hf_key)[third * n:(third + 1) * n]
         except Exception as e:  # a file that changed or broke after its header was read
             raise CheckpointError(f"read_hf: cannot read {f} ({e})") from None
     return out

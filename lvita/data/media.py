@@ -21,7 +21,8 @@ transparency through RGBA), RGBA (alpha dropped), CMYK, 16-bit (scaled to 8 bits
 animated GIF / multi-frame TIFF (first frame).
 
 Trade-offs: tiles stay uint8 until ``normalise`` so a buffer of pending samples is 4x smaller than
-float32. The counting functions read only headers/metadata, so a file whose header is fine but
+float32; training keeps them uint8 until they are on the GPU, where the vision encoder normalises
+them. ``keep=`` decodes only some tiles (a sequence-parallel rank's shard). The counting functions read only headers/metadata, so a file whose header is fine but
 whose pixels are corrupt is counted and only fails (MediaError) when decoded. All resizing is PIL
 bicubic, as in InternVL, and everything is deterministic. EXIF orientation is ignored (as in
 InternVL). Bad input raises ``MediaError`` naming the path; the data pipeline skips that sample.
@@ -37,8 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # as lvita.model.longvita.PIXEL_MEAN / PIXEL_STD
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN_UINT8 = tuple(round(m * 255) for m in (0.485, 0.456, 0.406))  # a tile that normalises to about 0
 
 
 class MediaError(ValueError):
@@ -122,21 +124,34 @@ def _to_uint8(imgs: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12) -> torch.Tensor:
+def _kept(n: int, keep, expect: int | None, name: str) -> list[int]:
+    """The tile numbers to produce out of ``n``; checks ``n`` against the planned ``expect``."""
+    if expect is not None and n != expect:
+        raise MediaError(f"{name}: decodes to {n} tiles but its header promised {expect}")
+    keep = list(range(n)) if keep is None else [int(i) for i in keep]
+    if any(not 0 <= i < n for i in keep):
+        raise MediaError(f"{name}: tiles {keep} asked for, it has {n}")
+    return keep
+
+
+def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12, keep=None,
+                expect: int | None = None) -> torch.Tensor:
     """-> (n, 3, tile, tile) uint8: grid tiles row-major, then the thumbnail last if n > 1
-    (InternVL's dynamic_preprocess with use_thumbnail=True)."""
+    (InternVL's dynamic_preprocess with use_thumbnail=True). ``keep``: only these tile numbers, in
+    order (the grid is resized only if one of its tiles is kept, the thumbnail made only if kept).
+    ``expect``: the planned tile count; another count raises MediaError."""
     with _open_image(path) as img:
         try:
             img = to_rgb(img)  # forces the full decode
         except Exception as e:
             raise MediaError(f"cannot decode image {_name(path)}: {e}") from None
     cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
-    big = img.resize((cols * tile, rows * tile), Image.BICUBIC)
-    out = [big.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
-           for r in range(rows) for c in range(cols)]
-    if len(out) > 1:
-        out.append(img.resize((tile, tile), Image.BICUBIC))
-    return _to_uint8(out)
+    grid = cols * rows
+    keep = _kept(grid + (grid > 1), keep, expect, f"image {_name(path)}")
+    big = img.resize((cols * tile, rows * tile), Image.BICUBIC) if any(i < grid for i in keep) else None
+    out = [big.crop((i % cols * tile, i // cols * tile, (i % cols + 1) * tile, (i // cols + 1) * tile))
+           if i < grid else img.resize((tile, tile), Image.BICUBIC) for i in keep]
+    return _to_uint8(out) if out else torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
 
 
 def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, fps: float) -> list[int]:
@@ -185,10 +200,15 @@ def video_frame_count(path, max_frames: int, fps: float) -> int:
     return len(video_frame_indices(total, native, max_frames, fps))
 
 
-def video_tiles(path, tile: int, max_frames: int, fps: float) -> torch.Tensor:
-    """-> (n, 3, tile, tile) uint8: the sampled frames, each resized to one tile (no dynamic tiling)."""
+def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect: int | None = None) -> torch.Tensor:
+    """-> (n, 3, tile, tile) uint8: the sampled frames, each resized to one tile (no dynamic tiling).
+    ``keep``: only these sampled frames (tile numbers), the others are not decoded; ``expect``:
+    the planned frame count; another count raises MediaError."""
     vr, total, native = _open_video(path)
     idx = video_frame_indices(total, native, max_frames, fps)
+    idx = [idx[i] for i in _kept(len(idx), keep, expect, f"video {_name(path)}")]
+    if not idx:
+        return torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
     if isinstance(vr, list):
         out = []
         for i in idx:
@@ -206,5 +226,8 @@ def video_tiles(path, tile: int, max_frames: int, fps: float) -> torch.Tensor:
 
 
 def normalise(tiles_uint8: torch.Tensor) -> torch.Tensor:
-    """(n, 3, T, T) uint8 -> float32 ``(x / 255 - MEAN) / STD``."""
-    return (tiles_uint8.float() / 255.0 - MEAN) / STD
+    """(n, 3, T, T) uint8 -> float32 ``(x / 255 - MEAN) / STD``, on the tiles' device: the same
+    function the vision encoder applies to uint8 tiles (training sends them as uint8)."""
+    from lvita.model.longvita import normalise_pixels
+
+    return normalise_pixels(tiles_uint8)

@@ -3,13 +3,16 @@
 Owns what every training step sees. Every rank runs the same deterministic planning (read the
 mixture, apply the ChatML template, count tiles and frames from file headers, pack), so the
 sequence of global batches depends only on the seed and the config, never on the parallel
-layout. Pixels are decoded only for the rows this rank trains on (``own_rows``), by a pool of
-``data.workers`` threads (pillow and decord release the GIL while decoding and resizing), and
-``data.prefetch`` global batches are prepared ahead in a background thread.
+layout. Pixels are decoded only where this rank consumes them: in the rows it trains on
+(``own_rows``), only on pipeline stage 0 and only the tiles of its sequence shard (``PixelShare``),
+by a pool of ``data.workers`` threads (pillow and decord release the GIL while decoding and
+resizing); ``data.prefetch`` global batches are prepared ahead in a background thread. Tiles stay
+uint8 (the vision encoder normalises them on the device): 4x less host memory than float32.
 
     stream = DataStream(cfg.data, tok, specials, tile=448, tokens_per_tile=256, global_batch=64,
-                        seed=1234, own_rows=range(64))
-    batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles``
+                        seed=1234, own_rows=range(64), pixels=PixelShare(sequence_rank=1, ulysses=2,
+                        image_token_id=specials["img_context"]))
+    batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles`` (uint8)
     state = stream.state_dict()              # exact position after the last batch returned
 
 Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders).
@@ -18,7 +21,10 @@ media count mismatch, a URL or unknown media form, missing or unreadable media, 
 too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
 and line. Past ``data.max_skip_fraction`` (after 100 records) the run stops with the counts.
 An image whose header reads but whose pixels do not decode is found only when its row is decoded:
-its tiles are zeroed and its labels dropped, counted as ``bad_media_at_decode``.
+its tiles are filled with the mean colour (they normalise to about 0) and its labels dropped,
+counted as ``bad_media_at_decode``. Only the ranks that decode the sample see the failure, so
+``next_global_batch(agree=...)`` lets the trainer share them (one all-gather) and every rank of the
+job drops the same labels.
 """
 from __future__ import annotations
 
@@ -26,26 +32,52 @@ import queue
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from lvita.config.schema import DataConfig
 from lvita.data.errors import DataError  # noqa: F401 - re-exported: lvita.data.stream.DataError
-from lvita.data.media import MediaError, image_tiles, normalise, video_tiles
+from lvita.data.media import MEAN_UINT8, MediaError, image_tiles, video_tiles
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
 from lvita.data.plan import Planner
 from lvita.data.sources import Mixture, Record
 from lvita.data.template import IGNORE, SampleError
+from lvita.parallel.sequence import shard_tiles
 
 MIN_RECORDS_FOR_THRESHOLD = 100
 
 
+@dataclass(frozen=True)
+class PixelShare:
+    """The pixels one rank consumes. A pipeline stage > 0 consumes none (``decode=False``: its rows
+    keep ids, positions and labels, with no tiles); a sequence-parallel rank only the tiles whose
+    placeholders fall in its shard (zigzag for ring, contiguous for Ulysses:
+    :func:`lvita.parallel.sequence.shard_tiles`)."""
+    decode: bool = True
+    sequence_rank: int = 0
+    ulysses: int = 1
+    ring: int = 1
+    image_token_id: int = -1
+
+    def tiles(self, seq: PackedSequence, tokens_per_tile: int) -> list[int] | None:
+        """The tile numbers of ``seq`` to decode, sorted; None: all of them."""
+        if not self.decode:
+            return []
+        if self.ulysses * self.ring == 1:
+            return None
+        return shard_tiles(seq.input_ids, self.sequence_rank, self.ulysses, self.ring, self.image_token_id,
+                           tokens_per_tile)[1].tolist()
+
+
 class DataStream:
     def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int,
-                 global_batch: int, seed: int, own_rows=None, log=print, max_reported: int = 5):
+                 global_batch: int, seed: int, own_rows=None, log=print, max_reported: int = 5,
+                 pixels: PixelShare = PixelShare()):
         self.cfg, self.tok, self.specials = data, tokenizer, specials
         self.tile, self.tpt, self.global_batch, self.log = tile, tokens_per_tile, global_batch, log
         self.own_rows = set(range(global_batch) if own_rows is None else own_rows)
+        self.pixels = pixels
         self.mixture = Mixture(data, seed)
         self.planner = Planner(data, tokenizer, specials, tile, tokens_per_tile)
         self._local = threading.local()  # per decoding thread: its own readers (embedded media)
@@ -108,25 +140,37 @@ class DataStream:
     def _source(self, ref):
         return self.planner.media_source(ref, self._read_at)
 
-    def decode(self, seq: PackedSequence) -> tuple[PackedSequence, Counter]:
-        """Fill ``seq.tiles``; a sample whose media fail to decode gets zero tiles and no labels."""
-        tiles, failures, targets = [], Counter(), seq.targets
-        for s, meta in zip(seq.plans, seq.samples):
+    def decode(self, seq: PackedSequence) -> tuple[PackedSequence, list[int]]:
+        """Fill ``seq.tiles`` (uint8) with the tiles this rank consumes (``self.pixels``); returns the
+        indices of the samples whose media failed to decode (filled with the mean colour)."""
+        want = self.pixels.tiles(seq, self.tpt)
+        tiles, failed, off = [], [], 0
+        for i, s in enumerate(seq.plans):
+            keeps = []
+            for m in s.media:  # which of each medium's tiles this rank needs
+                n = m[-1]
+                keeps.append(None if want is None else [t - off for t in want if off <= t < off + n])
+                off += n
             try:
-                got = [image_tiles(self._source(m[1]), self.tile, self.cfg.min_tiles, m[2]) if m[0] == "image"
-                       else video_tiles(self._source(m[1]), self.tile, m[2], m[3]) for m in s.media]
-                if [g.shape[0] for g in got] != [m[-1] for m in s.media]:
-                    raise MediaError(f"{s.where}: decoded tile counts differ from the planned ones")
-                tiles += [normalise(g) for g in got]
+                tiles += [(image_tiles(self._source(m[1]), self.tile, self.cfg.min_tiles, m[2], keep, m[-1])
+                           if m[0] == "image" else video_tiles(self._source(m[1]), self.tile, m[2], m[3], keep, m[-1]))
+                          for m, keep in zip(s.media, keeps) if keep != []]
             except MediaError as e:
-                failures["bad_media_at_decode"] += 1
-                self.log(f"[data] {s.where}: {e}; the sample's tiles are zeroed and its labels dropped")
-                tiles.append(torch.zeros(s.n_tiles, 3, self.tile, self.tile))
-                targets = targets.clone() if targets is seq.targets else targets
-                targets[meta["start"]:meta["end"]] = IGNORE
-        seq.targets = targets
-        seq.tiles = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
-        return seq, failures
+                failed.append(i)
+                self.log(f"[data] {s.where}: {e}; the sample's tiles are blanked and its labels dropped")
+                n = sum(m[-1] if k is None else len(k) for m, k in zip(s.media, keeps))
+                tiles.append(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(1, 3, 1, 1)
+                             .expand(n, 3, self.tile, self.tile).clone())
+        seq.tiles = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile, dtype=torch.uint8)
+        return seq, failed
+
+    @staticmethod
+    def drop_labels(rows: list[PackedSequence], failed) -> None:
+        """Drop the labels of samples ``(row, sample index)`` whose media failed to decode."""
+        for r, i in failed:
+            meta = rows[r].samples[i]
+            rows[r].targets = rows[r].targets.clone()
+            rows[r].targets[meta["start"]:meta["end"]] = IGNORE
 
     # -- the prefetching producer ----------------------------------------------------------------
     def _produce(self) -> None:
@@ -144,16 +188,25 @@ class DataStream:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers), thread_name_prefix="lvita-data")
         threading.Thread(target=self._produce, name="lvita-data-plan", daemon=True).start()
 
-    def next_global_batch(self) -> list[PackedSequence]:
+    def next_global_batch(self, agree=None) -> list[PackedSequence]:
+        """The next global batch. ``agree(failed) -> failed``: the trainer's exchange of the
+        ``(row, sample)`` pairs whose media failed to decode on some rank (each rank decodes only
+        part of the pixels); without it, this rank's own failures count."""
         if self._queue is None:
             self._start()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         rows, futures, state = item
+        failed = []
         for i, fut in futures.items():
-            rows[i], failures = fut.result()
-            self._decode_failures.update(failures)
+            rows[i], bad = fut.result()
+            failed += [(i, j) for j in bad]
+        if agree is not None:
+            failed = sorted({(int(r), int(j)) for r, j in agree(failed)})
+        if failed:
+            self.drop_labels(rows, failed)
+            self._decode_failures["bad_media_at_decode"] += len(failed)
         self._state = state
         return rows
 

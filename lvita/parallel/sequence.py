@@ -14,7 +14,8 @@ placeholder tokens fall in the shard are kept (each tile once); ``feature_index`
 placeholder of the shard to its row in the features of those tiles, so a tile that straddles a
 shard boundary is encoded on both sides and each side uses its own part. The loss scale is
 multiplied by ``sp`` because DeepSpeed averages gradients over all its data-axis ranks, sequence
-ranks included.
+ranks included. The data stream decodes only the shard's tiles (``shard_tiles``), so
+``shard_micro_batch`` accepts either all the tiles of a sequence or just the shard's.
 """
 from __future__ import annotations
 
@@ -51,19 +52,36 @@ def shard_indices(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> 
     return torch.cat([torch.arange(a, b) for a, b in shard_spans(seq_len, sequence_rank, ulysses, ring)])
 
 
+def shard_tiles(ids: torch.Tensor, sequence_rank: int, ulysses: int, ring: int, image_token_id: int,
+                tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (S,) of one packed sequence -> (idx (S/sp,) token indices of the shard, tiles (n,) sorted
+    numbers of the tiles whose placeholders fall in the shard, feature_index (k,) the row of each
+    shard placeholder in the flattened features of those tiles). Pure index arithmetic: the data
+    stream uses it to decode only these tiles."""
+    idx = shard_indices(ids.shape[0], sequence_rank, ulysses, ring)
+    is_img = ids == image_token_id
+    feature = (torch.cumsum(is_img, 0) - 1)[idx][is_img[idx]]  # global feature number of each placeholder
+    tiles = torch.unique(feature // tokens_per_tile)  # sorted
+    feature_index = torch.searchsorted(tiles, feature // tokens_per_tile) * tokens_per_tile + feature % tokens_per_tile
+    return idx, tiles, feature_index
+
+
 def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int, image_token_id: int,
                       tokens_per_tile: int) -> tuple:
     """((ids (1,S), pos (1,S), pix (N,3,T,T)), (targets (1,S), scale)) -> this rank's
-    ((ids (1,S/sp), pos, pix (n,3,T,T), feature_index (k,)), (targets (1,S/sp), scale*sp))."""
+    ((ids (1,S/sp), pos, pix (n,3,T,T), feature_index (k,)), (targets (1,S/sp), scale*sp)).
+
+    ``pix`` holds either all N tiles of the sequence or already only the shard's n tiles (what a
+    data stream that decodes only its shard's tiles gives; when n == N the two are the same)."""
     (ids, pos, pix), (targets, scale) = micro
     B, S = ids.shape
     if B != 1:
         raise ValueError("sequence parallelism packs one sequence per micro-batch: set train.micro_batch=1")
-    idx = shard_indices(S, sequence_rank, ulysses, ring)
-    is_img = ids[0] == image_token_id
-    feature = (torch.cumsum(is_img, 0) - 1)[idx][is_img[idx]]  # global feature number of each placeholder
-    tiles = torch.unique(feature // tokens_per_tile)  # sorted
-    feature_index = torch.searchsorted(tiles, feature // tokens_per_tile) * tokens_per_tile + feature % tokens_per_tile
-    return ((ids[:, idx], pos[:, idx], pix[tiles].contiguous(), feature_index),
-            (targets[:, idx], scale * ulysses * ring))
-
+    idx, tiles, feature_index = shard_tiles(ids[0], sequence_rank, ulysses, ring, image_token_id, tokens_per_tile)
+    total = int((ids[0] == image_token_id).sum()) // tokens_per_tile
+    if pix.shape[0] == total:
+        pix = pix[tiles].contiguous()
+    elif pix.shape[0] != tiles.numel():
+        raise ValueError(f"the micro-batch has {pix.shape[0]} tiles; its sequence needs {total}, this shard "
+                         f"{tiles.numel()}")
+    return ((ids[:, idx], pos[:, idx], pix, feature_index), (targets[:, idx], scale * ulysses * ring))

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,13 +76,56 @@ def _one_norm_reduction(engine) -> None:
     opt.scaled_global_norm = scaled_global_norm
 
 
-def _share_cpu_threads() -> None:
-    """On CPU, split the cores between the local processes (unless OMP_NUM_THREADS says otherwise):
-    oversubscribed OpenMP threads made steps up to 10x slower and erratic with 2 processes."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+def cpu_threads(cores: int, local_size: int, env, cuda: bool) -> tuple[int | None, str]:
+    """Torch CPU threads for one of ``local_size`` processes on a node of ``cores`` cores -> (threads
+    or None to leave torch's choice, a line saying why). The cores are split between the local
+    processes, on GPU nodes too (8 ranks each starting an all-core OpenMP pool next to their data
+    threads oversubscribe the node: CPU steps up to 10x slower), unless OMP_NUM_THREADS is set."""
+    if "OMP_NUM_THREADS" in env:
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (set by you) decides torch's CPU threads"
+    n = max(1, cores // max(local_size, 1))
+    return n, (f"{n} torch CPU thread(s) per process: {cores} cores / {local_size} local process(es)"
+               f"{' on a GPU node' if cuda else ''}; set OMP_NUM_THREADS to choose otherwise")
+
+
+def _share_cpu_threads(log=lambda *a: None) -> None:
+    env = os.environ
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE", "1"))
+    threads, why = cpu_threads(os.cpu_count() or 1, local, env, torch.cuda.is_available())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log(f"[threads] {why}")
+
+
+def agree_on_failures(failed: list) -> list:
+    """``DataStream.next_global_batch(agree=...)``: each rank decodes only the pixels it consumes, so
+    a sample whose media fail to decode is seen by some ranks only; one all-gather over the world
+    (a few ``(row, sample)`` pairs) makes every rank drop the same labels."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, failed)
+    return [f for got in every for f in got]
+
+
+def pixels_to_device(micro: list[tuple], device) -> Iterator[tuple]:
+    """Yield the micro-batches with their uint8 tiles already on ``device`` (CUDA only): pinned host
+    memory and an asynchronous copy, one micro-batch ahead of the one DeepSpeed asks for. DeepSpeed
+    then clones them on the device instead of on the host. On CPU the micro-batches pass unchanged."""
+    if device is None or device.type != "cuda":
+        yield from micro
         return
-    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+    def moved(m):
+        (ids, pos, pix, *rest), labels = m
+        return (ids, pos, pix.pin_memory().to(device, non_blocking=True), *rest), labels
+
+    ahead = moved(micro[0]) if micro else None
+    for i in range(len(micro)):
+        cur, ahead = ahead, (moved(micro[i + 1]) if i + 1 < len(micro) else None)
+        yield cur
 
 
 def run(cfg) -> list[float]:
@@ -93,7 +137,7 @@ def run(cfg) -> list[float]:
     from lvita.config.schema import parse_duration
     from lvita.training.stopping import Stopper, say
     from lvita.ckpt.checkpoint import tokenizer_fingerprint
-    from lvita.data.stream import DataStream, own_rows, rank_micro_batches
+    from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
@@ -133,7 +177,7 @@ def run(cfg) -> list[float]:
         resume.ensure_universal(plan.found.tag_dir, rank, log)  # before the process group: no timeout
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
 
-    _share_cpu_threads()
+    _share_cpu_threads(log)
     init_distributed()
     topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
     log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
@@ -163,9 +207,13 @@ def run(cfg) -> list[float]:
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
 
     tpt = tokens_per_tile(cfg.model.preset)
+    # Decode only what this rank consumes: pixels on pipeline stage 0 only, its sequence shard's tiles.
+    stage0 = topo.deepspeed.get_coord(rank).pipe == 0
+    pixels = PixelShare(stage0, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"])
     stream = DataStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
                         cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
-                        log=log)
+                        log=log, pixels=pixels)
+    device = torch.device(engine.device) if stage0 and torch.cuda.is_available() else None  # pixels go ahead
     start = 0
     if plan:
         t_load = time.perf_counter()
@@ -203,14 +251,14 @@ def run(cfg) -> list[float]:
     losses = []
     for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
-        batch = stream.next_global_batch()
+        batch = stream.next_global_batch(agree=agree_on_failures)
         micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
         if layout.sequence > 1:
             micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"],
                                        tpt) for m in micro]
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-        loss = float(engine.train_batch(data_iter=iter(micro)))
+        loss = float(engine.train_batch(data_iter=pixels_to_device(micro, device)))
         step_time = time.perf_counter() - t0
         losses.append(loss)
         tokens = sum(s.input_ids.numel() for s in batch)
