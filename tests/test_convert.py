@@ -24,13 +24,14 @@ SYSTEM = 'You are lvita\'s "test" model.\nAnswer briefly.'
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir, dataset_dir):
-    """Two steps at pipeline 2 (bf16 ZeRO-1 would do as well; fp32 keeps logits comparable at 1e-5)."""
+    """Three steps at pipeline 2 x data 1, ZeRO-1, saved at steps 2 and 3 (bf16 ZeRO-1 would do as well;
+    fp32 keeps logits comparable at 1e-5). Step 3's loss is the reference for resuming step 2 elsewhere."""
     root = tmp_path_factory.mktemp("convert")
-    cfg = stage_dict(tokenizer_dir, dataset_dir, root / "run", iterations=2)
+    cfg = stage_dict(tokenizer_dir, dataset_dir, root / "run", iterations=3, save_every=2)
     cfg["data"]["system_prompt"] = SYSTEM  # not the default: exports and generate must carry the stage's own
     stage = write_stage(root / "s.json", cfg)
-    run_world(_train, 2, str(stage), ["parallel.pipeline=2"])
-    return root, stage
+    losses = run_world(_train, 2, str(stage), ["parallel.pipeline=2"])[0]
+    return root, stage, losses
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,12 @@ def _inputs(ids):
 def test_to_hf_from_a_pipeline_checkpoint_gives_lvita_logits(trained, tok, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    root, _ = trained
+    root, *_ = trained
     _, ids, fp = tok
     assert cli(["convert", "to-hf", str(root / "run"), str(tmp_path / "hf")]) == 0
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
     model = LongVita("tiny", ids["img_context"], seed=123).eval()
-    assert "global_step2" in init_from(model, str(root / "run"), "tiny", fp)
+    assert "global_step3" in init_from(model, str(root / "run"), "tiny", fp)
     input_ids, pixels = _inputs(ids)
     with torch.no_grad():
         got = hf(input_ids=input_ids, pixel_values=pixels).logits
@@ -65,9 +66,9 @@ def test_to_hf_from_a_pipeline_checkpoint_gives_lvita_logits(trained, tok, tmp_p
 
 
 def test_from_hf_and_init_from_hf_start_a_pipeline_stage_with_those_weights(trained, tok, tmp_path):
-    root, stage = trained
+    root, stage, _ = trained
     _, ids, fp = tok
-    saved = _layer_states(root / "run" / "checkpoints" / "global_step2")
+    saved = _layer_states(root / "run" / "checkpoints" / "global_step3")
     assert cli(["convert", "to-hf", str(root / "run"), str(tmp_path / "hf")]) == 0
     assert cli(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "lv"), "--preset", "tiny"]) == 0
     frozen = 'train.lr={"vision":0,"projector":0,"llm":0}'
@@ -102,12 +103,25 @@ def test_init_from_internvit_and_qwen2_dirs(tok, tmp_path):
     assert torch.equal(model.head.lm_head.weight, qwen.lm_head.weight)
 
 
-def test_ckpt_to_universal_by_hand(trained):
-    root, _ = trained
-    assert cli(["ckpt", "to-universal", str(root / "run")]) == 0
+def test_ckpt_to_universal_by_hand(trained, tmp_path):
+    """Step 2 (pipeline 2 x data 1) converted by hand, resumed at pipeline 1 x data 2: the copy is used
+    as it is (not converted again) and step 3 gives the uninterrupted run's loss."""
+    import shutil
+
+    root, stage, ref = trained
+    tag = root / "run" / "checkpoints" / "global_step2"
+    assert cli(["ckpt", "to-universal", str(tag)]) == 0
     universal = root / "run" / "checkpoints" / "universal" / "global_step2"
     assert (universal / "lvita_manifest.json").is_file() and list((universal / "zero").glob("*/fp32.pt"))
     assert len(list(universal.glob("layer_*-model_states.pt"))) == llm_config("tiny").num_hidden_layers + 2
+    out = tmp_path / "dp2"
+    shutil.copytree(tag, out / "checkpoints" / "global_step2")
+    shutil.copytree(universal, out / "checkpoints" / "universal" / "global_step2")
+    made = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "universal").rglob("*")}
+    losses = run_world(_train, 2, str(stage), ["parallel.pipeline=1", f"output_dir={out}"])[0]
+    assert losses == pytest.approx(ref[2:], rel=1e-5)
+    # reused: not one file of the hand-made copy rewritten, nothing added
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "universal").rglob("*")} == made
 
 
 def _same_greedy(hf, lv_model, input_ids: list[int], ids: dict, pixel_values, n: int = 8) -> list[int]:
@@ -137,9 +151,9 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     from lvita.infer import generate as lvgen
     from lvita.infer.prompt import build_prompt
 
-    root, _ = trained
+    root, *_ = trained
     run = root / "run"
-    assert json.loads((run / "checkpoints" / "global_step2" / "lvita_manifest.json").read_text())["system_prompt"] == SYSTEM
+    assert json.loads((run / "checkpoints" / "global_step3" / "lvita_manifest.json").read_text())["system_prompt"] == SYSTEM
     assert cli(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()

@@ -78,17 +78,71 @@ def test_round_trip_logits_and_weights(model, ids, hf_dir):
     assert tok.video_token == "<video>" and tok.video_token_id < llm_config("tiny").vocab_size
 
 
-def test_processor_loads(hf_dir, ids):
-    pytest.importorskip("torchvision")  # transformers' InternVL video processor needs it
-    from PIL import Image
-    from transformers import AutoProcessor
+def _processor(hf_dir):
+    """The exported processor. transformers' InternVLProcessor builds a video processor that needs
+    torchvision; where torchvision is missing (the CPU test machines: the PyPI torchvision wheel does
+    not load against the CPU torch build) the same files are read part by part: processor_config.json
+    (image processor + image_seq_length), chat_template.jinja and the tokenizer, with the PIL image
+    backend that AutoImageProcessor picks without torchvision."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, InternVLProcessor
+    from transformers.utils import is_torchvision_available
 
-    proc = AutoProcessor.from_pretrained(hf_dir)
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(hf_dir)
+    class ImagesOnly(InternVLProcessor):  # the base class looks the video processor class up: torchvision
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" else super().check_argument_for_proper_class(name, arg)
+
+    cfg = json.loads((hf_dir / "processor_config.json").read_text())
+    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(hf_dir, backend="pil"),
+                             tokenizer=AutoTokenizer.from_pretrained(hf_dir), video_processor=None,
+                             image_seq_length=cfg["image_seq_length"],
+                             chat_template=(hf_dir / "chat_template.jinja").read_text())
+
+
+def test_processor_loads(hf_dir, ids):
+    from PIL import Image
+
+    proc = _processor(hf_dir)
     assert proc.image_seq_length == tokens_per_tile("tiny") and proc.image_token_id == ids["img_context"]
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
     enc = proc(text=text, images=[Image.new("RGB", (112, 112))], return_tensors="pt")
     assert enc["pixel_values"].shape == (1, 3, 112, 112)
     assert int((enc["input_ids"] == ids["img_context"]).sum()) == tokens_per_tile("tiny")
+
+
+def _photo(width: int, height: int, seed: int):
+    """A photo-like RGB image: smooth colour gradients, hard-edged shapes, sensor noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 17.0 + y / 29.0)], -1)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        draw.ellipse([x0, y0, x0 + width // 4, y0 + height // 4], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+@pytest.mark.parametrize("width,height", [(640, 480), (500, 300), (333, 333), (90, 400), (1200, 200), (700, 1000)])
+def test_exported_processor_gives_the_training_tiles(hf_dir, tmp_path, width, height):
+    """transformers' InternVL image processor loaded from the export cuts an image into the grid lvita
+    trains on (tile count, order, thumbnail) with the same normalised pixels, bit for bit."""
+    from lvita.data.media import image_tiles, normalise, tile_count
+
+    path = tmp_path / "photo.png"
+    _photo(width, height, seed=width).save(path)
+    want = normalise(image_tiles(path, 112))  # what the packer feeds the model
+    assert want.shape[0] == tile_count(width, height, 1, 12, 112)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        got = _processor(hf_dir).image_processor(images=[img], return_tensors="pt")
+    assert got["num_patches"].tolist() == [want.shape[0]]
+    assert got["pixel_values"].shape == want.shape and torch.equal(got["pixel_values"], want)
 
 
 def _save(model, path, **kw):

@@ -50,12 +50,41 @@ def test_reset_positions_isolate_samples(model):
     assert (h[:, 30:] - g[:, 30:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("preset, billions", [("longvita-1.5b", 2.09), ("longvita-14b", 15.1)])
-def test_big_presets_build_on_meta(preset, billions):
+def _count_by_hand(v_hidden, v_inter, v_layers, image, patch, hidden, inter, layers, heads, kv_heads, vocab):
+    """Parameters of InternViT + projector + untied Qwen2 from the published shapes, by formula.
+
+    vision:    cls token H + position embeddings (1 + (image/patch)^2) H + patch conv 3 p^2 H + H
+               + per layer: q,k,v,o with biases 4 (H^2 + H), fc1/fc2 2 H I + I + H,
+                 two LayerNorms 4 H, layer scales lambda_1/lambda_2 2 H   (mean pooling: no final norm)
+    projector: LayerNorm(4H) 8H, Linear(4H, D) 4 H D + D, Linear(D, D) D^2 + D
+    llm:       embed + lm_head 2 V D, final RMSNorm D,
+               per layer: q with bias D^2 + D, k and v with bias 2 (D kv + kv) where kv = kv_heads D / heads,
+                 o without bias D^2, gate/up/down 3 D I, two RMSNorms 2 D
+    """
+    H, I, D = v_hidden, v_inter, hidden
+    vision = H + (1 + (image // patch) ** 2) * H + 3 * patch * patch * H + H
+    vision += v_layers * (4 * (H * H + H) + 2 * H * I + I + H + 4 * H + 2 * H)
+    projector = 8 * H + 4 * H * D + D + D * D + D
+    kv = kv_heads * D // heads
+    llm = 2 * vocab * D + D + layers * (D * D + D + 2 * (D * kv + kv) + D * D + 3 * D * inter + 2 * D)
+    return vision + projector + llm
+
+
+INTERNVIT_300M = dict(v_hidden=1024, v_inter=4096, v_layers=24, image=448, patch=14)
+
+
+@pytest.mark.parametrize("preset, shapes", [
+    ("tiny", dict(v_hidden=64, v_inter=256, v_layers=2, image=112, patch=14,
+                  hidden=160, inter=432, layers=4, heads=4, kv_heads=2, vocab=2048)),
+    # Qwen2.5-1.5B (untied) and Qwen2.5-14B-Instruct shapes, InternViT-300M-448px
+    ("longvita-1.5b", dict(INTERNVIT_300M, hidden=1536, inter=8960, layers=28, heads=12, kv_heads=2, vocab=151936)),
+    ("longvita-14b", dict(INTERNVIT_300M, hidden=5120, inter=13824, layers=48, heads=40, kv_heads=8, vocab=152064)),
+])
+def test_big_presets_build_on_meta(preset, shapes):
     with torch.device("meta"):
         m = LongVita(preset, IMG)
     n = sum(p.numel() for p in m.parameters())
-    assert abs(n / 1e9 - billions) < 0.1, n
+    assert n == _count_by_hand(**shapes), n  # one layer or one bias too many or too few fails
     assert all(p.is_meta for p in m.parameters())
 
 

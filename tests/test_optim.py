@@ -27,7 +27,19 @@ def test_scheduler_keeps_per_module_ratios():
     freeze(model, ["vision", "projector", "llm"])
     groups = param_groups(model, train)
     assert {g["module"] for g in groups} == {"vision", "projector", "llm"}
-    assert all(g["weight_decay"] == (0.1 if not g["name"].endswith("no_decay") else 0.0) for g in groups)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(decay_of) == len(named)  # every trainable parameter in exactly one group
+    decay = {n: decay_of[id(p)] for n, p in named.items()}
+    biases = [n for n in named if n.endswith(".bias")]
+    norms = [n for n in named if "norm" in n and n.endswith(".weight")]  # LayerNorm / RMSNorm scales
+    assert len(biases) > 20 and len(norms) > 10
+    assert {n: decay[n] for n in biases + norms} == {n: 0.0 for n in biases + norms}
+    assert all(decay[n] == 0.0 for n, p in named.items() if p.ndim < 2)  # layer scales (lambda_1) too
+    for n in ("layers.0.layer.self_attn.q_proj.weight", "layers.1.layer.mlp.down_proj.weight",
+              "embed.vision.multi_modal_projector.linear_1.weight", "head.lm_head.weight",
+              "embed.vision.vision_tower.encoder.layer.0.attention.q_proj.weight"):
+        assert decay[n] == 0.1, n
     opt = build_optimizer(groups, train)
     sched = scheduler_factory(train)(opt)
     seen = []

@@ -98,8 +98,13 @@ def test_sigkill_while_training_and_while_saving(tmp_path, tokenizer_dir, datase
     deadline = time.time() + 300
     while not done.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    alive = proc.poll() is None  # the loop may have ended on an exit or on the deadline: then nothing is killed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert alive and done.is_file(), f"exit code {proc.returncode}, global_step2 complete: {done.is_file()}"
+    assert proc.returncode == -signal.SIGKILL
+    latest = (out / "checkpoints" / "latest").read_text()  # frozen by the kill
+    assert 1 <= int(latest.removeprefix("global_step")) < 5, latest  # killed before the final step 5
     text = _finish(_start(stage, out))
     assert "resumed from" in text
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]

@@ -100,7 +100,8 @@ def test_shards_embed_exactly_like_the_full_sequence_with_straddling_images(ulys
     pix = torch.randn(4, 3, 112, 112)
     emb = MultimodalEmbedding("tiny", IMG).eval()
     sp = ulysses * ring
-    seen = []
+    spans = [(4, 4 + tpt), (22, 22 + tpt), (22 + tpt, 22 + 2 * tpt), (70, 70 + tpt)]  # tokens of tiles 0-3
+    seen, needed = [], []
     with torch.no_grad():
         full = emb(ids, pix)
         micro = ((ids, torch.arange(S)[None], pix), (ids.clone(), torch.tensor(1.0)))
@@ -110,9 +111,15 @@ def test_shards_embed_exactly_like_the_full_sequence_with_straddling_images(ulys
             (sid, spos, spix, index), (targets, scale) = shard_micro_batch(micro, r, ulysses, ring, IMG, tpt)
             assert scale == sp
             assert torch.equal(spos[0], idx) and torch.equal(targets, ids[:, idx])
-            assert spix.shape[0] < 4  # only the tiles this shard needs
+            want = [t for t, (a, b) in enumerate(spans) if any(a <= int(i) < b for i in idx)]
+            assert torch.equal(spix, pix[want]), (r, want)  # exactly the tiles this shard needs, in order
+            needed.append(want)
             torch.testing.assert_close(emb(sid, spix, index), full[:, idx])
     assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(S))
+    if (ulysses, ring) == (2, 1):  # contiguous halves [0, 48) and [48, 96): tile 2 (38-53) straddles them
+        assert needed == [[0, 1, 2], [2, 3]]
+    if (ulysses, ring) == (1, 2):  # zigzag chunks of 24: rank 0 [0, 24) + [72, 96), rank 1 [24, 72)
+        assert needed == [[0, 1, 3], [1, 2, 3]]
     if ring > 1:  # zigzag: ring rank 0 holds the first and the last chunk
         c = S // (2 * ring)
         first = torch.cat([shard_indices(S, u, ulysses, ring) for u in range(ulysses)])

@@ -44,6 +44,15 @@ def _layer_states(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _tensorboard(out: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of ``out/tensorboard`` read back from the event files: {tag: {step: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
 def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir):
     """The short trial a user runs first (3 steps, warmup longer than that): a warning, then the LR
     of warmup step t at every step, and the same losses at pipeline 2 and data parallel 2."""
@@ -57,12 +66,17 @@ def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, da
     for x, y in zip(a, b):
         for m in (x, y):
             assert m["lr"] == pytest.approx({k: v * x["step"] / 6 for k, v in cfg["train"]["lr"].items()}, rel=1e-9)
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
         assert x["labelled_tokens"] == y["labelled_tokens"] > 0
         for key in ("lr", "tokens", "tokens_per_sec", "step_time_s", "data_wait_s", "peak_memory_gb"):
             assert key in x
-    assert list((tmp_path / "pp2" / "tensorboard").glob("events.out.tfevents.*"))
+    for run, metrics in (("pp2", a), ("dp2", b)):  # TensorBoard holds what metrics.jsonl holds (float32)
+        tb = _tensorboard(tmp_path / run)
+        assert tb["train/loss"] == pytest.approx({m["step"]: m["loss"] for m in metrics}, rel=1e-6)
+        assert tb["train/grad_norm"] == pytest.approx({m["step"]: m["grad_norm"] for m in metrics}, rel=1e-6)
+        for module in cfg["train"]["lr"]:
+            assert tb[f"train/lr/{module}"] == pytest.approx({m["step"]: m["lr"][module] for m in metrics}, rel=1e-6)
     # weights saved at pp=2 start a stage at pp=1 unchanged (lr 0 keeps them as loaded)
     nxt = tmp_path / "next"
     _launch(stage, "parallel.pipeline=1", "train.iterations=1", 'train.lr={"vision":0,"projector":0,"llm":0}',
@@ -105,17 +119,22 @@ def test_overfits_a_tiny_dataset(tmp_path, tokenizer_dir):
 
 
 def test_bf16_checkpoint_converts_to_universal(tmp_path, tokenizer_dir, dataset_dir):
-    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out", iterations=1)
+    """bf16 + ZeRO-1 saved at pipeline 1 after step 1, resumed at pipeline 2 (lvita converts it with
+    DeepSpeed's ds_to_universal): steps 2 and 3 give the uninterrupted bf16 run's losses (step 3
+    also depends on the optimizer state and LR position carried through the conversion)."""
+    import shutil
+
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "ref", iterations=3, save_every=1)
     cfg["precision"] = "bf16"
     cfg["deepspeed"] = str(REPO / "ds_configs" / "pipeline_bf16_zero1.json")
-    run_world(_train, 1, str(write_stage(tmp_path / "s.json", cfg)), [])
-    ckpt = tmp_path / "out" / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "global_step1"
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(ckpt / "global_step1"), "--output_folder", str(tmp_path / "universal")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "universal" / "zero").glob("*/fp32.pt"))
+    stage = str(write_stage(tmp_path / "s.json", cfg))
+    ref = run_world(_train, 1, stage, [])[0]
+    out = tmp_path / "pp2"
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "global_step1", out / "checkpoints" / "global_step1")
+    losses = run_world(_train, 2, stage, ["parallel.pipeline=2", f"output_dir={out}"])[0]
+    assert list((out / "checkpoints" / "universal" / "global_step1" / "zero").glob("*/fp32.pt"))
+    # measured bit-identical on CPU (one thread per rank): 1e-6 leaves room for another machine only
+    assert losses == pytest.approx(ref[1:], rel=1e-6), (losses, ref)
 
 
 def test_frozen_pipeline_stage_trains_in_bf16(tmp_path, tokenizer_dir, dataset_dir):
