@@ -1,7 +1,14 @@
-"""Shared fixtures: a demo tokenizer and a small JSONL dataset made on the fly (no downloads)."""
+"""Shared fixtures: a demo tokenizer and a small JSONL dataset made on the fly (no downloads).
+
+The suite runs in two pytest-xdist workers, one test file per worker at a time (README: ``-n 2
+--dist loadfile``, so module fixtures are made once). Each worker then gets one torch CPU thread,
+and the processes it starts inherit OMP_NUM_THREADS=1: two workers each starting a pool of all
+the cores would oversubscribe them (OpenMP steps up to 10x slower).
+"""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +16,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 COLOURS = ["red", "green", "blue", "yellow"]
 
 
