@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from lvita.ckpt.hf import CheckpointError, from_hf_state, read_hf, to_hf_state, write_hf_dir
+from lvita.ckpt.hf import from_hf_state, to_hf_state, write_hf_dir
+from lvita.ckpt.hf_read import CheckpointError, read_hf
 from lvita.model.longvita import LongVita
 from lvita.model.presets import PRESETS, llm_config, tokens_per_tile, vision_config
 from lvita.data.tokenizer import load_tokenizer, special_token_ids

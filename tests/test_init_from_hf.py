@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvita.ckpt.hf import read_hf, write_hf_dir
+from lvita.ckpt.hf import write_hf_dir
+from lvita.ckpt.hf_read import read_hf
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.model.longvita import LongVita, block_of
 from lvita.model.presets import llm_config
@@ -134,7 +135,7 @@ def test_init_from_hf_on_a_pipeline_rank_reads_only_its_tensors(hf, tokenizer_di
 def test_fused_qkv_reads_one_third_per_projection(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from lvita.ckpt.hf import _load
+    from lvita.ckpt.hf_read import _load
 
     qkv = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)
     save_file({"qkv": qkv}, str(tmp_path / "w.safetensors"))

@@ -59,7 +59,7 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
 def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = None, log=print) -> Path:
     """Write a weights-only lvita checkpoint; the projector starts fresh (seed 0) when the sources
     are a separate InternViT and Qwen2."""
-    from lvita.ckpt import hf
+    from lvita.ckpt import hf_read
     from lvita.config.schema import DataConfig
     from lvita.data.template import template_system_prompt
     from lvita.model.longvita import LongVita
@@ -75,7 +75,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     if tok_src is None:
         raise CheckpointError(f"none of {', '.join(sources)} has a tokenizer; pass --tokenizer DIR")
     t0 = time.perf_counter()
-    state, fresh = hf.read_hf(sources, preset)
+    state, fresh = hf_read.read_hf(sources, preset)
     tok = load_tokenizer(tok_src)
     system = template_system_prompt(tok, DataConfig.system_prompt)  # the HF model's own default
     if fresh:

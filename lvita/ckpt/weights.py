@@ -5,7 +5,7 @@ dict* (keys of :class:`lvita.model.longvita.LongVita`: ``embed.*``, ``layers.<i>
 a pipeline block ``k`` holds ``embed`` (k = 0), ``layers.<k-1>`` or ``head`` (k = layers + 1), and
 a checkpoint stores block ``k`` in ``layer_<k>-model_states.pt`` whatever the pipeline degree, so
 each rank reads just the blocks it owns; from an HF directory it reads just their tensors from the
-memory-mapped safetensors shards (``hf.read_hf(keep=...)``).
+memory-mapped safetensors shards (``hf_read.read_hf(keep=...)``).
 
     model.init_from = "runs/stage1"                         # an lvita output_dir / checkpoints / tag
     model.init_from = "hf/Long-VITA-16K"                    # an InternVL-format HF directory
@@ -101,10 +101,10 @@ def init_from(module, spec: str | list[str], preset: str, tokenizer: dict) -> st
         for b, m in blocks.items():
             load_block(m, read_block(found.tag_dir, b), str(layer_file(found.tag_dir, b)))
         return str(found.tag_dir)
-    from lvita.ckpt import hf
+    from lvita.ckpt import hf_read
 
     # Only the tensors of this rank's blocks are read (the headers still check the whole model).
-    state, fresh = hf.read_hf(paths, preset, keep=lambda k: block_of(k, n_layers)[0] in blocks)
+    state, fresh = hf_read.read_hf(paths, preset, keep=lambda k: block_of(k, n_layers)[0] in blocks)
     check_tokenizer(paths, tokenizer)
     per_block = by_block(state, n_layers)
     optional = tuple(block_of(k, n_layers)[1] for k in fresh)
