@@ -172,6 +172,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--trial-timeout", type=int, default=600)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-only", action="store_true", help="only the transformers peer (from --start/4)")
     ap.add_argument("--out", default="longest_context.jsonl")
     args = ap.parse_args()
     out = Path(args.out)
@@ -192,7 +193,7 @@ def main() -> int:
         longest = {}
         if not args.no_peer:
             longest["transformers"] = search(lambda n: peer_trial(args, n), args.start // 4, args.max, args.refine, record)
-        for lever in args.levers:
+        for lever in [] if args.peer_only else args.levers:
             longest[f"lvita {lever}"] = search(lambda n: lvita_trial(args, root, n, lever), args.start, args.max,
                                                args.refine, record)
     print("\n| run | longest tokens | tokens/s | TFLOPs/GPU | MFU | peak GB | plan GB |\n|---|---|---|---|---|---|---|")
