@@ -1,6 +1,7 @@
 """The one helper for multi-process tests: run a function in N CPU processes joined by gloo.
 
     results = run_world(fn, 2, arg1, arg2)   # fn(rank, arg1, arg2) runs in each process
+    code, out, err = run_command(["check", "--stage", "s.json"], tmp_path)   # `lvita check ...`
 
 ``fn`` must be a module-level function (it is pickled by name). Each process gets the caller's
 environment and working directory at the call, plus what a launcher would set (RANK, WORLD_SIZE,
@@ -80,3 +81,36 @@ def run_world(fn, world: int, *args, timeout: float = 600):
         os.unlink(path)
     assert not leaked, f"the run left shared memory behind: {leaked}"
     return [results[r] for r in range(world)]
+
+
+def _command_entry(argv, out_path, err_path, env, cwd):
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, out_path), (2, err_path)):  # the fds themselves: C-level writes land too
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    import sys
+
+    from lvita.cli import main
+
+    sys.argv = ["lvita", *argv]
+    sys.exit(main(argv))
+
+
+def run_command(argv: list[str], tmp_dir, timeout: float = 300) -> tuple[int, str, str]:
+    """``lvita ARGV`` in a fresh process forked from the same server (so without its imports):
+    (exit status, stdout, stderr). An uncaught exception exits 1 with its traceback on stderr, as
+    the console script would."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    out, err = (os.path.join(tmp_dir, f"{os.getpid()}.{n}") for n in ("out", "err"))
+    proc = ctx.Process(target=_command_entry, args=(list(argv), out, err, dict(os.environ), os.getcwd()))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        raise AssertionError(f"lvita {' '.join(argv)}: still running after {timeout}s")
+    with open(out) as o, open(err) as e:
+        return proc.exitcode, o.read(), e.read()

@@ -1,6 +1,8 @@
 """Every ``lvita`` subcommand ends a user error (bad config, bad data, missing path, not a
 checkpoint) with one message on stderr naming the file or key, exit status 2 and no traceback.
-Each case runs the real command line in a fresh process, as a user would."""
+Each case runs ``lvita.cli.main`` in a fresh process with its own stdout and stderr (forked from
+the test fork server, tests/distributed.py); one case also runs as ``python -m lvita.cli``, the
+whole command line a user types."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, stage_dict, write_stage
+from tests.distributed import run_command
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +56,23 @@ CASES = ["check: unknown key", "check: missing stage file", "data preview: mostl
          "convert from-hf: no tokenizer", "generate: not a model", "eval: missing data"]
 
 
+def _assert_one_clear_error(code: int, stderr: str, names: str) -> None:
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("lvita ")]
+    assert len(errors) == 1 and ": error: " in errors[0], stderr[-2000:]
+    assert names in stderr, (names, stderr[-2000:])
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_user_error_exits_2_with_one_clear_message(files, case):
+def test_user_error_exits_2_with_one_clear_message(files, case, tmp_path):
     argv, names = _cases(files)[case]
+    code, _, stderr = run_command(argv, tmp_path)
+    _assert_one_clear_error(code, stderr, names)
+
+
+def test_the_command_line_itself_exits_2(files):
+    argv, names = _cases(files)["check: unknown key"]
     proc = subprocess.run([sys.executable, "-m", "lvita.cli", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("lvita ")]
-    assert len(errors) == 1 and ": error: " in errors[0], proc.stderr[-2000:]
-    assert names in proc.stderr, (names, proc.stderr[-2000:])
+    _assert_one_clear_error(proc.returncode, proc.stderr, names)
