@@ -54,13 +54,14 @@ def _tensorboard(out: Path) -> dict[str, dict[int, float]]:
 
 
 def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir):
-    """The short trial a user runs first (3 steps, warmup longer than that): a warning, then the LR
-    of warmup step t at every step, and the same losses at pipeline 2 and data parallel 2."""
+    """The short trial a user runs first (3 steps, warmup longer than that) through the `deepspeed`
+    launcher at pipeline 2: a warning, then the LR of warmup step t at every step, and the same
+    losses as data parallel 2 (run in-process: the launcher adds nothing a second launch would test)."""
     cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "x", warmup_steps=6)
     stage = write_stage(tmp_path / "s.json", cfg)
     proc = _launch(stage, "parallel.pipeline=2", f"output_dir={tmp_path / 'pp2'}")
     assert "warning: train.warmup_steps=6 is longer than train.iterations=3" in proc.stdout
-    _launch(stage, "parallel.pipeline=1", f"output_dir={tmp_path / 'dp2'}")
+    run_world(_train, 2, str(stage), ["parallel.pipeline=1", f"output_dir={tmp_path / 'dp2'}"])
     a, b = _metrics(tmp_path / "pp2"), _metrics(tmp_path / "dp2")
     assert [m["step"] for m in a] == [1, 2, 3] == [m["step"] for m in b]
     for x, y in zip(a, b):
@@ -79,8 +80,9 @@ def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, da
             assert tb[f"train/lr/{module}"] == pytest.approx({m["step"]: m["lr"][module] for m in metrics}, rel=1e-6)
     # weights saved at pp=2 start a stage at pp=1 unchanged (lr 0 keeps them as loaded)
     nxt = tmp_path / "next"
-    _launch(stage, "parallel.pipeline=1", "train.iterations=1", 'train.lr={"vision":0,"projector":0,"llm":0}',
-            f"model.init_from={tmp_path / 'pp2' / 'checkpoints'}", f"output_dir={nxt}")
+    run_world(_train, 2, str(stage), ["parallel.pipeline=1", "train.iterations=1",
+                                      'train.lr={"vision":0,"projector":0,"llm":0}',
+                                      f"model.init_from={tmp_path / 'pp2' / 'checkpoints'}", f"output_dir={nxt}"])
     before = _layer_states(tmp_path / "pp2" / "checkpoints" / "global_step3")
     after = _layer_states(nxt / "checkpoints" / "global_step1")
     assert before.keys() == after.keys() and len(before) > 50
