@@ -12,7 +12,9 @@ failing rank fails the test with its traceback; a run that leaves shared memory 
 Processes come from a fork server that imported torch, DeepSpeed, transformers and lvita once
 (``_PRELOAD``), as ``spawn`` would but without paying those imports (about 15 s of CPU on the CI
 machine) for every process of every test. The server forks from a clean import state, never
-from the test process, so no test's state leaks into another's world.
+from the test process, so no test's state leaks into another's world. On a machine with CUDA the
+processes are spawned instead: a process that has asked CUDA for its devices (DeepSpeed does, on
+import) cannot hand a working CUDA to its forks.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ from lvita.training.loop import free_port
 
 
 _PRELOAD = ["tests._preload"]
+
+
+def _context():
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first call)
+    return ctx
 
 
 def _entry(rank, world, port, fn, args, queue, env, cwd):
@@ -53,8 +63,7 @@ def _entry(rank, world, port, fn, args, queue, env, cwd):
 
 
 def run_world(fn, world: int, *args, timeout: float = 600):
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first call)
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     env, cwd = dict(os.environ), os.getcwd()
@@ -100,11 +109,10 @@ def _command_entry(argv, out_path, err_path, env, cwd):
 
 
 def run_command(argv: list[str], tmp_dir, timeout: float = 300) -> tuple[int, str, str]:
-    """``lvita ARGV`` in a fresh process forked from the same server (so without its imports):
+    """``lvita ARGV`` in a fresh process from the same server (so without its imports):
     (exit status, stdout, stderr). An uncaught exception exits 1 with its traceback on stderr, as
     the console script would."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx = _context()
     out, err = (os.path.join(tmp_dir, f"{os.getpid()}.{n}") for n in ("out", "err"))
     proc = ctx.Process(target=_command_entry, args=(list(argv), out, err, dict(os.environ), os.getcwd()))
     proc.start()
