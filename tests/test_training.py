@@ -155,14 +155,16 @@ def test_frozen_pipeline_stage_trains_in_bf16(tmp_path, tokenizer_dir, dataset_d
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_sequence_parallel_training_matches_data_parallel_2(tmp_path, tokenizer_dir, dataset_dir, reset):
-    """Ulysses 2 (reset and preserved packing) and zigzag ring 2 (preserved only) through the
-    whole trainer: the same per-step losses as data parallel 2, fp32."""
+    """Ulysses 2 (reset and preserved packing), zigzag ring 2 and pipeline 2 x Ulysses 2 (4
+    processes; stage 1 decodes no pixels) (preserved only) through the whole trainer: the same
+    per-step losses as data parallel 2, fp32."""
     cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out")
     cfg["data"].update(reset_position_ids=reset, same_source=reset)
     stage = str(write_stage(tmp_path / "s.json", cfg))
     dp = run_world(_train, 2, stage, ["parallel.ulysses=1", f"output_dir={tmp_path / 'dp'}"])[0]
-    layouts = {"ulysses": ["parallel.ulysses=2"]} if reset else {
-        "ulysses": ["parallel.ulysses=2"], "ring": ["parallel.ring=2"]}
-    for name, sets in layouts.items():
-        sp = run_world(_train, 2, stage, [*sets, f"output_dir={tmp_path / name}"])[0]
+    layouts = {"ulysses": (2, ["parallel.ulysses=2"])} if reset else {
+        "ulysses": (2, ["parallel.ulysses=2"]), "ring": (2, ["parallel.ring=2"]),
+        "pipeline x ulysses": (4, ["parallel.pipeline=2", "parallel.ulysses=2"])}
+    for name, (world, sets) in layouts.items():
+        sp = run_world(_train, world, stage, [*sets, f"output_dir={tmp_path / name.replace(' ', '_')}"])[0]
         assert sp == pytest.approx(dp, rel=1e-5), name

@@ -71,8 +71,9 @@ def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int,
     """((ids (1,S), pos (1,S), pix (N,3,T,T)), (targets (1,S), scale)) -> this rank's
     ((ids (1,S/sp), pos, pix (n,3,T,T), feature_index (k,)), (targets (1,S/sp), scale*sp)).
 
-    ``pix`` holds either all N tiles of the sequence or already only the shard's n tiles (what a
-    data stream that decodes only its shard's tiles gives; when n == N the two are the same)."""
+    ``pix`` holds all N tiles of the sequence, already only the shard's n tiles (what a data stream
+    that decodes only its shard's tiles gives; when n == N the two are the same), or none at all (a
+    pipeline stage above 0 consumes no pixels; it passes through empty)."""
     (ids, pos, pix), (targets, scale) = micro
     B, S = ids.shape
     if B != 1:
@@ -81,7 +82,7 @@ def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int,
     total = int((ids[0] == image_token_id).sum()) // tokens_per_tile
     if pix.shape[0] == total:
         pix = pix[tiles].contiguous()
-    elif pix.shape[0] != tiles.numel():
+    elif pix.shape[0] not in (0, tiles.numel()):
         raise ValueError(f"the micro-batch has {pix.shape[0]} tiles; its sequence needs {total}, this shard "
                          f"{tiles.numel()}")
     return ((ids[:, idx], pos[:, idx], pix, feature_index), (targets[:, idx], scale * ulysses * ring))
