@@ -28,22 +28,10 @@ TILE, TPT = 448, 256
 
 
 def make_dataset(root: Path, rows: int, frames: int) -> Path:
-    from PIL import Image, ImageDraw
-
-    for v in range(rows):
-        d = root / f"v{v}"
-        d.mkdir(parents=True)
-        for f in range(frames):
-            img = Image.new("RGB", (160, 120), (37 * v % 255, 7 * f % 255, 120))
-            ImageDraw.Draw(img).ellipse([f % 100, 20, f % 100 + 50, 70], fill="white")
-            img.save(d / f"{f:04d}.png")
-    with open(root / "videos.jsonl", "w") as fh:
-        for v in range(rows):
-            fh.write(json.dumps({"videos": [f"v{v}"], "messages": [
-                {"role": "user", "content": "<video>\nWhat happens in this long video?"},
-                {"role": "assistant", "content": f"A white ball crosses the frame, video {v}."}]}) + "\n")
     from lvita.data.tokenizer import train_demo_tokenizer
+    from tests.layouts import write_frame_videos
 
+    write_frame_videos(root, rows, frames, size=(160, 120))
     train_demo_tokenizer(root / "tok")
     return root
 

@@ -53,10 +53,31 @@ def write_video(path: Path, frames: int = 8, fps: int = 4, size: int = 64) -> Pa
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         for i in range(frames):
-            arr = np.full((size, size, 3), i * 30, dtype=np.uint8)
+            arr = np.full((size, size, 3), i * 30 % 256, dtype=np.uint8)  # every frame another grey
             out.mux(s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
         out.mux(s.encode())
     return path
+
+
+def write_frame_videos(root: Path, n: int, frames: int, size=(96, 80)) -> Path:
+    """``n`` frame-directory videos ``v0`` .. (PNG frames, a white box moving right on a colour of
+    its own) and ``videos.jsonl`` with one question per video."""
+    from PIL import ImageDraw
+
+    for v in range(n):
+        d = root / f"v{v}"
+        d.mkdir(parents=True)
+        for f in range(frames):
+            img = Image.new("RGB", size, (37 * v % 255, 7 * f % 255, 120))
+            x = 5 * f % max(size[0] - 20, 1)
+            ImageDraw.Draw(img).rectangle([x, 10, x + 20, 40], fill="white")
+            img.save(d / f"{f:04d}.png")
+    with open(root / "videos.jsonl", "w") as fh:
+        for v in range(n):
+            fh.write(json.dumps({"videos": [f"v{v}"], "messages": [
+                {"role": "user", "content": "<video>\nWhat moves?"},
+                {"role": "assistant", "content": f"A white box, video {v}."}]}) + "\n")
+    return root
 
 
 def _conv(q: str, a: str, sys_: str | None = None) -> list[dict]:

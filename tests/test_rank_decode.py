@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data import stream as stream_mod
@@ -16,6 +16,7 @@ from lvita.data.media import normalise
 from lvita.data.stream import DataStream, PixelShare, rank_micro_batches
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.parallel.sequence import shard_micro_batch, shard_tiles
+from tests.layouts import write_frame_videos
 
 TILE, TPT, SEQ = 112, 16, 384
 
@@ -28,18 +29,7 @@ def tok(tokenizer_dir):
 
 def write_video_dataset(root, n_videos=6, frames=10, n_images=8):
     """videos.jsonl (frame-directory videos) and captions.jsonl (images of 1-5 tiles)."""
-    for v in range(n_videos):
-        d = root / f"v{v}"
-        d.mkdir(parents=True)
-        for f in range(frames):
-            img = Image.new("RGB", (96, 80), (20 * v % 255, 25 * f % 255, 90))
-            ImageDraw.Draw(img).rectangle([f * 5, 10, f * 5 + 20, 40], fill="white")
-            img.save(d / f"{f:03d}.png")
-    with open(root / "videos.jsonl", "w") as fh:
-        for v in range(n_videos):
-            fh.write(json.dumps({"videos": [f"v{v}"], "messages": [
-                {"role": "user", "content": "<video>\nWhat moves?"},
-                {"role": "assistant", "content": f"A white box, video {v}."}]}) + "\n")
+    write_frame_videos(root, n_videos, frames)
     (root / "images").mkdir()
     with open(root / "captions.jsonl", "w") as fh:
         for i in range(n_images):

@@ -95,8 +95,7 @@ def test_cache_appends_in_place_into_its_preallocated_buffer():
 
 @pytest.mark.parametrize("ulysses,ring", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (3, 2), (1, 4)])
 def test_shard_owner_is_the_rank_whose_shard_indices_hold_the_position(ulysses, ring):
-    from lvita.infer.sharded_kv import shard_owner
-    from lvita.parallel.sequence import shard_indices
+    from lvita.parallel.sequence import shard_indices, shard_owner
 
     S = 2 * ulysses * ring * 5
     want = torch.empty(S, dtype=torch.long)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,34 +15,20 @@ from lvita.data.media import normalise, video_frame_count, video_tiles
 from lvita.data.stream import DataStream, collate
 from lvita.data.template import IGNORE
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from tests.layouts import write_video
 
 TPT, TILE, FPS, MAX_FRAMES = 16, 112, 2.0, 4  # tiny preset: 16 tokens per 112 px tile
-
-
-def _write_video(path, frames: int, colour) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for f in range(frames):
-            img = np.full((64, 64, 3), 255, np.uint8)
-            img[20:34, 4 + 3 * f: 18 + 3 * f] = colour  # a square moving right
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
     (root / "v").mkdir()
-    _write_video(root / "v" / "short.mp4", 8, (255, 0, 0))  # 1 s at 8 fps: 2 frames at 2 fps
-    _write_video(root / "v" / "long.mp4", 16, (0, 0, 255))  # 2 s: 4 frames
+    write_video(root / "v" / "short.mp4", frames=8, fps=8)  # 1 s at 8 fps: 2 frames at 2 fps
+    write_video(root / "v" / "long.mp4", frames=16, fps=8)  # 2 s: 4 frames
     recs = [{"id": f"vid-{i}", "videos": [f"v/{name}.mp4"], "messages": [
-        {"role": "user", "content": "<video>\nWhere does the square go?"},
-        {"role": "assistant", "content": f"It moves right ({name})."}]} for i, name in enumerate(["short", "long"])]
+        {"role": "user", "content": "<video>\nHow does the picture change?"},
+        {"role": "assistant", "content": f"It gets brighter ({name})."}]} for i, name in enumerate(["short", "long"])]
     (root / "videos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root
 
@@ -83,7 +68,7 @@ def test_video_samples_through_template_packer_and_stream(videos, tok, batch):
         first = part.index(sp["img_start"])
         assert part[first:first + n * (TPT + 2)] == ([sp["img_start"]] + [sp["img_context"]] * TPT + [sp["img_end"]]) * n
         learned = [part[i + 1] for i, x in enumerate(seq.targets[meta["start"]:meta["end"]].tolist()) if x != IGNORE]
-        assert t.decode(learned).startswith("It moves right")  # labels on the answer only
+        assert t.decode(learned).startswith("It gets brighter")  # labels on the answer only
         name = "short" if plan.id == "vid-0" else "long"
         expected_tiles.append(video_tiles(videos / "v" / f"{name}.mp4", TILE, MAX_FRAMES, FPS))
     # the stream decoded every frame, in token order, kept as uint8 (normalised on the device)
@@ -130,7 +115,7 @@ def test_generate_with_a_video(videos, tok, tokenizer_dir, tmp_path, capsys):
     model = LongVita("tiny", sp["img_context"], seed=9).eval().requires_grad_(False)
     hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "hf", sp["img_context"], system_prompt=None)
     clip = videos / "v" / "long.mp4"
-    messages = [{"role": "user", "content": "<video>\nWhere does the square go?"}]
+    messages = [{"role": "user", "content": "<video>\nHow does the picture change?"}]
     ids = encode_conversation(messages, t, sp, None, [[TPT] * 4])[0] + [sp["im_start"]] + \
         t.encode("assistant\n", add_special_tokens=False)
     pixels = normalise(video_tiles(clip, TILE, 4, FPS))
@@ -141,7 +126,7 @@ def test_generate_with_a_video(videos, tok, tokenizer_dir, tmp_path, capsys):
     ref = generate(model, ids, pixels, sp, max_new_tokens=6)
     blank = generate(model, ids, torch.zeros_like(pixels), sp, max_new_tokens=6, keep_logits=True)
     capsys.readouterr()
-    assert main(["--model", str(hf), "--video", str(clip), "--prompt", "Where does the square go?",
+    assert main(["--model", str(hf), "--video", str(clip), "--prompt", "How does the picture change?",
                  "--max-new-tokens", "6", "--max-frames", "4", "--video-fps", str(FPS), "--system-prompt", ""]) == 0
     assert capsys.readouterr().out.strip() == t.decode(ref.tokens, skip_special_tokens=False).strip()
     assert len(ref.tokens) > 0 and blank.logits  # the frames matter: blank frames give other logits

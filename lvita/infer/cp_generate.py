@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from lvita.infer.decode import Generation, context_limit, greedy, last_logits, layer_step
-from lvita.infer.sharded_kv import ShardedKVCache, shard_owner, sharded_decode_attention
+from lvita.infer.sharded_kv import ShardedKVCache, sharded_decode_attention
 from lvita.parallel.hybrid import sequence_attention
-from lvita.parallel.sequence import shard_indices, shard_micro_batch
+from lvita.parallel.sequence import shard_indices, shard_micro_batch, shard_owner
 
 
 class ContextParallel:

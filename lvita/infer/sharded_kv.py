@@ -76,21 +76,6 @@ def sharded_decode_attention(q: torch.Tensor, k_local: torch.Tensor, v_local: to
     return merge_partials(gathered[..., :-1], gathered[..., -1]).to(q.dtype)
 
 
-def shard_owner(seq_len: int, position: int, ulysses: int, ring: int) -> int:
-    """Sequence rank whose shard (lvita.parallel.sequence.shard_spans) holds ``position``: arithmetic,
-    no index lists. Ulysses shards are contiguous; ring parts are zigzag chunk pairs, each cut in
-    ``ulysses`` contiguous pieces."""
-    sp = ulysses * ring
-    m = seq_len // sp  # tokens per rank
-    if ring == 1:
-        return position // m
-    c = seq_len // (2 * ring)
-    chunk = position // c
-    ring_rank, offset = (chunk, position - chunk * c) if chunk < ring else \
-        (2 * ring - 1 - chunk, c + position - chunk * c)
-    return ring_rank * ulysses + offset // m
-
-
 class ShardedKVCache:
     """Per layer, this rank's keys and values: the prompt shard, then every ``world``-th new token.
 

@@ -47,6 +47,14 @@ def shard_spans(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> li
     return spans
 
 
+def shard_owner(seq_len: int, position: int, ulysses: int, ring: int) -> int:
+    """Sequence rank whose shard (:func:`shard_spans`) holds ``position``; no index lists."""
+    for r in range(ulysses * ring):
+        if any(a <= position < b for a, b in shard_spans(seq_len, r, ulysses, ring)):
+            return r
+    raise ValueError(f"position {position} is outside a sequence of {seq_len} tokens")
+
+
 def shard_indices(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> torch.Tensor:
     """(S/sp,) token indices of this rank's shard."""
     return torch.cat([torch.arange(a, b) for a, b in shard_spans(seq_len, sequence_rank, ulysses, ring)])
