@@ -3,7 +3,8 @@
 The suite runs in two pytest-xdist workers, one test file per worker at a time (README: ``-n 2
 --dist loadfile``, so module fixtures are made once). Each worker then gets one torch CPU thread,
 and the processes it starts inherit OMP_NUM_THREADS=1: two workers each starting a pool of all
-the cores would oversubscribe them (OpenMP steps up to 10x slower).
+the cores would oversubscribe them (OpenMP steps up to 10x slower). LVITA_TEST_THREADS=N sets N
+instead (tests/README.md: checking that tolerances hold on other machines).
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("LVITA_TEST_THREADS"):
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    from tests.distributed import THREADS
+
+    os.environ["OMP_NUM_THREADS"] = THREADS
+    torch.set_num_threads(int(THREADS))
+if os.environ.get("LVITA_TOLERANCE_LOG"):  # margins of every float comparison (tests/tolerances.py)
+    from tests.tolerances import install
+
+    install()
 COLOURS = ["red", "green", "blue", "yellow"]
 
 

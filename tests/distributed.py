@@ -5,7 +5,7 @@
 
 ``fn`` must be a module-level function (it is pickled by name). Each process gets the caller's
 environment and working directory at the call, plus what a launcher would set (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR/PORT) and one torch thread; the return values come back in rank order. A
+LOCAL_RANK, MASTER_ADDR/PORT) and ``THREADS`` torch threads; the return values come back in rank order. A
 failing rank fails the test with its traceback; a run that leaves shared memory behind in
 /dev/shm fails too.
 
@@ -28,6 +28,10 @@ import torch.multiprocessing as mp
 
 from lvita.training.loop import free_port
 
+# torch CPU threads per test process: 1 (two xdist workers on two cores); LVITA_TEST_THREADS=2 reruns the
+# suite with other reduction splits, to find tolerances that hold on one machine only (tests/README.md)
+THREADS = os.environ.get("LVITA_TEST_THREADS", "1")
+
 
 _PRELOAD = ["tests._preload"]
 
@@ -45,10 +49,10 @@ def _entry(rank, world, port, fn, args, queue, env, cwd):
     os.environ.update(env)
     os.chdir(cwd)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=THREADS)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(THREADS))
     try:
         buf = io.BytesIO()
         torch.save(fn(rank, *args), buf)  # bytes, not shared-memory tensors: the process exits

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.distributed import free_port
+from tests.distributed import THREADS, free_port
 
 PROMPT = "What is in the picture?"
 
@@ -45,7 +45,7 @@ def setup(tmp_path_factory, tokenizer_dir):
 def _launch(module: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", module, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc

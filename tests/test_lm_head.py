@@ -15,16 +15,15 @@ from lvita.data.stream import collate
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK, chunked_cross_entropy_sum, full_cross_entropy_sum
 from lvita.model.longvita import LMHead, LongVita
 from tests.synthetic import IMG, packed_batch
+from tests.tolerances import assert_near, within
 
 RTOL = 1e-5  # fp32: loss relative to itself, each gradient relative to its largest entry
 B, S, D, V = 2, 1024, 16, 2048
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL, what: str = "") -> None:
-    assert got.dtype == ref.dtype and got.shape == ref.shape, (what, got.dtype, ref.dtype)
-    err = (got.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-    scale = ref.float().abs().max().item() if ref.numel() else 0.0
-    assert err <= rtol * scale + 1e-12, f"{what}: max abs error {err} vs largest entry {scale}"
+    assert got.dtype == ref.dtype, (what, got.dtype, ref.dtype)
+    assert_near(got, ref, rtol, what)
 
 
 def _inputs(seed: int = 0, labelled: float = 0.5, dtype=torch.float32):
@@ -55,7 +54,7 @@ def test_chunked_loss_and_gradients_equal_the_full_head(chunk):
     assert n % 7 and n % 64 and n % 1000 and n < DEFAULT_LOGITS_CHUNK  # uneven last chunks, one chunk
     ref_loss, ref_h, ref_w = _loss_and_grads(normed, weight, labels, 0)
     loss, grad_h, grad_w = _loss_and_grads(normed, weight, labels, chunk)
-    assert loss.dtype == torch.float32 and abs(loss - ref_loss) <= RTOL * abs(ref_loss)
+    assert loss.dtype == torch.float32 and within(abs(loss - ref_loss), RTOL * abs(ref_loss))
     _close(grad_h, ref_h, what="d normed")
     _close(grad_w, ref_w, what="d lm_head.weight")
 
@@ -65,7 +64,7 @@ def test_bf16_gradients_come_back_in_bf16_and_match():
     ref_loss, ref_h, ref_w = _loss_and_grads(normed, weight, labels, 0)
     for chunk in (1, 100):  # fp32 accumulation of dW over chunks vs one bf16 matmul: ~1 bf16 ulp
         loss, grad_h, grad_w = _loss_and_grads(normed, weight, labels, chunk)
-        assert loss.dtype == torch.float32 and abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        assert loss.dtype == torch.float32 and within(abs(loss - ref_loss), 1e-5 * abs(ref_loss))
         _close(grad_h, ref_h, rtol=1e-2, what="d normed (bf16)")
         _close(grad_w, ref_w, rtol=1e-2, what="d lm_head.weight (bf16)")
 
@@ -91,7 +90,7 @@ def test_whole_model_gradients_equal_the_full_head(chunk):
         (loss / n).backward()
         results.append((loss.item(), int(n), {k: p.grad for k, p in model.named_parameters()}))
     (ref_loss, ref_n, ref), (got_loss, got_n, got) = results
-    assert got_n == ref_n > 0 and abs(got_loss - ref_loss) <= RTOL * abs(ref_loss)
+    assert got_n == ref_n > 0 and within(abs(got_loss - ref_loss), RTOL * abs(ref_loss))
     assert set(got) == set(ref) and all(g is not None for g in ref.values())
     for name in ref:
         _close(got[name], ref[name], what=name)

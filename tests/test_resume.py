@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import run_world
+from tests.distributed import THREADS, run_world
 from tests.test_training import _metrics, _train
 
 
@@ -74,7 +74,7 @@ def test_resume_data_parallel_from_pipeline(tmp_path, tokenizer_dir, dataset_dir
 # -- crash safety -------------------------------------------------------------------------------------
 
 def _start(stage: Path, out: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, **(env_extra or {})}
     cmd = [sys.executable, "-m", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -129,7 +129,7 @@ def test_sigkill_while_training_and_while_saving(tmp_path, tokenizer_dir, datase
 def _fails(stage: Path, out: Path, *sets: str) -> str:
     """Run lvita.train expecting exit 2; returns stderr; the output_dir must be untouched."""
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.exists() else {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
     cmd = [sys.executable, "-m", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
     for s in sets:
         cmd += ["--set", s]

@@ -18,7 +18,7 @@ import torch
 
 from lvita.ckpt.checkpoint import read_manifest
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import free_port, run_world
+from tests.distributed import THREADS, free_port, run_world
 from tests.test_training import _layer_states, _metrics, _train
 
 ITERATIONS = 12
@@ -30,7 +30,7 @@ def _start(stage: Path, out: Path, *sets: str, launcher: str = "deepspeed.launch
            "--module", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
