@@ -11,6 +11,9 @@ from tests.conftest import stage_dict, write_stage
 from tests.distributed import run_world
 from tests.tolerances import assert_near, within
 
+# fp32 loss and each gradient relative to its largest entry. Noise: a lever runs the same ops on pieces
+# (MLP over sequence tiles, inputs through host memory): bit-identical to ~1e-7; bug: a tile's gradient
+# lost or counted twice (1/tiles of the MLP's gradients, >= 0.1 here), an offloaded input not restored
 TOL = 1e-5
 
 

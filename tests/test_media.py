@@ -110,6 +110,8 @@ def test_image_tiles_row_major_order(tmp_path):
     assert t.shape == (5, 3, T, T)
     for k, col in enumerate(colours):
         centre = t[k, :, 8:24, 8:24].float().mean((1, 2))
+        # noise: bicubic resampling near the tile's colour edges, within 3 of 255 at the centres; bug:
+        # tiles out of order put another colour there (255 apart)
         assert torch.allclose(centre, torch.tensor(col, dtype=torch.float32), atol=3), (k, centre)
 
 
@@ -126,6 +128,7 @@ def test_normalise_constant_image():
     assert y.dtype == torch.float32 and y.shape == x.shape
     expected = (128 / 255 - MEAN.view(3)) / STD.view(3)
     for c in range(3):
+        # noise: fp32 rounding of values ~2 (2.4e-7); bug: another mean/std or /255 missing (>= 1e-2)
         assert torch.allclose(y[:, c], torch.full_like(y[:, c], float(expected[c])), atol=1e-6)
 
 
@@ -136,6 +139,7 @@ def _write_mp4(path, n=40, rate=10, w=64, h=48):
     s = c.add_stream("mpeg4", rate=rate)
     s.width, s.height = w, h
     s.pix_fmt = "yuv420p"
+    s.bit_rate = 20_000_000  # near-lossless: decoded greys within 1.0 of i * 6 (the default rate: 4.7)
     for i in range(n):
         f = av.VideoFrame.from_ndarray(np.full((h, w, 3), (i * 6) % 255, np.uint8), format="rgb24")
         for pkt in s.encode(f):
@@ -175,8 +179,10 @@ def test_video_count_and_tiles(clip):
         v = video_tiles(clip, T, max_frames, fps)
         assert v.dtype == torch.uint8 and v.shape == (n, 3, T, T)
     # Frames are solid greys (i * 6); sampled frames 5, 15, 25, 35 must come back in order.
+    # noise: the codec and the resize, decoded greys within 1.0 of i * 6; bug: the neighbouring frame is
+    # 6 away (the codec's default rate left 4.7 of noise, so 6 could not tell frame 5 from frame 6)
     v = video_tiles(clip, T, 32, 1.0).float().mean((1, 2, 3))
-    assert torch.allclose(v, torch.tensor([30.0, 90.0, 150.0, 210.0]), atol=6), v
+    assert torch.allclose(v, torch.tensor([30.0, 90.0, 150.0, 210.0]), atol=3), v
 
 
 def test_errors_name_the_path(tmp_path, clip):

@@ -79,6 +79,9 @@ def test_plan_activations_equal_what_autograd_keeps(trainable, checkpoint):
                 got, labelled = _kept_bytes(blocks, trainable, checkpoint, length, tiles=3)
                 plan = stage_activations(s, blocks, s.layers + 2, Micro(length, labelled, 3), 4, trainable,
                                          checkpoint, attention="sdpa")
+                # noise: none in the arithmetic (byte counts); what the plan leaves out on purpose
+                # (small per-row statistics) shows as the logged ratio (tests/README.md); bug: one kept
+                # (tokens x hidden) tensor per layer missing, estimated >= 5% of a stage's total
                 assert plan == pytest.approx(got, rel=0.01), (pipeline, list(blocks), length)
 
 

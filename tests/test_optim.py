@@ -12,6 +12,7 @@ from lvita.training.optim import freeze, lr_factor, param_groups, scheduler_fact
 
 def test_warmup_then_cosine():
     assert [lr_factor(s, 4, 20, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # pytest's default 1e-6: exact double arithmetic (noise 1e-16); bugs are off by a step (>= 1e-2)
     assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
     mid = 4 + 8  # halfway through the cosine
     assert lr_factor(mid, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)

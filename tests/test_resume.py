@@ -1,8 +1,11 @@
 """Resume: exact continuation, crash safety (SIGKILL while training and while saving), other
 layouts through universal checkpoints, and the errors for damaged or unfitting checkpoints.
 
-Losses are fp32 on CPU: the same layout must give the uninterrupted run's losses to 1e-6 relative;
-another layout sums in another order, so 1e-5 there (the pipeline/data equivalence tolerance is 1e-4).
+Losses are fp32 on CPU. Noise: the same layout repeats the same arithmetic (bit-identical here at 1
+and 2 threads and under ATEN_CPU_CAPABILITY=avx2; logged ratios in tests/README.md), so 1e-6 there;
+another layout sums in another order (~1e-7), so 1e-5. Bug: what a resume can lose moves the next
+losses by ~4e-3 (Adam moments; tests/measure_noise.py bf16), a data position restarted changes the
+batch (loss ~1e-1 apart), an LR position lost changes the step size (estimated >= 1e-3 here).
 """
 from __future__ import annotations
 

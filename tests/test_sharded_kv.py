@@ -44,6 +44,8 @@ def test_sharded_decode_attention_matches_full_cache():
     # interleaved shards (zigzag-like and round-robin new tokens), and one rank holding nothing
     for splits in ([[0, 1, 2, 9, 10], [3, 4, 5, 6, 7, 8]], [list(range(11)), []]):
         for got in run_world(_sharded, 2, splits):
+            # noise: per-rank partials merged by log-sum-exp, fp32, ~1e-7 (outputs ~1); bug: a rank's keys
+            # or an empty rank's -inf partial mishandled: ~1e-1 or NaN
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -69,6 +71,9 @@ def test_partial_reads_the_cache_in_its_dtype_without_expanding_it(dtype, monkey
     assert seen[1] is vh and all(t.dtype == dtype and t.shape[1] == 2 for t in seen)
     assert out.dtype == lse.dtype == torch.float32
     kf, vf = kh.float().transpose(1, 2), vh.float().transpose(1, 2)
+    # noise: fp32 ~1e-7; bf16 inputs against an fp32 reference of the same bf16 values: the products are
+    # exact in fp32, so ~1e-6, but the partial must stay fp32 (a bf16 partial: ~4e-3, one bf16 ulp);
+    # bug: a wrong scale or group mapping ~1e-1. 2e-2 for bf16 also allows a bf16 matmul's accumulation.
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, _full(q.to(dtype).float(), kf, vf), **tol)
     scores = torch.einsum("bqhd,bshd->bqhs", q.to(dtype).float(), kf.repeat_interleave(2, 2)) * 8 ** -0.5
@@ -86,6 +91,7 @@ def test_cache_appends_in_place_into_its_preallocated_buffer():
     for t in range(3):
         cache.append(0, k[:, 5 + t:6 + t], v[:, 5 + t:6 + t])
         assert cache.k[0] is buf  # no reallocation, no copy of the cache
+    # torch's defaults: copies, so noise none; bug: a wrong slot or order, values ~1 apart
     torch.testing.assert_close(cache.keys(0), k[:, :8].transpose(1, 2))
     torch.testing.assert_close(cache.values(0), v[:, :8].transpose(1, 2))
     assert cache.local_tokens() == 8 and cache.keys(0).data_ptr() == buf.data_ptr()

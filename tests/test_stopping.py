@@ -168,6 +168,8 @@ def test_preempted_four_ways_resumes_exactly(stage):
     text = _end(proc, [])
     assert proc.returncode == 0, text[-4000:]
     assert _steps(out) == list(range(1, ITERATIONS + 1))
+    # noise: same layout, same arithmetic: bit-identical (tests/README.md); bug: state lost across the
+    # stop moves the next losses >= 1e-3 (test_resume.py)
     assert [m["loss"] for m in _metrics(out)] == pytest.approx([m["loss"] for m in _metrics(ref_out)], rel=1e-6)
     assert [m["lr"] for m in _metrics(out)] == [m["lr"] for m in _metrics(ref_out)]
 
