@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import longest_context as lc  # noqa: E402
-from benchmarks.trials import kill_group, run_trial  # noqa: E402
+from benchmarks.trials import kill_group, run_trial, wait_gpu_free  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_TESTS = ["tests/test_varlen.py::test_each_available_kernel_equals_reference_on_cuda",
@@ -127,6 +127,9 @@ def long_choice(p, root: Path, seconds: float, tflops: float | None) -> tuple[in
 
 def run(s: Suite, root: Path) -> None:
     p = s.p
+    busy = wait_gpu_free(60)  # a trial of an earlier, killed run may still hold it
+    if busy:
+        s.step(f"warning: the GPU still holds {busy} after a minute; the figures may suffer")
     s.step("cpu-adam build (background)")
     build_cmd = [sys.executable, "-c", "pass" if s.dry else CPU_ADAM]
     build = subprocess.Popen(build_cmd, cwd=REPO, stdout=open(s.out / "cpu_adam_build.log", "w"),
@@ -165,7 +168,7 @@ def run(s: Suite, root: Path) -> None:
             if lever == "optim" and build.poll() is None:
                 s.step("c. waiting for the CPU-Adam build")
                 try:
-                    build.wait(timeout=max(s.left() - reserve - 60, 1))
+                    build.wait(timeout=max(s.left() - reserve - _estimate_s(p, length, tflops), 1))
                 except subprocess.TimeoutExpired:
                     pass
             one = argparse.Namespace(**{**vars(p), "steps": 1})
@@ -206,7 +209,7 @@ def main() -> int:
     cap = os.environ.get("MEMORY_CAP_GB", "80")
     suite = Suite(out, float(os.environ.get("BUDGET_S", "560")), start, None if cap == "none" else float(cap),
                   args.dry_run)
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # run `finally`: no build left behind
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # `finally`s kill the running trial and the build
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         from lvita.data.tokenizer import train_demo_tokenizer

@@ -5,7 +5,8 @@
     t.status, t.rc, t.wall_s, t.error       # status: "ok" | "oom" | "timeout" | "error"
 
 Each trial runs in its own process group (a new session), and that group is killed whole when the
-trial ends, by timeout or otherwise: a launcher, its ranks, a compiler they started. Its output goes to
+trial ends, by timeout or otherwise, or when the caller is interrupted while it runs (an exception in
+the caller, e.g. SystemExit from a SIGTERM handler): a launcher, its ranks, a compiler they started. Its output goes to
 ``log`` as it comes, so a killed trial's log is still there. Before returning, the next trial's start
 waits until no process of the group is alive and the GPU holds no compute process (nvidia-smi; nothing
 to wait for without it), so a trial that is slow to die cannot make the next one fail as if out of
@@ -97,7 +98,8 @@ def run_trial(cmd: list[str], timeout: float, log: Path, env: dict | None = None
             rc, timed_out = proc.wait(timeout=max(timeout, 0.1)), False
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
-        kill_group(proc.pid)  # also after a normal exit: nothing a trial started outlives it
+        finally:  # also after a normal exit, and when the caller is interrupted (SIGTERM, Ctrl-C)
+            kill_group(proc.pid)
         rc = proc.wait() if rc is None else rc
     wall = time.monotonic() - t0
     busy = wait_gpu_free()

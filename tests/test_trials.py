@@ -84,3 +84,26 @@ def test_the_search_stops_when_the_time_is_spent():
     left = iter([10, 10, 0])
     assert search(trial, 8192, 65536, 0, lambda r: r, lambda: next(left)) == (16384, "out of time before 32768")
     assert seen == [8192, 16384]
+
+
+def test_an_interrupted_caller_takes_the_running_trial_with_it(tmp_path):
+    """SIGTERM to the suite (its handler raises SystemExit) while a trial runs: the trial's group dies too."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import signal, sys; from pathlib import Path; from benchmarks.trials import run_trial\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+            f"run_trial(['bash', '-c', 'echo $$ > {tmp_path}/pid; sleep 300 & sleep 300'], 60, Path('{tmp_path}/t.log'))")
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    for _ in range(200):
+        if (tmp_path / "pid").is_file() and (tmp_path / "pid").read_text().strip():
+            break
+        time.sleep(0.05)
+    pgid = int((tmp_path / "pid").read_text())
+    assert len(group_alive(pgid)) >= 2  # bash (or the sleep it execs) and the background sleep
+    caller.send_signal(signal.SIGTERM)
+    assert caller.wait(timeout=30) == 143
+    assert group_alive(pgid) == []
