@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_dry_run_goes_through_every_step_and_failure(tmp_path):
     (c,) = by_step["c"]
     assert (c["length"], c["status"]) == (1024, "timeout") and c["wall_s"] < 30
     (d,) = by_step["d"]
-    assert d["status"] == "ok" and d["summary"].startswith("19 skipped"), d  # 15 CUDA tests + 4 lever smokes
+    assert d["status"] == "ok" and re.fullmatch(r"\d+ skipped in [\d.]+s", d["summary"]), d  # all skip on CPU
 
     summary = (out / "summary.md").read_text()
     assert "| transformers | 128 | out of memory at 256 |" in summary
