@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def long_choice(p, root: Path, seconds: float, tflops: float | None) -> tuple[in
 
 def run(s: Suite, root: Path) -> None:
     p = s.p
+    threading.Thread(target=_warm_imports, daemon=True).start()  # the plan's imports, while step a's trial starts
     busy = wait_gpu_free(60)  # a trial of an earlier, killed run may still hold it
     if busy:
         s.step(f"warning: the GPU still holds {busy} after a minute; the figures may suffer")
@@ -183,13 +185,19 @@ def run(s: Suite, root: Path) -> None:
             if s.left() < 30:
                 s.record({"step": "d", "who": name, "status": "skipped", "ok": False, "error": "no time left"})
                 continue
-            cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider", *ids]
+            cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider", "-p", "no:benchmark",
+                   "-p", "no:xdist", *ids]
             row = s.trial(lambda log: _pytest_row(name, cmd, log, s.left() - 10), f"d {name}")
             print(row.get("summary", ""), flush=True)
         s.summary()
     finally:
         kill_group(build.pid)  # a build still running when the suite ends goes with it
         s.step("done")
+
+
+def _warm_imports() -> None:
+    import lvita.config.check  # noqa: F401
+    import lvita.config.memory_plan  # noqa: F401
 
 
 def _pytest_row(name: str, cmd: list, log: Path, timeout: float) -> dict:
