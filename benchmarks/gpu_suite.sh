@@ -1,58 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 12 and 16 on one GPU, smallest first, each result written as soon as it
-# exists (under $OUT, default ./gpu_results), the whole run inside a deadline ($BUDGET_S seconds,
-# default 540: each step gets what is left, so a slow step shortens the ones after it, never the
-# record of the ones before). Works offline: with no package index reachable it installs
-# deepspeed, yunchang and their small dependencies from wheels in ./wheels (on a connected
-# machine: `pip wheel --no-deps deepspeed yunchang hjson -w wheels/`, plus `pip download` of
-# pydantic, pydantic-core, annotated-types, typing-inspection and decord for the GPU machine's
-# Python), and puts lvita itself on PYTHONPATH (no build step).
+# The GPU figures of issue 23 in one lease of at most ~10 minutes (benchmarks/gpu_suite.py says what
+# runs, in which order, and what lands in $OUT). This wrapper installs what the GPU machine lacks from
+# ./wheels (built by benchmarks/gpu_wheels.sh on a machine that reaches PyPI; carry it), offline, with
+# --no-index --no-deps, checks the imports, puts lvita on PYTHONPATH and starts the clock.
 #
-#   bash benchmarks/gpu_suite.sh            # from the repository root
-#   BUDGET_S=900 LONGEST_MAX=524288 bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh                       # GPU machine, from the repository root
+#   BUDGET_S=900 MEMORY_CAP_GB=none bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh --dry-run             # CPU: the same steps, tiny preset, no install
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$SECONDS
-BUDGET_S=${BUDGET_S:-540}
-OUT=${OUT:-gpu_results}
+export SUITE_START=$(date +%s) OUT=${OUT:-gpu_results} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=$(command -v python3 || command -v python)
+WHEELS=${WHEELS:-wheels}
 mkdir -p "$OUT"
-left() { local l=$((BUDGET_S - (SECONDS - START))); echo $((l < $1 ? (l > 5 ? l : 5) : $1)); }
-step() { echo "== $1 (t=$((SECONDS - START))s, cap $2s)" | tee -a "$OUT/steps.txt"; }
-if ! $PY -c "import deepspeed, yunchang, hjson, decord" 2>/dev/null; then
-    if [ -d wheels ]; then
-        $PY -m pip install -q --no-index --find-links wheels/ deepspeed yunchang hjson decord 2>&1 | tail -2
-    else
-        $PY -m pip install -q deepspeed yunchang hjson decord 2>&1 | tail -2
+if [ "${1:-}" != "--dry-run" ] && [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        echo "gpu_suite: no wheels in $WHEELS/: run 'bash benchmarks/gpu_wheels.sh' where PyPI is reachable and carry $WHEELS/ (or SKIP_INSTALL=1 where deepspeed and yunchang are installed)" >&2
+        exit 2
     fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check "$WHEELS"/*.whl 2>&1 | tail -3
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch, deepspeed, yunchang, transformers as t; print('torch', torch.__version__, 'deepspeed',
-deepspeed.__version__, 'transformers', t.__version__, 'flash_attn', __import__('importlib').util.find_spec('flash_attn') is not None)"
-} 2>&1 | tee "$OUT/gpu.txt"
-# 1. CUDA correctness, seconds each: varlen attention, ring kernels on torch's CUDA ops, uint8 tiles ahead
-c=$(left 120); step "cuda tests" $c
-timeout $c $PY -m pytest -q -p no:cacheprovider tests/test_varlen.py tests/test_ring_cuda.py tests/test_rank_decode.py \
-    "tests/test_gpu.py::test_varlen_attention_equals_per_sample_sdpa" 2>&1 | tee "$OUT/cuda_tests.txt" | tail -4
-# 2. lvita.train on longvita-1.5b, one launch each, shortest first; the optimizer-offload launch
-#    (DeepSpeed builds its CPU Adam on first use) last
-c=$(left 300); step "test_gpu launches" $c
-timeout $c $PY -m pytest -q -s -p no:cacheprovider \
-    "tests/test_gpu.py::test_plan_within_15_percent_of_the_measured_peak[8192]" \
-    "tests/test_gpu.py::test_one_training_step_per_lever[checkpointing]" \
-    "tests/test_gpu.py::test_one_training_step_per_lever[tiled MLP]" \
-    "tests/test_gpu.py::test_one_training_step_per_lever[activation offload]" \
-    "tests/test_gpu.py::test_plan_within_15_percent_of_the_measured_peak[16384]" \
-    "tests/test_gpu.py::test_plan_within_15_percent_of_the_measured_peak[32768]" \
-    "tests/test_gpu.py::test_one_training_step_per_lever[optimizer offload]" 2>&1 | tee "$OUT/test_gpu.txt" \
-    | grep -E "GPU-RUN|passed|failed|Error" | cut -c1-400
-# 3. the longest context: the transformers peer from 32K up, then lvita with tiled MLP from 128K
-c=$(left 120); step "longest context: peer" $c
-timeout $c $PY benchmarks/longest_context.py --levers tiled --start 131072 --max 131072 --refine 0 --steps 1 \
-    --trial-timeout 100 --peer-only --out "$OUT/longest_context.jsonl" 2>&1 | tee -a "$OUT/longest_context.txt" | tail -4
-c=$(left 600); step "longest context: lvita tiled" $c
-timeout $c $PY benchmarks/longest_context.py --levers ${LONGEST_LEVERS:-tiled} --start 131072 \
-    --max ${LONGEST_MAX:-262144} --refine 0 --steps 1 --trial-timeout $c --no-peer \
-    --out "$OUT/longest_context.jsonl" 2>&1 | tee -a "$OUT/longest_context.txt" | tail -6
-step "done" 0
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  df -h . | tail -1
+} > "$OUT/gpu.txt" 2>&1
+if ! "$PY" -c "import sys, deepspeed, yunchang, hjson, pydantic, tensorboard, psutil, PIL, torch, transformers as t
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'yunchang',
+      yunchang.__version__, 'transformers', t.__version__, 'flash_attn', __import__('importlib').util.find_spec('flash_attn') is not None)" \
+        >>"$OUT/gpu.txt" 2>"$OUT/import_error.txt"; then
+    echo "gpu_suite: cannot import what lvita.train needs: $(tail -1 "$OUT/import_error.txt")" >&2
+    exit 2
+fi
+rm -f "$OUT/import_error.txt"
+cat "$OUT/gpu.txt"
+exec "$PY" benchmarks/gpu_suite.py "$@"

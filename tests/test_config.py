@@ -145,3 +145,13 @@ def test_warmup_is_a_warning_but_negative_values_are_errors(stage):
                             "(LR at step t = t/6 of train.lr, last step 3/6)"]
     assert validate(load_stage(stage, ["train.iterations=3", "train.warmup_steps=3"]), 2).notes == []
     assert "train.warmup_steps=-1: must be >= 0" in errors_for(stage, 2, "train.warmup_steps=-1")
+
+
+def test_benchmark_keys_save_final_and_memory_cap(stage):
+    cfg = load_stage(stage, ["train.save_final=false", "train.memory_cap_gb=80"])
+    assert (cfg.train.save_final, cfg.train.memory_cap_gb) == (False, 80.0)
+    assert (load_stage(stage).train.save_final, load_stage(stage).train.memory_cap_gb) == (True, None)
+    validate(cfg, 2)
+    assert "train.memory_cap_gb=0.0: GiB per process (e.g. 80), or null" in errors_for(stage, 2, "train.memory_cap_gb=0")
+    with pytest.raises(ConfigError, match="train.save_final: expected true or false"):
+        load_stage(stage, ["train.save_final=no"])

@@ -96,6 +96,21 @@ def test_launcher_pipeline_2_matches_data_parallel_2(tmp_path, tokenizer_dir, da
         assert torch.equal(before[k], after[k]), k
 
 
+def test_save_final_false_and_the_memory_cap(tmp_path, tokenizer_dir, dataset_dir):
+    """Benchmark runs: train.save_final=false writes no checkpoint at the last step (periodic saves
+    stay), every metrics row has peak_reserved_gb (None on CPU); a memory cap below what the process
+    holds ends the run at step 1 with torch.OutOfMemoryError, before anything is saved."""
+    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out"))
+    run_world(_train, 1, str(stage), ["train.save_final=false", "train.save_every=2", "train.memory_cap_gb=1000"])
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("global_step*")) == ["global_step2"]
+    assert [m["peak_reserved_gb"] for m in _metrics(tmp_path / "out")] == [None, None, None]
+    with pytest.raises(AssertionError, match=r"OutOfMemoryError: out of memory: the peak resident set .* above the "
+                                             r"memory cap of 0.01 GiB"):
+        run_world(_train, 1, str(stage), ["train.memory_cap_gb=0.01", f"output_dir={tmp_path / 'capped'}"])
+    assert not (tmp_path / "capped" / "checkpoints").exists()
+    assert len(_metrics(tmp_path / "capped")) == 0
+
+
 def test_stage1_freezing_changes_only_projector(tmp_path, tokenizer_dir, dataset_dir):
     from lvita.model.presets import llm_config
     from lvita.parallel.pipeline import plain_name, to_sequential

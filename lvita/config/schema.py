@@ -63,11 +63,16 @@ class TrainConfig:
     optimizer_offload: bool = False  # ZeRO-Offload: fp32 master weights and Adam states in host memory
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
+    save_final: bool = True  # false: no checkpoint at the last step (benchmarks, smoke runs); stops still save
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints (0: all)
     max_nonfinite_steps: int = 5  # stop (exit 2) after this many non-finite steps in a row (lvita.training.guard)
     time_limit: str | None = None  # e.g. "47h30m": save and exit 0 before then (lvita.training.stopping)
     log_every: int = 1
     peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (None: lvita.model.flops' table)
+    # GiB (2**30 bytes) each process may use, e.g. 80 to measure for 80 GB GPUs on a larger one: CUDA's
+    # allocator refuses more (torch.cuda.set_per_process_memory_fraction); on CPU the peak resident set is
+    # checked after each step. Either way the run ends with torch.OutOfMemoryError. None: no cap
+    memory_cap_gb: float | None = None
 
 
 @dataclass

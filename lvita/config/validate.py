@@ -127,6 +127,8 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
                      f"{t.iterations}/{t.warmup_steps})")
     if t.save_every < 0:
         err(f"train.save_every={t.save_every}: 0 (only at the end) or a positive step count")
+    if t.memory_cap_gb is not None and t.memory_cap_gb <= 0:
+        err(f"train.memory_cap_gb={t.memory_cap_gb}: GiB per process (e.g. 80), or null for no cap")
     if not 0 <= t.min_lr_ratio <= 1:
         err(f"train.min_lr_ratio={t.min_lr_ratio}: between 0 and 1")
     if t.peak_tflops is not None and t.peak_tflops <= 0:

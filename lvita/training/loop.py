@@ -12,6 +12,7 @@ checkpoints. Each step consumes one global batch; the loss is the token-weighted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -141,7 +142,7 @@ def run(cfg) -> list[float]:
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
     from lvita.model.presets import llm_config, tile_size, tokens_per_tile
-    from lvita.training.monitor import Monitor, peak_memory_gb
+    from lvita.training.monitor import Monitor, cap_memory, check_memory_cap, peak_memory_gb, peak_reserved_gb
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
@@ -179,15 +180,22 @@ def run(cfg) -> list[float]:
 
     _share_cpu_threads(log)
     init_distributed()
+    cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
+    capped = cap_memory(cfg.train.memory_cap_gb, cuda.index if cuda else 0)
+    if capped:
+        log(f"[{cfg.name}] {capped}")
     topo = build_topology(layout.pipeline, layout.ulysses, layout.ring)
     log(f"[{cfg.name}] world {world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
         f"{layout.sequence}; global batch {layout.global_batch} = micro {layout.micro_batch} x "
         f"accumulation {layout.grad_accum} x data {layout.data}")
 
     torch.manual_seed(cfg.seed)
-    module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
+    t_build = time.perf_counter()
+    with cuda or contextlib.nullcontext():  # random init on the GPU: seconds, not tens of seconds on the host
+        module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
                             cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed,
-                            logits_chunk=cfg.model.logits_chunk)
+                                logits_chunk=cfg.model.logits_chunk)
+    log(f"[{cfg.name}] built and initialised the model on {cuda or 'cpu'} in {time.perf_counter() - t_build:.1f}s")
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
     for line in apply_levers(module, cfg.model):
@@ -261,6 +269,7 @@ def run(cfg) -> list[float]:
         loss = float(engine.train_batch(data_iter=pixels_to_device(micro, device)))
         step_time = time.perf_counter() - t0
         losses.append(loss)
+        check_memory_cap(cfg.train.memory_cap_gb)
         tokens = sum(s.input_ids.numel() for s in batch)
         tflops = step_flops(cfg.model.preset, cfg.model.trainable, batch) / step_time / world / 1e12
         gn = engine.get_global_grad_norm()
@@ -274,12 +283,14 @@ def run(cfg) -> list[float]:
                 "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                 "pad_tokens": sum(s.pad for s in batch), "tokens_per_sec": tokens / step_time,
                 "step_time_s": step_time, "data_wait_s": data_wait, "peak_memory_gb": peak_memory_gb(),
+                "peak_reserved_gb": peak_reserved_gb(),
                 "skipped": stream.skipped_total, "nonfinite_steps": guard.total,
                 **({"nonfinite_samples": guard.samples(batch)} if bad else {}),
             })
         guard.check(step, before_raising=finish)  # Diverged after N in a row: nothing saved
         saved = None
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.iterations:
+        last = step == cfg.train.iterations
+        if (cfg.train.save_every and step % cfg.train.save_every == 0 and not last) or (last and cfg.train.save_final):
             saved = save(step)
         if reason and step < cfg.train.iterations:
             path = saved or save(step)

@@ -25,6 +25,35 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def peak_reserved_gb() -> float | None:
+    """Peak GPU memory the caching allocator held from CUDA (what the cap limits); None on CPU."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
+def cap_memory(cap_gb: float | None, device: int = 0) -> str | None:
+    """``train.memory_cap_gb``: limit this process to ``cap_gb`` GiB. On CUDA the caching allocator
+    refuses to hold more (``torch.cuda.set_per_process_memory_fraction``; past it a step fails with
+    torch.OutOfMemoryError as on a full GPU), so an 80 GB GPU can be measured on a larger one; on CPU
+    :func:`check_memory_cap` compares the peak resident set after each step. Returns a line for the log."""
+    if cap_gb is None:
+        return None
+    if not torch.cuda.is_available():
+        return f"memory cap {cap_gb:g} GiB: on CPU the peak resident set is checked after each step"
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_gb * 2**30 >= total:
+        return f"memory cap {cap_gb:g} GiB is not below the GPU's {total / 2**30:.1f} GiB: no cap"
+    torch.cuda.set_per_process_memory_fraction(cap_gb * 2**30 / total, device)
+    return f"memory capped at {cap_gb:g} GiB of the GPU's {total / 2**30:.1f} GiB"
+
+
+def check_memory_cap(cap_gb: float | None) -> None:
+    """On CPU, raise torch.OutOfMemoryError once the peak resident set has passed ``cap_gb`` GiB (on
+    CUDA the allocator enforces the cap itself)."""
+    if cap_gb is not None and not torch.cuda.is_available() and peak_memory_gb() > cap_gb:
+        raise torch.OutOfMemoryError(f"out of memory: the peak resident set {peak_memory_gb():.2f} GiB is above "
+                                     f"the memory cap of {cap_gb:g} GiB")
+
+
 def _step(line: str) -> float:
     """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
     try:
@@ -79,7 +108,9 @@ class Monitor:
         print(f"[{self.name}] step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr_text} | "
               f"gnorm {gn if gn is None else f'{gn:.3f}'} | {speed} | "
               f"{metrics['step_time_s']:.2f}s (data {metrics['data_wait_s']:.2f}s) | "
-              f"mem {metrics['peak_memory_gb']:.2f} GB", file=sys.stdout, flush=True)
+              f"mem {metrics['peak_memory_gb']:.2f} GB"
+              + (f" (reserved {metrics['peak_reserved_gb']:.2f})" if metrics.get("peak_reserved_gb") is not None else ""),
+              file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.enabled:
