@@ -23,17 +23,22 @@ LOG = os.environ.get("LVITA_TOLERANCE_LOG")
 
 
 def _site() -> str:
-    """The test file line that made the comparison (the innermost frame under tests/test_*)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        name = os.path.basename(frame.filename)
-        if name.startswith("test_"):
-            return f"{name}:{frame.lineno}"
-    return "?"
+    """The test file lines that made the comparison, outermost first ('test_x.py:69>30' when line 69
+    called a helper at line 30 of the same file)."""
+    lines, name = [], None
+    for frame in traceback.extract_stack()[:-2]:
+        base = os.path.basename(frame.filename)
+        if base.startswith("test_"):
+            name = name or base
+            if base == name:
+                lines.append(str(frame.lineno))
+    return f"{name}:{'>'.join(lines)}" if name else "?"
 
 
 def record(ratio: float, kind: str) -> None:
     if not LOG:
         return
+    ratio = float(ratio)
     entry = {"site": _site(), "test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
              "ratio": ratio if math.isfinite(ratio) else 1e30, "kind": kind,
              "threads": os.environ.get("OMP_NUM_THREADS"), "cap": os.environ.get("ATEN_CPU_CAPABILITY")}
@@ -44,6 +49,7 @@ def record(ratio: float, kind: str) -> None:
 def within(err: float, allowed: float, kind: str = "within") -> bool:
     """``err <= allowed``, recorded: the tests' own rules (e.g. error relative to a tensor's largest
     entry) use this so their margins show up beside assert_close's and approx's."""
+    err, allowed = float(err), float(allowed)  # 0-d tensors too
     record(err / allowed if allowed > 0 else (0.0 if err == 0 else math.inf), kind)
     return err <= allowed
 
