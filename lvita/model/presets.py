@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from transformers import InternVLVisionConfig, Qwen2Config
@@ -151,7 +150,7 @@ def spec_of(preset: "str | ModelSpec", fmt: str | None = None) -> ModelSpec:
             return preset
         return ModelSpec.make(preset.name, fmt, preset.vision, preset.llm)
     if preset in PRESETS:
-        return _named_spec(preset, fmt or PRESET_FORMATS[preset])
+        return _named_spec(preset, fmt or PRESET_FORMATS.get(preset, "internvl"))
     path = Path(str(preset)) / "config.json"
     if not path.is_file():
         raise ValueError(f"unknown model.preset '{preset}'; choose one of {', '.join(PRESETS)} or a model directory "
@@ -163,7 +162,6 @@ def spec_of(preset: "str | ModelSpec", fmt: str | None = None) -> ModelSpec:
     return spec_of_config(raw, str(preset), fmt)
 
 
-@lru_cache(maxsize=None)
 def _named_spec(name: str, fmt: str) -> ModelSpec:
     return ModelSpec.make(name, fmt, PRESETS[name]["vision"], PRESETS[name]["llm"])
 
@@ -202,8 +200,8 @@ def default_format(preset: str) -> str | None:
     """model.format when the stage leaves it null: a named preset's own; a directory's from its
     config.json (``model_type`` long_vita -> longvita, internvl -> internvl, an InternViT + Qwen2 pair or
     anything else with a config -> longvita, the released architecture). None when it cannot tell."""
-    if preset in PRESET_FORMATS:
-        return PRESET_FORMATS[preset]
+    if preset in PRESETS:
+        return PRESET_FORMATS.get(preset, "internvl")
     path = Path(preset) / "config.json"
     try:
         model_type = json.loads(path.read_text()).get("model_type")
