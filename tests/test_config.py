@@ -145,3 +145,15 @@ def test_warmup_is_a_warning_but_negative_values_are_errors(stage):
                             "(LR at step t = t/6 of train.lr, last step 3/6)"]
     assert validate(load_stage(stage, ["train.iterations=3", "train.warmup_steps=3"]), 2).notes == []
     assert "train.warmup_steps=-1: must be >= 0" in errors_for(stage, 2, "train.warmup_steps=-1")
+
+
+def test_model_format_defaults_per_preset_and_refuses_unknown_values(stage, tmp_path):
+    assert load_stage(stage).model.format == "internvl"  # tiny keeps today's InternVL layout
+    assert load_stage(stage, ["model.preset=longvita-14b"]).model.format == "longvita"
+    assert load_stage(stage, ["model.preset=longvita-1.5b", "model.format=internvl"]).model.format == "internvl"
+    released = tmp_path / "released"
+    released.mkdir()
+    (released / "config.json").write_text(json.dumps({"model_type": "long_vita"}))
+    assert load_stage(stage, [f"model.preset={released}"]).model.format == "longvita"
+    with pytest.raises(ConfigError, match=r"s.json: model.format='llava': choose \"longvita\""):
+        load_stage(stage, ["model.format=llava"])

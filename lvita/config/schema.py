@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 MODULES = ("vision", "projector", "llm")
+# model.format: "longvita" = the released Long-VITA architecture and input layout (ResamplerProjector
+# without biases, <img>/<patch>/<vid> context runs); "internvl" = InternVL's projector and layout (the
+# transformers-native InternVLForConditionalGeneration export)
+MODEL_FORMATS = ("longvita", "internvl")
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
+    # "longvita" | "internvl" (MODEL_FORMATS). null (the default): the preset's own format, filled in by
+    # load_stage: the longvita-* presets and directories in the released layout -> "longvita"; InternVL
+    # directories and the tiny preset -> "internvl" (today's tiny/demo behaviour)
+    format: str | None = None
     tokenizer: str | None = None  # directory with tokenizer files (HF format)
     # previous stage's output_dir / checkpoints / tag (any layout), an InternVL HF directory, or
     # [InternViT HF dir, Qwen2 HF dir] (the projector then starts fresh)
@@ -252,7 +260,22 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
+    resolve_model_format(cfg.model, str(path))
     return cfg
+
+
+def resolve_model_format(model: ModelConfig, where: str = "") -> str:
+    """Check ``model.format`` (naming the valid values) and fill in the preset's default when it is null.
+    Returns the format; a directory preset without a readable config.json keeps null (validate reports it)."""
+    prefix = f"{where}: " if where else ""
+    if model.format is not None and model.format not in MODEL_FORMATS:
+        raise ConfigError(f"{prefix}model.format={model.format!r}: choose \"longvita\" (the released Long-VITA "
+                          f"architecture and input layout) or \"internvl\" (InternVL's projector and layout), or "
+                          f"leave it null for the preset's own format")
+    if model.format is None:
+        from lvita.model.presets import default_format
+        model.format = default_format(model.preset)
+    return model.format
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")

@@ -82,3 +82,24 @@ def tokens_per_tile(name: str) -> int:
 
 def tile_size(name: str) -> int:
     return check_preset(name)["vision"]["image_size"][0]
+
+
+# model.format of each named preset: the Long-VITA shapes use the released architecture; the tiny
+# stand-in keeps InternVL's (today's demo and the transformers-native export tests)
+PRESET_FORMATS = {"tiny": "internvl", "longvita-1.5b": "longvita", "longvita-14b": "longvita"}
+
+
+def default_format(preset: str) -> str | None:
+    """model.format when the stage leaves it null: a named preset's own; a directory's from its
+    config.json (``model_type`` long_vita -> longvita, internvl -> internvl, an InternViT + Qwen2 pair or
+    anything else with a config -> longvita, the released architecture). None when it cannot tell."""
+    if preset in PRESET_FORMATS:
+        return PRESET_FORMATS[preset]
+    import json
+    from pathlib import Path
+    path = Path(preset) / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "internvl" if model_type == "internvl" else "longvita"
