@@ -67,7 +67,7 @@ def shard_tiles(ids: torch.Tensor, sequence_rank: int, ulysses: int, ring: int, 
     shard placeholder in the flattened features of those tiles). Pure index arithmetic: the data
     stream uses it to decode only these tiles."""
     idx = shard_indices(ids.shape[0], sequence_rank, ulysses, ring)
-    is_img = ids == image_token_id
+    is_img = torch.isin(ids, torch.as_tensor(image_token_id, device=ids.device))  # one id or several
     feature = (torch.cumsum(is_img, 0) - 1)[idx][is_img[idx]]  # global feature number of each placeholder
     tiles = torch.unique(feature // tokens_per_tile)  # sorted
     feature_index = torch.searchsorted(tiles, feature // tokens_per_tile) * tokens_per_tile + feature % tokens_per_tile
@@ -87,7 +87,7 @@ def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int,
     if B != 1:
         raise ValueError("sequence parallelism packs one sequence per micro-batch: set train.micro_batch=1")
     idx, tiles, feature_index = shard_tiles(ids[0], sequence_rank, ulysses, ring, image_token_id, tokens_per_tile)
-    total = int((ids[0] == image_token_id).sum()) // tokens_per_tile
+    total = int(torch.isin(ids[0], torch.as_tensor(image_token_id, device=ids.device)).sum()) // tokens_per_tile
     if pix.shape[0] == total:
         pix = pix[tiles].contiguous()
     elif pix.shape[0] not in (0, tiles.numel()):
