@@ -164,10 +164,7 @@ class DataStream:
 
     def media_tiles(self, m: tuple, keep=None) -> torch.Tensor:
         """The uint8 tiles of one planned medium (``SamplePlan.media`` entry), in token order."""
-        longvita = self.fmt == "longvita"
-        if m[0] == "image":
-            return image_tiles(self._source(m[1]), self.tile, self.cfg.min_tiles, m[2], keep, m[-1], thumbnail_first=longvita)
-        return video_tiles(self._source(m[1]), self.tile, m[2], m[3], keep, m[-1], layout=self.fmt)
+        return medium_tiles(m, self._source(m[1]), self.tile, self.cfg.min_tiles, self.fmt, keep)
 
     @staticmethod
     def drop_labels(rows: list[PackedSequence], failed) -> None:
@@ -236,6 +233,14 @@ class DataStream:
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def medium_tiles(m: tuple, source, tile: int, min_tiles: int, fmt: str, keep=None) -> torch.Tensor:
+    """(n, 3, tile, tile) uint8 of one planned medium (a ``SamplePlan.media`` entry) read from
+    ``source`` (its path or bytes), in the model format's token order; ``keep``: only these tiles."""
+    if m[0] == "image":
+        return image_tiles(source, tile, min_tiles, m[2], keep, m[-1], thumbnail_first=fmt == "longvita")
+    return video_tiles(source, tile, m[2], m[3], keep, m[-1], layout=fmt)
 
 
 def collate(seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
