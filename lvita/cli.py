@@ -61,13 +61,19 @@ def main(argv=None) -> int:
     cu.add_argument("dir", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
     cv = sub.add_parser("convert", help="weights to and from Hugging Face")
     cvsub = cv.add_subparsers(dest="convert_cmd", required=True)
-    th = cvsub.add_parser("to-hf", help="write a transformers InternVLForConditionalGeneration directory")
+    th = cvsub.add_parser("to-hf", help="write the released Long-VITA layout or a transformers InternVL directory")
     th.add_argument("ckpt", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
     th.add_argument("out")
+    th.add_argument("--layout", choices=("longvita", "internvl"),
+                    help="longvita: the released layout (LongVITAForCausalLM); internvl: transformers' "
+                         "InternVLForConditionalGeneration (default: the checkpoint's model.format)")
     th.add_argument("--tokenizer", help="default: the tokenizer the run trained with (from its manifest)")
-    fh = cvsub.add_parser("from-hf", help="an InternVL dir, or an InternViT dir and a Qwen2 dir -> lvita weights")
+    fh = cvsub.add_parser("from-hf", help="a released Long-VITA or InternVL dir, or an InternViT dir and a Qwen2 dir "
+                                          "-> lvita weights")
     fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT")
-    fh.add_argument("--preset", required=True, help="model.preset the weights are for (e.g. longvita-14b)")
+    fh.add_argument("--preset", help="model.preset the weights are for (e.g. longvita-14b); default: the shapes in "
+                                     "the source's config.json (needed for an InternViT + Qwen2 pair)")
+    fh.add_argument("--format", choices=("longvita", "internvl"), help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
                        ("eval", "accuracy on a JSONL set (see python -m lvita.eval --help)")):

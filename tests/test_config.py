@@ -109,7 +109,7 @@ def test_longvita_14b_stages_check(name, capsys):
     assert check(str(REPO / "stages" / "longvita-14b" / f"{name}.json"), 64, [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"]) == 0
     out = capsys.readouterr().out
     assert "world 64 = pipeline 8" in out
-    assert "total 15,121.3M parameters" in out
+    assert "total 15,083.5M parameters" in out  # the released projector (InternVL's: 15,121.3M)
     assert out.count("pipeline stage ") == 8
 
 

@@ -251,7 +251,7 @@ def test_missing_files_and_dirs(hf_dir, tmp_path):
     shutil.copy(hf_dir / "config.json", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in .*empty"):
         read_hf([tmp_path / "empty"], "tiny")
-    with pytest.raises(CheckpointError, match=r"expected one InternVL directory or an InternViT \+ a Qwen2"):
+    with pytest.raises(CheckpointError, match=r"expected one directory in the released Long-VITA layout \(model_type long_vita\) or InternVL.s \(internvl\), or an InternViT \+ a Qwen2"):
         read_hf([hf_dir, hf_dir], "tiny")
 
 
