@@ -157,3 +157,8 @@ def test_sequence_shards_count_every_context_kind(tok):
     ids = torch.tensor([1] * 4 + [sp["img_context"]] * 4 + [sp["patch_context"]] * 4 + [sp["vid_context"]] * 4)
     _, tiles, _ = shard_tiles(ids, 1, 2, 1, longvita.context_ids(sp), 4)  # second half: the patch and frame tiles
     assert tiles.tolist() == [1, 2]
+
+
+def test_a_frame_folder_above_1_fps_gives_its_own_frames_not_frame_0_repeated():
+    # the official int(total / target) is 0 when target > total; lvita caps target at the frames there are
+    assert longvita.folder_indices(8, 16, 4.0) == list(range(8))

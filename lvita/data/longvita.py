@@ -20,9 +20,10 @@ Owns the rules of the official data code (``VITA-MLLM/Long-VITA``: ``long_vita/d
 
     ids, learn = encode_conversation(messages, tok, specials, None, [("image", 3, 2), ("video", 5)], 256)
 
-Trade-off: the official code's ShareGPTVideo special case (frame folders whose path contains
-"ShareGPTVideo" read at 2 fps) is not kept: every frame folder is 1 fps; set ``data.video_fps`` to
-0.5 for such a source to get the same frames.
+Departures, both outside the official settings: a frame folder read above 1 fps gives at most its
+own frames (the official code then repeats frame 0); and the official code's ShareGPTVideo case
+(frame folders whose path contains "ShareGPTVideo" read at 2 fps) is not kept: every frame folder
+is 1 fps (``data.video_fps`` 0.5 gives such a source the same frames).
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def video_indices(total: int, native_fps: float, max_frames: int, max_fps: float
 
 def folder_indices(total: int, max_frames: int, max_fps: float, folder_fps: float = 1.0) -> list[int]:
     """The frames the official code takes from a folder of ``total`` frame images (1 fps assumed)."""
-    target = int(min(total / folder_fps * max_fps, max_frames))
+    # capped at the folder's frames: above 1 fps the official code's int(total / target) becomes 0 and
+    # it repeats frame 0 (at its max_fps 1 the cap never applies, so its frames are unchanged)
+    target = min(int(min(total / folder_fps * max_fps, max_frames)), total)
     if target < 1:
         raise ValueError(f"a frame folder of {total} frames at data.video_fps={max_fps} gives no frame")
     step = int(1.0 * total / target)
