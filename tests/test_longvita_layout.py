@@ -162,3 +162,20 @@ def test_sequence_shards_count_every_context_kind(tok):
 def test_a_frame_folder_above_1_fps_gives_its_own_frames_not_frame_0_repeated():
     # the official int(total / target) is 0 when target > total; lvita caps target at the frames there are
     assert longvita.folder_indices(8, 16, 4.0) == list(range(8))
+
+
+def test_the_demo_stages_use_the_released_layout_at_16_tokens_per_tile(tmp_path, tokenizer_dir, capsys):
+    from lvita.cli import main
+    from lvita.demo.dataset import generate_demo_data
+
+    generate_demo_data(tmp_path, seed=0)
+    stage = Path(__file__).resolve().parents[1] / "stages" / "demo" / "2_general.json"
+    sets = ["--set", f"data.root={tmp_path}", "--set", f"model.tokenizer={tokenizer_dir}"]
+    assert main(["data", "show", "--stage", str(stage), "--source", "video", "--index", "0",
+                 "--save", str(tmp_path / "v.npz")] + sets) == 0
+    out = capsys.readouterr().out
+    assert "model.format longvita, 16 tokens per 112 px tile" in out
+    assert "<|im_start|>user\n<vid><VID_CONTEXT>x16</vid>" in out and "system" not in out
+    saved = np.load(tmp_path / "v.npz")
+    frames = out.count("<vid><VID_CONTEXT>x16</vid>")
+    assert saved["pixel_values"].shape == (frames, 3, 112, 112) and frames >= 2

@@ -13,6 +13,11 @@ per frame. Normalisation is InternViT's (ImageNet mean/std)::
     m = video_frame_count(vpath, max_frames=32, fps=1.0)              # decord metadata only
     v = video_tiles(vpath, 448, max_frames=32, fps=1.0)               # (m, 3, 448, 448) uint8
 
+Under ``model.format: longvita`` (``thumbnail_first=True``, ``layout="longvita"``) the same grid
+comes with the thumbnail first, and videos follow released Long-VITA's frame rules
+(:mod:`lvita.data.longvita`: its sampling step, natural-sorted frame folders at 1 fps, frames
+padded to a square with the mean colour before the resize).
+
 Media sources: a path, or an in-memory file (``io.BytesIO``, for images and videos embedded in
 parquet/arrow rows). A video may also be a directory of frame images, sorted by name (its frame rate
 is unknown, so ``fps`` cannot bound the sampling there: up to ``max_frames`` frames are taken).
