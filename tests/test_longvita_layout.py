@@ -179,3 +179,40 @@ def test_the_demo_stages_use_the_released_layout_at_16_tokens_per_tile(tmp_path,
     saved = np.load(tmp_path / "v.npz")
     frames = out.count("<vid><VID_CONTEXT>x16</vid>")
     assert saved["pixel_values"].shape == (frames, 3, 112, 112) and frames >= 2
+
+
+@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
+def test_a_sequence_rank_decodes_its_shard_tiles_of_all_three_context_kinds(tok, tmp_path, ulysses, ring):
+    """Thumbnail, patch and frame runs all hold tiles: a rank's share counts every context id, and
+    its tiles are exactly those of the full decode at the shard's tile numbers."""
+    from lvita.config.schema import SourceConfig
+    from lvita.data.stream import DataStream, PixelShare
+    from lvita.parallel.sequence import shard_tiles
+    from tests.test_rank_decode import write_video_dataset
+
+    t, sp = tok
+    root = write_video_dataset(tmp_path)
+    ctx = longvita.context_ids(sp)
+
+    def stream(pixels=PixelShare()):
+        cfg = DataConfig(root=str(root), seq_length=768, reset_position_ids=False, same_source=False, pack_buffer=4,
+                         max_tiles=4, max_frames=10, video_fps=1.0, system_prompt="", workers=1, prefetch=1,
+                         sources=[SourceConfig("videos", ["videos.jsonl"]), SourceConfig("captions", ["captions.jsonl"])])
+        return DataStream(cfg, t, sp, TILE, TPT, 2, seed=2, log=lambda *a: None, pixels=pixels, fmt="longvita")
+
+    full = []
+    s0 = stream()
+    for _ in range(3):
+        full.append(s0.decode(s0.next_sequence())[0])
+    kinds = torch.cat([s.input_ids for s in full])
+    assert all(int((kinds == c).sum()) > 0 for c in ctx)  # the sequences hold all three kinds
+    covered = [set() for _ in full]
+    for r in range(ulysses * ring):
+        sr = stream(PixelShare(True, r, ulysses, ring, ctx))
+        for k, x in enumerate(full):
+            y = sr.decode(sr.next_sequence())[0]
+            assert torch.equal(y.input_ids, x.input_ids)
+            tiles = shard_tiles(x.input_ids, r, ulysses, ring, ctx, TPT)[1]
+            assert torch.equal(y.tiles, x.tiles[tiles])
+            covered[k] |= set(tiles.tolist())
+    assert all(c == set(range(x.tiles.shape[0])) for c, x in zip(covered, full))
