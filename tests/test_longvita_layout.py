@@ -216,3 +216,28 @@ def test_a_sequence_rank_decodes_its_shard_tiles_of_all_three_context_kinds(tok,
             assert torch.equal(y.tiles, x.tiles[tiles])
             covered[k] |= set(tiles.tolist())
     assert all(c == set(range(x.tiles.shape[0])) for c, x in zip(covered, full))
+
+
+def test_inference_prompts_use_the_layout_training_uses(tok, tmp_path):
+    """lvita generate / eval under longvita: the prompt's ids are training's up to the assistant turn,
+    and its pixels the training tiles in token order (thumbnail first, padded frames)."""
+    from lvita.infer.prompt import MediaOptions, build_prompt
+    from lvita.model.presets import spec_of
+
+    t, sp = tok
+    img = _img(tmp_path, "w.png", 400, 200)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i in range(1, 4):
+        Image.new("RGB", (30, 20), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    user = {"role": "user", "content": "<image>\nAnd <video>?"}
+    plan = _plan(tok, tmp_path, {"images": [img], "videos": ["clip"], "messages": [
+        user, {"role": "assistant", "content": "A"}]}, max_frames=8)
+    spec = spec_of("tiny", "longvita")
+    p = build_prompt([user], t, sp, spec, [tmp_path / img], [folder], None, MediaOptions(max_frames=8))
+    opening = [sp["im_start"]] + t("assistant\n", add_special_tokens=False)["input_ids"]
+    assert p.input_ids == plan.input_ids[:len(p.input_ids)] and p.input_ids[-len(opening):] == opening
+    want = torch.cat([image_tiles(tmp_path / img, TILE, 1, 12, thumbnail_first=True),
+                      video_tiles(folder, TILE, 8, 1.0, layout="longvita")])
+    from lvita.data.media import normalise
+    assert torch.equal(p.pixel_values, normalise(want))
