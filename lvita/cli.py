@@ -6,6 +6,7 @@
     lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
     lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
     lvita data check --stage FILE [--source NAME] [--workers N] [--decode] [--json]   every record, before a run
+    lvita data show --stage FILE [--source NAME] (--id ID | --index I) [--save FILE.npz]   one record as encoded
     lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
     lvita convert to-hf CKPT OUT [--tokenizer DIR]       transformers InternVL directory
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     ch.add_argument("--decode", action="store_true", help="also decode every image and video")
     ch.add_argument("--json", action="store_true", help="one JSON object with every source's figures")
     ch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from lvita.data.show import add_arguments as show_arguments
+    show_arguments(dsub.add_parser("show", help="one record as the model sees it (ids, labels, tiles; --save FILE.npz)"))
     ck = sub.add_parser("ckpt", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="ckpt_cmd", required=True)
     cu = cksub.add_parser("to-universal", help="convert a checkpoint for another parallel layout (cached beside it)")
@@ -113,6 +116,10 @@ def _run(args) -> int:
 
         if args.data_cmd == "preview":
             return inspect.preview(args.stage, args.set, args.n, args.json)
+        if args.data_cmd == "show":
+            from lvita.data.show import show
+
+            return show(args.stage, args.set, args.source, args.id, args.index, args.save)
         if args.data_cmd == "check":
             from lvita.data.check import check
 

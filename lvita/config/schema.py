@@ -121,6 +121,7 @@ class DataConfig:
     max_tiles: int = 12
     max_frames: int = 128  # frames per video (one tile each), sampled at most video_fps per second
     video_fps: float = 1.0
+    # added to samples without a system turn; "": none. Unset under model.format longvita: none (as released)
     system_prompt: str = "You are a helpful assistant."
     pack_buffer: int = 256  # pending samples the packer chooses from (token lists only, no pixels)
     workers: int = 2  # threads decoding this rank's images and videos
@@ -263,6 +264,8 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
     resolve_model_format(cfg.model, str(path))
+    if cfg.model.format == "longvita" and "system_prompt" not in (raw.get("data") or {}):
+        cfg.data.system_prompt = ""  # released Long-VITA trains with no default system prompt
     return cfg
 
 

@@ -88,8 +88,8 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
         spec = manifest_spec(found.manifest, f"--model {path}")
         if not tok_path or not Path(tok_path).is_dir():
             raise CheckpointError(f"--model {path}: its tokenizer ({tok_path}) is not there; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_path)
-    specials = dict(special_token_ids(tok), context=context_token_ids(tok.get_vocab(), spec))
+    tok = load_tokenizer(tok_path, spec.format)  # longvita: the 17 official added tokens, released ids
+    specials = dict(special_token_ids(tok, spec.format), context=context_token_ids(tok.get_vocab(), spec))
     with torch.device(device):
         model = LongVita(spec, specials["context"], seed=0)
     init_from(model, str(path), spec, tokenizer_fingerprint(tok))

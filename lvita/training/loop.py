@@ -159,8 +159,8 @@ def run(cfg) -> list[float]:
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
     spec = spec_of(cfg.model.preset, cfg.model.format)  # the model's description, built once and passed down
-    tok = load_tokenizer(cfg.model.tokenizer)
-    specials = special_token_ids(tok)
+    tok = load_tokenizer(cfg.model.tokenizer, spec.format)  # longvita: the 17 official added tokens
+    specials = special_token_ids(tok, spec.format)
     context = context_token_ids(tok.get_vocab(), spec)  # where vision features go
     vocab = llm_config(spec).vocab_size
     if len(tok) > vocab:
@@ -214,7 +214,7 @@ def run(cfg) -> list[float]:
     pixels = PixelShare(stage0, topo.sequence_rank, layout.ulysses, layout.ring, context)
     stream = DataStream(cfg.data, tok, specials, tile_size(spec), tpt, cfg.train.global_batch,
                         cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
-                        log=log, pixels=pixels)
+                        log=log, pixels=pixels, fmt=spec.format)
     device = torch.device(engine.device) if stage0 and torch.cuda.is_available() else None  # pixels go ahead
     start = 0
     if plan:

@@ -1,0 +1,42 @@
+"""Long-VITA's 17 added tokens: order and ids as the released checkpoints have them (no downloads)."""
+from __future__ import annotations
+
+from lvita.data.tokenizer import (OFFICIAL_ADDED_TOKENS, QWEN25_OFFICIAL_IDS, load_tokenizer, special_token_ids,
+                                  train_demo_tokenizer)
+
+
+def _qwen25_shaped(tmp_path):
+    """A tokenizer with Qwen2.5's id layout: 151643 ordinary entries, then its 22 added specials
+    (<|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645, ...), nothing of Long-VITA's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(151643)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] +
+                             [f"<|q{i}|>" for i in range(19)]})
+    assert len(fast) == 151665
+    fast.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_official_tokens_get_the_released_ids_on_a_qwen25_layout(tmp_path):
+    tok = load_tokenizer(_qwen25_shaped(tmp_path), "longvita")
+    assert [tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS] == list(range(151665, 151682))
+    assert {t: tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS} == QWEN25_OFFICIAL_IDS
+    ids = special_token_ids(tok, "longvita")
+    assert (ids["img_context"], ids["vid_context"], ids["patch_context"], ids["image_tag"]) == (151667, 151670,
+                                                                                               151673, 151680)
+    # the InternVL format adds only its three image markers, at the same first ids
+    plain = load_tokenizer(tmp_path)
+    assert len(plain) == 151668 and special_token_ids(plain)["img_context"] == 151667
+
+
+def test_demo_tokenizer_keeps_its_markers_and_adds_the_rest_in_order(tmp_path):
+    tok = load_tokenizer(train_demo_tokenizer(tmp_path), "longvita")
+    got = [tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS]
+    assert got[:3] == [3, 4, 5] and got[3:] == list(range(1024, 1038))
+    for t in OFFICIAL_ADDED_TOKENS:  # each one token, also inside text
+        assert tok.encode(f"a{t}b", add_special_tokens=False)[1:-1] == [tok.convert_tokens_to_ids(t)]
