@@ -166,10 +166,15 @@ def test_convert_from_hf_then_to_hf_longvita_returns_the_same_tensors(released, 
     assert gen["eos_token_id"] == [2, 0] and gen["pad_token_id"] == 0
     from transformers import AutoTokenizer
 
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())  # readable by transformers 4.x too
+    assert "extra_special_tokens" not in tcfg and tcfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     tok = AutoTokenizer.from_pretrained(str(out))
     official = ["<img>", "</img>", "<IMG_CONTEXT>", "<vid>", "</vid>", "<VID_CONTEXT>", "<patch>", "</patch>",
                 "<PATCH_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<image>", "<video>"]
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in official)
+    assert set(official) <= set(tcfg["additional_special_tokens"])
+    fixture = AutoTokenizer.from_pretrained(str(recipe.TOKENIZER_DIR))
+    assert tok.get_vocab() == fixture.get_vocab()  # the official ids: the ones the model was trained with
     # the exported directory loads back in lvita with the same logits
     from lvita.infer.generate import load_model
 

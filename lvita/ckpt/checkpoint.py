@@ -11,8 +11,9 @@ Owns the layout of ``<output_dir>/checkpoints``::
     checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.ckpt.resume)
 
 A checkpoint counts only once its manifest exists; the manifest lists every file with its size, the
-parallel layout, the model preset, the precision and a fingerprint of the tokenizer, so a missing
-shard, a truncated file or a resume with another model or vocabulary is a clear error before
+parallel layout, the model (preset, ``model.format`` and shapes), the precision and a fingerprint of
+the tokenizer, so a missing shard, a truncated file or a resume with another model, format or
+vocabulary is a clear error before
 anything is loaded or overwritten. Files are written, then renamed into place, so a SIGKILL at any
 moment leaves either the old or the new state. ``train.keep_checkpoints`` prunes older tags only
 after a newer one is complete, and never the newest *healthy* one (saved from finite weights after

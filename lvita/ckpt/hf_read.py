@@ -1,11 +1,14 @@
-"""Reading Hugging Face weights for ``model.init_from`` and ``lvita convert from-hf``: an InternVL
-directory, or an InternViT directory (transformers' or OpenGVLab's original format) plus a Qwen2
-directory, into lvita's plain state dict.
+"""Reading Hugging Face weights for ``model.init_from`` and ``lvita convert from-hf``: a directory
+in the released Long-VITA layout (``model_type: long_vita``), an InternVL directory, or an
+InternViT directory (transformers' or OpenGVLab's original format) plus a Qwen2 directory, into
+lvita's plain state dict.
 
-Every key and shape is checked against the preset from the safetensors headers and config.json
-first; then only the tensors a caller keeps are read (``read_hf(keep=...)``: a pipeline rank reads
-only its blocks; safetensors are memory-mapped and indexed by name). The key mapping and the
-writing side are :mod:`lvita.ckpt.hf`'s.
+Every key and shape is checked against the model description (preset + format) from the
+safetensors headers and config.json first; a one-directory checkpoint must be in the model's
+format (the projectors differ). Then only the tensors a caller keeps are read
+(``read_hf(keep=...)``: a pipeline rank reads only its blocks; safetensors are memory-mapped and
+indexed by name; a fused qkv is read by the rows of the third asked for). The key mappings and the
+writing sides are :mod:`lvita.ckpt.hf`'s (InternVL) and :mod:`lvita.ckpt.released`'s (released).
 """
 from __future__ import annotations
 

@@ -222,7 +222,28 @@ def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: st
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(specials), indent=2) + "\n")
         tok.save_pretrained(str(tmp))
+        _portable_tokenizer_config(tmp / "tokenizer_config.json")
     return out
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """tokenizer_config.json readable by the transformers the official code runs on (4.x) as well as by
+    5.x: the special-token list under its 4.x name ``additional_special_tokens`` (4.49 fails on a list
+    under ``extra_special_tokens``), the generic fast class under its 4.x name, no 5.x-only keys.
+    Checked once by hand: transformers 4.49 and 5.x load the result with the same ids."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = list(dict.fromkeys(cfg.get("additional_special_tokens", []) + extra))
+    elif extra:
+        cfg["extra_special_tokens"] = extra
+    for key in ("backend", "is_local", "local_files_only"):
+        cfg.pop(key, None)
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def official_tokens() -> list[str]:
