@@ -146,6 +146,13 @@ def test_convert_from_hf_then_to_hf_longvita_returns_the_same_tensors(released, 
     manifest = json.loads((lvita_dir / "checkpoints" / "global_step0" / "lvita_manifest.json").read_text())
     assert manifest["format"] == "longvita" and manifest["preset"] == str(released)
     assert manifest["system_prompt"] is None  # the released model trained with none
+    from lvita.ckpt.checkpoint import CheckpointError
+    from lvita.ckpt.hf_read import read_hf
+    from lvita.model.presets import spec_of
+
+    with pytest.raises(CheckpointError, match=r"is in the longvita format \(model_type long_vita\) but model.format "
+                                              r"is 'internvl'"):
+        read_hf([released], spec_of(str(released), "internvl"))
     with pytest.raises(OSError, match=r"--layout internvl: .* holds a model.format='longvita' model"):
         to_hf(str(lvita_dir), str(tmp_path / "internvl"), layout="internvl", log=lambda *a: None)
     out = to_hf(str(lvita_dir), str(tmp_path / "back"), layout="longvita", log=lambda *a: None)
