@@ -40,3 +40,42 @@ def test_demo_tokenizer_keeps_its_markers_and_adds_the_rest_in_order(tmp_path):
     assert got[:3] == [3, 4, 5] and got[3:] == list(range(1024, 1038))
     for t in OFFICIAL_ADDED_TOKENS:  # each one token, also inside text
         assert tok.encode(f"a{t}b", add_special_tokens=False)[1:-1] == [tok.convert_tokens_to_ids(t)]
+
+
+def test_a_released_directory_whose_tokenizer_lacks_the_official_tokens_loads(tmp_path):
+    """Released Long-VITA directories ship Qwen2.5's tokenizer without the 17 tokens (the official code
+    adds them when it loads it). lvita adds them too, at the same ids, on every path that reads the
+    directory: generate / eval (load_model) and model.init_from's tokenizer check."""
+    import json
+
+    from lvita.ckpt.checkpoint import tokenizer_fingerprint
+    from lvita.ckpt.weights import check_tokenizer
+    from lvita.infer.generate import load_model
+    from tests.test_longvita_official import EXPECTED, recipe, write_released_fixture
+
+    full = write_released_fixture(tmp_path / "full")
+    plain = write_released_fixture(tmp_path / "plain")
+    tj = json.loads((plain / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] not in OFFICIAL_ADDED_TOKENS[3:]]
+    (plain / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((plain / "tokenizer_config.json").read_text())
+    tc["extra_special_tokens"] = [t for t in tc["extra_special_tokens"] if t not in OFFICIAL_ADDED_TOKENS[3:]]
+    (plain / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert "<vid>" not in load_tokenizer(plain).get_vocab()
+
+    _, tok_full, specials_full, _ = load_model(full)
+    model, tok, specials, spec = load_model(plain)  # reads the weights after the tokenizer check
+    assert specials == specials_full and tok.get_vocab() == tok_full.get_vocab()
+    fp = tokenizer_fingerprint(load_tokenizer(plain, "longvita"))
+    check_tokenizer([plain], fp, "longvita")  # init_from of a longvita stage: the same vocabulary
+    import pytest
+    from lvita.ckpt.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="token ids would mean other words"):
+        check_tokenizer([plain], fp, "internvl")  # compared without the format's tokens: a mismatch
+    from lvita.infer.generate import generate
+    from lvita.infer.prompt import build_prompt
+
+    p = build_prompt([{"role": "user", "content": recipe.PROMPT}], tok, specials, spec, system_prompt=None)
+    assert p.input_ids == EXPECTED["greedy_prompt_ids"]
+    assert generate(model, p.input_ids, p.pixel_values, specials, recipe.MAX_NEW_TOKENS).tokens == \
+        EXPECTED["greedy_tokens"]
