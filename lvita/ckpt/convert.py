@@ -29,13 +29,13 @@ from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_wri
                                    saved_system_prompt, staged_dir, tag_for, tokenizer_fingerprint)
 
 
-def _tokenizer_for(found, tokenizer: str | None):
+def _tokenizer_for(found, tokenizer: str | None, fmt: str = "internvl"):
     from lvita.data.tokenizer import load_tokenizer
 
     path = tokenizer or found.manifest.get("tokenizer_path")
     if not path or not Path(path).is_dir():
         raise CheckpointError(f"{found.tag_dir}: its tokenizer ({path}) is not there; pass --tokenizer DIR")
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, fmt)  # as the run loaded it: the model format's tokens added
     if found.manifest.get("tokenizer") and tokenizer_fingerprint(tok) != found.manifest["tokenizer"]:
         raise CheckpointError(f"--tokenizer {path}: vocabulary differs from the one {found.tag_dir} was trained "
                               f"with ({found.manifest['tokenizer']}); pass the run's own tokenizer")
@@ -61,7 +61,7 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
     if layout != spec.format:
         raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format={spec.format!r} model, whose "
                               f"projector has no place in the {layout} layout; use --layout {spec.format}")
-    tok_path, tok = _tokenizer_for(found, tokenizer)
+    tok_path, tok = _tokenizer_for(found, tokenizer, spec.format)
     t0 = time.perf_counter()
     plain = checkpoint_plain_state(found.tag_dir, spec.llm["num_hidden_layers"])
     if layout == "longvita":
@@ -107,7 +107,7 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
         raise CheckpointError(f"lvita convert from-hf: {e}") from None
     t0 = time.perf_counter()
     state, fresh = hf_read.read_hf(sources, spec)
-    tok = load_tokenizer(tok_src)
+    tok = load_tokenizer(tok_src, spec.format)  # what a stage of this format will load
     released = Path(sources[0], "config.json").is_file() and json.loads(
         Path(sources[0], "config.json").read_text()).get("model_type") == "long_vita"
     # the model's own default: the released model trained and is evaluated with none
