@@ -201,3 +201,32 @@ def test_init_from_the_released_layout_trains_at_pipeline_2(released, dataset_di
     with pytest.raises(CheckpointError, match=r"saved in model.format='longvita' but this stage has "
                                               r"model.format='internvl'.*across formats is refused"):
         check_fits(found, "model.init_from", spec_of(str(released), "internvl"), fp)
+
+
+def test_preset_takes_the_shapes_from_directories(released, tmp_path, tokenizer_dir, dataset_dir, capsys):
+    """model.preset = the released directory, or [InternViT dir, Qwen2 dir]: the same shapes; `lvita check`
+    plans either (parameters per pipeline stage, from the shapes alone)."""
+    from lvita.config.check import main as check
+    from lvita.config.schema import load_stage
+    from lvita.model.longvita import LongVita
+    from lvita.model.presets import spec_of
+
+    vit, qwen = tmp_path / "InternViT", tmp_path / "Qwen2"
+    vit.mkdir(), qwen.mkdir()
+    (vit / "config.json").write_text(json.dumps(recipe.VISUAL))
+    (qwen / "config.json").write_text(json.dumps({**{k: v for k, v in recipe.CONFIG.items() if k != "visual"},
+                                                  "model_type": "qwen2"}))
+    one, pair = spec_of(str(released)), spec_of([str(qwen), str(vit)])
+    assert (one.vision, one.llm, one.format) == (pair.vision, pair.llm, pair.format) == (
+        one.vision, one.llm, "longvita")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LongVita(one, 5).parameters())
+    assert n == sum(torch.Size(s).numel() for s in KEYS.values())  # exactly the official model's parameters
+    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out"))
+    for preset in (json.dumps(str(released)), json.dumps([str(vit), str(qwen)])):
+        assert load_stage(stage, [f"model.preset={preset}"]).model.format == "longvita"
+        assert check(str(stage), 2, [f"model.preset={preset}", "parallel.pipeline=2"]) == 0
+        out = capsys.readouterr().out
+        assert f"total {n / 1e6:,.1f}M parameters" in out and "(format longvita)" in out
+    with pytest.raises(ValueError, match=r"a list names an InternViT directory .* and a Qwen2 directory"):
+        spec_of([str(vit), str(vit)])

@@ -36,7 +36,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    # a name in lvita/model/presets.py, a model directory whose config.json gives the shapes (the released
+    # Long-VITA layout or InternVL's), or [InternViT directory, Qwen2 directory]
+    preset: str | list[str] = "tiny"
     # "longvita" | "internvl" (MODEL_FORMATS). null (the default): the preset's own format, filled in by
     # load_stage: the longvita-* presets and directories in the released layout -> "longvita"; InternVL
     # directories and the tiny preset -> "internvl" (today's tiny/demo behaviour)

@@ -108,7 +108,7 @@ def _vision_from_internvit(raw: dict) -> dict:
                 image_size=pair(raw.get("image_size", 448)), patch_size=pair(raw.get("patch_size", 14)),
                 attention_bias=bool(raw.get("qkv_bias", True)), use_qk_norm=bool(raw.get("qk_normalization", False)),
                 norm_type=raw.get("norm_type", "layer_norm"), layer_norm_eps=raw.get("layer_norm_eps", 1e-6),
-                layer_scale_init_value=raw.get("initializer_factor", 0.1), use_mean_pooling=True)
+                layer_scale_init_value=0.1, use_mean_pooling=True)
 
 
 _LLM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -142,24 +142,55 @@ def spec_of_config(raw: dict, name: str, fmt: str | None = None) -> ModelSpec:
                      f"in the released Long-VITA layout (long_vita) or InternVL's (internvl)")
 
 
-def spec_of(preset: "str | ModelSpec", fmt: str | None = None) -> ModelSpec:
-    """The model's description from ``model.preset`` (a name in PRESETS or a model directory whose
-    config.json gives the shapes) and ``model.format`` (None: the preset's own, :func:`default_format`)."""
+def _read_config(directory: str) -> dict:
+    path = Path(str(directory)) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model.preset '{directory}'; choose one of {', '.join(PRESETS)} or a model directory "
+                         f"with a config.json (the released Long-VITA layout or InternVL's, or an InternViT and a "
+                         f"Qwen2 directory as a list)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.preset {directory}: cannot read {path} ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model.preset {directory}: {path} is not a JSON object")
+    return raw
+
+
+def _spec_of_pair(dirs, fmt: str | None) -> ModelSpec:
+    """[InternViT directory, Qwen2 directory] (either order) -> ModelSpec; the projector is new, so
+    either format fits (default: longvita, the released architecture)."""
+    raws = {str(d): _read_config(d) for d in dirs}
+    kinds = {d: r.get("model_type") for d, r in raws.items()}
+    vit = [d for d, k in kinds.items() if k in ("intern_vit_6b", "internvl_vision")]
+    llm = [d for d, k in kinds.items() if k == "qwen2"]
+    if len(dirs) != 2 or len(vit) != 1 or len(llm) != 1:
+        raise ValueError(f"model.preset {list(map(str, dirs))}: a list names an InternViT directory (model_type "
+                         f"intern_vit_6b or internvl_vision) and a Qwen2 directory (qwen2); got model_type "
+                         f"{list(kinds.values())}")
+    raw = raws[vit[0]]
+    if kinds[vit[0]] == "intern_vit_6b":
+        vision = _vision_from_internvit(raw)
+    else:
+        cfg = InternVLVisionConfig.from_dict(raw)
+        vision = {k: getattr(cfg, k) for k in PRESETS["tiny"]["vision"]}
+        vision["image_size"], vision["patch_size"] = list(vision["image_size"]), list(vision["patch_size"])
+    return ModelSpec.make(f"{vit[0]} + {llm[0]}", fmt or "longvita", vision, _llm_from_qwen2(raws[llm[0]]))
+
+
+def spec_of(preset: "str | list[str] | ModelSpec", fmt: str | None = None) -> ModelSpec:
+    """The model's description from ``model.preset`` (a name in PRESETS, a model directory whose
+    config.json gives the shapes, or [InternViT directory, Qwen2 directory]) and ``model.format``
+    (None: the preset's own, :func:`default_format`)."""
     if isinstance(preset, ModelSpec):
         if fmt is None or fmt == preset.format:
             return preset
         return ModelSpec.make(preset.name, fmt, preset.vision, preset.llm)
+    if isinstance(preset, (list, tuple)):
+        return spec_of(preset[0], fmt) if len(preset) == 1 else _spec_of_pair(preset, fmt)
     if preset in PRESETS:
         return _named_spec(preset, fmt or PRESET_FORMATS.get(preset, "internvl"))
-    path = Path(str(preset)) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"unknown model.preset '{preset}'; choose one of {', '.join(PRESETS)} or a model directory "
-                         f"with a config.json (the released Long-VITA layout or InternVL's)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.preset {preset}: cannot read {path} ({e})") from None
-    return spec_of_config(raw, str(preset), fmt)
+    return spec_of_config(_read_config(preset), str(preset), fmt)
 
 
 def _named_spec(name: str, fmt: str) -> ModelSpec:
@@ -196,10 +227,12 @@ def tile_size(preset: "str | ModelSpec") -> int:
 PRESET_FORMATS = {"tiny": "internvl", "longvita-1.5b": "longvita", "longvita-14b": "longvita"}
 
 
-def default_format(preset: str) -> str | None:
+def default_format(preset) -> str | None:
     """model.format when the stage leaves it null: a named preset's own; a directory's from its
     config.json (``model_type`` long_vita -> longvita, internvl -> internvl, an InternViT + Qwen2 pair or
     anything else with a config -> longvita, the released architecture). None when it cannot tell."""
+    if isinstance(preset, (list, tuple)):  # InternViT + Qwen2: the projector is new
+        return "longvita" if len(preset) != 1 else default_format(preset[0])
     if preset in PRESETS:
         return PRESET_FORMATS.get(preset, "internvl")
     path = Path(preset) / "config.json"
