@@ -29,14 +29,21 @@ KEYS = json.loads((FIXTURES / "model_keys.json").read_text())
 
 
 def write_released_fixture(out: Path) -> Path:
-    """The released-layout directory: config.json as released, the official keys' weights, the tokenizer."""
+    """The released-layout directory: config.json as released, the official keys' weights, the tokenizer
+    as released checkpoints ship it: WITHOUT the Long-VITA tokens it lacks (the official code adds them
+    at load time, in its order; so must lvita, giving the fixture tokenizer's ids)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(recipe.CONFIG, indent=2))
     save_file(recipe.state_dict(KEYS), str(out / "model.safetensors"), {"format": "pt"})
-    for f in recipe.TOKENIZER_DIR.iterdir():
-        shutil.copy(f, out / f.name)
+    tok = json.loads((recipe.TOKENIZER_DIR / "tokenizer.json").read_text())
+    base = {t["content"] for t in tok["added_tokens"] if t["id"] < 512}  # the demo tokenizer's own specials
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] in base]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    tcfg = json.loads((recipe.TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    tcfg["extra_special_tokens"] = [t for t in tcfg["extra_special_tokens"] if t in base]
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "pad_token_id": 0}))
     return out
 
@@ -62,8 +69,13 @@ def _all_logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         return model.head.lm_head(model.head(h))[0].float()
 
 
-def test_logits_equal_the_official_models(loaded):
+def test_logits_equal_the_official_models(released, loaded):
+    from transformers import AutoTokenizer
+
+    assert "<PATCH_CONTEXT>" not in AutoTokenizer.from_pretrained(str(released)).get_vocab()  # as released
     model, tok, specials, spec = loaded
+    fixture = json.loads((recipe.TOKENIZER_DIR / "tokenizer.json").read_text())["added_tokens"]
+    assert all(tok.convert_tokens_to_ids(t["content"]) == t["id"] for t in fixture)  # added at the official ids
     assert spec.format == "longvita" and model.embed.image_token_id == tuple(
         tok.convert_tokens_to_ids(["<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>"]))
     ids, positions, n_tiles = recipe.multimodal_input()
@@ -107,10 +119,9 @@ def test_generate_json_gives_the_official_greedy_tokens(released, loaded, capsys
 def test_eval_runs_the_released_checkpoint(released, tmp_path):
     from lvita.infer import eval as lveval
 
-    model_answer = None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(released))
+    tok = AutoTokenizer.from_pretrained(str(recipe.TOKENIZER_DIR))
     model_answer = tok.decode(EXPECTED["greedy_tokens"], skip_special_tokens=False).strip()
     items = [{"id": "official", "messages": [{"role": "user", "content": recipe.PROMPT},
                                              {"role": "assistant", "content": model_answer}]},

@@ -30,12 +30,13 @@ from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_wri
 
 
 def _tokenizer_for(found, tokenizer: str | None, fmt: str = "internvl"):
+    """The run's tokenizer as training loaded it (``fmt``: the model format, whose tokens it adds)."""
     from lvita.data.tokenizer import load_tokenizer
 
     path = tokenizer or found.manifest.get("tokenizer_path")
     if not path or not Path(path).is_dir():
         raise CheckpointError(f"{found.tag_dir}: its tokenizer ({path}) is not there; pass --tokenizer DIR")
-    tok = load_tokenizer(path, fmt)  # as the run loaded it: the model format's tokens added
+    tok = load_tokenizer(path, fmt)
     if found.manifest.get("tokenizer") and tokenizer_fingerprint(tok) != found.manifest["tokenizer"]:
         raise CheckpointError(f"--tokenizer {path}: vocabulary differs from the one {found.tag_dir} was trained "
                               f"with ({found.manifest['tokenizer']}); pass the run's own tokenizer")
@@ -71,7 +72,8 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
             f"(github.com/VITA-MLLM/Long-VITA, long_vita/models/long_vita_qwen2_intern) or lvita generate --model")
         return path
     system = saved_system_prompt(found.manifest)
-    path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok)["img_context"], system_prompt=system)
+    path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok, spec.format)["img_context"],
+                           system_prompt=system)
     log(f"lvita convert: wrote {path} from {found.tag_dir} ({spec.name}) in {time.perf_counter() - t0:.1f}s; its chat "
         f"template adds the system prompt {system!r} when a conversation has none, as training did")
     return path
@@ -107,7 +109,7 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
         raise CheckpointError(f"lvita convert from-hf: {e}") from None
     t0 = time.perf_counter()
     state, fresh = hf_read.read_hf(sources, spec)
-    tok = load_tokenizer(tok_src, spec.format)  # what a stage of this format will load
+    tok = load_tokenizer(tok_src, spec.format)  # longvita: the 17 official tokens added, as training adds them
     released = Path(sources[0], "config.json").is_file() and json.loads(
         Path(sources[0], "config.json").read_text()).get("model_type") == "long_vita"
     # the model's own default: the released model trained and is evaluated with none

@@ -208,9 +208,8 @@ def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: st
     if problems:
         raise ValueError(f"write_released_dir: the state dict does not fit {spec.name} ({spec.format}): "
                          + "; ".join(problems))
-    tok = load_tokenizer(tokenizer_dir)
-    tok = with_official_tokens(tok)
-    specials = special_token_ids(tok)
+    tok = with_official_tokens(load_tokenizer(tokenizer_dir, "longvita"))
+    specials = special_token_ids(tok, "longvita")
     vocab = spec.llm["vocab_size"]
     if len(tok) > vocab:
         raise ValueError(f"the tokenizer has {len(tok)} tokens with the 17 Long-VITA tokens; the model's "
