@@ -241,3 +241,10 @@ def test_inference_prompts_use_the_layout_training_uses(tok, tmp_path):
                       video_tiles(folder, TILE, 8, 1.0, layout="longvita")])
     from lvita.data.media import normalise
     assert torch.equal(p.pixel_values, normalise(want))
+
+
+def test_a_context_token_typed_in_the_text_is_a_bad_sample(tok, tmp_path):
+    # it would take a vision feature slot no tile fills (the features of every later tile would shift)
+    with pytest.raises(SampleError, match="context token"):
+        _plan(tok, tmp_path, {"messages": [{"role": "user", "content": "What is <PATCH_CONTEXT>?"},
+                                           {"role": "assistant", "content": "A token."}]})

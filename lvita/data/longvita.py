@@ -35,6 +35,7 @@ from PIL import Image
 
 from lvita.data.template import IGNORE, SampleError
 
+CONTEXT_NAMES = ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
 PAD_COLOUR = tuple(int(m * 255) for m in (0.485, 0.456, 0.406))  # (123, 116, 103), as the official code
 FOLDER_FRAME_ENDINGS = ("png", "jpeg", "jpg")  # the official test: str.endswith, case-sensitive, no dot
 
@@ -118,7 +119,11 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
         ids.extend(tokens)
         learn.extend([learned] * len(tokens))
 
+    reserved = set(context_ids(specials))
     for m, body in zip(messages, encoded):
+        if reserved.intersection(body):  # a feature slot without a tile: the sample would misplace features
+            raise SampleError("placeholder_mismatch", f"a {m['role']} turn holds a context token "
+                                                      f"({', '.join(CONTEXT_NAMES)}) as text")
         learned = m["role"] == "assistant"
         add([specials["im_start"]] + word[m["role"]] + newline, False)
         start = 0

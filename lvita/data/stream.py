@@ -15,7 +15,10 @@ uint8 (the vision encoder normalises them on the device): 4x less host memory th
     batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles`` (uint8)
     state = stream.state_dict()              # exact position after the last batch returned
 
-Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders).
+Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders) in the
+model format's layout (``fmt``: ``model.format``; "longvita" is released Long-VITA's,
+:mod:`lvita.data.longvita`, whose tiles come thumbnail first and whose context runs use three ids,
+so ``PixelShare.image_token_id`` is then the tuple of them).
 Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
 media count mismatch, a URL or unknown media form, missing or unreadable media, too many images,
 too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
