@@ -10,7 +10,6 @@ must give the same numbers; ``from-hf`` then ``to-hf --layout longvita`` must re
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 

@@ -24,10 +24,9 @@ from lvita.config.validate import validate
 def stage_table(cfg, num_stages: int) -> list[dict]:
     """Per pipeline stage: layer range, layer names, total and trainable parameters (meta device)."""
     from lvita.model.longvita import module_of
-    from lvita.model.presets import spec_of
     from lvita.parallel.pipeline import layer_specs, partition
 
-    specs = layer_specs(spec_of(cfg.model.preset, cfg.model.format), image_token_id=0)
+    specs = layer_specs(cfg.model.spec(), image_token_id=0)
     parts = partition(specs, num_stages, cfg.parallel.partition_method)
     rows = []
     for s in range(num_stages):

@@ -58,6 +58,13 @@ class ModelConfig:
     # ... and the checkpointed layer inputs wait in host memory (DeepSpeed's cpu_checkpointing)
     activation_offload: bool = False
 
+    def spec(self):
+        """The model's description (shapes + format, lvita.model.presets.ModelSpec); build it once per
+        run and pass it down. ValueError when the preset is neither a known name nor a model directory."""
+        from lvita.model.presets import spec_of
+
+        return spec_of(self.preset, self.format)
+
 
 @dataclass
 class TrainConfig:

@@ -23,7 +23,7 @@ import torch
 
 from lvita.config.schema import FORMATS, MODULES, ConfigError, StageConfig, parse_duration
 from lvita.model.attention import packed_kernels
-from lvita.model.presets import PRESETS, llm_config, spec_of
+from lvita.model.presets import PRESETS, llm_config
 
 
 @dataclass
@@ -57,7 +57,7 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     if cfg.precision not in ("bf16", "fp32"):
         err(f"precision='{cfg.precision}': use 'bf16' (GPUs) or 'fp32' (CPU tests)")
     try:
-        spec = spec_of(m.preset, m.format)
+        spec = m.spec()
     except ValueError as e:
         err(f"model.preset='{m.preset}': choose one of {', '.join(PRESETS)}, or a model directory whose config.json "
             f"gives the shapes (the released Long-VITA layout or InternVL's) ({e})")

@@ -140,7 +140,7 @@ def run(cfg) -> list[float]:
     from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
-    from lvita.model.presets import context_token_ids, llm_config, spec_of, tile_size, tokens_per_tile
+    from lvita.model.presets import context_token_ids, llm_config, tile_size, tokens_per_tile
     from lvita.training.monitor import Monitor, peak_memory_gb
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
@@ -158,7 +158,7 @@ def run(cfg) -> list[float]:
         raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
-    spec = spec_of(cfg.model.preset, cfg.model.format)  # the model's description, built once and passed down
+    spec = cfg.model.spec()  # the model's description, built once and passed down
     tok = load_tokenizer(cfg.model.tokenizer, spec.format)  # longvita: the 17 official added tokens
     specials = special_token_ids(tok, spec.format)
     context = context_token_ids(tok.get_vocab(), spec)  # where vision features go
