@@ -6,6 +6,7 @@
     lvita data preview --stage FILE [--n N] [--json]     the first packed sequences, sample by sample
     lvita data stats --stage FILE [--n N]                packing efficiency, speed, source shares
     lvita data check --stage FILE [--source NAME] [--workers N] [--decode] [--json]   every record, before a run
+    lvita data show --stage FILE [--source NAME] (--id ID | --index I) [--save FILE.npz]   one record as encoded
     lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
     lvita convert to-hf CKPT OUT [--tokenizer DIR]       transformers InternVL directory
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
@@ -52,19 +53,27 @@ def main(argv=None) -> int:
     ch.add_argument("--decode", action="store_true", help="also decode every image and video")
     ch.add_argument("--json", action="store_true", help="one JSON object with every source's figures")
     ch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from lvita.data.show import add_arguments as show_arguments
+    show_arguments(dsub.add_parser("show", help="one record as the model sees it (ids, labels, tiles; --save FILE.npz)"))
     ck = sub.add_parser("ckpt", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="ckpt_cmd", required=True)
     cu = cksub.add_parser("to-universal", help="convert a checkpoint for another parallel layout (cached beside it)")
     cu.add_argument("dir", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
     cv = sub.add_parser("convert", help="weights to and from Hugging Face")
     cvsub = cv.add_subparsers(dest="convert_cmd", required=True)
-    th = cvsub.add_parser("to-hf", help="write a transformers InternVLForConditionalGeneration directory")
+    th = cvsub.add_parser("to-hf", help="write the released Long-VITA layout or a transformers InternVL directory")
     th.add_argument("ckpt", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
     th.add_argument("out")
+    th.add_argument("--layout", choices=("longvita", "internvl"),
+                    help="longvita: the released layout (LongVITAForCausalLM); internvl: transformers' "
+                         "InternVLForConditionalGeneration (default: the checkpoint's model.format)")
     th.add_argument("--tokenizer", help="default: the tokenizer the run trained with (from its manifest)")
-    fh = cvsub.add_parser("from-hf", help="an InternVL dir, or an InternViT dir and a Qwen2 dir -> lvita weights")
+    fh = cvsub.add_parser("from-hf", help="a released Long-VITA or InternVL dir, or an InternViT dir and a Qwen2 dir "
+                                          "-> lvita weights")
     fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT")
-    fh.add_argument("--preset", required=True, help="model.preset the weights are for (e.g. longvita-14b)")
+    fh.add_argument("--preset", help="model.preset the weights are for (e.g. longvita-14b); default: the shapes in "
+                                     "the source's config.json (needed for an InternViT + Qwen2 pair)")
+    fh.add_argument("--format", choices=("longvita", "internvl"), help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
                        ("eval", "accuracy on a JSONL set (see python -m lvita.eval --help)")):
@@ -107,6 +116,10 @@ def _run(args) -> int:
 
         if args.data_cmd == "preview":
             return inspect.preview(args.stage, args.set, args.n, args.json)
+        if args.data_cmd == "show":
+            from lvita.data.show import show
+
+            return show(args.stage, args.set, args.source, args.id, args.index, args.save)
         if args.data_cmd == "check":
             from lvita.data.check import check
 

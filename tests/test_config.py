@@ -109,7 +109,7 @@ def test_longvita_14b_stages_check(name, capsys):
     assert check(str(REPO / "stages" / "longvita-14b" / f"{name}.json"), 64, [f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"]) == 0
     out = capsys.readouterr().out
     assert "world 64 = pipeline 8" in out
-    assert "total 15,121.3M parameters" in out
+    assert "total 15,083.5M parameters" in out  # the released projector (InternVL's: 15,121.3M)
     assert out.count("pipeline stage ") == 8
 
 
@@ -155,3 +155,15 @@ def test_benchmark_keys_save_final_and_memory_cap(stage):
     assert "train.memory_cap_gb=0.0: GiB per process (e.g. 80), or null" in errors_for(stage, 2, "train.memory_cap_gb=0")
     with pytest.raises(ConfigError, match="train.save_final: expected true or false"):
         load_stage(stage, ["train.save_final=no"])
+
+
+def test_model_format_defaults_per_preset_and_refuses_unknown_values(stage, tmp_path):
+    assert load_stage(stage).model.format == "internvl"  # tiny keeps today's InternVL layout
+    assert load_stage(stage, ["model.preset=longvita-14b"]).model.format == "longvita"
+    assert load_stage(stage, ["model.preset=longvita-1.5b", "model.format=internvl"]).model.format == "internvl"
+    released = tmp_path / "released"
+    released.mkdir()
+    (released / "config.json").write_text(json.dumps({"model_type": "long_vita"}))
+    assert load_stage(stage, [f"model.preset={released}"]).model.format == "longvita"
+    with pytest.raises(ConfigError, match=r"s.json: model.format='llava': choose \"longvita\""):
+        load_stage(stage, ["model.format=llava"])

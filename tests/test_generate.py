@@ -15,6 +15,7 @@ from lvita.ckpt.checkpoint import CheckpointError
 from lvita.data.media import MediaError
 from lvita.infer.decode import KVCache, generate, prefill
 from lvita.infer.generate import load_model
+from lvita.model.presets import spec_of
 from lvita.infer.prompt import ContextError, build_prompt
 from lvita.ckpt.hf import write_hf_dir
 from lvita.model.longvita import LongVita
@@ -97,12 +98,18 @@ def test_load_model_from_hf_dir_and_checkpoint(model, tok, hf_dir, image, tmp_pa
     from_hf([str(hf_dir)], str(tmp_path / "ckpt"), "tiny", log=lambda *a: None)
     for where in (hf_dir, tmp_path / "ckpt", tmp_path / "ckpt" / "checkpoints" / "global_step0"):
         m, t2, sp2, preset = load_model(where)
-        assert preset == "tiny" and sp2 == sp and not m.training
+        tiny = spec_of("tiny")  # the HF directory's shapes are tiny's, in the InternVL format
+        assert (preset.vision, preset.llm, preset.format) == (tiny.vision, tiny.llm, "internvl") and not m.training
+        assert sp2 == dict(sp, context=(sp["img_context"],))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in m.state_dict().items())
         assert lvgen.answer(m, t2, sp2, preset, ASK, [image], max_new_tokens=8)[0] == ref
     assert lvgen.main(["--model", str(hf_dir), "--prompt", "What is in the picture?", "--image", str(image),
                        "--max-new-tokens", "8"]) == 0  # <image> is prepended: the same prompt as ASK
     assert capsys.readouterr().out == ref + "\n"
+    assert lvgen.main(["--model", str(hf_dir), "--prompt", "What is in the picture?", "--image", str(image),
+                       "--max-new-tokens", "8", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # one JSON line: the generated ids and their text
+    assert printed["text"] == ref and t.decode(printed["tokens"]).strip() == ref and len(printed["tokens"]) <= 8
 
 
 def _write_jsonl(path, items):

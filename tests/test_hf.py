@@ -242,6 +242,12 @@ def test_preset_mismatch(hf_dir):
             r".*embed.embed_tokens.weight has shape \(2048, 160\), the preset expects \(151936, 1536\)")
     with pytest.raises(CheckpointError, match=want):
         read_hf([hf_dir], "longvita-1.5b")
+    from lvita.model.presets import spec_of
+
+    # the right shapes in the other format: the projectors differ, so it is refused by name
+    with pytest.raises(CheckpointError, match=r"is in the internvl format \(model_type internvl\) but model.format "
+                                              r"is 'longvita': the projectors differ. Set model.format=internvl"):
+        read_hf([hf_dir], spec_of("tiny", "longvita"))
 
 
 def test_missing_files_and_dirs(hf_dir, tmp_path):
@@ -253,7 +259,7 @@ def test_missing_files_and_dirs(hf_dir, tmp_path):
     shutil.copy(hf_dir / "config.json", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in .*empty"):
         read_hf([tmp_path / "empty"], "tiny")
-    with pytest.raises(CheckpointError, match=r"expected one InternVL directory or an InternViT \+ a Qwen2"):
+    with pytest.raises(CheckpointError, match=r"expected one directory in the released Long-VITA layout \(model_type long_vita\) or InternVL.s \(internvl\), or an InternViT \+ a Qwen2"):
         read_hf([hf_dir, hf_dir], "tiny")
 
 

@@ -18,7 +18,7 @@ def test_image_count_mismatch_is_an_error(model):
     ids[0, 2:18] = IMG
     with pytest.raises(ValueError, match="2 tiles give 32 feature tokens but the sequence has 16"):
         model.embed(ids, torch.randn(2, 3, 112, 112))
-    with pytest.raises(ValueError, match="16 <IMG_CONTEXT> tokens but no image tiles"):
+    with pytest.raises(ValueError, match="16 image context tokens but no image tiles"):
         model.embed(ids, torch.zeros(0, 3, 112, 112))
 
 
@@ -52,13 +52,15 @@ def test_reset_positions_isolate_samples(model):
     assert (h[:, 30:] - g[:, 30:]).abs().max() > 1e-3
 
 
-def _count_by_hand(v_hidden, v_inter, v_layers, image, patch, hidden, inter, layers, heads, kv_heads, vocab):
+def _count_by_hand(v_hidden, v_inter, v_layers, image, patch, hidden, inter, layers, heads, kv_heads, vocab,
+                   fmt="internvl"):
     """Parameters of InternViT + projector + untied Qwen2 from the published shapes, by formula.
 
     vision:    cls token H + position embeddings (1 + (image/patch)^2) H + patch conv 3 p^2 H + H
                + per layer: q,k,v,o with biases 4 (H^2 + H), fc1/fc2 2 H I + I + H,
                  two LayerNorms 4 H, layer scales lambda_1/lambda_2 2 H   (mean pooling: no final norm)
-    projector: LayerNorm(4H) 8H, Linear(4H, D) 4 H D + D, Linear(D, D) D^2 + D
+    projector: internvl: LayerNorm(4H) 8H, Linear(4H, D) 4 H D + D, Linear(D, D) D^2 + D
+               longvita (released ResamplerProjector): LayerNorm(4H) 8H, Linear(4H, H) 4 H^2, Linear(H, D) H D
     llm:       embed + lm_head 2 V D, final RMSNorm D,
                per layer: q with bias D^2 + D, k and v with bias 2 (D kv + kv) where kv = kv_heads D / heads,
                  o without bias D^2, gate/up/down 3 D I, two RMSNorms 2 D
@@ -66,7 +68,7 @@ def _count_by_hand(v_hidden, v_inter, v_layers, image, patch, hidden, inter, lay
     H, I, D = v_hidden, v_inter, hidden
     vision = H + (1 + (image // patch) ** 2) * H + 3 * patch * patch * H + H
     vision += v_layers * (4 * (H * H + H) + 2 * H * I + I + H + 4 * H + 2 * H)
-    projector = 8 * H + 4 * H * D + D + D * D + D
+    projector = 8 * H + 4 * H * D + D + D * D + D if fmt == "internvl" else 8 * H + 4 * H * H + H * D
     kv = kv_heads * D // heads
     llm = 2 * vocab * D + D + layers * (D * D + D + 2 * (D * kv + kv) + D * D + 3 * D * inter + 2 * D)
     return vision + projector + llm
@@ -79,8 +81,10 @@ INTERNVIT_300M = dict(v_hidden=1024, v_inter=4096, v_layers=24, image=448, patch
     ("tiny", dict(v_hidden=64, v_inter=256, v_layers=2, image=112, patch=14,
                   hidden=160, inter=432, layers=4, heads=4, kv_heads=2, vocab=2048)),
     # Qwen2.5-1.5B (untied) and Qwen2.5-14B-Instruct shapes, InternViT-300M-448px
-    ("longvita-1.5b", dict(INTERNVIT_300M, hidden=1536, inter=8960, layers=28, heads=12, kv_heads=2, vocab=151936)),
-    ("longvita-14b", dict(INTERNVIT_300M, hidden=5120, inter=13824, layers=48, heads=40, kv_heads=8, vocab=152064)),
+    ("longvita-1.5b", dict(INTERNVIT_300M, hidden=1536, inter=8960, layers=28, heads=12, kv_heads=2, vocab=151936,
+                           fmt="longvita")),
+    ("longvita-14b", dict(INTERNVIT_300M, hidden=5120, inter=13824, layers=48, heads=40, kv_heads=8, vocab=152064,
+                          fmt="longvita")),
 ])
 def test_big_presets_build_on_meta(preset, shapes):
     with torch.device("meta"):
@@ -88,6 +92,13 @@ def test_big_presets_build_on_meta(preset, shapes):
     n = sum(p.numel() for p in m.parameters())
     assert n == _count_by_hand(**shapes), n  # one layer or one bias too many or too few fails
     assert all(p.is_meta for p in m.parameters())
+    if preset == "longvita-14b":  # the issue's figures: 9.4M (released) vs 47M (InternVL) projector parameters
+        from lvita.model.presets import spec_of
+
+        with torch.device("meta"):
+            other = LongVita(spec_of(preset, "internvl"), IMG)
+        count = lambda model: sum(p.numel() for p in model.embed.vision.multi_modal_projector.parameters())  # noqa
+        assert (round(count(m) / 1e6, 1), round(count(other) / 1e6)) == (9.4, 47)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

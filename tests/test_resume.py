@@ -172,6 +172,10 @@ def test_model_and_tokenizer_mismatch(damaged, tmp_path):
     assert "resume=none but output_dir" in _fails(stage, out, "resume=none")
     assert "saved for model.preset='tiny' but this stage has model.preset='longvita-1.5b'" in _fails(
         stage, out, "model.preset=longvita-1.5b")
+    # same shapes, the other format (projector and input layout): resume and init_from are refused
+    for sets in (["model.format=longvita"], ["resume=none", f"model.init_from={out}", "model.format=longvita"]):
+        err = _fails(stage, out if sets[0] != "resume=none" else tmp_path / "fresh", *sets)
+        assert "saved in model.format='internvl' but this stage has model.format='longvita'" in err, err
     other = train_demo_tokenizer(tmp_path / "tok", vocab_size=900)
     err = _fails(stage, out, f"model.tokenizer={other}")
     assert "tokenizer vocabulary differs" in err and "900" in err

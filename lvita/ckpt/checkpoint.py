@@ -11,8 +11,9 @@ Owns the layout of ``<output_dir>/checkpoints``::
     checkpoints/universal/<tag>/     DeepSpeed universal copy, made on demand (lvita.ckpt.resume)
 
 A checkpoint counts only once its manifest exists; the manifest lists every file with its size, the
-parallel layout, the model preset, the precision and a fingerprint of the tokenizer, so a missing
-shard, a truncated file or a resume with another model or vocabulary is a clear error before
+parallel layout, the model (preset, ``model.format`` and shapes), the precision and a fingerprint of
+the tokenizer, so a missing shard, a truncated file or a resume with another model, format or
+vocabulary is a clear error before
 anything is loaded or overwritten. Files are written, then renamed into place, so a SIGKILL at any
 moment leaves either the old or the new state. ``train.keep_checkpoints`` prunes older tags only
 after a newer one is complete, and never the newest *healthy* one (saved from finite weights after
@@ -268,12 +269,46 @@ def saved_system_prompt(manifest: dict) -> str | None:
     return manifest.get("system_prompt", DataConfig.system_prompt) or None
 
 
-def check_fits(found: Found, what: str, preset: str, tokenizer: dict, precision: str | None = None) -> None:
-    """The checkpoint was made for this model and vocabulary (and precision, for a resume)."""
+def model_info(spec) -> dict:
+    """What a manifest records of the model: ``preset`` (its name or directory), ``format`` and the
+    shapes (``model``: vision / llm keyword arguments), so a later run can check it fits."""
+    from lvita.model.presets import spec_of
+
+    spec = spec_of(spec)
+    return {"preset": spec.name, "format": spec.format, "model": {"vision": spec.vision, "llm": spec.llm}}
+
+
+def manifest_spec(manifest: dict, where):
+    """The model description a checkpoint was saved for (manifests before ``format``: InternVL's)."""
+    from lvita.model.presets import ModelSpec, spec_of
+
+    if "model" in manifest:
+        return ModelSpec.make(manifest.get("preset", "?"), manifest.get("format", "internvl"),
+                              manifest["model"]["vision"], manifest["model"]["llm"])
+    try:
+        return spec_of(manifest.get("preset"), manifest.get("format", "internvl"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its manifest names no model lvita knows ({e})") from None
+
+
+def check_fits(found: Found, what: str, preset, tokenizer: dict, precision: str | None = None) -> None:
+    """The checkpoint was made for this model (shapes and format) and vocabulary (and precision, for a
+    resume). ``preset``: the model's description (ModelSpec) or a preset name. Manifests from before
+    lvita recorded ``format`` are InternVL-format (the only projector lvita had)."""
+    from lvita.model.presets import spec_of
+
+    spec = spec_of(preset)
     m, where = found.manifest, f"{what}={found.tag_dir}"
-    if m.get("preset") != preset:
+    same_shapes = m["model"] == {"vision": spec.vision, "llm": spec.llm} if "model" in m else m.get("preset") == spec.name
+    if not same_shapes:
         raise CheckpointError(f"{where}: saved for model.preset={m.get('preset')!r} but this stage has "
-                              f"model.preset={preset!r}; set model.preset={m.get('preset')!r} or use another checkpoint")
+                              f"model.preset={spec.name!r}; set model.preset={m.get('preset')!r} or use another checkpoint")
+    saved_format = m.get("format", "internvl")
+    if saved_format != spec.format:
+        raise CheckpointError(f"{where}: saved in model.format={saved_format!r} but this stage has model.format="
+                              f"{spec.format!r}; the formats' projectors (and input layouts) differ, so {what} across "
+                              f"formats is refused. Set model.format={saved_format!r}, or start the other format from "
+                              f"the vision and language weights alone (model.init_from=[InternViT dir, Qwen2 dir])")
     saved = m.get("tokenizer") or {}
     if saved and saved != tokenizer:
         raise CheckpointError(f"{where}: tokenizer vocabulary differs: the checkpoint was trained with "

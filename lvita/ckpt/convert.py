@@ -1,12 +1,16 @@
 """``lvita convert``: checkpoints to and from Hugging Face, and ``lvita ckpt to-universal``.
 
     lvita convert to-hf runs/stage4 export/long-vita-hf        # newest checkpoint of a run, any layout
-    lvita convert from-hf hf/Long-VITA-16K lvita_init --preset longvita-14b
+    lvita convert to-hf runs/stage4 export/long-vita --layout longvita
+    lvita convert from-hf hf/Long-VITA-16K_HF lvita_init                # shapes from its config.json
     lvita convert from-hf hf/InternViT-300M-448px hf/Qwen2.5-14B-Instruct lvita_init --preset longvita-14b
     lvita ckpt to-universal runs/stage2/checkpoints/global_step500
 
-``to-hf`` writes a transformers-native ``InternVLForConditionalGeneration`` directory (see
-:mod:`lvita.ckpt.hf`) from the per-block weight files of a checkpoint, with the run's tokenizer.
+``to-hf`` writes, from the per-block weight files of a checkpoint with the run's tokenizer, either
+the released Long-VITA layout (``--layout longvita``, :mod:`lvita.ckpt.released`) or a
+transformers-native ``InternVLForConditionalGeneration`` directory (``--layout internvl``,
+:mod:`lvita.ckpt.hf`); the default is the checkpoint's own ``model.format``, the only one its
+projector fits. ``from-hf`` takes the shapes from the source's config.json unless ``--preset``.
 ``from-hf`` writes a weights-only lvita checkpoint (``OUT/checkpoints/global_step0``, the per-block
 files plus a manifest) and the tokenizer in ``OUT/tokenizer``; point ``model.init_from`` at OUT and
 ``model.tokenizer`` at ``OUT/tokenizer`` (``model.init_from`` also reads HF directories directly;
@@ -21,50 +25,73 @@ from pathlib import Path
 
 import torch
 
-from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, saved_system_prompt, staged_dir,
-                              tag_for, tokenizer_fingerprint)
+from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, manifest_spec,
+                                   saved_system_prompt, staged_dir, tag_for, tokenizer_fingerprint)
 
 
-def _tokenizer_for(found, tokenizer: str | None):
+def _tokenizer_for(found, tokenizer: str | None, fmt: str = "internvl"):
+    """The run's tokenizer as training loaded it (``fmt``: the model format, whose tokens it adds)."""
     from lvita.data.tokenizer import load_tokenizer
 
     path = tokenizer or found.manifest.get("tokenizer_path")
     if not path or not Path(path).is_dir():
         raise CheckpointError(f"{found.tag_dir}: its tokenizer ({path}) is not there; pass --tokenizer DIR")
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, fmt)
     if found.manifest.get("tokenizer") and tokenizer_fingerprint(tok) != found.manifest["tokenizer"]:
         raise CheckpointError(f"--tokenizer {path}: vocabulary differs from the one {found.tag_dir} was trained "
                               f"with ({found.manifest['tokenizer']}); pass the run's own tokenizer")
     return path, tok
 
 
-def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print) -> Path:
+LAYOUTS = ("longvita", "internvl")  # --layout of to-hf
+
+
+def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: str | None = None) -> Path:
+    """Export a checkpoint: ``layout`` "longvita" (the released Long-VITA layout) or "internvl"
+    (transformers' InternVLForConditionalGeneration); None: the checkpoint's own format."""
     from lvita.ckpt import hf
-    from lvita.model.presets import llm_config
+    from lvita.ckpt.released import write_released_dir
     from lvita.data.tokenizer import special_token_ids
     from lvita.ckpt.weights import checkpoint_plain_state
 
     found = locate(ckpt, "checkpoint")
-    preset = found.manifest["preset"]
-    tok_path, tok = _tokenizer_for(found, tokenizer)
+    spec = manifest_spec(found.manifest, found.tag_dir)
+    layout = layout or spec.format
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r}: choose longvita (the released Long-VITA layout) or internvl")
+    if layout != spec.format:
+        raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format={spec.format!r} model, whose "
+                              f"projector has no place in the {layout} layout; use --layout {spec.format}")
+    tok_path, tok = _tokenizer_for(found, tokenizer, spec.format)
     t0 = time.perf_counter()
-    plain = checkpoint_plain_state(found.tag_dir, llm_config(preset).num_hidden_layers)
+    plain = checkpoint_plain_state(found.tag_dir, spec.llm["num_hidden_layers"])
+    if layout == "longvita":
+        path = write_released_dir(plain, spec, tok_path, out)
+        log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}) in "
+            f"{time.perf_counter() - t0:.1f}s; load it with the official LongVITAForCausalLM "
+            f"(github.com/VITA-MLLM/Long-VITA, long_vita/models/long_vita_qwen2_intern) or lvita generate --model")
+        return path
     system = saved_system_prompt(found.manifest)
-    path = hf.write_hf_dir(plain, preset, tok_path, out, special_token_ids(tok)["img_context"], system_prompt=system)
-    log(f"lvita convert: wrote {path} from {found.tag_dir} ({preset}) in {time.perf_counter() - t0:.1f}s; its chat "
+    path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok, spec.format)["img_context"],
+                           system_prompt=system)
+    log(f"lvita convert: wrote {path} from {found.tag_dir} ({spec.name}) in {time.perf_counter() - t0:.1f}s; its chat "
         f"template adds the system prompt {system!r} when a conversation has none, as training did")
     return path
 
 
-def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = None, log=print) -> Path:
+def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = None, log=print,
+            fmt: str | None = None) -> Path:
     """Write a weights-only lvita checkpoint; the projector starts fresh (seed 0) when the sources
-    are a separate InternViT and Qwen2."""
+    are a separate InternViT and Qwen2. ``preset`` None: the shapes (and format) of the one source
+    directory's config.json (the released layout or InternVL's); ``fmt``: model.format (None: the
+    preset's own)."""
     from lvita.ckpt import hf_read
     from lvita.config.schema import DataConfig
     from lvita.data.template import template_system_prompt
     from lvita.model.longvita import LongVita
-    from lvita.model.presets import llm_config
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.model.presets import context_token_ids, llm_config, spec_of
+    from lvita.data.tokenizer import load_tokenizer
+    from lvita.ckpt.checkpoint import model_info
     from lvita.ckpt.weights import layer_file
     from lvita.model.longvita import by_block
 
@@ -74,15 +101,24 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
     tok_src = tokenizer or next((s for s in sources if (Path(s) / "tokenizer_config.json").is_file()), None)
     if tok_src is None:
         raise CheckpointError(f"none of {', '.join(sources)} has a tokenizer; pass --tokenizer DIR")
+    if preset is None and len(sources) != 1:
+        raise CheckpointError("from-hf with an InternViT and a Qwen2 directory needs --preset (the model's shapes)")
+    try:
+        spec = spec_of(preset if preset is not None else sources[0], fmt)
+    except ValueError as e:
+        raise CheckpointError(f"lvita convert from-hf: {e}") from None
     t0 = time.perf_counter()
-    state, fresh = hf_read.read_hf(sources, preset)
-    tok = load_tokenizer(tok_src)
-    system = template_system_prompt(tok, DataConfig.system_prompt)  # the HF model's own default
+    state, fresh = hf_read.read_hf(sources, spec)
+    tok = load_tokenizer(tok_src, spec.format)  # longvita: the 17 official tokens added, as training adds them
+    released = Path(sources[0], "config.json").is_file() and json.loads(
+        Path(sources[0], "config.json").read_text()).get("model_type") == "long_vita"
+    # the model's own default: the released model trained and is evaluated with none
+    system = None if released else template_system_prompt(tok, DataConfig.system_prompt)
     if fresh:
-        init = LongVita(preset, special_token_ids(tok)["img_context"], seed=0).state_dict()
+        init = LongVita(spec, context_token_ids(tok.get_vocab(), spec), seed=0).state_dict()
         state.update({k: init[k] for k in fresh})
         log(f"lvita convert: {len(fresh)} projector weights start fresh (none in {', '.join(sources)})")
-    n_layers = llm_config(preset).num_hidden_layers
+    n_layers = llm_config(spec).num_hidden_layers
     blocks = by_block({k: v.contiguous() for k, v in state.items()}, n_layers)
     with staged_dir(out_dir) as tmp:
         tag_dir = tmp / "checkpoints" / tag_for(0)
@@ -90,7 +126,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
         for b, sd in sorted(blocks.items()):
             torch.save(sd, layer_file(tag_dir, b))
         tok.save_pretrained(str(tmp / "tokenizer"))
-        manifest = {"format": FORMAT, "tag": tag_for(0), "step": 0, "name": "from-hf", "preset": preset,
+        manifest = {"format": FORMAT, "tag": tag_for(0), "step": 0, "name": "from-hf", **model_info(spec),
                     "precision": str(next(iter(state.values())).dtype).replace("torch.", ""),
                     "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": str(out_dir.resolve() / "tokenizer"),
                     "system_prompt": system,
@@ -98,7 +134,7 @@ def from_hf(sources: list[str], out: str, preset: str, tokenizer: str | None = N
                     "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())}}
         atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write(tmp / "checkpoints" / "latest", tag_for(0))
-    log(f"lvita convert: wrote {out_dir} ({preset}, {len(blocks)} blocks) in {time.perf_counter() - t0:.1f}s; "
+    log(f"lvita convert: wrote {out_dir} ({spec.name}, model.format {spec.format}, {len(blocks)} blocks) in {time.perf_counter() - t0:.1f}s; "
         f"use model.init_from={out_dir} model.tokenizer={out_dir / 'tokenizer'}")
     return out_dir
 
@@ -112,13 +148,13 @@ def main(args) -> int:
         if args.cmd == "ckpt":
             to_universal(args.dir)
         elif args.convert_cmd == "to-hf":
-            to_hf(args.ckpt, args.out, args.tokenizer)
+            to_hf(args.ckpt, args.out, args.tokenizer, layout=args.layout)
         else:
             *sources, out = args.paths
             if not 1 <= len(sources) <= 2:
-                raise CheckpointError("from-hf takes SRC [SRC2] OUT: one InternVL directory, or an InternViT "
-                                      "and a Qwen2 directory, then the output directory")
-            from_hf(sources, out, args.preset, args.tokenizer)
+                raise CheckpointError("from-hf takes SRC [SRC2] OUT: one directory in the released Long-VITA layout "
+                                      "or InternVL's, or an InternViT and a Qwen2 directory, then the output directory")
+            from_hf(sources, out, args.preset, args.tokenizer, fmt=args.format)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"lvita {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -179,6 +179,12 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
     """
     from transformers import InternVLForConditionalGeneration
 
+    from lvita.model.presets import spec_of
+
+    preset = spec_of(preset)
+    if preset.format != "internvl":
+        raise ValueError(f"write_hf_dir: InternVLForConditionalGeneration has InternVL's projector, but the model is "
+                         f"in model.format={preset.format!r}; export it with --layout {preset.format}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"write_hf_dir: {out} exists and is not an empty directory; choose a new out_dir")

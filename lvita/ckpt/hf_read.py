@@ -1,11 +1,14 @@
-"""Reading Hugging Face weights for ``model.init_from`` and ``lvita convert from-hf``: an InternVL
-directory, or an InternViT directory (transformers' or OpenGVLab's original format) plus a Qwen2
-directory, into lvita's plain state dict.
+"""Reading Hugging Face weights for ``model.init_from`` and ``lvita convert from-hf``: a directory
+in the released Long-VITA layout (``model_type: long_vita``), an InternVL directory, or an
+InternViT directory (transformers' or OpenGVLab's original format) plus a Qwen2 directory, into
+lvita's plain state dict.
 
-Every key and shape is checked against the preset from the safetensors headers and config.json
-first; then only the tensors a caller keeps are read (``read_hf(keep=...)``: a pipeline rank reads
-only its blocks; safetensors are memory-mapped and indexed by name). The key mapping and the
-writing side are :mod:`lvita.ckpt.hf`'s.
+Every key and shape is checked against the model description (preset + format) from the
+safetensors headers and config.json first; a one-directory checkpoint must be in the model's
+format (the projectors differ). Then only the tensors a caller keeps are read
+(``read_hf(keep=...)``: a pipeline rank reads only its blocks; safetensors are memory-mapped and
+indexed by name; a fused qkv is read by the rows of the third asked for). The key mappings and the
+writing sides are :mod:`lvita.ckpt.hf`'s (InternVL) and :mod:`lvita.ckpt.released`'s (released).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 from lvita.ckpt.checkpoint import CheckpointError
 from lvita.ckpt.hf import (PROJECTOR, _ROTARY, _expected_shapes, _few, _hf_key_to_plain, _mismatch,
                            _rename)
-from lvita.model.presets import PRESETS, check_preset, llm_config, vision_config
+from lvita.ckpt.released import released_key_to_plain
+from lvita.model.presets import PRESETS, spec_of, llm_config, vision_config
 
 _VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                   "patch_size", "norm_type", "use_qk_norm", "use_mean_pooling", "attention_bias")
@@ -52,6 +56,12 @@ def _parse_config(kind: str, raw: dict, d: Path) -> tuple[dict, bool]:
             raise CheckpointError(f"read_hf: {d} has a {cfg.text_config.model_type} language model; lvita's is Qwen2")
         return {"vision": _fields(cfg.vision_config.to_dict(), _VISION_FIELDS),
                 "text": _fields(cfg.text_config.to_dict(), _TEXT_FIELDS)}, bool(cfg.tie_word_embeddings)
+    if kind == "long_vita":  # the released layout: Qwen2 at the top level, OpenGVLab's InternViT under visual
+        if not isinstance(raw.get("visual"), dict):
+            raise CheckpointError(f"read_hf: {d}/config.json has model_type long_vita but no nested 'visual' config")
+        vision, _ = _parse_config("intern_vit_6b", raw["visual"], d)
+        cfg = Qwen2Config.from_dict({k: v for k, v in raw.items() if k not in ("visual", "model_type")})
+        return {**vision, "text": _fields(cfg.to_dict(), _TEXT_FIELDS)}, bool(raw.get("tie_word_embeddings", False))
     if kind == "qwen2":
         cfg = Qwen2Config.from_dict(raw)
         return {"text": _fields(cfg.to_dict(), _TEXT_FIELDS)}, bool(cfg.tie_word_embeddings)
@@ -62,7 +72,7 @@ def _parse_config(kind: str, raw: dict, d: Path) -> tuple[dict, bool]:
                               _VISION_FIELDS)}, False
 
 
-def _config_problems(found: dict[str, dict], preset: str) -> list[str]:
+def _config_problems(found: dict[str, dict], preset) -> list[str]:
     want = {"vision": _fields(vision_config(preset).to_dict(), _VISION_FIELDS),
             "text": _fields(llm_config(preset).to_dict(), _TEXT_FIELDS)}
     return [f"{part} {k}={v}, the preset has {want[part][k]}"
@@ -108,6 +118,13 @@ def _plan(kind: str, heads: dict, d: Path) -> dict[str, tuple[Path, str, int | N
             continue
         if kind == "internvl":
             new = _hf_key_to_plain(k)
+        elif kind == "long_vita":
+            new = released_key_to_plain(k)
+            if new and ".attention.qkv." in new:
+                third = (shape[0] // 3, *shape[1:])
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    plan[new.replace(".qkv.", f".{name}.")] = (f, k, i, third)
+                continue
         elif kind == "qwen2":
             new = _rename(k, _QWEN2, _QWEN2_LAYER, "layers.{}.layer.{}")
         elif kind == "internvl_vision":
@@ -129,7 +146,11 @@ def _plan(kind: str, heads: dict, d: Path) -> dict[str, tuple[Path, str, int | N
     return plan
 
 
-def read_hf(paths: list[str | Path], preset: str, keep=None) -> tuple[dict[str, torch.Tensor], list[str]]:
+# model_type of a one-directory checkpoint -> the model.format its projector is
+_ONE_DIR_FORMAT = {"internvl": "internvl", "long_vita": "longvita"}
+
+
+def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read HF weights into a plain state dict for ``preset``: ``(state, missing_keys)``.
 
     ``keep(plain_key) -> bool`` (optional) selects the tensors to read, e.g. a pipeline rank's
@@ -137,19 +158,24 @@ def read_hf(paths: list[str | Path], preset: str, keep=None) -> tuple[dict[str, 
     but only the kept tensors' bytes are read (each shard is memory-mapped; shards holding none of
     them are not read at all).
 
-    ``paths``: one InternVL directory (model_type "internvl"), or an InternViT directory
+    ``preset``: the model's description (:class:`lvita.model.presets.ModelSpec`) or a preset name.
+    ``paths``: one directory in the released Long-VITA layout (model_type "long_vita", needs
+    model.format longvita), one InternVL directory (model_type "internvl", model.format internvl), or
+    an InternViT directory
     (model_type "internvl_vision" or "intern_vit_6b") and a Qwen2 directory, in either order.
     ``missing_keys`` is empty for one directory and the projector's keys for two: fill them from a
     fresh ``LongVita(preset, ...)``; any other gap is an error. A tied or absent ``lm_head`` is
     copied from the token embeddings. Raises FileNotFoundError (no directory, config.json, weights
     or shard) or CheckpointError (corrupt file, keys or shapes not fitting ``preset``).
     """
-    check_preset(preset)
+    preset = spec_of(preset)
     dirs = [Path(p) for p in paths]
     cfgs = [_read_config(d) for d in dirs]
     kinds = [c.get("model_type") for c in cfgs]
-    if kinds != ["internvl"] and sorted(kinds) not in (sorted([v, "qwen2"]) for v in _VISION_KINDS):
-        raise CheckpointError(f"read_hf: expected one InternVL directory or an InternViT + a Qwen2 directory; "
+    if not (len(kinds) == 1 and kinds[0] in _ONE_DIR_FORMAT) and \
+            sorted(kinds) not in (sorted([v, "qwen2"]) for v in _VISION_KINDS):
+        raise CheckpointError(f"read_hf: expected one directory in the released Long-VITA layout (model_type "
+                              f"long_vita) or InternVL's (internvl), or an InternViT + a Qwen2 directory; "
                               f"got model_type {kinds} in {', '.join(map(str, dirs))}")
     found, tied, plan = {}, False, {}
     for kind, cfg, d in zip(kinds, cfgs, dirs):
@@ -159,11 +185,16 @@ def read_hf(paths: list[str | Path], preset: str, keep=None) -> tuple[dict[str, 
     if ("head.lm_head.weight" not in plan or tied) and "embed.embed_tokens.weight" in plan:
         plan["head.lm_head.weight"] = plan["embed.embed_tokens.weight"]  # loaded twice: two tensors
     allow = (lambda k: k.startswith(PROJECTOR)) if len(dirs) == 2 else (lambda k: False)
+    shapes_fit = not _config_problems(found, preset)
+    if shapes_fit and len(kinds) == 1 and _ONE_DIR_FORMAT[kinds[0]] != preset.format:
+        raise CheckpointError(f"read_hf: {dirs[0]} is in the {_ONE_DIR_FORMAT[kinds[0]]} format (model_type "
+                              f"{kinds[0]}) but model.format is {preset.format!r}: the projectors differ. Set "
+                              f"model.format={_ONE_DIR_FORMAT[kinds[0]]} (or leave it null with model.preset={dirs[0]})")
     problems = _config_problems(found, preset) + _mismatch(preset, {k: p[3] for k, p in plan.items()}, allow)
     if problems:
         fits = [n for n in PRESETS if not _config_problems(found, n)]
         hint = (f"choose model.preset='{fits[0]}'" if fits else
-                "no preset in lvita/model/presets.py matches it")
+                f"no preset in lvita/model/presets.py matches it; set model.preset={dirs[0]} to take its shapes")
         raise CheckpointError(f"read_hf: {', '.join(map(str, dirs))} does not fit model.preset='{preset}' "
                               f"({hint}): " + "; ".join(problems))
     missing = sorted(k for k in _expected_shapes(preset) if k not in plan)

@@ -50,7 +50,7 @@ def layout_info(layout, world: int, zero_stage: int) -> dict:
             "world": world, "deepspeed_data": world // layout.pipeline, "zero_stage": zero_stage}
 
 
-def plan(cfg, now: dict, tokenizer: dict) -> ResumePlan | None:
+def plan(cfg, now: dict, tokenizer: dict, spec=None) -> ResumePlan | None:
     """What ``cfg.resume`` means for this run (``now``: :func:`layout_info` of it). Checks the
     checkpoint's files, model, vocabulary and precision first; raises CheckpointError."""
     if cfg.resume == "none":
@@ -70,7 +70,7 @@ def plan(cfg, now: dict, tokenizer: dict) -> ResumePlan | None:
     if found.manifest.get("weights_only"):
         raise CheckpointError(f"resume={found.tag_dir}: holds weights only (made by lvita convert from-hf); start "
                               f"from it with model.init_from and resume=auto")
-    check_fits(found, "resume", cfg.model.preset, tokenizer, cfg.precision)
+    check_fits(found, "resume", spec or cfg.model.spec(), tokenizer, cfg.precision)
     then = found.manifest["layout"]
     if then["zero_stage"] != now["zero_stage"]:
         raise CheckpointError(f"resume={found.tag_dir}: saved with ZeRO stage {then['zero_stage']}, this run uses "

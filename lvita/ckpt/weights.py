@@ -71,16 +71,16 @@ def load_block(block: nn.Module, state: dict[str, torch.Tensor], source: str, op
             own[k].copy_(v)
 
 
-def check_tokenizer(paths: list[Path], tokenizer: dict) -> None:
-    """An HF directory that ships a tokenizer must have the stage's vocabulary (after lvita adds its
-    image markers to both)."""
+def check_tokenizer(paths: list[Path], tokenizer: dict, fmt: str = "internvl") -> None:
+    """An HF directory that ships a tokenizer must have the stage's vocabulary (after lvita adds the
+    format's tokens to both: under longvita the 17 official ones)."""
     from lvita.ckpt.checkpoint import tokenizer_fingerprint
     from lvita.data.tokenizer import load_tokenizer
 
     for path in paths:
         if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
             continue
-        theirs = tokenizer_fingerprint(load_tokenizer(path))
+        theirs = tokenizer_fingerprint(load_tokenizer(path, fmt))
         if theirs != tokenizer:
             raise CheckpointError(f"model.init_from={path}: its tokenizer has {theirs['size']} tokens (hash "
                                   f"{theirs['sha256']}) but model.tokenizer has {tokenizer['size']} (hash "
@@ -88,9 +88,10 @@ def check_tokenizer(paths: list[Path], tokenizer: dict) -> None:
                                   f"at {path}")
 
 
-def init_from(module, spec: str | list[str], preset: str, tokenizer: dict) -> str:
-    """Load ``model.init_from`` into ``module`` (a pipeline module or a LongVita); returns what was loaded."""
-    from lvita.model.presets import llm_config
+def init_from(module, spec: str | list[str], preset, tokenizer: dict) -> str:
+    """Load ``model.init_from`` into ``module`` (a pipeline module or a LongVita); returns what was loaded.
+    ``preset``: the model's description (lvita.model.presets.ModelSpec) or a preset name."""
+    from lvita.model.presets import llm_config, spec_of
 
     n_layers = llm_config(preset).num_hidden_layers
     blocks = local_blocks(module)
@@ -105,7 +106,7 @@ def init_from(module, spec: str | list[str], preset: str, tokenizer: dict) -> st
 
     # Only the tensors of this rank's blocks are read (the headers still check the whole model).
     state, fresh = hf_read.read_hf(paths, preset, keep=lambda k: block_of(k, n_layers)[0] in blocks)
-    check_tokenizer(paths, tokenizer)
+    check_tokenizer(paths, tokenizer, spec_of(preset).format)
     per_block = by_block(state, n_layers)
     optional = tuple(block_of(k, n_layers)[1] for k in fresh)
     for b, m in blocks.items():

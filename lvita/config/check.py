@@ -26,7 +26,7 @@ def stage_table(cfg, num_stages: int) -> list[dict]:
     from lvita.model.longvita import module_of
     from lvita.parallel.pipeline import layer_specs, partition
 
-    specs = layer_specs(cfg.model.preset, image_token_id=0)
+    specs = layer_specs(cfg.model.spec(), image_token_id=0)
     parts = partition(specs, num_stages, cfg.parallel.partition_method)
     rows = []
     for s in range(num_stages):
@@ -109,7 +109,7 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
     print(f"  global batch {layout.global_batch} = micro {layout.micro_batch} x accumulation "
           f"{layout.grad_accum} x data {layout.data}; {cfg.data.seq_length} tokens per sequence, "
           f"{layout.global_batch * cfg.data.seq_length:,} tokens per step")
-    print(f"  model {cfg.model.preset}, trainable {cfg.model.trainable}, precision {cfg.precision}")
+    print(f"  model {cfg.model.preset} (format {cfg.model.format}), trainable {cfg.model.trainable}, precision {cfg.precision}")
     rows = stage_table(cfg, layout.pipeline)
     for r in rows:
         warn = "" if r["trainable"] else "  (trains nothing: gets a placeholder weight)"

@@ -63,7 +63,7 @@ def vit_saved_per_tile(s: Shapes, e: int, checkpoint: bool = False) -> int:
 def projector_saved_per_tile(s: Shapes, e: int, checkpoint: bool = False) -> int:
     """Pixel-shuffled features through LayerNorm / Linear / GELU / Linear when the projector trains
     (checkpointed: its input only)."""
-    return s.tile_tokens * (4 * s.v_hidden * e if checkpoint else 2 * 4 * s.v_hidden * e + 8 + 2 * s.hidden * e)
+    return s.tile_tokens * (4 * s.v_hidden * e if checkpoint else 2 * 4 * s.v_hidden * e + 8 + 2 * s.proj_mid * e)
 
 
 @dataclass
@@ -133,7 +133,7 @@ def levers_of(cfg) -> list[str]:
 
 def worst_micro(cfg, layout) -> Micro:
     """One rank's micro-batch at its largest: every local token labelled, image tokens filling it."""
-    s = Shapes.of(cfg.model.preset)
+    s = Shapes.of(cfg.model.spec())
     tokens = layout.micro_batch * cfg.data.seq_length // layout.sequence
     return Micro(tokens, tokens, math.ceil(tokens / s.tile_tokens) + layout.micro_batch)
 
@@ -143,7 +143,7 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
     parameter counts per stage)."""
     from lvita.config.validate import deepspeed_config
 
-    s, m, t = Shapes.of(cfg.model.preset), micro or worst_micro(cfg, layout), cfg.train
+    s, m, t = Shapes.of(cfg.model.spec()), micro or worst_micro(cfg, layout), cfg.train
     e = 2 if cfg.precision == "bf16" else 4
     ds = deepspeed_config(cfg, layout.micro_batch, max(layout.grad_accum, 1), layout.world // layout.pipeline)
     zero = ds.get("zero_optimization", {})

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 MODULES = ("vision", "projector", "llm")
+# model.format: "longvita" = the released Long-VITA architecture and input layout (ResamplerProjector
+# without biases, <img>/<patch>/<vid> context runs); "internvl" = InternVL's projector and layout (the
+# transformers-native InternVLForConditionalGeneration export)
+MODEL_FORMATS = ("longvita", "internvl")
 
 
 class ConfigError(ValueError):
@@ -32,7 +36,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    # a name in lvita/model/presets.py, a model directory whose config.json gives the shapes (the released
+    # Long-VITA layout or InternVL's), or [InternViT directory, Qwen2 directory]
+    preset: str | list[str] = "tiny"
+    # "longvita" | "internvl" (MODEL_FORMATS). null (the default): the preset's own format, filled in by
+    # load_stage: the longvita-* presets and directories in the released layout -> "longvita"; InternVL
+    # directories and the tiny preset -> "internvl" (today's tiny/demo behaviour)
+    format: str | None = None
     tokenizer: str | None = None  # directory with tokenizer files (HF format)
     # previous stage's output_dir / checkpoints / tag (any layout), an InternVL HF directory, or
     # [InternViT HF dir, Qwen2 HF dir] (the projector then starts fresh)
@@ -47,6 +57,13 @@ class ModelConfig:
     tiled_mlp: bool = False
     # ... and the checkpointed layer inputs wait in host memory (DeepSpeed's cpu_checkpointing)
     activation_offload: bool = False
+
+    def spec(self):
+        """The model's description (shapes + format, lvita.model.presets.ModelSpec); build it once per
+        run and pass it down. ValueError when the preset is neither a known name nor a model directory."""
+        from lvita.model.presets import spec_of
+
+        return spec_of(self.preset, self.format)
 
 
 @dataclass
@@ -116,6 +133,7 @@ class DataConfig:
     max_tiles: int = 12
     max_frames: int = 128  # frames per video (one tile each), sampled at most video_fps per second
     video_fps: float = 1.0
+    # added to samples without a system turn; "": none. Unset under model.format longvita: none (as released)
     system_prompt: str = "You are a helpful assistant."
     pack_buffer: int = 256  # pending samples the packer chooses from (token lists only, no pixels)
     workers: int = 2  # threads decoding this rank's images and videos
@@ -257,7 +275,24 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
+    resolve_model_format(cfg.model, str(path))
+    if cfg.model.format == "longvita" and "system_prompt" not in (raw.get("data") or {}):
+        cfg.data.system_prompt = ""  # released Long-VITA trains with no default system prompt
     return cfg
+
+
+def resolve_model_format(model: ModelConfig, where: str = "") -> str:
+    """Check ``model.format`` (naming the valid values) and fill in the preset's default when it is null.
+    Returns the format; a directory preset without a readable config.json keeps null (validate reports it)."""
+    prefix = f"{where}: " if where else ""
+    if model.format is not None and model.format not in MODEL_FORMATS:
+        raise ConfigError(f"{prefix}model.format={model.format!r}: choose \"longvita\" (the released Long-VITA "
+                          f"architecture and input layout) or \"internvl\" (InternVL's projector and layout), or "
+                          f"leave it null for the preset's own format")
+    if model.format is None:
+        from lvita.model.presets import default_format
+        model.format = default_format(model.preset)
+    return model.format
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")

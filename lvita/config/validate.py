@@ -56,10 +56,13 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
 
     if cfg.precision not in ("bf16", "fp32"):
         err(f"precision='{cfg.precision}': use 'bf16' (GPUs) or 'fp32' (CPU tests)")
-    if m.preset not in PRESETS:
-        err(f"model.preset='{m.preset}': choose one of {', '.join(PRESETS)}")
+    try:
+        spec = m.spec()
+    except ValueError as e:
+        err(f"model.preset='{m.preset}': choose one of {', '.join(PRESETS)}, or a model directory whose config.json "
+            f"gives the shapes (the released Long-VITA layout or InternVL's) ({e})")
         raise ConfigError(_fmt(cfg, errors))
-    lcfg = llm_config(m.preset)
+    lcfg = llm_config(spec)
     bad = [x for x in m.trainable if x not in MODULES]
     if bad or not m.trainable:
         err(f"model.trainable={m.trainable}: a non-empty subset of {list(MODULES)}")

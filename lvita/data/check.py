@@ -92,7 +92,7 @@ def _scan(source: str, unit: tuple) -> dict:
                 for m in plan.media:
                     src = planner.media_source(m[1], read_at)
                     got = image_tiles(src, planner.tile, planner.cfg.min_tiles, m[2]) if m[0] == "image" \
-                        else video_tiles(src, planner.tile, m[2], m[3])
+                        else video_tiles(src, planner.tile, m[2], m[3], layout=planner.fmt)
                     if got.shape[0] != m[-1]:
                         raise MediaError(f"decoded {got.shape[0]} tiles, planned {m[-1]}")
             except MediaError as e:
@@ -131,7 +131,7 @@ def _summary(name: str, parts: list[dict], max_skip: float) -> dict:
 
 
 def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str | None = None, workers: int = 1,
-              decode: bool = False) -> list[dict]:
+              decode: bool = False, fmt: str = "internvl") -> list[dict]:
     from lvita.config.schema import ConfigError
     from lvita.data.formats import check_format
     from lvita.data.plan import Planner
@@ -144,7 +144,7 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
     for s in chosen:
         check_format(s.format, f"data.sources[{names.index(s.name)}].format")
     readers = {s.name: SourceReader(s.name, d.root, s.paths, s.media_root, s.format) for s in chosen}
-    state = {"planner": Planner(d, tok, specials, tile, tokens_per_tile), "decode": decode,
+    state = {"planner": Planner(d, tok, specials, tile, tokens_per_tile, fmt), "decode": decode,
              "seq_length": d.seq_length, "readers": {n: r.spec() for n, r in readers.items()}}
     jobs = [(n, u) for n, r in readers.items() for u in _units(r, max(1, workers) * 4)]
     if workers <= 1:
@@ -173,10 +173,11 @@ def check(stage: str, sets: list[str], source: str | None, workers: int, decode:
     cfg = load_stage(stage, sets)
     p = cfg.parallel
     validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
-    tok = load_tokenizer(cfg.model.tokenizer)
+    fmt = cfg.model.format or "internvl"
+    tok = load_tokenizer(cfg.model.tokenizer, fmt)
     t0 = time.perf_counter()
-    out = run_check(cfg, tok, special_token_ids(tok), tile_size(cfg.model.preset), tokens_per_tile(cfg.model.preset),
-                    source, workers, decode)
+    out = run_check(cfg, tok, special_token_ids(tok, fmt), tile_size(cfg.model.preset),
+                    tokens_per_tile(cfg.model.preset), source, workers, decode, fmt)
     dt = time.perf_counter() - t0
     bad = [s["source"] for s in out if s["over_threshold"]]
     if as_json:

@@ -31,10 +31,11 @@ def open_stream(stage: str, sets: list[str], n: int):
     cfg = load_stage(stage, sets)
     p = cfg.parallel
     validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
-    tok = load_tokenizer(cfg.model.tokenizer)
-    return cfg, DataStream(cfg.data, tok, special_token_ids(tok), tile_size(cfg.model.preset),
+    fmt = cfg.model.format or "internvl"
+    tok = load_tokenizer(cfg.model.tokenizer, fmt)
+    return cfg, DataStream(cfg.data, tok, special_token_ids(tok, fmt), tile_size(cfg.model.preset),
                            tokens_per_tile(cfg.model.preset), n, cfg.seed, own_rows=[],
-                           log=lambda *a: print(*a, file=sys.stderr))  # skipped records, on stderr
+                           log=lambda *a: print(*a, file=sys.stderr), fmt=fmt)  # skipped records, on stderr
 
 
 def sequence_json(seq: PackedSequence) -> dict:

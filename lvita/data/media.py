@@ -13,6 +13,11 @@ per frame. Normalisation is InternViT's (ImageNet mean/std)::
     m = video_frame_count(vpath, max_frames=32, fps=1.0)              # decord metadata only
     v = video_tiles(vpath, 448, max_frames=32, fps=1.0)               # (m, 3, 448, 448) uint8
 
+Under ``model.format: longvita`` (``thumbnail_first=True``, ``layout="longvita"``) the same grid
+comes with the thumbnail first, and videos follow released Long-VITA's frame rules
+(:mod:`lvita.data.longvita`: its sampling step, natural-sorted frame folders at 1 fps, frames
+padded to a square with the mean colour before the resize).
+
 Media sources: a path, or an in-memory file (``io.BytesIO``, for images and videos embedded in
 parquet/arrow rows). A video may also be a directory of frame images, sorted by name (its frame rate
 is unknown, so ``fps`` cannot bound the sampling there: up to ``max_frames`` frames are taken).
@@ -37,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from lvita.data import longvita
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # as lvita.model.longvita.PIXEL_MEAN / PIXEL_STD
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -135,11 +142,12 @@ def _kept(n: int, keep, expect: int | None, name: str) -> list[int]:
 
 
 def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12, keep=None,
-                expect: int | None = None) -> torch.Tensor:
+                expect: int | None = None, thumbnail_first: bool = False) -> torch.Tensor:
     """-> (n, 3, tile, tile) uint8: grid tiles row-major, then the thumbnail last if n > 1
-    (InternVL's dynamic_preprocess with use_thumbnail=True). ``keep``: only these tile numbers, in
-    order (the grid is resized only if one of its tiles is kept, the thumbnail made only if kept).
-    ``expect``: the planned tile count; another count raises MediaError."""
+    (InternVL's dynamic_preprocess with use_thumbnail=True); ``thumbnail_first``: the thumbnail
+    first (released Long-VITA's order). ``keep``: only these tile numbers, in order (the grid is
+    resized only if one of its tiles is kept, the thumbnail made only if kept). ``expect``: the
+    planned tile count; another count raises MediaError."""
     with _open_image(path) as img:
         try:
             img = to_rgb(img)  # forces the full decode
@@ -148,9 +156,11 @@ def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12, keep=N
     cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
     grid = cols * rows
     keep = _kept(grid + (grid > 1), keep, expect, f"image {_name(path)}")
-    big = img.resize((cols * tile, rows * tile), Image.BICUBIC) if any(i < grid for i in keep) else None
-    out = [big.crop((i % cols * tile, i // cols * tile, (i % cols + 1) * tile, (i // cols + 1) * tile))
-           if i < grid else img.resize((tile, tile), Image.BICUBIC) for i in keep]
+    shift = 1 if thumbnail_first and grid > 1 else 0  # tile number of grid tile 0
+    cells = [i - shift if 0 <= i - shift < grid else None for i in keep]  # None: the thumbnail
+    big = img.resize((cols * tile, rows * tile), Image.BICUBIC) if any(c is not None for c in cells) else None
+    out = [big.crop((c % cols * tile, c // cols * tile, (c % cols + 1) * tile, (c // cols + 1) * tile))
+           if c is not None else img.resize((tile, tile), Image.BICUBIC) for c in cells]
     return _to_uint8(out) if out else torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
 
 
@@ -166,17 +176,31 @@ def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, f
     return [min(int(seg / 2 + seg * i), total_frames - 1) for i in range(n)]
 
 
-def _frame_files(path: Path) -> list[Path]:
+def _frame_files(path: Path, layout: str) -> list:
+    if layout == "longvita":
+        return longvita.folder_frames(path)
     return sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
 
 
-def _open_video(path):
+def _sampled(total: int, native: float, max_frames: int, fps: float, layout: str, folder: bool) -> list[int]:
+    """The frame numbers a video's tiles come from, by the model format's rule."""
+    if layout != "longvita":
+        return video_frame_indices(total, native, max_frames, fps)
+    try:
+        return (longvita.folder_indices(total, max_frames, fps) if folder
+                else longvita.video_indices(total, native, max_frames, fps))
+    except ValueError as e:
+        raise MediaError(str(e)) from None
+
+
+def _open_video(path, layout: str = "internvl"):
     """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
     if not isinstance(path, io.IOBase):
         if Path(path).is_dir():
-            frames = _frame_files(Path(path))
+            frames = _frame_files(Path(path), layout)
             if not frames:
-                raise MediaError(f"video directory {path} has no frame images ({', '.join(sorted(FRAME_SUFFIXES))})")
+                endings = (longvita.FOLDER_FRAME_ENDINGS if layout == "longvita" else sorted(FRAME_SUFFIXES))
+                raise MediaError(f"video directory {path} has no frame images ({', '.join(endings)})")
             return frames, len(frames), 0.0
         if not Path(path).is_file():
             raise MediaError(f"missing video {path}")
@@ -194,18 +218,23 @@ def _open_video(path):
     return vr, total, native
 
 
-def video_frame_count(path, max_frames: int, fps: float) -> int:
+def video_frame_count(path, max_frames: int, fps: float, layout: str = "internvl") -> int:
     """Frames ``video_tiles`` will return, from decord metadata only (no frame decoding)."""
-    _, total, native = _open_video(path)
-    return len(video_frame_indices(total, native, max_frames, fps))
+    vr, total, native = _open_video(path, layout)
+    return len(_sampled(total, native, max_frames, fps, layout, isinstance(vr, list)))
 
 
-def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect: int | None = None) -> torch.Tensor:
-    """-> (n, 3, tile, tile) uint8: the sampled frames, each resized to one tile (no dynamic tiling).
-    ``keep``: only these sampled frames (tile numbers), the others are not decoded; ``expect``:
-    the planned frame count; another count raises MediaError."""
-    vr, total, native = _open_video(path)
-    idx = video_frame_indices(total, native, max_frames, fps)
+def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect: int | None = None,
+                layout: str = "internvl") -> torch.Tensor:
+    """-> (n, 3, tile, tile) uint8: the sampled frames, each one tile (no dynamic tiling): resized
+    (``layout="internvl"``) or padded to a square with the mean colour, then resized
+    (``"longvita"``, with the official sampling: :mod:`lvita.data.longvita`). ``keep``: only these
+    sampled frames (tile numbers), the others are not decoded; ``expect``: the planned frame count;
+    another count raises MediaError."""
+    vr, total, native = _open_video(path, layout)
+    idx = _sampled(total, native, max_frames, fps, layout, isinstance(vr, list))
+    fit = ((lambda im: longvita.pad_to_square(im, tile)) if layout == "longvita"
+           else (lambda im: im.resize((tile, tile), Image.BICUBIC)))
     idx = [idx[i] for i in _kept(len(idx), keep, expect, f"video {_name(path)}")]
     if not idx:
         return torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
@@ -214,7 +243,7 @@ def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect:
         for i in idx:
             with _open_image(vr[i]) as im:
                 try:
-                    out.append(to_rgb(im).resize((tile, tile), Image.BICUBIC))
+                    out.append(fit(to_rgb(im)))
                 except Exception as e:
                     raise MediaError(f"cannot decode frame {vr[i]}: {e}") from None
         return _to_uint8(out)
@@ -222,7 +251,7 @@ def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect:
         frames = vr.get_batch(idx).asnumpy()
     except Exception as e:
         raise MediaError(f"cannot decode video {_name(path)}: {e}") from None
-    return _to_uint8([Image.fromarray(f).convert("RGB").resize((tile, tile), Image.BICUBIC) for f in frames])
+    return _to_uint8([fit(Image.fromarray(f).convert("RGB")) for f in frames])
 
 
 def normalise(tiles_uint8: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 from lvita.config.schema import DataConfig
 from lvita.data.formats import normalise, resolve_placeholders
-from lvita.data.media import MediaError, image_size, tile_count, video_frame_count
+from lvita.data import longvita
+from lvita.data.media import MediaError, image_size, tile_count, tile_grid, video_frame_count
 from lvita.data.packer import SamplePlan
 from lvita.data.sources import Record
 from lvita.data.template import IGNORE, PLACEHOLDER, SampleError, encode_conversation
@@ -67,8 +68,20 @@ def _bytes_of(sample, ref: Embedded) -> io.BytesIO:
 
 
 class Planner:
-    def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int):
+    """``fmt``: the model format (``model.format``): "internvl" (one ``<img>`` run per image, grid
+    then thumbnail, ``data.max_tiles`` shared out between a sample's images) or "longvita" (the
+    released layout, :mod:`lvita.data.longvita`: every image up to ``data.max_tiles``)."""
+
+    def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int,
+                 fmt: str = "internvl"):
         self.cfg, self.tok, self.specials, self.tile, self.tpt = data, tokenizer, specials, tile, tokens_per_tile
+        self.fmt = fmt
+
+    def _image_tokens(self, media: list[tuple], sizes: dict) -> int:
+        """Tokens the images of ``media`` take in the sequence (markers, context runs, row newlines)."""
+        newline = len(self.tok("\n", add_special_tokens=False)["input_ids"])
+        return sum(_image_tokens_of(self.fmt, m[-1], *tile_grid(*sizes[m[1]], self.cfg.min_tiles, m[2], self.tile),
+                                    self.tpt, newline) for m in media if m[0] == "image")
 
     def media_source(self, ref, read_at):
         """A path, or the embedded bytes (read again through ``read_at(source, cursor) -> Record``)."""
@@ -95,7 +108,8 @@ class Planner:
         src = lambda p: _bytes_of(sample, p) if isinstance(p, Embedded) else p  # noqa: E731
         # Header reads once per medium: image sizes and video frame counts.
         sizes = {p: image_size(src(p)) for k, p in paths if k == "image"}
-        frames = {p: video_frame_count(src(p), cfg.max_frames, cfg.video_fps) for k, p in paths if k == "video"}
+        frames = {p: video_frame_count(src(p), cfg.max_frames, cfg.video_fps, self.fmt)
+                  for k, p in paths if k == "video"}
         L = cfg.seq_length
 
         def media_at(max_tiles: int) -> list[tuple]:
@@ -103,21 +117,26 @@ class Planner:
                     if k == "image" else ("video", p, cfg.max_frames, cfg.video_fps, frames[p]) for k, p in paths]
 
         def encode(media: list[tuple]) -> tuple[list[int], list[int]]:
+            if self.fmt == "longvita":
+                return longvita.encode_conversation(messages, self.tok, self.specials, cfg.system_prompt, [
+                    ("image", *tile_grid(*sizes[m[1]], cfg.min_tiles, m[2], self.tile)) if m[0] == "image"
+                    else ("video", m[-1]) for m in media], self.tpt)
             groups = [[self.tpt * m[-1]] if m[0] == "image" else [self.tpt] * m[-1] for m in media]
             return encode_conversation(messages, self.tok, self.specials, cfg.system_prompt, groups)
 
-        # InternVL's share of tiles per image (max_tiles // images), then halved down to min_tiles
-        # while the sample is too long: tiles are reduced before a sample is dropped. Only image
-        # tokens change between budgets, so the text is tokenised once more at most.
+        # InternVL's share of tiles per image (max_tiles // images); the released Long-VITA layout
+        # gives every image max_tiles. Then halved down to min_tiles while the sample is too long:
+        # tiles are reduced before a sample is dropped (a sample that fits keeps every tile). Only
+        # image tokens change between budgets, so the text is tokenised once more at most.
         n_images = len(sizes)
-        share = max(cfg.min_tiles, cfg.max_tiles // max(n_images, 1))
+        share = cfg.max_tiles if self.fmt == "longvita" else max(cfg.min_tiles, cfg.max_tiles // max(n_images, 1))
         media = media_at(share)
         ids, targets = encode(media)
         if len(ids) > L and n_images:
-            tiles = sum(m[-1] for m in media if m[0] == "image")
+            text = len(ids) - self._image_tokens(media, sizes)
             for max_tiles in _tile_budgets(share, cfg.min_tiles)[1:]:
                 fewer = media_at(max_tiles)
-                if len(ids) - self.tpt * (tiles - sum(m[-1] for m in fewer if m[0] == "image")) <= L:
+                if text + self._image_tokens(fewer, sizes) <= L:
                     break
             media = fewer
             ids, targets = encode(media)
@@ -132,6 +151,12 @@ class Planner:
                                                          f"truncation no assistant token is left")
         return SamplePlan(record.source, str(raw.get("id", "?")), record.where, record.cursor, ids, targets, media,
                           full)
+
+
+def _image_tokens_of(fmt: str, tiles: int, cols: int, rows: int, tpt: int, newline: int) -> int:
+    if fmt == "longvita":  # thumbnail run, then per row a newline and per tile a <patch> run
+        return tpt + 2 + (rows * newline + cols * rows * (tpt + 2) if tiles > 1 else 0)
+    return tpt * tiles + 2
 
 
 def _tile_budgets(max_tiles: int, min_tiles: int) -> list[int]:

@@ -15,7 +15,10 @@ uint8 (the vision encoder normalises them on the device): 4x less host memory th
     batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles`` (uint8)
     state = stream.state_dict()              # exact position after the last batch returned
 
-Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders).
+Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders) in the
+model format's layout (``fmt``: ``model.format``; "longvita" is released Long-VITA's,
+:mod:`lvita.data.longvita`, whose tiles come thumbnail first and whose context runs use three ids,
+so ``PixelShare.image_token_id`` is then the tuple of them).
 Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
 media count mismatch, a URL or unknown media form, missing or unreadable media, too many images,
 too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
@@ -58,7 +61,7 @@ class PixelShare:
     sequence_rank: int = 0
     ulysses: int = 1
     ring: int = 1
-    image_token_id: int = -1
+    image_token_id: int | tuple[int, ...] = -1  # the context ids (longvita: <IMG_/PATCH_/VID_CONTEXT>)
 
     def tiles(self, seq: PackedSequence, tokens_per_tile: int) -> list[int] | None:
         """The tile numbers of ``seq`` to decode, sorted; None: all of them."""
@@ -73,13 +76,13 @@ class PixelShare:
 class DataStream:
     def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int,
                  global_batch: int, seed: int, own_rows=None, log=print, max_reported: int = 5,
-                 pixels: PixelShare = PixelShare()):
-        self.cfg, self.tok, self.specials = data, tokenizer, specials
+                 pixels: PixelShare = PixelShare(), fmt: str = "internvl"):
+        self.cfg, self.tok, self.specials, self.fmt = data, tokenizer, specials, fmt
         self.tile, self.tpt, self.global_batch, self.log = tile, tokens_per_tile, global_batch, log
         self.own_rows = set(range(global_batch) if own_rows is None else own_rows)
         self.pixels = pixels
         self.mixture = Mixture(data, seed)
-        self.planner = Planner(data, tokenizer, specials, tile, tokens_per_tile)
+        self.planner = Planner(data, tokenizer, specials, tile, tokens_per_tile, fmt)
         self._local = threading.local()  # per decoding thread: its own readers (embedded media)
         self.packer = Packer(data.seq_length, data.pack_buffer, data.same_source)
         self.skipped: Counter = Counter()
@@ -152,9 +155,7 @@ class DataStream:
                 keeps.append(None if want is None else [t - off for t in want if off <= t < off + n])
                 off += n
             try:
-                tiles += [(image_tiles(self._source(m[1]), self.tile, self.cfg.min_tiles, m[2], keep, m[-1])
-                           if m[0] == "image" else video_tiles(self._source(m[1]), self.tile, m[2], m[3], keep, m[-1]))
-                          for m, keep in zip(s.media, keeps) if keep != []]
+                tiles += [self.media_tiles(m, keep) for m, keep in zip(s.media, keeps) if keep != []]
             except MediaError as e:
                 failed.append(i)
                 self.log(f"[data] {s.where}: {e}; the sample's tiles are blanked and its labels dropped")
@@ -163,6 +164,10 @@ class DataStream:
                              .expand(n, 3, self.tile, self.tile).clone())
         seq.tiles = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile, dtype=torch.uint8)
         return seq, failed
+
+    def media_tiles(self, m: tuple, keep=None) -> torch.Tensor:
+        """The uint8 tiles of one planned medium (``SamplePlan.media`` entry), in token order."""
+        return medium_tiles(m, self._source(m[1]), self.tile, self.cfg.min_tiles, self.fmt, keep)
 
     @staticmethod
     def drop_labels(rows: list[PackedSequence], failed) -> None:
@@ -231,6 +236,14 @@ class DataStream:
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def medium_tiles(m: tuple, source, tile: int, min_tiles: int, fmt: str, keep=None) -> torch.Tensor:
+    """(n, 3, tile, tile) uint8 of one planned medium (a ``SamplePlan.media`` entry) read from
+    ``source`` (its path or bytes), in the model format's token order; ``keep``: only these tiles."""
+    if m[0] == "image":
+        return image_tiles(source, tile, min_tiles, m[2], keep, m[-1], thumbnail_first=fmt == "longvita")
+    return video_tiles(source, tile, m[2], m[3], keep, m[-1], layout=fmt)
 
 
 def collate(seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

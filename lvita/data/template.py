@@ -1,5 +1,8 @@
 """Qwen2.5 ChatML template: conversation -> token ids + next-token targets on assistant turns.
 
+This is the ``model.format: internvl`` layout; released Long-VITA's (``longvita``) is
+:mod:`lvita.data.longvita`, which returns ids and targets of the same form.
+
 Owns the text side of a sample (record schemas are :mod:`lvita.data.formats`'s). ``<image>`` /
 ``<video>`` placeholders expand to ``<img>`` + tokens x ``<IMG_CONTEXT>`` + ``</img>`` per tile
 group. Only assistant content and its ``<|im_end|>`` are learned; the returned ``targets[t]`` is

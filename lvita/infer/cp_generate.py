@@ -162,7 +162,7 @@ def join(args) -> tuple[int, str]:
     return dist.get_rank(), device
 
 
-def generator(args, preset: str, specials: dict):
+def generator(args, preset, specials: dict):
     """A function with :func:`lvita.generate.generate`'s signature decoding over all ranks."""
     from functools import partial
 
@@ -170,5 +170,5 @@ def generator(args, preset: str, specials: dict):
     from lvita.parallel.topology import build_topology
 
     topo = build_topology(1, ulysses=args.sp // args.ring, ring=args.ring)
-    cp = ContextParallel(topo, tokens_per_tile(preset), specials["img_context"])
+    cp = ContextParallel(topo, tokens_per_tile(preset), specials.get("context", specials["img_context"]))
     return partial(cp_generate, cp=cp, mode=args.mode)

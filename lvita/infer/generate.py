@@ -1,12 +1,14 @@
 """Greedy generation on one device with a KV cache: a trained Long-VITA answers a prompt.
 
 Owns inference for the plain :class:`lvita.model.longvita.LongVita`: loading it from an lvita
-checkpoint or a Hugging Face InternVL directory (:func:`load_model`) and greedy decoding
+checkpoint, a directory in the released Long-VITA layout or a Hugging Face InternVL directory
+(:func:`load_model`) and greedy decoding
 (:func:`lvita.infer.decode.generate`) of prompts built as training builds samples
 (:mod:`lvita.infer.prompt`), from the command line::
 
     python -m lvita.generate --model runs/stage4 --image cat.png --prompt "What is in the picture?"
     python -m lvita.generate --model export/long-vita-hf --messages chat.json --max-new-tokens 64
+    python -m lvita.generate --model hf/Long-VITA-128K_HF --prompt "Hi" --json   # {"tokens": [...], "text": ...}
     model, tok, specials, preset = load_model("runs/stage4")
     p = build_prompt(messages, tok, specials, preset, images=["cat.png"])
     gen = generate(model, p.input_ids, p.pixel_values, specials, max_new_tokens=64)  # gen.tokens, gen.stop
@@ -31,44 +33,40 @@ from lvita.data.media import MediaError
 from lvita.data.template import PLACEHOLDER, template_system_prompt
 from lvita.infer.decode import Generation, generate
 from lvita.infer.prompt import DEFAULTS, MediaOptions, build_prompt
-from lvita.model.presets import PRESETS, llm_config, vision_config
 
 NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
-               "lvita_manifest.json) or a Hugging Face InternVL directory (config.json + *.safetensors)")
-_SHAPES = {"vision": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "image_size", "patch_size"),
-           "text": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "vocab_size")}
+               "lvita_manifest.json), a directory in the released Long-VITA layout (config.json with model_type "
+               "long_vita + *.safetensors) or a Hugging Face InternVL directory (config.json + *.safetensors)")
 
 
-def preset_of_hf_config(raw: dict, where: str) -> str:
-    """The preset whose vision and text shapes equal those of an HF InternVL config.json."""
-    from transformers import InternVLConfig
+def spec_of_hf_config(raw: dict, where: str):
+    """The model description (shapes + format) of an HF config.json: the released Long-VITA layout
+    (model_type long_vita) or InternVL's (internvl); anything else is a CheckpointError."""
+    from lvita.model.presets import spec_of_config
 
-    if not isinstance(raw, dict) or raw.get("model_type") != "internvl":
+    if not isinstance(raw, dict) or raw.get("model_type") not in ("internvl", "long_vita"):
         kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"--model {where}: config.json has model_type {kind!r}; {NOT_A_MODEL}")
-    pair = lambda x: [x, x] if isinstance(x, int) else list(x)  # noqa: E731
-    shapes = lambda vision, text: {  # noqa: E731
-        f"{part}.{k}": pair(getattr(c, k)) if k in ("image_size", "patch_size") else getattr(c, k)
-        for part, c in (("vision", vision), ("text", text)) for k in _SHAPES[part]}
-    cfg = InternVLConfig.from_dict(raw)
-    got = shapes(cfg.vision_config, cfg.text_config)
-    if not (fits := [n for n in PRESETS if shapes(vision_config(n), llm_config(n)) == got]):
-        raise CheckpointError(f"--model {where}: no preset in lvita/model/presets.py has its shapes ({got})")
-    return fits[0]
+    try:
+        return spec_of_config(raw, where)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--model {where}: config.json does not describe a model lvita can build ({e})") from None
 
 
 def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokenizer=None):
-    """-> (LongVita in eval mode without grads, tokenizer, special token ids, preset name).
+    """-> (LongVita in eval mode without grads, tokenizer, special token ids, model description).
 
     ``model_dir``: an lvita checkpoint (output_dir, checkpoints/ or global_step<N>; tokenizer from its
-    manifest) or an HF InternVL directory as :func:`lvita.ckpt.hf.write_hf_dir` writes it (preset from
-    config.json); ``tokenizer`` overrides. ``dtype`` None: float32 on CPU, else bfloat16. Not a
-    model: CheckpointError (a FileNotFoundError) naming the path and what was expected.
+    manifest), a directory in the released Long-VITA layout (``model_type: long_vita``), or an HF
+    InternVL directory as :func:`lvita.ckpt.hf.write_hf_dir` writes it (shapes from config.json);
+    ``tokenizer`` overrides. The special ids gain ``context``: the format's context placeholder ids.
+    ``dtype`` None: float32 on CPU, else bfloat16. Not a model: CheckpointError (a
+    FileNotFoundError) naming the path and what was expected.
     """
     from lvita.model.longvita import LongVita
+    from lvita.model.presets import context_token_ids
     from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.ckpt.checkpoint import manifest_spec
     from lvita.ckpt.weights import init_from
 
     path = Path(model_dir)
@@ -80,24 +78,23 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
             raw = json.loads((path / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"--model {path}: config.json is unreadable ({e}); {NOT_A_MODEL}") from None
-        preset, tok_path = preset_of_hf_config(raw, str(path)), tokenizer or path
+        spec, tok_path = spec_of_hf_config(raw, str(path)), tokenizer or path
     else:
         try:
             found = locate(path, "--model")
         except CheckpointError as e:
             raise CheckpointError(f"--model {path}: not a model directory: {NOT_A_MODEL} ({e})") from None
-        path, preset, tok_path = found.tag_dir, found.manifest.get("preset"), tokenizer or found.manifest.get(
-            "tokenizer_path")
-        if preset not in PRESETS:
-            raise CheckpointError(f"--model {path}: its manifest names no known preset ({preset!r})")
+        path, tok_path = found.tag_dir, tokenizer or found.manifest.get("tokenizer_path")
+        spec = manifest_spec(found.manifest, f"--model {path}")
         if not tok_path or not Path(tok_path).is_dir():
             raise CheckpointError(f"--model {path}: its tokenizer ({tok_path}) is not there; pass --tokenizer DIR")
-    specials = special_token_ids(tok := load_tokenizer(tok_path))
+    tok = load_tokenizer(tok_path, spec.format)  # longvita: the 17 official added tokens, released ids
+    specials = dict(special_token_ids(tok, spec.format), context=context_token_ids(tok.get_vocab(), spec))
     with torch.device(device):
-        model = LongVita(preset, specials["img_context"], seed=0)
-    init_from(model, str(path), preset, tokenizer_fingerprint(tok))
+        model = LongVita(spec, specials["context"], seed=0)
+    init_from(model, str(path), spec, tokenizer_fingerprint(tok))
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    return model.to(dtype).eval().requires_grad_(False), tok, specials, preset
+    return model.to(dtype).eval().requires_grad_(False), tok, specials, spec
 
 
 def answer(model, tok, specials: dict, preset: str, messages, images=(), videos=(), max_new_tokens: int = 256,
@@ -149,6 +146,12 @@ def model_system_prompt(model_dir, tok) -> str | None:
     chat template adds it (lvita's exports add the stage's, Qwen2.5's adds its own)."""
     path = Path(model_dir)
     if (path / "config.json").is_file():
+        try:
+            released = json.loads((path / "config.json").read_text()).get("model_type") == "long_vita"
+        except (OSError, ValueError, AttributeError):
+            released = False
+        if released:  # the released model trained with no system prompt; VLMEvalKit's wrapper adds none
+            return None
         return template_system_prompt(tok, DEFAULTS.system_prompt)
     return saved_system_prompt(locate(path, "--model").manifest)
 
@@ -178,6 +181,8 @@ def main(argv=None) -> int:
     src.add_argument("--messages", help="JSON file: a list of {role, content} ending with the user's turn")
     ap.add_argument("--image", action="append", default=[], metavar="PATH")
     ap.add_argument("--video", action="append", default=[], metavar="PATH")
+    ap.add_argument("--json", action="store_true",
+                    help='print one JSON line {"tokens": [generated ids], "text": the decoded answer}')
     args = ap.parse_args(argv)
     try:
         opts = options(args)
@@ -194,13 +199,13 @@ def main(argv=None) -> int:
             if missing := [p for p in paths if not Path(p).is_file()]:
                 raise MediaError(f"missing {kind} {missing[0]}")
         model, tok, specials, preset, decode, rank = load_for_args(args, opts)
-        text, _ = answer(model, tok, specials, preset, messages, args.image, args.video, decode=decode, **opts)
+        text, gen = answer(model, tok, specials, preset, messages, args.image, args.video, decode=decode, **opts)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, SampleError, MediaError, ContextError
         if os.environ.get("RANK", "0") == "0":
             print(f"lvita generate: error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        print(text)
+        print(json.dumps({"tokens": [int(t) for t in gen.tokens], "text": text}) if args.json else text)
     return 0
 
 

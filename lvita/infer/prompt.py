@@ -2,8 +2,9 @@
 
 Owns what a model sees when asked a question: ChatML ids from :mod:`lvita.data.template`, the
 media's tiles from :mod:`lvita.data.media` with the data stream's tile budget (tiles per image
-start at ``max_tiles // n_images`` and halve while the prompt is too long), then an open
-assistant turn. Used by :mod:`lvita.generate` and :mod:`lvita.eval`.
+start at ``max_tiles // n_images``, or ``max_tiles`` for every image under ``model.format:
+longvita``, and halve while the prompt is too long), then an open assistant turn. Under longvita
+the ids and tiles follow released Long-VITA's layout (:mod:`lvita.data.longvita`). Used by :mod:`lvita.generate` and :mod:`lvita.eval`.
 
     p = build_prompt([{"role": "user", "content": "<image>\nWhat is this?"}], tok, specials, "tiny", ["a.png"])
     p.input_ids, p.pixel_values          # ids ending in "<|im_start|>assistant\n", (N, 3, T, T)
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 
 from lvita.config.schema import DataConfig
-from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, video_frame_count,
-                              video_tiles)
+from lvita.data import longvita
+from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, tile_grid,
+                              video_frame_count, video_tiles)
 from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation
-from lvita.model.presets import llm_config, tile_size, tokens_per_tile
+from lvita.model.presets import llm_config, spec_of, tile_size, tokens_per_tile
 
 DEFAULTS = DataConfig()  # training's media and system-prompt defaults
 
@@ -85,20 +87,26 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
         raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
                                                   f"{len(images)} images / {len(videos)} videos")
     tile, tpt = tile_size(preset), tokens_per_tile(preset)
+    fmt = spec_of(preset).format  # longvita: released Long-VITA's layout (lvita.data.longvita), as training
     files = {"<image>": iter(map(Path, images)), "<video>": iter(map(Path, videos))}
     order = [(ph[1:-1], next(files[ph])) for ph in PLACEHOLDER.findall(text)]
     sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
-    frames = {p: video_frame_count(p, media.max_frames, media.video_fps) for k, p in order if k == "video"}
+    frames = {p: video_frame_count(p, media.max_frames, media.video_fps, fmt) for k, p in order if k == "video"}
     opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
     limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
-    budgets = [max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
+    budgets = [media.max_tiles if fmt == "longvita" else max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
     while sizes and budgets[-1] > media.min_tiles:  # as lvita.data.stream's _tile_budgets
         budgets.append(max(media.min_tiles, budgets[-1] // 2))
     for budget in budgets:
         plan = [("image", p, budget, tile_count(*sizes[p], media.min_tiles, budget, tile)) if k == "image"
                 else ("video", p, frames[p]) for k, p in order]
-        groups = [[tpt * m[3]] if m[0] == "image" else [tpt] * m[2] for m in plan]
-        ids = encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
+        if fmt == "longvita":
+            runs = [("image", *tile_grid(*sizes[m[1]], media.min_tiles, m[2], tile)) if m[0] == "image"
+                    else ("video", m[2]) for m in plan]
+            ids = longvita.encode_conversation(messages, tok, specials, system_prompt, runs, tpt)[0] + opening
+        else:
+            groups = [[tpt * m[3]] if m[0] == "image" else [tpt] * m[2] for m in plan]
+            ids = encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
         if len(ids) <= limit:
             break
     else:
@@ -106,8 +114,8 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
                            if sizes else "") + f"; the context limit is {limit + 1} tokens (--max-context)")
     tiles = []
     for m in plan:
-        got = (image_tiles(m[1], tile, media.min_tiles, m[2]) if m[0] == "image"
-               else video_tiles(m[1], tile, media.max_frames, media.video_fps))
+        got = (image_tiles(m[1], tile, media.min_tiles, m[2], thumbnail_first=fmt == "longvita") if m[0] == "image"
+               else video_tiles(m[1], tile, media.max_frames, media.video_fps, layout=fmt))
         if got.shape[0] != m[-1]:
             raise MediaError(f"{m[1]}: decoded {got.shape[0]} tiles, its header promised {m[-1]}")
         tiles.append(normalise(got))

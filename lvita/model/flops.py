@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 
 from lvita.model.attention import cu_seqlens_from_position_ids
-from lvita.model.presets import check_preset, llm_config, tokens_per_tile, vision_config
+from lvita.model.presets import llm_config, spec_of, tokens_per_tile, vision_config
 
 # Dense bf16 peak TFLOPs by device name (first match wins); override with train.peak_tflops.
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200", 989.0),
@@ -66,18 +66,20 @@ class Shapes:
     head_dim: int
     v_heads: int
     tile: int  # tile side in pixels
+    proj_mid: int = 0  # the projector's middle width: the LLM's hidden (internvl), the ViT's (longvita)
 
     @classmethod
-    @lru_cache(maxsize=None)  # once per preset, not once per training step
-    def of(cls, preset: str) -> "Shapes":
-        check_preset(preset)
-        lc, vc = llm_config(preset), vision_config(preset)
+    @lru_cache(maxsize=None)  # once per model description, not once per training step
+    def of(cls, preset) -> "Shapes":
+        spec = spec_of(preset)
+        lc, vc = llm_config(spec), vision_config(spec)
         d = lc.hidden_size // lc.num_attention_heads
         patches = (vc.image_size[0] // vc.patch_size[0]) * (vc.image_size[1] // vc.patch_size[1])
         return cls(lc.hidden_size, lc.num_attention_heads * d, lc.num_key_value_heads * d, lc.intermediate_size,
                    lc.num_hidden_layers, lc.vocab_size, vc.hidden_size, vc.intermediate_size,
                    vc.num_hidden_layers, patches + 1, 3 * vc.patch_size[0] * vc.patch_size[1],
-                   tokens_per_tile(preset), lc.num_attention_heads, d, vc.num_attention_heads, vc.image_size[0])
+                   tokens_per_tile(spec), lc.num_attention_heads, d, vc.num_attention_heads, vc.image_size[0],
+                   vc.hidden_size if spec.format == "longvita" else lc.hidden_size)
 
 
 def causal_pairs(lengths) -> int:
@@ -101,7 +103,7 @@ def sequence_flops(s: Shapes, trainable, tokens: int, pairs: int, tiles: int, la
     vision = tiles * (2 * (s.v_tokens - 1) * s.patch_in * s.v_hidden * mult(False, tv)
                       + s.v_layers * (vit_layer * mult(tv, tv) + vit_attn * mult(2 * tv, False)))
     proj_in = 4 * s.v_hidden  # pixel shuffle: 4 patches per token; a LayerNorm (projector weights) comes first
-    projector = tiles * 2 * s.tile_tokens * (proj_in + s.hidden) * s.hidden * mult(tv or tp, tp)
+    projector = tiles * 2 * s.tile_tokens * (proj_in + s.hidden) * s.proj_mid * mult(tv or tp, tp)
     upstream = tv or tp or tl  # something before the decoder trains: gradients flow through it
     layer = 2 * tokens * (2 * s.hidden * s.q + 2 * s.hidden * s.kv + 3 * s.hidden * s.inter)
     decoder = s.layers * (layer * mult(upstream, tl) + 4 * s.q * pairs * mult(2 * upstream, False))
@@ -109,7 +111,7 @@ def sequence_flops(s: Shapes, trainable, tokens: int, pairs: int, tiles: int, la
     return {"vision": vision, "projector": projector, "decoder": decoder, "head": head}
 
 
-def step_flops(preset: str, trainable, batch) -> float:
+def step_flops(preset, trainable, batch) -> float:
     """Model FLOPs of one optimizer step over ``batch`` (the global batch's PackedSequences)."""
     s, total = Shapes.of(preset), 0.0
     for seq in batch:

@@ -3,14 +3,19 @@
 Owns the model's blocks, each usable alone so the pipeline can wrap them one by one:
 
 - :class:`VisionEncoder`: transformers ``InternVLVisionModel`` (CLS token dropped) -> pixel
-  shuffle (0.5) -> projector LayerNorm/Linear/GELU/Linear, exactly as InternVL.
-- :class:`MultimodalEmbedding`: token embeddings with image features spliced in at the
-  ``<IMG_CONTEXT>`` placeholders (a count mismatch is an error).
+  shuffle (0.5) -> the format's projector: :class:`ResamplerProjector` (``longvita``, the released
+  one) or :class:`Projector` (``internvl``, InternVL's).
+- :class:`MultimodalEmbedding`: token embeddings with image features spliced in at the context
+  placeholders (``<IMG_CONTEXT>``; under ``longvita`` also ``<PATCH_CONTEXT>`` and ``<VID_CONTEXT>``),
+  in order (a count mismatch is an error).
 - :class:`DecoderLayer`: one transformers ``Qwen2DecoderLayer`` with its own rotary embedding;
   attention goes through :mod:`lvita.model.attention` so parallelism can replace it.
 - :class:`LMHead`: final RMSNorm + LM head; the loss runs the head only on labelled positions,
   ``logits_chunk`` at a time (:mod:`lvita.model.lm_head`), so its memory never grows with
   sequence x vocabulary.
+
+The first argument of every block is the model's description (:class:`lvita.model.presets.ModelSpec`,
+shapes + format) or a preset name (that preset in its own format).
 
 Run: ``LongVita("tiny", image_token_id=5)(input_ids, position_ids, pixel_values, labels)`` returns
 (sum of token cross-entropies, number of labelled tokens). Labels are already aligned with the
@@ -32,7 +37,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 
 from lvita.model import attention
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK, IGNORE_INDEX, chunked_cross_entropy_sum, full_cross_entropy_sum
-from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, vision_config
+from lvita.model.presets import DOWNSAMPLE_RATIO, ModelSpec, llm_config, spec_of, vision_config
 
 _ROPE, _BOUNDARIES = attention.TensorCache(), attention.TensorCache()
 
@@ -56,6 +61,8 @@ def pixel_shuffle(x: torch.Tensor, scale: float = DOWNSAMPLE_RATIO) -> torch.Ten
 
 
 class Projector(nn.Module):
+    """InternVL's projector (``model.format: internvl``): LayerNorm -> Linear -> GELU -> Linear, with biases."""
+
     def __init__(self, vision_hidden: int, llm_hidden: int):
         super().__init__()
         d = vision_hidden * int(1 / DOWNSAMPLE_RATIO) ** 2
@@ -66,6 +73,37 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
+
+
+class ResamplerProjector(nn.Module):
+    """The released Long-VITA projector (``model.format: longvita``; official ``resampler_projector.py``):
+    ``pre_proj_layernorm`` LayerNorm(4 x vision) -> ``mlp.0`` Linear(4 x vision -> vision, no bias) ->
+    GELU -> ``mlp.2`` Linear(vision -> LLM hidden, no bias); input already pixel-shuffled."""
+
+    def __init__(self, vision_hidden: int, llm_hidden: int):
+        super().__init__()
+        d = vision_hidden * int(1 / DOWNSAMPLE_RATIO) ** 2
+        self.pre_proj_layernorm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, vision_hidden, bias=False), nn.GELU(),
+                                 nn.Linear(vision_hidden, llm_hidden, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pre_proj_layernorm(x))
+
+
+PROJECTORS = {"internvl": Projector, "longvita": ResamplerProjector}
+
+
+def context_ids(ids: "int | tuple[int, ...] | list[int]") -> tuple[int, ...]:
+    """One placeholder id or several (longvita: <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>) -> a tuple."""
+    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)
+
+
+def is_context(input_ids: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """Where vision features go: positions holding any of the context ids."""
+    if len(ids) == 1:
+        return input_ids == ids[0]
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
 PIXEL_MEAN, PIXEL_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # InternViT's (ImageNet)
@@ -80,23 +118,25 @@ def normalise_pixels(tiles: torch.Tensor) -> torch.Tensor:
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, preset: str, checkpoint: bool = False):
+    def __init__(self, preset: "str | ModelSpec", checkpoint: bool = False):
         """``checkpoint``: recompute each InternViT layer (transformers' activation checkpointing) and
-        the projector in backward, so only layer inputs are kept per tile."""
+        the projector in backward, so only layer inputs are kept per tile. The projector is the
+        spec's format's (:data:`PROJECTORS`); its parameters live under ``multi_modal_projector``."""
         super().__init__()
-        vcfg, lcfg = vision_config(preset), llm_config(preset)
+        spec = spec_of(preset)
+        vcfg, lcfg = vision_config(spec), llm_config(spec)
         self.vision_tower = InternVLVisionModel(vcfg)
         if checkpoint:
             self.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
         self.checkpoint = checkpoint  # the projector too: its input is 4x wider than the LLM's hidden
-        self.multi_modal_projector = Projector(vcfg.hidden_size, lcfg.hidden_size)
+        self.multi_modal_projector = PROJECTORS[spec.format](vcfg.hidden_size, lcfg.hidden_size)
         _init_linear_and_embedding(self.multi_modal_projector, lcfg.initializer_range)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N tiles, 3, H, W) uint8 (normalised here) or normalised float -> (N, tokens_per_tile, llm_hidden)."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalise_pixels(pixel_values)
-        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        dtype = self.vision_tower.embeddings.patch_embeddings.projection.weight.dtype
         feats = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state[:, 1:]
         n, p, c = feats.shape
         side = int(p**0.5)
@@ -107,10 +147,12 @@ class VisionEncoder(nn.Module):
 
 
 class MultimodalEmbedding(nn.Module):
-    def __init__(self, preset: str, image_token_id: int, checkpoint: bool = False):
+    def __init__(self, preset: "str | ModelSpec", image_token_id: "int | tuple[int, ...]", checkpoint: bool = False):
+        """``image_token_id``: the placeholder id(s) whose positions take vision features, in order
+        (internvl: <IMG_CONTEXT>; longvita: <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>)."""
         super().__init__()
         lcfg = llm_config(preset)
-        self.image_token_id = image_token_id
+        self.image_token_id = context_ids(image_token_id)
         self.vision = VisionEncoder(preset, checkpoint)
         self.embed_tokens = nn.Embedding(lcfg.vocab_size, lcfg.hidden_size)
         _init_linear_and_embedding(self.embed_tokens, lcfg.initializer_range)
@@ -125,11 +167,11 @@ class MultimodalEmbedding(nn.Module):
         only partly used). None: the tiles fill the placeholders exactly, in order.
         """
         hidden = self.embed_tokens(input_ids)
-        is_image = input_ids == self.image_token_id
+        is_image = is_context(input_ids, self.image_token_id)
         n_slots = int(is_image.sum())
         if pixel_values.shape[0] == 0:
             if n_slots:
-                raise ValueError(f"{n_slots} <IMG_CONTEXT> tokens but no image tiles in the batch")
+                raise ValueError(f"{n_slots} image context tokens but no image tiles in the batch")
             if any(p.requires_grad for p in self.vision.parameters()) and torch.is_grad_enabled():
                 # Text-only batch with a trainable vision path: touch it so every rank has grads.
                 dummy = torch.zeros(1, 3, self.tile, self.tile, device=hidden.device)
@@ -144,7 +186,7 @@ class MultimodalEmbedding(nn.Module):
         if not fits:
             raise ValueError(
                 f"image features do not fit the placeholders: {pixel_values.shape[0]} tiles give "
-                f"{feats.shape[0]} feature tokens but the sequence has {n_slots} <IMG_CONTEXT> tokens"
+                f"{feats.shape[0]} feature tokens but the sequence has {n_slots} image context tokens"
                 + (f" and {feature_index.numel()} feature indices" if feature_index is not None else "")
             )
         if feature_index is not None:
@@ -153,7 +195,7 @@ class MultimodalEmbedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, preset: str, layer_idx: int, checkpoint: bool = False):
+    def __init__(self, preset: "str | ModelSpec", layer_idx: int, checkpoint: bool = False):
         super().__init__()
         cfg = llm_config(preset)
         self.layer = Qwen2DecoderLayer(cfg, layer_idx)
@@ -186,7 +228,7 @@ class LMHead(nn.Module):
     """Final RMSNorm + LM head. ``logits_chunk`` (``model.logits_chunk``): labelled tokens per
     chunk of the loss's logits (:mod:`lvita.model.lm_head`); 0 computes logits for every position."""
 
-    def __init__(self, preset: str, logits_chunk: int = DEFAULT_LOGITS_CHUNK):
+    def __init__(self, preset: "str | ModelSpec", logits_chunk: int = DEFAULT_LOGITS_CHUNK):
         super().__init__()
         cfg = llm_config(preset)
         self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -212,9 +254,10 @@ class LMHead(nn.Module):
         return loss, keep.sum()
 
 
-def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool = False,
-                 logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[nn.Module]:
+def build_blocks(preset: "str | ModelSpec", image_token_id: "int | tuple[int, ...]", seed: int,
+                 checkpoint: bool = False, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[nn.Module]:
     """All blocks in order, block i built right after ``torch.manual_seed(seed + i)``."""
+    preset = spec_of(preset)
     n_layers = llm_config(preset).num_hidden_layers
     makers = [lambda: MultimodalEmbedding(preset, image_token_id, checkpoint)]
     makers += [lambda i=i: DecoderLayer(preset, i, checkpoint) for i in range(n_layers)]
@@ -229,7 +272,8 @@ def build_blocks(preset: str, image_token_id: int, seed: int, checkpoint: bool =
 class LongVita(nn.Module):
     """The plain model: ``blocks[0]`` embeds, ``blocks[1:-1]`` decode, ``blocks[-1]`` is the head."""
 
-    def __init__(self, preset: str, image_token_id: int, seed: int = 0, checkpoint: bool = False,
+    def __init__(self, preset: "str | ModelSpec", image_token_id: "int | tuple[int, ...]", seed: int = 0,
+                 checkpoint: bool = False,
                  blocks: list[nn.Module] | None = None, logits_chunk: int = DEFAULT_LOGITS_CHUNK):
         super().__init__()
         blocks = blocks or build_blocks(preset, image_token_id, seed, checkpoint, logits_chunk)

@@ -123,7 +123,7 @@ def partition(specs: list[LayerSpec], num_stages: int, method: str = "parameters
     raise ValueError(f"parallel.partition_method '{method}': use parameters, uniform or type:REGEX")
 
 
-def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False,
+def layer_specs(preset, image_token_id, checkpoint: bool = False,
                 logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> list[LayerSpec]:
     n_layers = llm_config(preset).num_hidden_layers
     specs = [LayerSpec(EmbedPipe, preset, image_token_id, checkpoint)]
@@ -132,10 +132,12 @@ def layer_specs(preset: str, image_token_id: int, checkpoint: bool = False,
     return specs
 
 
-def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
+def build_pipeline(preset, image_token_id, seed: int, num_stages: int,
                    partition_method: str = "parameters", checkpoint: bool = False,
                    topology=None, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> PipelineModule:
     """The PipelineModule (torch.distributed must be initialised). Loss head is wired in.
+    ``preset``: the model's description (lvita.model.presets.ModelSpec) or a preset name;
+    ``image_token_id``: the context placeholder id(s) (lvita.model.presets.context_token_ids).
     ``topology``: a DeepSpeed PipeDataParallelTopology (lvita.parallel.topology), else pipe x data.
     ``logits_chunk``: model.logits_chunk, labelled tokens per chunk of the loss's logits."""
     loss = LabelledLoss()
@@ -160,7 +162,7 @@ def build_pipeline(preset: str, image_token_id: int, seed: int, num_stages: int,
     return module
 
 
-def to_sequential(preset: str, image_token_id: int, seed: int, checkpoint: bool = False,
+def to_sequential(preset, image_token_id, seed: int, checkpoint: bool = False,
                   logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> LongVita:
     """The plain single-device model with the same initial weights as :func:`build_pipeline`."""
     return LongVita(preset, image_token_id, seed=seed, checkpoint=checkpoint, logits_chunk=logits_chunk)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from lvita.model.longvita import context_ids, is_context
+
 
 def shard_spans(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> list[tuple[int, int]]:
     """Token ranges [a, b) of the full sequence held by ``sequence_rank``, in shard order."""
@@ -60,21 +62,21 @@ def shard_indices(seq_len: int, sequence_rank: int, ulysses: int, ring: int) -> 
     return torch.cat([torch.arange(a, b) for a, b in shard_spans(seq_len, sequence_rank, ulysses, ring)])
 
 
-def shard_tiles(ids: torch.Tensor, sequence_rank: int, ulysses: int, ring: int, image_token_id: int,
+def shard_tiles(ids: torch.Tensor, sequence_rank: int, ulysses: int, ring: int, image_token_id,
                 tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (S,) of one packed sequence -> (idx (S/sp,) token indices of the shard, tiles (n,) sorted
     numbers of the tiles whose placeholders fall in the shard, feature_index (k,) the row of each
     shard placeholder in the flattened features of those tiles). Pure index arithmetic: the data
     stream uses it to decode only these tiles."""
     idx = shard_indices(ids.shape[0], sequence_rank, ulysses, ring)
-    is_img = ids == image_token_id
+    is_img = is_context(ids, context_ids(image_token_id))  # one placeholder id, or the format's several
     feature = (torch.cumsum(is_img, 0) - 1)[idx][is_img[idx]]  # global feature number of each placeholder
     tiles = torch.unique(feature // tokens_per_tile)  # sorted
     feature_index = torch.searchsorted(tiles, feature // tokens_per_tile) * tokens_per_tile + feature % tokens_per_tile
     return idx, tiles, feature_index
 
 
-def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int, image_token_id: int,
+def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int, image_token_id,
                       tokens_per_tile: int) -> tuple:
     """((ids (1,S), pos (1,S), pix (N,3,T,T)), (targets (1,S), scale)) -> this rank's
     ((ids (1,S/sp), pos, pix (n,3,T,T), feature_index (k,)), (targets (1,S/sp), scale*sp)).
@@ -87,7 +89,7 @@ def shard_micro_batch(micro: tuple, sequence_rank: int, ulysses: int, ring: int,
     if B != 1:
         raise ValueError("sequence parallelism packs one sequence per micro-batch: set train.micro_batch=1")
     idx, tiles, feature_index = shard_tiles(ids[0], sequence_rank, ulysses, ring, image_token_id, tokens_per_tile)
-    total = int((ids[0] == image_token_id).sum()) // tokens_per_tile
+    total = int(is_context(ids[0], context_ids(image_token_id)).sum()) // tokens_per_tile
     if pix.shape[0] == total:
         pix = pix[tiles].contiguous()
     elif pix.shape[0] not in (0, tiles.numel()):

@@ -141,7 +141,7 @@ def run(cfg) -> list[float]:
     from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
-    from lvita.model.presets import llm_config, tile_size, tokens_per_tile
+    from lvita.model.presets import context_token_ids, llm_config, tile_size, tokens_per_tile
     from lvita.training.monitor import Monitor, cap_memory, check_memory_cap, peak_memory_gb, peak_reserved_gb
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
@@ -159,13 +159,15 @@ def run(cfg) -> list[float]:
         raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
-    tok = load_tokenizer(cfg.model.tokenizer)
-    specials = special_token_ids(tok)
-    vocab = llm_config(cfg.model.preset).vocab_size
+    spec = cfg.model.spec()  # the model's description, built once and passed down
+    tok = load_tokenizer(cfg.model.tokenizer, spec.format)  # longvita: the 17 official added tokens
+    specials = special_token_ids(tok, spec.format)
+    context = context_token_ids(tok.get_vocab(), spec)  # where vision features go
+    vocab = llm_config(spec).vocab_size
     if len(tok) > vocab:
         raise ValueError(f"model.tokenizer has {len(tok)} tokens but {cfg.model.preset} has vocab {vocab}")
     ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
-    info = {"name": cfg.name, "preset": cfg.model.preset, "precision": cfg.precision,
+    info = {"name": cfg.name, **checkpoint.model_info(spec), "precision": cfg.precision,
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
             "system_prompt": cfg.data.system_prompt,  # what inference and HF exports default to
             "layout": resume.layout_info(layout, world, ds_cfg.get("zero_optimization", {}).get("stage", 0))}
@@ -173,7 +175,7 @@ def run(cfg) -> list[float]:
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     for note in layout.notes:
         log(f"[{cfg.name}] warning: {note}")
-    plan = resume.plan(cfg, info["layout"], info["tokenizer"])  # checked before anything is written
+    plan = resume.plan(cfg, info["layout"], info["tokenizer"], spec)  # checked before anything is written
     if plan and plan.universal:
         resume.ensure_universal(plan.found.tag_dir, rank, log)  # before the process group: no timeout
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -192,7 +194,7 @@ def run(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     t_build = time.perf_counter()
     with cuda or contextlib.nullcontext():  # random init on the GPU: seconds, not tens of seconds on the host
-        module = build_pipeline(cfg.model.preset, specials["img_context"], cfg.seed, layout.pipeline,
+        module = build_pipeline(spec, context, cfg.seed, layout.pipeline,
                             cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed,
                                 logits_chunk=cfg.model.logits_chunk)
     log(f"[{cfg.name}] built and initialised the model on {cuda or 'cpu'} in {time.perf_counter() - t_build:.1f}s")
@@ -201,7 +203,7 @@ def run(cfg) -> list[float]:
     for line in apply_levers(module, cfg.model):
         log(f"[{cfg.name}] memory lever: {line}")
     if cfg.model.init_from and not plan:
-        where = weights.init_from(module, cfg.model.init_from, cfg.model.preset, info["tokenizer"])
+        where = weights.init_from(module, cfg.model.init_from, spec, info["tokenizer"])
         log(f"[{cfg.name}] initialised weights from {where}")
     trainable = freeze(module, cfg.model.trainable)
     groups = param_groups(module, cfg.train)
@@ -214,13 +216,13 @@ def run(cfg) -> list[float]:
     guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
 
-    tpt = tokens_per_tile(cfg.model.preset)
+    tpt = tokens_per_tile(spec)
     # Decode only what this rank consumes: pixels on pipeline stage 0 only, its sequence shard's tiles.
     stage0 = topo.deepspeed.get_coord(rank).pipe == 0
-    pixels = PixelShare(stage0, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"])
-    stream = DataStream(cfg.data, tok, specials, tile_size(cfg.model.preset), tpt, cfg.train.global_batch,
+    pixels = PixelShare(stage0, topo.sequence_rank, layout.ulysses, layout.ring, context)
+    stream = DataStream(cfg.data, tok, specials, tile_size(spec), tpt, cfg.train.global_batch,
                         cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
-                        log=log, pixels=pixels)
+                        log=log, pixels=pixels, fmt=spec.format)
     device = torch.device(engine.device) if stage0 and torch.cuda.is_available() else None  # pixels go ahead
     start = 0
     if plan:
@@ -262,7 +264,7 @@ def run(cfg) -> list[float]:
         batch = stream.next_global_batch(agree=agree_on_failures)
         micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
         if layout.sequence > 1:
-            micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, specials["img_context"],
+            micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, context,
                                        tpt) for m in micro]
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
@@ -271,7 +273,7 @@ def run(cfg) -> list[float]:
         losses.append(loss)
         check_memory_cap(cfg.train.memory_cap_gb)
         tokens = sum(s.input_ids.numel() for s in batch)
-        tflops = step_flops(cfg.model.preset, cfg.model.trainable, batch) / step_time / world / 1e12
+        tflops = step_flops(spec, cfg.model.trainable, batch) / step_time / world / 1e12
         gn = engine.get_global_grad_norm()
         # one all-reduce: every rank stops (or not) and counts the step as skipped (or not) together
         reason, bad = stopper.agree(step_time, guard.skipped(engine))
