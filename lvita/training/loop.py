@@ -194,9 +194,8 @@ def run(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     t_build = time.perf_counter()
     with cuda or contextlib.nullcontext():  # random init on the GPU: seconds, not tens of seconds on the host
-        module = build_pipeline(spec, context, cfg.seed, layout.pipeline,
-                            cfg.parallel.partition_method, cfg.model.activation_checkpointing, topo.deepspeed,
-                                logits_chunk=cfg.model.logits_chunk)
+        module = build_pipeline(spec, context, cfg.seed, layout.pipeline, cfg.parallel.partition_method,
+                                cfg.model.activation_checkpointing, topo.deepspeed, logits_chunk=cfg.model.logits_chunk)
     log(f"[{cfg.name}] built and initialised the model on {cuda or 'cpu'} in {time.perf_counter() - t_build:.1f}s")
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
