@@ -66,14 +66,14 @@ def test_chunked_loss_and_gradients_equal_the_full_head(chunk):
 def test_bf16_gradients_come_back_in_bf16_and_match():
     normed, weight, labels = _inputs(seed=1, dtype=torch.bfloat16)
     ref_loss, ref_h, ref_w = _loss_and_grads(normed, weight, labels, 0)
-    # noise: fp32 accumulation of dW over chunks vs one bf16 matmul: ~1 bf16 ulp (3.9e-3) of the largest
-    # entry; bug: as for fp32 (a dropped chunk >= 1e-3 of the loss, which is fp32 here: 1e-5), gradients
-    # in the wrong dtype or unscaled (>= 2x); 1e-2 is 2.5 ulp
+    # noise: fp32 accumulation of dW over chunks vs one bf16 matmul: 4.35e-3 of the largest entry measured
+    # (1.1 bf16 ulps, the same at 1-2 threads and AVX2); bug: a dropped chunk (>= 1e-3 of the fp32 loss,
+    # checked at 1e-5) or gradients unscaled or doubled (>= 1x): 2e-2 is 4.6x over the noise
     for chunk in (1, 100):
         loss, grad_h, grad_w = _loss_and_grads(normed, weight, labels, chunk)
         assert loss.dtype == torch.float32 and within(abs(loss - ref_loss), 1e-5 * abs(ref_loss))
-        _close(grad_h, ref_h, rtol=1e-2, what="d normed (bf16)")
-        _close(grad_w, ref_w, rtol=1e-2, what="d lm_head.weight (bf16)")
+        _close(grad_h, ref_h, rtol=2e-2, what="d normed (bf16)")
+        _close(grad_w, ref_w, rtol=2e-2, what="d lm_head.weight (bf16)")
 
 
 @pytest.mark.parametrize("chunk", [0, 5])
