@@ -87,7 +87,7 @@ def adam(work: Path) -> None:
     for name, (variant, on) in ADAM_RUNS.items():
         out = work / name
         losses = run_world(_train_variant, 2, stage, ["parallel.pipeline=2", f"train.optimizer_offload={on}",
-                                                       f"output_dir={out}"], variant)[0]
+                                                       f"output_dir={out}"], variant, timeout=1800)[0]  # JIT builds
         runs[name] = losses, _layer_states(out / "checkpoints" / "global_step3")
         ref_losses, a = runs["adamw"]
         norm = element = 0.0
