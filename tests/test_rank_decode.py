@@ -146,8 +146,8 @@ def test_uint8_tiles_give_the_float_pipeline_loss(tok, video_dir):
         losses.append(loss.detach())
         grads.append(model.embed.vision.multi_modal_projector.linear_1.weight.grad.clone())
     # noise: the same normalisation, once on the host and once on the device after the uint8 copy:
-    # bit-identical on CPU; bug: pixels not normalised (0-255 instead of ~N(0, 1)) or another mean/std
-    # change every vision feature, estimated >= 1e-3 of the loss and >= 1e-2 of the gradient
+    # bit-identical on CPU; bug (measured on this batch): pixels not normalised (0-255, or /255 without
+    # mean/std) move the loss 9.5e-3 / 1.0e-2 and the projector's gradient 1.33 of its largest entry
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
 
