@@ -34,8 +34,9 @@ from pathlib import Path
 from PIL import Image
 
 from lvita.data.template import IGNORE, SampleError
+from lvita.model.presets import CONTEXT_TOKENS
 
-CONTEXT_NAMES = ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
+CONTEXT_NAMES = CONTEXT_TOKENS["longvita"]  # <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>
 PAD_COLOUR = tuple(int(m * 255) for m in (0.485, 0.456, 0.406))  # (123, 116, 103), as the official code
 FOLDER_FRAME_ENDINGS = ("png", "jpeg", "jpg")  # the official test: str.endswith, case-sensitive, no dot
 

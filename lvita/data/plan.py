@@ -76,12 +76,14 @@ class Planner:
                  fmt: str = "internvl"):
         self.cfg, self.tok, self.specials, self.tile, self.tpt = data, tokenizer, specials, tile, tokens_per_tile
         self.fmt = fmt
+        self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"] if fmt == "longvita" else []
 
     def _image_tokens(self, media: list[tuple], sizes: dict) -> int:
         """Tokens the images of ``media`` take in the sequence (markers, context runs, row newlines)."""
-        newline = len(self.tok("\n", add_special_tokens=False)["input_ids"])
-        return sum(_image_tokens_of(self.fmt, m[-1], *tile_grid(*sizes[m[1]], self.cfg.min_tiles, m[2], self.tile),
-                                    self.tpt, newline) for m in media if m[0] == "image")
+        if self.fmt != "longvita":
+            return sum(self.tpt * m[-1] + 2 for m in media if m[0] == "image")  # one <img> run per image
+        return sum(len(longvita.image_run(self.specials, *tile_grid(*sizes[m[1]], self.cfg.min_tiles, m[2], self.tile),
+                                          self.tpt, self.newline)) for m in media if m[0] == "image")
 
     def media_source(self, ref, read_at):
         """A path, or the embedded bytes (read again through ``read_at(source, cursor) -> Record``)."""
@@ -151,12 +153,6 @@ class Planner:
                                                          f"truncation no assistant token is left")
         return SamplePlan(record.source, str(raw.get("id", "?")), record.where, record.cursor, ids, targets, media,
                           full)
-
-
-def _image_tokens_of(fmt: str, tiles: int, cols: int, rows: int, tpt: int, newline: int) -> int:
-    if fmt == "longvita":  # thumbnail run, then per row a newline and per tile a <patch> run
-        return tpt + 2 + (rows * newline + cols * rows * (tpt + 2) if tiles > 1 else 0)
-    return tpt * tiles + 2
 
 
 def _tile_budgets(max_tiles: int, min_tiles: int) -> list[int]:
