@@ -81,8 +81,8 @@ class Suite:
         with open(self.out / "trials.log", "a") as f:
             f.write(f"\n===== {title}\n" + "\n".join(lines) + "\n")
 
-    def trial(self, fn, title: str, **kw) -> dict:
-        row = self.record({"step": title.split()[0], **fn(log=self.out / "trial.log", **kw)})
+    def trial(self, fn, title: str) -> dict:
+        row = self.record({"step": title.split()[0], **fn(log=self.out / "trial.log")})
         self.keep_log(f"{title}: {row['status']}")
         return row
 
@@ -117,7 +117,6 @@ def long_choice(p, root: Path, seconds: float, tflops: float | None) -> tuple[in
     for length in p.long:
         if tflops and _estimate_s(p, length, tflops) > seconds:
             continue
-        lc.make_data(root, root / "tokenizer", length)
         for lever, levers in lc.LEVERS.items():
             path = root / "plan.json"
             path.write_text(json.dumps(lc.stage(p, root, length, levers)))

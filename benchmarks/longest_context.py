@@ -61,7 +61,7 @@ def stage(args, root: Path, length: int, levers: dict) -> dict:
                      "logits_chunk": 8192},
            "train": {"iterations": args.steps, "global_batch": 1, "micro_batch": 1, "warmup_steps": 0,
                      "lr": {"projector": 1e-5, "llm": 1e-5}, "save_final": False,
-                     "memory_cap_gb": getattr(args, "memory_cap_gb", None)},
+                     "memory_cap_gb": args.memory_cap_gb},
            "data": {"root": str(root), "seq_length": length, "reset_position_ids": False, "same_source": False,
                     "pack_buffer": 1, "workers": 1, "max_skip_fraction": 1.0,
                     "sources": [{"name": "long", "paths": ["long.jsonl"]}]},
@@ -80,15 +80,11 @@ def lvita_trial(args, root: Path, length: int, lever: str, log: Path, timeout: f
     path = root / "stage.json"
     path.write_text(json.dumps(stage(args, root, length, LEVERS[lever])))
     t = run_trial([sys.executable, "-m", "lvita.train", "--stage", str(path)], timeout or args.trial_timeout, log)
-    row = {"who": f"lvita {lever}", "length": length, "status": t.status, "ok": t.status == "ok", "wall_s": t.wall_s}
     metrics = root / "out" / "metrics.jsonl"
-    if t.status == "ok" and metrics.is_file() and metrics.read_text().strip():
-        last = json.loads(metrics.read_text().splitlines()[-1])
-        row.update({k: last.get(k) for k in FIGURES})
-    elif t.status == "ok":
-        row.update(status="error", ok=False, error="exit 0 but no metrics.jsonl row")
-    else:
-        row["error"] = t.error[-600:]
+    lines = metrics.read_text().strip().splitlines() if metrics.is_file() else []
+    last = json.loads(lines[-1]) if lines else None
+    row = _row(t, last and {k: last.get(k) for k in FIGURES}, "exit 0 but no metrics.jsonl row",
+               who=f"lvita {lever}", length=length)
     row["plan_gb"] = plan_gb(path)
     shutil.rmtree(root / "out", ignore_errors=True)
     return row
@@ -134,19 +130,27 @@ print("RESULT", length / times[-1], times[-1], peak_memory_gb(), peak_reserved_g
 
 def peer_trial(args, length: int, log: Path, timeout: float | None = None) -> dict:
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.precision]
-    cap = "none" if getattr(args, "memory_cap_gb", None) is None else str(args.memory_cap_gb)
+    cap = "none" if args.memory_cap_gb is None else str(args.memory_cap_gb)
     t = run_trial([sys.executable, "-c", PEER, str(length), str(args.steps), dtype, args.preset, cap],
                   timeout or args.trial_timeout, log, env={**os.environ, "PYTHONPATH": str(REPO)})
-    row = {"who": "transformers", "length": length, "status": t.status, "ok": t.status == "ok", "wall_s": t.wall_s}
     result = [line.split()[1:] for line in log.read_text(errors="replace").splitlines() if line.startswith("RESULT")]
-    if t.status == "ok" and result:
+    figures = None
+    if result:
         tps, step_s, peak, reserved = result[-1]
-        row.update(tokens_per_sec=float(tps), step_time_s=float(step_s), peak_memory_gb=float(peak),
-                   peak_reserved_gb=None if reserved == "None" else float(reserved))
-    elif t.status == "ok":
-        row.update(status="error", ok=False, error="exit 0 but no RESULT line")
-    else:
+        figures = dict(tokens_per_sec=float(tps), step_time_s=float(step_s), peak_memory_gb=float(peak),
+                       peak_reserved_gb=None if reserved == "None" else float(reserved))
+    return _row(t, figures, "exit 0 but no RESULT line", who="transformers", length=length)
+
+
+def _row(t, figures: dict | None, missing: str, **head) -> dict:
+    """A trial's result row: ``head``, its status, and its figures (an exit 0 without them is an error)."""
+    row = {**head, "status": t.status, "ok": t.status == "ok", "wall_s": t.wall_s}
+    if t.status != "ok":
         row["error"] = t.error[-600:]
+    elif figures is None:
+        row.update(status="error", ok=False, error=missing)
+    else:
+        row.update(figures)
     return row
 
 
@@ -171,7 +175,7 @@ def search(trial, start: int, stop: int, refine: int, record, time_left=lambda: 
         length *= 2  # ok, or another failure: not a memory limit, go on
     for _ in range(refine if good and bad else 0):
         mid = (good + bad) // 2 // 1024 * 1024
-        if mid in (good, bad) or time_left() <= 0:
+        if not good < mid < bad or time_left() <= 0:  # below 2048 tokens the 1024-rounding leaves nothing between
             break
         status = record(trial(mid))["status"]
         if status == "ok":

@@ -222,7 +222,7 @@ def run(cfg) -> list[float]:
     stream = DataStream(cfg.data, tok, specials, tile_size(spec), tpt, cfg.train.global_batch,
                         cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
                         log=log, pixels=pixels, fmt=spec.format)
-    device = torch.device(engine.device) if stage0 and torch.cuda.is_available() else None  # pixels go ahead
+    device = cuda if stage0 else None  # pixels go ahead (DeepSpeed's engine.device: the same LOCAL_RANK GPU)
     start = 0
     if plan:
         t_load = time.perf_counter()
@@ -291,7 +291,7 @@ def run(cfg) -> list[float]:
         guard.check(step, before_raising=finish)  # Diverged after N in a row: nothing saved
         saved = None
         last = step == cfg.train.iterations
-        if (cfg.train.save_every and step % cfg.train.save_every == 0 and not last) or (last and cfg.train.save_final):
+        if cfg.train.save_final if last else cfg.train.save_every and step % cfg.train.save_every == 0:
             saved = save(step)
         if reason and step < cfg.train.iterations:
             path = saved or save(step)
