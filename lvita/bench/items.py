@@ -1,0 +1,46 @@
+"""What a benchmark loader yields and what a scorer reads back.
+
+A loader turns a benchmark's published files into :class:`Item` s (one question each); the driver builds
+the prompt, answers it, and appends one prediction row per item to ``predictions.jsonl``
+(:func:`prediction_row`). A scorer reads only those rows, so ``--score-only`` rescoring needs no model and
+no benchmark files. A bad record is a :class:`Skip` (id, reason, detail), counted in results.json, never
+fatal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Video:
+    """A video as a benchmark names it: a file or a folder of frames, optionally one time window."""
+    path: Path
+    start: float | None = None  # seconds; None: from the beginning (MVBench's bound)
+    end: float | None = None  # seconds; None: to the end
+
+
+@dataclass
+class Item:
+    id: str  # unique within the benchmark: the key a rerun resumes by
+    question: str  # the benchmark's question text, without options or instruction (the prompt adds them)
+    images: list[Path] = field(default_factory=list)  # image files, in the order the prompt places them
+    videos: list[Video] = field(default_factory=list)
+    choices: dict[str, str] | None = None  # {"A": text, "B": ...} in order; None: open answer
+    answer: str | list[str] = ""  # an option letter, "Yes"/"No", a text, or acceptable texts (OCRBench)
+    hint: str | None = None  # MMBench-style context shown before the question
+    subtitles: str | None = None  # subtitle lines for the sampled frames (Video-MME with subtitles)
+    meta: dict = field(default_factory=dict)  # breakdown keys: category, split, duration, task_type, ...
+
+
+@dataclass
+class Skip:
+    id: str
+    reason: str  # a short key counted in results.json ("missing_video", "bad_image", ...)
+    detail: str  # what was wrong and where (file, row)
+
+
+def prediction_row(item: Item, prediction: str, **extra) -> dict:
+    """The JSON object predictions.jsonl holds for ``item``: everything a scorer needs."""
+    return {"id": item.id, "prediction": prediction, "answer": item.answer, "choices": item.choices,
+            "meta": item.meta, **extra}
