@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 @dataclass
@@ -44,3 +45,23 @@ def prediction_row(item: Item, prediction: str, **extra) -> dict:
     """The JSON object predictions.jsonl holds for ``item``: everything a scorer needs."""
     return {"id": item.id, "prediction": prediction, "answer": item.answer, "choices": item.choices,
             "meta": item.meta, **extra}
+
+
+@dataclass
+class LoadOptions:
+    """What a loader needs beyond the benchmark's path (from ``lvita eval``'s options)."""
+    work: Path  # a folder the loader may write into (images decoded from base64 cells), under --out
+    frames: int = 64  # --frames: most frames sampled per video (the paper sweeps 64-4096)
+    fps: float = 1.0  # frames per second of video at most
+    subtitles: bool = False  # --subtitles: Video-MME's with-subtitles setting
+
+
+@dataclass
+class Benchmark:
+    """One published benchmark: how to read it, ask it and score it."""
+    name: str
+    load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
+    prompt: Callable[[Item, str], str]  # (item, model format "longvita" | "internvl") -> the user's text,
+    #                                     with one <image> / <video> placeholder per entry of item.images / videos
+    score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
+    max_new_tokens: int = 32  # greedy answer length the benchmark needs
