@@ -48,6 +48,9 @@ class ModelConfig:
     # [InternViT HF dir, Qwen2 HF dir] (the projector then starts fresh)
     init_from: str | list[str] | None = None
     trainable: list[str] = field(default_factory=lambda: list(MODULES))
+    # a module that neither trains nor loads weights (init_from) stays random for the whole stage: an error
+    # (lvita.training.loop) unless this is true (the demo's tiny models, smoke tests)
+    allow_random_frozen: bool = False
     activation_checkpointing: bool = False
     # labelled tokens per chunk of the training loss's LM-head logits (lvita.model.lm_head): the
     # loss holds chunk x vocab logits at a time, never sequence x vocab; 0: logits for every position
@@ -74,6 +77,13 @@ class TrainConfig:
     lr: dict[str, float] = field(default_factory=lambda: {"vision": 1e-5, "projector": 1e-3, "llm": 1e-5})
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    # vision encoder layer-wise LR decay, as Long-VITA's Megatron optimizer (long_vita_megatron/core/optimizer):
+    # {"factor": 0.9, "scale": 0.1} gives a vision parameter of layer l (1..L; 0 = patch/position embeddings,
+    # L+1 = anything after the layers) lr.vision x scale x factor^(L + 1 - l). null: lr.vision flat
+    vision_lr_decay: dict[str, float] | None = None
+    # "token": the mean over every labelled token of the global batch; "sequence" (the official Megatron
+    # loss): the token mean within each packed sequence, then the mean over the global batch's sequences
+    loss_reduction: str = "token"
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -115,6 +125,9 @@ class SourceConfig:
     paths: list[str] = field(default_factory=list)
     ratio: float = 1.0  # fraction of the source used per pass; > 1 repeats it
     max_samples: int | None = None  # cap after the ratio
+    # ratio and max_samples apply to each file of the source (min(int(ratio x records_f), max_samples) from
+    # file f per pass), as the official loader (long_vita/data/dataset_base.py) does; false: to the source
+    per_file: bool = False
     total: str | None = None  # informative: size quoted in the paper (Table 1)
     # record schema (FORMATS; read by lvita.data.formats): auto (detected per record) | messages | sharegpt |
     # cauldron | instruction | lima
@@ -127,7 +140,9 @@ class DataConfig:
     root: str = "."
     seq_length: int = 1024
     reset_position_ids: bool = True  # stages 1-2: restart positions and attention per sample
-    same_source: bool = True  # stages 1-2: pack samples of one source into a sequence
+    # true: a sequence packs samples of one source; "file": of one data file (the official loader without
+    # --cross-dataset-joint); false: any mix
+    same_source: bool | str = True
     max_images: int = 128  # images per sample (more: the sample is skipped)
     min_tiles: int = 1  # InternVL dynamic tiling: tiles per image between these (plus a thumbnail)
     max_tiles: int = 12
