@@ -58,7 +58,7 @@ def stage(args, root: Path, length: int, levers: dict) -> dict:
            "deepspeed": str(REPO / "ds_configs" / ("pipeline_bf16_zero1.json" if args.precision == "bf16"
                                                    else "pipeline_fp32_cpu.json")),
            "model": {"preset": args.preset, "tokenizer": str(root / "tokenizer"), "trainable": ["projector", "llm"],
-                     "logits_chunk": 8192},
+                     "allow_random_frozen": True, "logits_chunk": 8192},  # a random model: memory and speed only
            "train": {"iterations": args.steps, "global_batch": 1, "micro_batch": 1, "warmup_steps": 0,
                      "lr": {"projector": 1e-5, "llm": 1e-5}, "save_final": False,
                      "memory_cap_gb": args.memory_cap_gb},

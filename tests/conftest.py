@@ -71,7 +71,8 @@ def stage_dict(tokenizer_dir: Path, data_dir: Path, out: Path, **train) -> dict:
     return {
         "name": "test", "output_dir": str(out), "seed": 3, "precision": "fp32",
         "deepspeed": str(REPO / "ds_configs" / "pipeline_fp32_cpu.json"),
-        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir), "trainable": ["vision", "projector", "llm"]},
+        "model": {"preset": "tiny", "tokenizer": str(tokenizer_dir), "trainable": ["vision", "projector", "llm"],
+                  "allow_random_frozen": True},  # tests freeze modules of tiny random models on purpose
         "train": {"iterations": 3, "global_batch": 4, "micro_batch": 1, "warmup_steps": 1,
                   "lr": {"vision": 1e-4, "projector": 1e-3, "llm": 1e-3}, **train},
         "data": {"root": str(data_dir), "seq_length": 192,

@@ -76,3 +76,49 @@ def test_lr_of_a_run_shorter_than_its_warmup():
             assert g["lr"] == pytest.approx(train.lr[g["module"]] * t / 6, rel=1e-12)
         opt.step()
         sched.step()
+
+
+def test_vision_layer_wise_lr_decay_per_parameter():
+    """train.vision_lr_decay as Long-VITA stage 2's Megatron optimizer: a vision parameter of layer l (patch and
+    position embeddings 0, encoder layer i -> i + 1, the class token L + 1) trains at lr.vision x scale x
+    factor^(L + 1 - l); the projector and LLM keep their rates; the schedule scales every group alike."""
+    model = LongVita("tiny", image_token_id=5)
+    freeze(model, ["vision", "projector", "llm"])
+    train = TrainConfig(iterations=10, warmup_steps=0, lr={"vision": 1e-5, "projector": 1e-3, "llm": 1e-4},
+                        weight_decay=0.1, vision_lr_decay={"factor": 0.9, "scale": 0.1})
+    groups = param_groups(model, train)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)  # every trainable parameter in exactly one group
+    L = 1 + max(int(n.split(".encoder.layer.")[1].split(".")[0]) for n in named if ".encoder.layer." in n)
+    assert L == 2  # the tiny preset's vision depth: the expected values below are written for it
+    vt = "embed.vision.vision_tower."
+    # exact products of two floats; pytest.approx's 1e-6 sits far above their 1e-16 noise and far below the
+    # 10% a layer off by one shows (factor 0.9)
+    expected = {
+        vt + "embeddings.patch_embeddings.projection.weight": 1e-5 * 0.1 * 0.9 ** 3,
+        vt + "embeddings.position_embeddings": 1e-5 * 0.1 * 0.9 ** 3,
+        vt + "encoder.layer.0.attention.q_proj.weight": 1e-5 * 0.1 * 0.9 ** 2,
+        vt + "encoder.layer.0.layernorm_before.bias": 1e-5 * 0.1 * 0.9 ** 2,
+        vt + "encoder.layer.1.mlp.fc2.weight": 1e-5 * 0.1 * 0.9,
+        vt + "encoder.layer.1.lambda_2": 1e-5 * 0.1 * 0.9,
+        vt + "embeddings.cls_token": 1e-5 * 0.1,
+        "embed.vision.multi_modal_projector.linear_1.weight": 1e-3,
+        "layers.0.layer.self_attn.q_proj.weight": 1e-4,
+        "head.lm_head.weight": 1e-4,
+    }
+    for name, lr in expected.items():
+        assert lr_of[id(named[name])] == pytest.approx(lr, rel=1e-6), name
+    vision = [n for n in named if "vision_tower" in n]
+    assert all(lr_of[id(named[n])] < 1e-5 * 0.1 + 1e-12 for n in vision)  # no vision parameter escaped the decay
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}  # decay still by parameter kind
+    assert decay_of[id(named[vt + "encoder.layer.0.attention.q_proj.weight"])] == 0.1
+    assert decay_of[id(named[vt + "encoder.layer.0.layernorm_before.bias"])] == 0.0
+    opt = build_optimizer(groups, train)
+    sched = scheduler_factory(train)(opt)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    factor = lr_factor(4, 0, 10, 0.0)
+    for g in opt.param_groups:  # the schedule multiplies every group's own rate: the per-layer ratios hold
+        assert g["lr"] == pytest.approx(train.lr[g["module"]] * g["lr_scale"] * factor, rel=1e-6)

@@ -31,7 +31,7 @@ class GradCapture(torch.optim.Optimizer):
                     self.grads[id(p)] = p.grad.detach().clone()
 
 
-def _pipeline_loss_and_grads(rank, pp, micro):
+def _pipeline_loss_and_grads(rank, pp, micro, reduction="token"):
     import deepspeed
     import torch.distributed as dist
 
@@ -50,7 +50,8 @@ def _pipeline_loss_and_grads(rank, pp, micro):
            "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
     batch = packed_batch(GLOBAL, LENGTH, seed=3)
-    loss = engine.train_batch(iter(rank_micro_batches(batch, engine.grid.get_data_parallel_id(), dp, micro)))
+    loss = engine.train_batch(iter(rank_micro_batches(batch, engine.grid.get_data_parallel_id(), dp, micro,
+                                                      reduction)))
     n_layers = llm_config("tiny").num_hidden_layers
     grads = {plain_name(n, n_layers): opt.grads[id(p)] for n, p in module.named_parameters() if id(p) in opt.grads}
     return float(loss), grads
@@ -68,6 +69,21 @@ def _reference_for(reset: bool):
     loss_sum, n = model(ids, pos, pix, tgt)
     (loss_sum / n).backward()
     return (loss_sum / n).item(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def _sequence_reference():
+    """train.loss_reduction "sequence" by hand: each packed sequence's loss sum over its own labelled tokens,
+    then the plain mean over the sequences."""
+    from lvita.parallel.pipeline import to_sequential
+
+    model = to_sequential("tiny", IMG, SEED)
+    means = []
+    for row in packed_batch(GLOBAL, LENGTH, seed=3):
+        loss_sum, n = model(*collate([row]))
+        means.append(loss_sum / n)
+    loss = torch.stack(means).mean()
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
 def _check(results, ref_loss, ref_grads):
@@ -93,3 +109,23 @@ def test_pipeline_pp2_matches_plain_model():
 def test_data_parallel_2_matches_plain_model():
     ref_loss, ref_grads = _reference()
     _check(run_world(_pipeline_loss_and_grads, 2, 1, 1), ref_loss, ref_grads)
+
+
+def test_sequence_reduction_is_the_mean_of_sequence_means():
+    """Rows of different labelled-token counts: "sequence" weighs each row's token mean alike, "token" each
+    token; with 2 rows per micro-batch (one scale per row) the engine gives the hand computation."""
+    counts = [int((s.targets != -100).sum()) for s in packed_batch(GLOBAL, LENGTH, seed=3)]
+    assert len(set(counts)) > 1, counts  # otherwise the two reductions coincide and this test shows nothing
+    ref_loss, ref_grads = _sequence_reference()
+    token_loss, _ = _reference()
+    # the signal: the two reductions differ far beyond RTOL on these rows, so a "sequence" run that fell back
+    # to the token mean (or weighed rows by their counts) fails the check below
+    assert abs(token_loss - ref_loss) > 100 * RTOL * abs(ref_loss), (token_loss, ref_loss)
+    _check(run_world(_pipeline_loss_and_grads, 1, 1, 2, "sequence"), ref_loss, ref_grads)
+
+
+def test_sequence_reduction_is_layout_invariant():
+    """pipeline 2 and data parallel 2 give the same "sequence" loss and gradients as the plain model."""
+    ref_loss, ref_grads = _sequence_reference()
+    _check(run_world(_pipeline_loss_and_grads, 2, 2, 1, "sequence"), ref_loss, ref_grads)
+    _check(run_world(_pipeline_loss_and_grads, 2, 1, 1, "sequence"), ref_loss, ref_grads)

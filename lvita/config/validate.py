@@ -157,6 +157,16 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
             missing.append(f"model.init_from: {path} (the previous stage's output_dir or an HF model directory)")
     if isinstance(m.init_from, list) and len(m.init_from) != 2:
         err(f"model.init_from={m.init_from}: a list must hold two HF directories, [InternViT, Qwen2]")
+    random_frozen(m, err, missing)
+    if t.loss_reduction not in ("token", "sequence"):
+        err(f"train.loss_reduction={t.loss_reduction!r}: \"sequence\" (the official Megatron loss: the token mean of "
+            f"each packed sequence, averaged over the global batch's sequences) or \"token\" (the mean over every "
+            f"labelled token of the global batch)")
+    if t.vision_lr_decay is not None:
+        v = t.vision_lr_decay
+        if set(v) != {"factor", "scale"} or not 0 < v["factor"] <= 1 or v["scale"] <= 0:
+            err(f"train.vision_lr_decay={v}: {{\"factor\": F, \"scale\": S}} with 0 < F <= 1 and S > 0 (Long-VITA "
+                f"stage 2: {{\"factor\": 0.9, \"scale\": 0.1}}), or null for a flat train.lr.vision")
     if cfg.resume not in ("auto", "none") and not _exists(cfg.resume):
         missing.append(f"resume: {cfg.resume} (auto, none, or a checkpoint: output_dir, checkpoints/ or a tag in it)")
     if t.keep_checkpoints < 0:
@@ -168,6 +178,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     except ConfigError as e:
         err(str(e))
 
+    if d.same_source not in (True, False, "file"):
+        err(f"data.same_source={d.same_source!r}: true (a sequence packs one source), \"file\" (one data file, as the "
+            f"official loader without --cross-dataset-joint) or false (any mix)")
     if not 1 <= d.min_tiles <= d.max_tiles:
         err(f"data.min_tiles={d.min_tiles}, data.max_tiles={d.max_tiles}: need 1 <= min_tiles <= max_tiles")
     for key in ("max_images", "max_frames", "pack_buffer", "workers", "prefetch"):
@@ -209,6 +222,28 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         raise ConfigError(_fmt(cfg, errors))
     return Layout(world_size, p.pipeline, p.ulysses, p.ring, dp, t.micro_batch, gas, t.global_batch,
                   missing, notes)
+
+
+def random_frozen(m, err, missing) -> None:
+    """A module that ``model.trainable`` freezes and ``model.init_from`` never loads would stay random for the
+    whole stage (stage 1 aligning a projector to noise): listed with the paths to fill in when init_from is
+    unset, an error when the list form [InternViT, Qwen2] leaves the frozen projector random; neither with
+    ``model.allow_random_frozen``."""
+    if m.allow_random_frozen:
+        return
+    loaded = set(MODULES) if isinstance(m.init_from, str) else {"vision", "llm"} if m.init_from else set()
+    random = [mod for mod in MODULES if mod not in m.trainable and mod not in loaded]
+    if not random:
+        return
+    what = (f"model.trainable={m.trainable} freezes {', '.join(random)}, which would stay random for the whole "
+            f"stage")
+    if m.init_from is None:
+        missing.append(f"model.init_from: not set, but {what}; name the pretrained weights "
+                       f"([InternViT-300M-448px dir, Qwen2.5-14B-Instruct dir]) or the previous stage's output_dir "
+                       f"(model.allow_random_frozen: true trains anyway, as the demo does)")
+    else:
+        err(f"model.init_from={m.init_from} (InternViT + Qwen2) leaves the projector random, but {what}; train the "
+            f"projector, start from a checkpoint that has one, or set model.allow_random_frozen: true")
 
 
 def _fmt(cfg: StageConfig, errors: list[str]) -> str:

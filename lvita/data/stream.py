@@ -258,19 +258,29 @@ def own_rows(data_rank: int, dp: int, micro: int, global_batch: int) -> list[int
     return [(m * dp + data_rank) * micro + j for m in range(gas) for j in range(micro)]
 
 
-def rank_micro_batches(batch: list[PackedSequence], dp_rank: int, dp: int, micro: int) -> list[tuple]:
+def rank_micro_batches(batch: list[PackedSequence], dp_rank: int, dp: int, micro: int,
+                       reduction: str = "token") -> list[tuple]:
     """This data-parallel rank's micro-batches, as DeepSpeed pipeline tuples
     ``((input_ids, position_ids, pixel_values), (targets, loss_scale))``.
 
-    Micro-batch m of rank r holds rows ``[(m*dp + r)*micro, ... + micro)`` of the global batch;
-    loss_scale = micro-batches x ranks / labelled tokens of the whole global batch.
+    Micro-batch m of rank r holds rows ``[(m*dp + r)*micro, ... + micro)`` of the global batch.
+    DeepSpeed averages the returned losses over micro-batches and ranks, so the scale undoes that average:
+    ``reduction`` (train.loss_reduction) "token": loss_scale () = micro-batches x ranks / labelled tokens of
+    the whole global batch (every labelled token weighs the same); "sequence" (the official Megatron loss):
+    loss_scale (micro,) = micro-batches x ranks / (sequences x labelled tokens of that row), each packed
+    sequence's token mean weighing the same (sequences with no labelled token weigh nothing and do not count).
+    Either way the loss is independent of the layout.
     """
     gas = len(batch) // (micro * dp)
-    labelled = sum(int((s.targets != IGNORE).sum()) for s in batch)
-    scale = torch.tensor(gas * dp / max(labelled, 1), dtype=torch.float32)
+    counts = [int((s.targets != IGNORE).sum()) for s in batch]
+    if reduction == "sequence":
+        n_seq = max(sum(c > 0 for c in counts), 1)
+        scales = torch.tensor([gas * dp / (n_seq * c) if c else 0.0 for c in counts], dtype=torch.float32)
+    else:
+        scale = torch.tensor(gas * dp / max(sum(counts), 1), dtype=torch.float32)
     out = []
     for m in range(gas):
         start = (m * dp + dp_rank) * micro
         ids, pos, pix, tgt = collate(batch[start: start + micro])
-        out.append(((ids, pos, pix), (tgt, scale)))
+        out.append(((ids, pos, pix), (tgt, scales[start: start + micro] if reduction == "sequence" else scale)))
     return out

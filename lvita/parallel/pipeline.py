@@ -57,7 +57,9 @@ class LabelledLoss:
 
     The scale is ``micro-batches per step * data-parallel ranks / labelled tokens in the global
     batch``, so that DeepSpeed's average over micro-batches and ranks gives the token-weighted mean
-    of the whole global batch, whatever the layout. The LM head's logits exist one chunk at a
+    of the whole global batch, whatever the layout; under ``train.loss_reduction: sequence`` it is one
+    scale per row, so each packed sequence's token mean weighs the same
+    (:func:`lvita.data.stream.rank_micro_batches`). The LM head's logits exist one chunk at a
     time, in forward and in the backward DeepSpeed runs from the returned loss
     (``HeadPipe.logits_chunk``, from model.logits_chunk).
     """
@@ -66,9 +68,10 @@ class LabelledLoss:
         self.head: LMHead | None = None
 
     def __call__(self, normed: torch.Tensor, labels) -> torch.Tensor:
-        targets, scale = labels
-        loss, _ = self.head.loss_sum(normed, targets)
-        return loss * scale
+        targets, scale = labels  # (B, S[/sp]); () one scale for the micro-batch, or (B,) one per row
+        if scale.ndim == 0:
+            return self.head.loss_sum(normed, targets)[0] * scale
+        return sum(self.head.loss_sum(normed[b:b + 1], targets[b:b + 1])[0] * scale[b] for b in range(len(scale)))
 
 
 class LongVitaPipeline(PipelineModule):

@@ -7,7 +7,8 @@
 Reads top to bottom: config -> validation (before anything heavy) -> process groups ->
 tokenizer -> PipelineModule -> freezing and per-module optimizer -> DeepSpeed engine ->
 optional weights of the previous stage -> packed data stream -> the step loop with metrics and
-checkpoints. Each step consumes one global batch; the loss is the token-weighted mean over it.
+checkpoints. Each step consumes one global batch; the loss is the token-weighted mean over it, or under
+train.loss_reduction "sequence" the mean of its packed sequences' token means.
 """
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def run(cfg) -> list[float]:
     layout = validate(cfg, world)
     if layout.missing:
         hint = "\n(stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
-        raise FileNotFoundError("paths in the stage file do not exist:\n  - " + "\n  - ".join(layout.missing)
+        raise FileNotFoundError("paths in the stage file to fill in (they do not exist here):\n  - " + "\n  - ".join(layout.missing)
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
     spec = cfg.model.spec()  # the model's description, built once and passed down
@@ -261,12 +262,14 @@ def run(cfg) -> list[float]:
     for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
         batch = stream.next_global_batch(agree=agree_on_failures)
-        micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch)
+        micro = rank_micro_batches(batch, topo.data_rank, layout.data, layout.micro_batch,
+                                   cfg.train.loss_reduction)
         if layout.sequence > 1:
             micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, context,
                                        tpt) for m in micro]
         data_wait = time.perf_counter() - t0
-        lrs = {g.get("module", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+        lrs = {g.get("module", str(i)): g["lr"] / g.get("lr_scale", 1.0)  # the module's rate (vision: before decay)
+               for i, g in enumerate(engine.optimizer.param_groups)}
         loss = float(engine.train_batch(data_iter=pixels_to_device(micro, device)))
         step_time = time.perf_counter() - t0
         losses.append(loss)

@@ -3,13 +3,15 @@
 Owns which weights train and how fast. ``freeze`` leaves ``requires_grad`` only on the modules a
 stage trains (``model.trainable``: vision / projector / llm); ``param_groups`` splits the rest
 by module and by decay (no weight decay on biases and norms), each group carrying its module's
-learning rate from ``train.lr``. The schedule multiplies every group's base rate by the same
+learning rate from ``train.lr`` (for the vision encoder, times a per-layer multiplier under
+``train.vision_lr_decay``, Long-VITA stage 2's layer-wise decay). The schedule multiplies every group's base rate by the same
 factor, so per-module ratios hold. Optimizer and schedule are handed to DeepSpeed, which owns
 their state in checkpoints.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -29,17 +31,43 @@ def freeze(model: nn.Module, trainable: list[str]) -> dict[str, int]:
     return counts
 
 
+def vision_layer(name: str, n_layers: int) -> int:
+    """The depth of a vision parameter for layer-wise LR decay, as Long-VITA's Megatron optimizer counts it
+    (``get_vit_lr_decay_rate``): patch and position embeddings 0, encoder layer i -> i + 1, anything else
+    (the class token, which Megatron's test misses too) n_layers + 1."""
+    m = re.search(r"\.encoder\.layer\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if ("patch_embeddings" in name or "position_embeddings" in name) else n_layers + 1
+
+
+def lr_scales(model: nn.Module, train: TrainConfig) -> dict[str, float]:
+    """Per-parameter LR multipliers under ``train.vision_lr_decay`` (scale x factor^(L + 1 - layer) for the
+    vision encoder's L layers); parameters not listed keep 1."""
+    decay = train.vision_lr_decay
+    if not decay:
+        return {}
+    names = [n for n, _ in model.named_parameters() if module_of(n) == "vision"]
+    layers = [int(m.group(1)) for n in names if (m := re.search(r"\.encoder\.layer\.(\d+)\.", n))]
+    n_layers = max(layers) + 1 if layers else 0
+    return {n: decay["scale"] * decay["factor"] ** (n_layers + 1 - vision_layer(n, n_layers)) for n in names}
+
+
 def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
-    groups: dict[tuple[str, bool], list] = {}
+    """Trainable parameters grouped by (module, weight decay or not, LR multiplier); each group's ``lr`` is
+    its module's ``train.lr`` times the multiplier (``lr_scale``, kept for the log)."""
+    scales = lr_scales(model, train)
+    groups: dict[tuple[str, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "norm" not in name and "embeddings" not in name
-        groups.setdefault((module_of(name), decay), []).append(p)
+        groups.setdefault((module_of(name), decay, scales.get(name, 1.0)), []).append(p)
     return [
-        {"params": ps, "name": f"{mod}" + ("" if decay else "_no_decay"), "module": mod,
-         "lr": train.lr[mod], "weight_decay": train.weight_decay if decay else 0.0}
-        for (mod, decay), ps in sorted(groups.items())
+        {"params": ps, "name": f"{mod}" + ("" if decay else "_no_decay") + (f"_x{scale:.3g}" if scale != 1 else ""),
+         "module": mod, "lr_scale": scale, "lr": train.lr[mod] * scale,
+         "weight_decay": train.weight_decay if decay else 0.0}
+        for (mod, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))
     ]
 
 
