@@ -48,18 +48,24 @@ def _cases(f):
                                           str(root)),
         "generate: not a model": (["generate", "--model", str(root), "--prompt", "hi"], str(root)),
         "eval: missing data": (["eval", "--model", str(root), "--data", str(root / "set.jsonl")], "set.jsonl"),
+        # stage 1 without pretrained weights: the frozen LLM and vision encoder would stay random
+        "train: frozen and never loaded": (["train", "--stage", good, *RANDOM_FROZEN], "model.init_from: not set"),
     }
+
+
+RANDOM_FROZEN = ["--set", "model.allow_random_frozen=false", "--set", 'model.trainable=["projector"]']
 
 
 CASES = ["check: unknown key", "check: missing stage file", "data preview: mostly bad data", "data stats: bad value",
          "data stats: missing source", "ckpt: not a checkpoint", "convert to-hf: missing",
-         "convert from-hf: no tokenizer", "generate: not a model", "eval: missing data"]
+         "convert from-hf: no tokenizer", "generate: not a model", "eval: missing data",
+         "train: frozen and never loaded"]
 
 
 def _assert_one_clear_error(code: int, stderr: str, names: str) -> None:
     assert code == 2, (code, stderr[-2000:])
     assert "Traceback" not in stderr, stderr[-2000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("lvita ")]
+    errors = [line for line in stderr.splitlines() if line.startswith(("lvita ", "lvita.train: "))]
     assert len(errors) == 1 and ": error: " in errors[0], stderr[-2000:]
     assert names in stderr, (names, stderr[-2000:])
 
@@ -76,3 +82,16 @@ def test_the_command_line_itself_exits_2(files):
     proc = subprocess.run([sys.executable, "-m", "lvita.cli", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     _assert_one_clear_error(proc.returncode, proc.stderr, names)
+
+
+def test_check_lists_unloaded_frozen_modules_with_the_paths_to_fill_in(files, tmp_path):
+    """``lvita check`` passes (exit 0) but lists model.init_from with the paths to fill in, naming the modules
+    that would stay random; --strict fails on it; allow_random_frozen (the demo's) silences it."""
+    argv = ["check", "--stage", str(files["good"]), "--world-size", "1"]
+    code, out, err = run_command(argv + RANDOM_FROZEN, tmp_path)
+    assert code == 0, err[-2000:]
+    listed = out[out.index("to fill in before training"):]
+    assert "model.init_from: not set" in listed and "freezes vision, llm" in listed, out
+    assert run_command(argv + RANDOM_FROZEN + ["--strict"], tmp_path)[0] == 2
+    code, out, _ = run_command(argv + RANDOM_FROZEN[2:], tmp_path)  # allow_random_frozen stays true
+    assert code == 0 and "model.init_from" not in out, out

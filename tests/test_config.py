@@ -167,3 +167,24 @@ def test_model_format_defaults_per_preset_and_refuses_unknown_values(stage, tmp_
     assert load_stage(stage, [f"model.preset={released}"]).model.format == "longvita"
     with pytest.raises(ConfigError, match=r"s.json: model.format='llava': choose \"longvita\""):
         load_stage(stage, ["model.format=llava"])
+
+
+def test_issue_24_keys_are_checked_with_their_fix(stage):
+    """loss_reduction, vision_lr_decay and same_source refuse values they do not know, naming the valid ones; the
+    [InternViT, Qwen2] form of init_from leaves the projector random, so freezing it is an error."""
+    assert "train.loss_reduction='mean'" in errors_for(stage, 1, "train.loss_reduction=mean")
+    msg = errors_for(stage, 1, 'train.vision_lr_decay={"factor": 1.5, "scale": 0.1}')
+    assert "train.vision_lr_decay" in msg and "0 < F <= 1" in msg
+    assert "train.vision_lr_decay" in errors_for(stage, 1, 'train.vision_lr_decay={"rate": 0.9}')
+    assert "data.same_source='source'" in errors_for(stage, 1, "data.same_source=source")
+    msg = errors_for(stage, 1, "model.allow_random_frozen=false", 'model.trainable=["llm"]',
+                     'model.init_from=["vit", "qwen"]')
+    assert "leaves the projector random" in msg and "freezes vision, projector" not in msg
+    ok = validate(load_stage(stage, ["train.loss_reduction=sequence", "data.same_source=file",
+                                     'train.vision_lr_decay={"factor": 0.9, "scale": 0.1}']), 1)
+    assert ok.missing == []
+    # a checkpoint (a string init_from) holds every module: freezing any of them is fine
+    layout = validate(load_stage(stage, ["model.allow_random_frozen=false", 'model.trainable=["projector"]',
+                                         "model.init_from=runs/previous"]), 1)
+    assert [m for m in layout.missing if "model.init_from" in m] == \
+        ["model.init_from: runs/previous (the previous stage's output_dir or an HF model directory)"]

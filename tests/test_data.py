@@ -139,6 +139,56 @@ def test_ratios_give_exact_quotas_per_pass_and_walk_the_source(tmp_path):
     assert [r.source for r in got[:130]] != [other.next().source for _ in range(130)]  # the seed matters
 
 
+def test_sample_caps_give_min_of_ratio_times_records_and_cap_per_pass(tmp_path):
+    """max_samples caps a source's records per pass at min(ratio x N, cap); with per_file the official loader's
+    rule holds per data file: min(int(ratio x N_f), cap), each file read on (and wrapped) by itself."""
+    from lvita.data.sources import Mixture
+
+    for name, n in (("x1", 30), ("x2", 7), ("y", 50)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"f": name, "i": i}) + "\n" for i in range(n))
+    cfg = DataConfig(root=str(tmp_path), sources=[
+        SourceConfig("x", ["x1.jsonl", "x2.jsonl"], ratio=0.5, max_samples=10, per_file=True),
+        SourceConfig("y", ["y.jsonl"], ratio=0.5, max_samples=20),
+        SourceConfig("z", ["y.jsonl"], ratio=0.1, max_samples=20)])
+    mix = Mixture(cfg, seed=3)
+    # x: file 1 min(int(15), 10) = 10, file 2 min(int(3.5), 10) = 3; y: min(25, 20) = 20; z: min(5, 20) = 5
+    assert mix.lane_quota == {"x#0": 10, "x#1": 3, "y": 20, "z": 5}
+    assert mix.quota == {"x": 13, "y": 20, "z": 5} and mix.pass_size == 38
+    got = [mix.next() for _ in range(3 * 38)]
+    for p in range(3):
+        part = got[p * 38:(p + 1) * 38]
+        per_file = {f: sum(r.source == "x" and r.raw["f"] == f for r in part) for f in ("x1", "x2")}
+        assert per_file == {"x1": 10, "x2": 3}
+        assert sum(r.source == "y" for r in part) == 20 and sum(r.source == "z" for r in part) == 5
+    assert [r.raw["i"] for r in got if r.raw["f"] == "x2"] == [0, 1, 2, 3, 4, 5, 6, 0, 1]  # wraps within x2
+    assert [r.raw["i"] for r in got if r.raw["f"] == "x1"] == list(range(30))  # three passes walk x1 once
+    state = mix.state_dict()
+    again = Mixture(cfg, seed=3)
+    again.load_state_dict(state)
+    assert [(r.source, r.raw) for r in (mix.next() for _ in range(40))] == \
+        [(r.source, r.raw) for r in (again.next() for _ in range(40))]
+
+
+def test_same_source_file_packs_one_data_file_per_sequence():
+    """data.same_source "file": a sequence holds samples of one data file (the official loader without
+    --cross-dataset-joint); true: of one source; false: any."""
+    from lvita.data.packer import Packer, SamplePlan
+
+    def plan(source, file, n):
+        return SamplePlan(source, f"{source}{file}", f"{source}{file}.jsonl:1", (file, 0, 0), [1] * n, [1] * n, [])
+
+    samples = [plan("x", 0, 30), plan("x", 1, 30), plan("y", 0, 30), plan("x", 0, 30), plan("x", 1, 30)]
+    packs = {}
+    for mode in (True, "file", False):
+        packer = Packer(100, 5, mode)
+        chosen = [packer.add(s) for s in samples][-1]
+        packs[mode] = sorted((s.source, s.cursor[0]) for s in chosen)
+    assert packs["file"] == [("x", 0), ("x", 0)]
+    assert packs[True] == [("x", 0), ("x", 0), ("x", 1)]
+    assert packs[False] == [("x", 0), ("x", 1), ("y", 0)]  # the oldest that fill the room
+
+
 def test_global_batches_do_not_depend_on_the_layout(tok, dataset_dir):
     full = _stream(tok, dataset_dir, gb=4)
     part = _stream(tok, dataset_dir, gb=4, own_rows=own_rows(1, 2, 1, 4))

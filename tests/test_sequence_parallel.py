@@ -10,10 +10,10 @@ from lvita.data.stream import rank_micro_batches
 from lvita.model.presets import llm_config, tokens_per_tile
 from tests.distributed import run_world
 from tests.synthetic import IMG, packed_batch
-from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check, _reference_for
+from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check, _reference_for, _sequence_reference
 
 
-def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
+def _sp_loss_and_grads(rank, pp, ulysses, ring, reset, reduction="token"):
     import deepspeed
     import torch.distributed as dist
 
@@ -35,7 +35,7 @@ def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
     batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
     micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny"))
-             for m in rank_micro_batches(batch, topo.data_rank, topo.data, 1)]
+             for m in rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)]
     loss = engine.train_batch(iter(micro))
     n_layers = llm_config("tiny").num_hidden_layers
     grads = {plain_name(n, n_layers): opt.grads[id(p)] for n, p in module.named_parameters() if id(p) in opt.grads}
@@ -46,6 +46,13 @@ def _sp_loss_and_grads(rank, pp, ulysses, ring, reset):
 def test_ulysses_2_matches_plain_model(reset):
     ref_loss, ref_grads = _reference_for(reset)
     _check(run_world(_sp_loss_and_grads, 2, 1, 2, 1, reset), ref_loss, ref_grads)
+
+
+def test_ulysses_2_with_sequence_loss_reduction_matches_plain_model():
+    """train.loss_reduction "sequence": each row's scale (of its whole sequence's labelled tokens) times sp on
+    every shard still gives the mean of the sequences' token means."""
+    ref_loss, ref_grads = _sequence_reference()
+    _check(run_world(_sp_loss_and_grads, 2, 1, 2, 1, True, "sequence"), ref_loss, ref_grads)
 
 
 def test_pipeline_2_x_ulysses_2_matches_plain_model():

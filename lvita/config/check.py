@@ -19,6 +19,7 @@ import torch
 from lvita.config.schema import ConfigError, load_stage
 from lvita.config.memory_plan import describe, memory_plan
 from lvita.config.validate import validate
+from lvita.data.sources import describe_quota
 
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
@@ -117,6 +118,12 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
               f"{r['params'] / 1e6:,.1f}M parameters, {r['trainable'] / 1e6:,.1f}M trainable{warn}")
     print(f"  total {sum(r['params'] for r in rows) / 1e6:,.1f}M parameters, "
           f"{sum(r['trainable'] for r in rows) / 1e6:,.1f}M trainable")
+    used = [s for s in cfg.data.sources if s.ratio > 0]
+    print(f"  data: {len(used)} of {len(cfg.data.sources)} sources used, packed "
+          + {True: "per source", "file": "per data file", False: "across sources"}[cfg.data.same_source]
+          + f", loss {cfg.train.loss_reduction} mean")
+    for s in used:
+        print(f"    {s.name}: {describe_quota(s)}")
     plan = memory_plan(cfg, layout, rows)
     for line in describe(plan, gpu_memory):
         print(line)
@@ -129,7 +136,7 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
     for note in layout.notes:
         print(f"  warning: {note}")
     if layout.missing:
-        print(f"  to fill in before training ({len(layout.missing)} paths do not exist here):")
+        print(f"  to fill in before training ({len(layout.missing)} paths unset or not here):")
         for m in layout.missing:
             print(f"    - {m}")
         if strict:

@@ -29,7 +29,7 @@ from multiprocessing import get_context
 import numpy as np
 
 from lvita.data.media import MediaError, image_tiles, video_tiles
-from lvita.data.sources import SourceReader
+from lvita.data.sources import SourceReader, describe_quota, pass_quotas
 from lvita.data.template import SampleError
 
 SHOWN = 3  # first file:line examples kept per reason
@@ -154,7 +154,11 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
                                  initargs=(state,)) as pool:
             results = list(pool.map(_scan, [n for n, _ in jobs], [u for _, u in jobs], chunksize=1))
-    return [_summary(n, [r for (m, _), r in zip(jobs, results) if m == n], d.max_skip_fraction) for n in readers]
+    by_name = {s.name: s for s in chosen}
+    return [_summary(n, [r for (m, _), r in zip(jobs, results) if m == n], d.max_skip_fraction)
+            | {"per_pass": sum(pass_quotas(by_name[n], [len(x) for x in r.readers])) if by_name[n].ratio > 0 else 0,
+               "sampling": describe_quota(by_name[n])}
+            for n, r in readers.items()]
 
 
 def _line(name: str, d: dict) -> str:
@@ -195,6 +199,7 @@ def check(stage: str, sets: list[str], source: str | None, workers: int, decode:
             print(f"  skipped {reason}: {n}")
             for where in s["first"].get(reason, []):
                 print(f"    {where}")
+        print(f"  per pass: {s['per_pass']:,} records ({s['sampling']})")
         print(f"  tokens/sample: {_line('tokens', s['tokens'])}; {s['over_seq_length']} over data.seq_length="
               f"{cfg.data.seq_length}")
         print(f"  images/sample: {_line('images', s['images'])}; tiles/sample: {_line('tiles', s['tiles'])}")

@@ -7,7 +7,8 @@ batch identically while decoding only the pixels of its own rows.
 Filling: a bounded buffer of ``data.pack_buffer`` pending samples. When it is full, one sequence
 is cut: the oldest pending sample first (so no sample, and no rare source, waits for long), then the
 subset of the other pending samples that fills the remaining room best (exact subset sum over
-token counts), taken only from the oldest sample's source when ``same_source`` is true. What is
+token counts), taken only from the oldest sample's source when ``same_source`` is true, from its data
+file when it is ``"file"`` (the official Long-VITA loader without ``--cross-dataset-joint``). What is
 left waits for the next sequence. The rest of the sequence
 is padding (``<|endoftext|>``, no labels).
 
@@ -63,9 +64,13 @@ class PackedSequence:
 
 
 class Packer:
-    def __init__(self, seq_length: int, buffer: int, same_source: bool):
+    def __init__(self, seq_length: int, buffer: int, same_source: "bool | str"):
         self.L, self.size, self.same_source = seq_length, max(1, buffer), same_source
         self.pending: list[SamplePlan] = []  # in arrival order
+
+    def _group(self, s: SamplePlan):
+        """What samples of one sequence share: their source, their data file (same_source "file"), or nothing."""
+        return (s.source, s.cursor[0]) if self.same_source == "file" else s.source if self.same_source else None
 
     def add(self, sample: SamplePlan) -> list[SamplePlan]:
         self.pending.append(sample)
@@ -73,7 +78,8 @@ class Packer:
 
     def _cut(self) -> list[SamplePlan]:
         anchor = self.pending.pop(0)
-        candidates = [i for i, s in enumerate(self.pending) if not self.same_source or s.source == anchor.source]
+        group = self._group(anchor)
+        candidates = [i for i, s in enumerate(self.pending) if self._group(s) == group]
         picked = best_fill([len(self.pending[i].input_ids) for i in candidates], self.L - len(anchor.input_ids))
         chosen = [anchor] + [self.pending[candidates[k]] for k in sorted(picked)]
         for k in sorted(picked, reverse=True):

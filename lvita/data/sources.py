@@ -9,7 +9,9 @@ decoding threads fetch embedded image bytes). Media paths in a record are relati
 ``media_root`` (under ``data.root``), by default to its data file's directory.
 
 The mixture works in passes. In each pass source s contributes ``round(ratio_s x records_s)``
-records (at least one when the ratio is above 0; capped by ``max_samples``), read on from where
+records (at least one when the ratio is above 0; capped by ``max_samples``); with ``per_file`` each
+file f of it contributes ``min(int(ratio_s x records_f), max_samples)``, as the official Long-VITA
+loader counts (``long_vita/data/dataset_base.py``). Records are read on from where
 the previous pass stopped and wrapping round the end, so a ratio of 0.1 walks through the whole
 source in ten passes and a ratio of 2 reads it twice per pass. Which source supplies the k-th
 record of a pass is a seeded draw weighted by the quotas still open, so the order depends only on
@@ -112,9 +114,9 @@ class SourceReader:
             parsed, where, begin, first, off, line = got
             yield Record(self.name, parsed, where, (i, begin, first), self._base(i), self.fmt)
 
-    def read(self, cursor: tuple) -> tuple[Record, tuple]:
+    def read(self, cursor: tuple, one_file: bool = False) -> tuple[Record, tuple]:
         """The record at ``cursor`` (or the next one after blank lines) and the cursor after it;
-        wraps round to the first file at the end."""
+        wraps round to the first file at the end (``one_file``: to the start of the cursor's file)."""
         i, off, line = cursor
         for _ in range(len(self.files) + 1):
             r = self._reader(i)
@@ -126,8 +128,24 @@ class SourceReader:
                 if got is not None:
                     parsed, where, start, first, off, line = got
                     return Record(self.name, parsed, where, (i, start, first), self._base(i), self.fmt), (i, off, line)
-            i, off, line = (i + 1) % len(self.files), 0, 0
+            i, off, line = (i if one_file else (i + 1) % len(self.files)), 0, 0
         raise DataError(f"data source '{self.name}' has no records")
+
+
+def pass_quotas(s, sizes: list[int]) -> list[int]:
+    """Records per pass of source ``s`` (a SourceConfig) whose files hold ``sizes`` records: [one quota], or
+    under ``per_file`` one per file (the official rule: min(int(ratio x records_f), max_samples))."""
+    cap = (lambda q: min(q, s.max_samples)) if s.max_samples is not None else (lambda q: q)
+    if s.per_file:
+        return [cap(int(s.ratio * n)) for n in sizes]
+    return [cap(max(1, round(s.ratio * sum(sizes))))] if s.ratio > 0 else [0]
+
+
+def describe_quota(s) -> str:
+    """How source ``s`` is sampled per pass, in words (``lvita check``, ``lvita data check``)."""
+    unit = "each file" if s.per_file else "the source"
+    cap = f", at most {s.max_samples:,} records" if s.max_samples is not None else ""
+    return f"ratio {s.ratio:g} of {unit}{cap} per pass"
 
 
 class Mixture:
@@ -137,31 +155,50 @@ class Mixture:
             check_format(s.format, f"data.sources[{i}].format")
         self.readers = {s.name: SourceReader(s.name, data.root, s.paths, s.media_root, s.format)
                         for s in data.sources if s.ratio > 0}
-        self.quota = {}
+        # lanes: what a pass draws from, each with its quota and cursor: a source, or with per_file each of its
+        # files (min(int(ratio x records_f), max_samples), as the official loader; a file whose share rounds
+        # to 0 gives nothing)
+        self.lane_quota, self.lane_of = {}, {}
         for s in data.sources:
-            if s.ratio > 0:
-                q = max(1, round(s.ratio * self.readers[s.name].size))
-                self.quota[s.name] = min(q, s.max_samples) if s.max_samples is not None else q
-        self.names = list(self.quota)
+            if s.ratio <= 0:
+                continue
+            quotas = pass_quotas(s, [len(r) for r in self.readers[s.name].readers])
+            if s.per_file:
+                for k, q in enumerate(quotas):
+                    self._lane(f"{s.name}#{k}", s.name, k, q)
+            else:
+                self._lane(s.name, s.name, None, quotas[0])
+        self.quota = {}  # records per pass by source
+        for lane, q in self.lane_quota.items():
+            self.quota[self.lane_of[lane][0]] = self.quota.get(self.lane_of[lane][0], 0) + q
+        if not self.lane_quota:
+            raise DataError("every data source's share per pass rounds to 0 records (ratio x records per file "
+                            "under per_file); raise a ratio or max_samples")
+        self.names = list(self.lane_quota)
         self.pass_index, self.draw = 0, 0
         self.taken = {n: 0 for n in self.names}
-        self.cursor = {n: self.readers[n].start() for n in self.names}
+        self.cursor = {n: (self.lane_of[n][1] or 0, 0, 0) for n in self.names}
+
+    def _lane(self, lane: str, source: str, file: int | None, quota: int) -> None:
+        if quota > 0:
+            self.lane_quota[lane], self.lane_of[lane] = quota, (source, file)
 
     @property
     def pass_size(self) -> int:
-        return sum(self.quota.values())
+        return sum(self.lane_quota.values())
 
     def next(self) -> Record:
         if self.draw == self.pass_size:
             self.pass_index, self.draw = self.pass_index + 1, 0
             self.taken = {n: 0 for n in self.names}
-        open_ = [(n, self.quota[n] - self.taken[n]) for n in self.names if self.taken[n] < self.quota[n]]
+        open_ = [(n, self.lane_quota[n] - self.taken[n]) for n in self.names if self.taken[n] < self.lane_quota[n]]
         x = random.Random(f"{self.seed}/{self.pass_index}/{self.draw}").random() * sum(r for _, r in open_)
         for name, remaining in open_:
             x -= remaining
             if x < 0:
                 break
-        record, self.cursor[name] = self.readers[name].read(self.cursor[name])
+        source, file = self.lane_of[name]
+        record, self.cursor[name] = self.readers[source].read(self.cursor[name], one_file=file is not None)
         self.taken[name] += 1
         self.draw += 1
         return record
@@ -176,7 +213,8 @@ class Mixture:
     def load_state_dict(self, state: dict) -> None:
         if set(state["taken"]) != set(self.names):
             raise ValueError(f"the data state was saved with sources {sorted(state['taken'])}, but this stage "
-                             f"reads {sorted(self.names)}; resume with the same data.sources")
+                             f"reads {sorted(self.names)} (name#k: file k of a per_file source); resume with the "
+                             f"same data.sources")
         self.pass_index, self.draw = int(state["pass"]), int(state["draw"])
         self.taken = {n: int(v) for n, v in state["taken"].items()}
         self.cursor = {n: tuple(c) for n, c in state["cursor"].items()}
