@@ -260,6 +260,11 @@ def test_data_check_and_preview_on_a_stage_mixing_every_layout(layouts, tokenize
     assert got["text"]["images"]["max"] == 0 and got["cauldron"]["images"]["max"] == 2
     assert got["llava"]["tiles"]["max"] == 3  # one image at up to 2 tiles + thumbnail
     # headers only (no --decode), one worker: the truncated JPEG passes; the same figures otherwise
+    assert got["llava"]["per_pass"] == 16 and got["llava"]["sampling"] == "ratio 1 of the source per pass"
+    capped = [dict(s, max_samples=5) if s["name"] == "llava" else s for s in sources]
+    capped_stage = str(write_stage(tmp_path / "c.json", _check_stage(tokenizer_dir, root, capped, tmp_path / "o")))
+    assert main(["data", "check", "--stage", capped_stage, "--source", "llava"]) == 0
+    assert "per pass: 5 records (ratio 1 of the source, at most 5 records per pass)" in capsys.readouterr().out
     assert main(["data", "check", "--stage", stage, "--json", "--source", "llava"]) == 0
     one = json.loads(capsys.readouterr().out)["sources"][0]
     assert (one["records"], one["usable"], one["skipped"].get("bad_media_at_decode")) == (16, 12, None)
