@@ -17,7 +17,7 @@ from lvita.bench.longvideo import LONGVIDEOBENCH, MLVU
 from lvita.bench.mvbench import MVBENCH
 from lvita.bench.video_common import FrameVideo, first_letter, first_word_matches
 from lvita.bench.videomme import VIDEO_MME, read_srt, subtitle_lines
-from lvita.data.media import normalise, sampled_frames, video_tiles
+from lvita.data.media import MediaError, normalise, sampled_frames, video_tiles
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.infer.generate import answer
 from lvita.infer.prompt import MediaOptions, build_prompt
@@ -179,6 +179,11 @@ def test_frames_are_sampled_inside_the_window(mvbench):
     assert list(sampled_frames(folder, 64, 1.0, "internvl", start=2, end=5, folder_fps=3)) == [7, 11, 14]
     levels = video_tiles(folder, 16, 64, 1.0, start=2, end=5, folder_fps=3).float().mean(dim=(1, 2, 3))
     assert levels.round().tolist() == [56.0, 88.0, 112.0]  # frames 7, 11, 14 (grey 8k; jpeg of a flat image)
+    assert list(sampled_frames(mp4, 64, 1.0, "internvl", start=8.0, end=60.0)) == [34, 38]  # end clipped: 32..39, centres 2 and 6
+    with pytest.raises(MediaError, match="holds no frame"):
+        sampled_frames(mp4, 64, 1.0, "internvl", start=11.0, end=12.0)  # past the 10 s video
+    with pytest.raises(MediaError, match="frame rate"):
+        sampled_frames(folder, 64, 1.0, "internvl", start=2, end=5)  # a folder's rate is unknown
 
 
 def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
