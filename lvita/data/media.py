@@ -21,6 +21,14 @@ padded to a square with the mean colour before the resize).
 Media sources: a path, or an in-memory file (``io.BytesIO``, for images and videos embedded in
 parquet/arrow rows). A video may also be a directory of frame images, sorted by name (its frame rate
 is unknown, so ``fps`` cannot bound the sampling there: up to ``max_frames`` frames are taken).
+
+Time windows (benchmarks ask about one span of a video, MVBench's ``start``/``end``): the
+``start=``/``end=`` seconds of ``video_frame_count`` / ``video_tiles`` / :func:`sampled_frames`
+keep frames ``round(start * fps) .. round(end * fps)`` (clipped to the video; VLMEvalKit's MVBench
+``get_index`` bounds) and sample inside them by the format's usual rule, as if the clip were the
+whole video. ``folder_fps=``: a frame folder's recording rate (MVBench's frame tasks: 3); the
+folder is then sampled as a video file at that rate (VLMEvalKit turns such a folder into an mp4
+at that rate before Long-VITA reads it). Without these arguments nothing changes.
 Every image mode becomes RGB the way InternVL's loaders end up: grayscale, palette (with
 transparency through RGBA), RGBA (alpha dropped), CMYK, 16-bit (scaled to 8 bits, not clipped),
 animated GIF / multi-frame TIFF (first frame).
@@ -193,6 +201,54 @@ def _sampled(total: int, native: float, max_frames: int, fps: float, layout: str
         raise MediaError(str(e)) from None
 
 
+def window_frames(total: int, rate: float, start: float | None, end: float | None) -> tuple[int, int]:
+    """(first, last) frame numbers inside ``[start, end]`` seconds of a video of ``total`` frames at
+    ``rate`` fps: ``round(start * rate)`` .. ``round(end * rate)`` clipped to the video (VLMEvalKit's
+    MVBench ``get_index``); None: from the first / to the last frame. An empty window is a MediaError."""
+    if (start is not None or end is not None) and not rate > 0:
+        raise MediaError("a time window needs the video's frame rate (a frame folder's folder_fps)")
+    first = 0 if start is None else max(0, round(float(start) * rate))
+    last = total - 1 if end is None else min(round(float(end) * rate), total - 1)
+    if first > last:
+        raise MediaError(f"the window {start}..{end} s holds no frame of a {total}-frame video at {rate:g} fps")
+    return first, last
+
+
+class Sampled(list):
+    """The frame numbers a video's tiles come from (a list), with ``fps``: the rate those numbers
+    count at (the file's native rate, a folder's ``folder_fps``; 0.0: unknown)."""
+    fps: float = 0.0
+
+    def seconds(self) -> list[float]:
+        """Each sampled frame's time in the video: frame number / fps."""
+        if not self.fps > 0:
+            raise MediaError("the frame rate is unknown (a frame folder without folder_fps): no timestamps")
+        return [i / self.fps for i in self]
+
+
+def _window_sampled(vr, total: int, native: float, max_frames: int, fps: float, layout: str,
+                    start=None, end=None, folder_fps=None) -> Sampled:
+    """``_sampled`` inside the time window, with a frame folder at ``folder_fps`` read as a video file."""
+    folder = isinstance(vr, list)
+    if folder and folder_fps:
+        native, folder = float(folder_fps), False
+    elif folder and layout == "longvita" and (start is not None or end is not None):
+        native = 1.0  # the official code's rate for a frame folder
+    first, last = window_frames(total, native, start, end) if (start is not None or end is not None) \
+        else (0, total - 1)
+    out = Sampled(first + i for i in _sampled(last - first + 1, native, max_frames, fps, layout, folder))
+    out.fps = native
+    return out
+
+
+def sampled_frames(path, max_frames: int, fps: float, layout: str = "internvl", start: float | None = None,
+                   end: float | None = None, folder_fps: float | None = None) -> Sampled:
+    """The frame numbers ``video_tiles`` decodes (same arguments), with their rate: timestamps of
+    exactly the frames the model sees (Video-MME's subtitles are chosen by them). Metadata only."""
+    vr, total, native = _open_video(path, layout)
+    return _window_sampled(vr, total, native, max_frames, fps, layout, start, end, folder_fps)
+
+
 def _open_video(path, layout: str = "internvl"):
     """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
     if not isinstance(path, io.IOBase):
@@ -218,21 +274,22 @@ def _open_video(path, layout: str = "internvl"):
     return vr, total, native
 
 
-def video_frame_count(path, max_frames: int, fps: float, layout: str = "internvl") -> int:
+def video_frame_count(path, max_frames: int, fps: float, layout: str = "internvl", start: float | None = None,
+                      end: float | None = None, folder_fps: float | None = None) -> int:
     """Frames ``video_tiles`` will return, from decord metadata only (no frame decoding)."""
-    vr, total, native = _open_video(path, layout)
-    return len(_sampled(total, native, max_frames, fps, layout, isinstance(vr, list)))
+    return len(sampled_frames(path, max_frames, fps, layout, start, end, folder_fps))
 
 
 def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect: int | None = None,
-                layout: str = "internvl") -> torch.Tensor:
+                layout: str = "internvl", start: float | None = None, end: float | None = None,
+                folder_fps: float | None = None) -> torch.Tensor:
     """-> (n, 3, tile, tile) uint8: the sampled frames, each one tile (no dynamic tiling): resized
     (``layout="internvl"``) or padded to a square with the mean colour, then resized
     (``"longvita"``, with the official sampling: :mod:`lvita.data.longvita`). ``keep``: only these
     sampled frames (tile numbers), the others are not decoded; ``expect``: the planned frame count;
-    another count raises MediaError."""
+    another count raises MediaError. ``start``/``end``/``folder_fps``: a time window (module doc)."""
     vr, total, native = _open_video(path, layout)
-    idx = _sampled(total, native, max_frames, fps, layout, isinstance(vr, list))
+    idx = list(_window_sampled(vr, total, native, max_frames, fps, layout, start, end, folder_fps))
     fit = ((lambda im: longvita.pad_to_square(im, tile)) if layout == "longvita"
            else (lambda im: im.resize((tile, tile), Image.BICUBIC)))
     idx = [idx[i] for i in _kept(len(idx), keep, expect, f"video {_name(path)}")]

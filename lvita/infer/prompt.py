@@ -9,6 +9,10 @@ the ids and tiles follow released Long-VITA's layout (:mod:`lvita.data.longvita`
     p = build_prompt([{"role": "user", "content": "<image>\nWhat is this?"}], tok, specials, "tiny", ["a.png"])
     p.input_ids, p.pixel_values          # ids ending in "<|im_start|>assistant\n", (N, 3, T, T)
 
+A video is a path, or anything with ``.path`` and ``.start`` / ``.end`` seconds (a benchmark's
+``lvita.bench.items.Video``; an optional ``.fps``: a frame folder's recording rate): only frames in
+that window are sampled (:func:`lvita.data.media.sampled_frames`).
+
 Trade-off: image headers are read first to plan tiles and pixels decoded once the plan fits, so a
 too-long prompt fails before any decoding; an unreadable file is a MediaError naming it.
 """
@@ -88,10 +92,11 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
                                                   f"{len(images)} images / {len(videos)} videos")
     tile, tpt = tile_size(preset), tokens_per_tile(preset)
     fmt = spec_of(preset).format  # longvita: released Long-VITA's layout (lvita.data.longvita), as training
-    files = {"<image>": iter(map(Path, images)), "<video>": iter(map(Path, videos))}
+    files = {"<image>": iter(map(Path, images)), "<video>": iter(map(video_source, videos))}
     order = [(ph[1:-1], next(files[ph])) for ph in PLACEHOLDER.findall(text)]
     sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
-    frames = {p: video_frame_count(p, media.max_frames, media.video_fps, fmt) for k, p in order if k == "video"}
+    frames = {p: video_frame_count(p.path, media.max_frames, media.video_fps, fmt, **p.window)
+              for k, p in order if k == "video"}
     opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
     limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
     budgets = [media.max_tiles if fmt == "longvita" else max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
@@ -115,9 +120,33 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
     tiles = []
     for m in plan:
         got = (image_tiles(m[1], tile, media.min_tiles, m[2], thumbnail_first=fmt == "longvita") if m[0] == "image"
-               else video_tiles(m[1], tile, media.max_frames, media.video_fps, layout=fmt))
+               else video_tiles(m[1].path, tile, media.max_frames, media.video_fps, layout=fmt, **m[1].window))
         if got.shape[0] != m[-1]:
             raise MediaError(f"{m[1]}: decoded {got.shape[0]} tiles, its header promised {m[-1]}")
         tiles.append(normalise(got))
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
     return Prompt(ids, pixels, [(m[0], str(m[1]), m[-1]) for m in plan])
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video to sample: its path and the window arguments of lvita.data.media's video functions."""
+    path: Path
+    start: float | None = None
+    end: float | None = None
+    fps: float | None = None  # a frame folder's recording rate
+
+    @property
+    def window(self) -> dict:
+        return dict(start=self.start, end=self.end, folder_fps=self.fps)
+
+    def __str__(self) -> str:  # the path, as Prompt.media and error messages name a video
+        return str(self.path)
+
+
+def video_source(video) -> VideoSource:
+    """A path, or an object with ``.path`` (and optional ``.start`` / ``.end`` seconds, ``.fps``)."""
+    if hasattr(video, "path") and not isinstance(video, (str, Path)):
+        return VideoSource(Path(video.path), getattr(video, "start", None), getattr(video, "end", None),
+                           getattr(video, "fps", None))
+    return VideoSource(Path(video))

@@ -1,0 +1,133 @@
+"""MVBench as published (``OpenGVLab/MVBench``): :data:`MVBENCH`, 20 tasks scored per task.
+
+Owns reading the benchmark's files, the prompt Long-VITA's VLMEvalKit wrapper sends and the
+judge-free scoring, following VLMEvalKit's ``vlmeval/dataset/mvbench.py`` at the commit Long-VITA
+pins (37d08c5):
+
+- ``--data`` is the folder holding ``json/<task>.json`` (records ``video, question, candidates,
+  answer`` (the right candidate's text), optional ``start``/``end`` seconds) and ``video/``
+  (unzipped). :data:`TASKS` maps each task to its json, its video folder (VLMEvalKit's
+  ``your_data_path`` is ``video``), the data type (``video``: a file; ``frame``: a folder of jpgs
+  recorded at 3 fps) and whether ``start``/``end`` bound it.
+- frames: VLMEvalKit hands a video model the file (a frame folder made into an mp4 at 3 fps, a
+  bounded one cut to ``start .. min(end, duration)``); here the item's video carries the window
+  (and the folder's 3 fps) and lvita.data.media samples inside it by the model format's rule.
+- options ``(A) text`` in candidate order; the answer letter is the answer text's position.
+- prompt (``longvita``): the system text, ``Question: ...\\nOptions:\\n(A) ...``, the video, then
+  ``\\nAnswer with the letter.`` (the wrapper removes ``Only give the best option.Best option:(``
+  and appends that). ``internvl``: VLMEvalKit's text without the assistant prefill.
+- score: :func:`lvita.bench.video_common.first_word_matches`; accuracy per task, overall (all
+  questions, VLMEvalKit's "overall") and the mean of the task accuracies.
+
+Trade-off: only files are checked at load time; a video decord cannot read fails when answered
+(the driver counts that MediaError).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lvita.bench.items import Benchmark, Item, LoadOptions, Skip
+from lvita.bench.video_common import (FrameVideo, Unique, accuracy, breakdown, first_word_matches, lettered,
+                                      missing_video, published_answer, read_json_list)
+
+FRAME_FPS = 3  # VLMEvalKit's frame_fps: the rate of MVBench's frame-folder tasks (tvqa frames_fps3_hq)
+
+# task -> (json file, video folder under --data, data type, bounded by start/end): vlmeval/dataset/mvbench.py
+TASKS = {
+    "Action Sequence": ("action_sequence.json", "video/star/Charades_v1_480/", "video", True),
+    "Action Prediction": ("action_prediction.json", "video/star/Charades_v1_480/", "video", True),
+    "Action Antonym": ("action_antonym.json", "video/ssv2_video/", "video", False),
+    "Fine-grained Action": ("fine_grained_action.json", "video/Moments_in_Time_Raw/videos/", "video", False),
+    "Unexpected Action": ("unexpected_action.json", "video/FunQA_test/test/", "video", False),
+    "Object Existence": ("object_existence.json", "video/clevrer/video_validation/", "video", False),
+    "Object Interaction": ("object_interaction.json", "video/star/Charades_v1_480/", "video", True),
+    "Object Shuffle": ("object_shuffle.json", "video/perception/videos/", "video", False),
+    "Moving Direction": ("moving_direction.json", "video/clevrer/video_validation/", "video", False),
+    "Action Localization": ("action_localization.json", "video/sta/sta_video/", "video", True),
+    "Scene Transition": ("scene_transition.json", "video/scene_qa/video/", "video", False),
+    "Action Count": ("action_count.json", "video/perception/videos/", "video", False),
+    "Moving Count": ("moving_count.json", "video/clevrer/video_validation/", "video", False),
+    "Moving Attribute": ("moving_attribute.json", "video/clevrer/video_validation/", "video", False),
+    "State Change": ("state_change.json", "video/perception/videos/", "video", False),
+    "Fine-grained Pose": ("fine_grained_pose.json", "video/nturgbd/", "video", False),
+    "Character Order": ("character_order.json", "video/perception/videos/", "video", False),
+    "Egocentric Navigation": ("egocentric_navigation.json", "video/vlnqa/", "video", False),
+    "Episodic Reasoning": ("episodic_reasoning.json", "video/tvqa/frames_fps3_hq/", "frame", True),
+    "Counterfactual Inference": ("counterfactual_inference.json", "video/clevrer/video_validation/", "video", False),
+}
+
+SYSTEM = ("Carefully watch the video and pay attention to the cause and sequence of events, "
+          "the detail and movement of objects, and the action and pose of persons. "
+          "Based on your observations, select the best option that accurately addresses the question.\n")
+
+
+def _seconds(value):
+    return None if value is None else float(value)
+
+
+def load(path: Path, options: LoadOptions):
+    """json/<task>.json of every task present -> Items (id ``<json stem>-<row>``); a task whose json is
+    absent is left out (named in no Skip: the benchmark as downloaded may lack one, e.g. NTU RGB+D)."""
+    root = Path(path)
+    if not (root / "json").is_dir():
+        raise ValueError(f"--data {root}: expected MVBench's json/ folder (json/<task>.json) and video/ there")
+    present = [t for t, spec in TASKS.items() if (root / "json" / spec[0]).is_file()]
+    if not present:
+        raise ValueError(f"--data {root}: json/ holds none of MVBench's task files ({TASKS['Action Sequence'][0]}, ...)")
+    ids = Unique()
+    for task in present:
+        file, folder, kind, bounded = TASKS[task]
+        stem = Path(file).stem
+        for row, rec in enumerate(read_json_list(root / "json" / file, "MVBench task file")):
+            item_id, where = f"{stem}-{row}", f"{root / 'json' / file} record {row}"
+            if dup := ids.check(item_id, where):
+                yield dup
+                continue
+            try:
+                cands, answer, video = list(rec["candidates"]), str(rec["answer"]), str(rec["video"])
+                start = _seconds(rec.get("start")) if bounded else None
+                end = _seconds(rec.get("end")) if bounded else None
+            except (KeyError, TypeError, ValueError) as e:
+                yield Skip(item_id, "bad_record", f"{where}: needs video, question, candidates (a list), "
+                                                  f"answer, numeric start/end ({type(e).__name__}: {e})")
+                continue
+            choices = lettered(cands)
+            letter = next((k for k, v in choices.items() if v == answer), None)
+            if letter is None or not isinstance(rec.get("question"), str):
+                yield Skip(item_id, "bad_record", f"{where}: the answer {answer!r} is none of the candidates "
+                                                  f"{cands}, or the question is not a string")
+                continue
+            file_path = root / folder / video
+            if skip := missing_video(item_id, file_path):
+                yield Skip(item_id, skip.reason, f"{where}: {skip.detail}")
+                continue
+            clip = FrameVideo(file_path, start, end, fps=FRAME_FPS if kind == "frame" else None)
+            yield Item(item_id, rec["question"], videos=[clip], choices=choices, answer=letter,
+                       meta={"task": task, "answer_text": answer})
+
+
+def question_block(item: Item) -> str:
+    """VLMEvalKit's ``qa_template``: ``Question: q\\nOptions:\\n(A) x\\n(B) y`` (no trailing newline)."""
+    return "\n".join([f"Question: {item.question}", "Options:"] + [f"({k}) {v}" for k, v in item.choices.items()])
+
+
+def prompt(item: Item, fmt: str) -> str:
+    text = SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
+    if fmt == "longvita":  # the wrapper drops the assistant prefill with the instruction, adds its own
+        return text.replace("Only give the best option.", "") + "Answer with the letter."
+    return text
+
+
+def correct(row: dict) -> int:
+    return int(first_word_matches(published_answer(row.get("prediction", "")), row["answer"], row["choices"]))
+
+
+def score(rows: list[dict]) -> dict:
+    """Accuracy per task, overall (every question) and the mean over tasks."""
+    scores = [correct(r) for r in rows]
+    tasks = breakdown(rows, scores, "task")
+    mean = sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else None
+    return accuracy(scores) | {"task": tasks, "task_mean": mean}
+
+
+MVBENCH = Benchmark("MVBench", load, prompt, score, max_new_tokens=32)

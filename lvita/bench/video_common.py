@@ -1,0 +1,131 @@
+"""What the video benchmarks share: Long-VITA's answer clean-up, VLMEvalKit's two video answer
+matchers, accuracy breakdowns, and finding a benchmark's files.
+
+Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party/VLMEvalKit`` at
+37d08c5, judge-free "exact_matching"), re-implemented, not copied:
+
+- :func:`published_answer`: Long-VITA's wrapper (``VLMEvalKit/long_vita.py`` ``generate_inner``)
+  keeps only what follows the last ``Answer:`` of a reply.
+- :func:`first_letter`: Video-MME's and LongVideoBench's ``extract_characters_regex``: strip some
+  answer prefixes, then the first capital option letter anywhere in the reply (none: wrong; a
+  reply of over 10 words with no such letter: wrong). Their fallback (``extract_option``) finds no
+  options in the ``question`` column, so without a judge it never rescues an answer.
+- :func:`first_word_matches`: MVBench's and MLVU's ``check_ans_with_model``: the reply's first
+  space-separated word, lower-cased and without dots, is a substring of ``(b)``-style gold (so an
+  empty reply counts as right: VLMEvalKit's quirk, kept), or contains it; else
+  :func:`lvita.bench.choice.can_infer` must pick the gold letter.
+
+    published_answer("Reasoning... Answer: B")        # "B"
+    first_letter("The answer is C.", "ABCD")          # "C"
+    first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"})   # True
+
+Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
+in its function's docstring.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvita.bench.choice import can_infer
+from lvita.bench.items import Skip, Video
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# as listed in vlmeval/dataset/utils/videomme.py; two commas are missing there, so two entries are
+# the concatenations ("The best option isThe correct option is"): kept, they never match
+_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+             "The best option isThe correct option is", "Best answer:Best option:", "Answer:", "Option:")
+
+
+@dataclass
+class FrameVideo(Video):
+    """A video with a known recording rate: a frame folder recorded at ``fps`` (MVBench's 3 fps
+    frame tasks), read by lvita.infer.prompt's ``.fps`` (the folder's rate, for time windows)."""
+    fps: float | None = None
+
+
+def published_answer(text: str) -> str:
+    """The part of a reply Long-VITA's VLMEvalKit wrapper keeps: after the last ``Answer:``."""
+    text = str(text)
+    return text.split("Answer:")[-1].strip() if "Answer:" in text else text
+
+
+def first_letter(reply: str, letters: str = "ABCD") -> str:
+    """``extract_characters_regex``: the first of ``letters`` in the reply once answer prefixes are
+    removed (anywhere: "A man walks" reads as A); "" when none."""
+    s = str(reply).strip()
+    for prefix in _PREFIXES:
+        s = s.replace(prefix, "")
+    found = re.search(f"[{letters}]", s)  # (its "over 10 words and no letter" test adds nothing to this)
+    return found[0] if found else ""
+
+
+def first_word_matches(reply: str, gold: str, choices: dict) -> bool:
+    """``check_ans_with_model`` without a judge: gold is ``(x) text``; the reply's first word (split
+    on single spaces) lower-cased without dots is in ``(x)``, or contains ``(x)``; else can_infer."""
+    gold_option = f"({gold.lower()})"
+    first = str(reply).lower().split(" ")[0]
+    if first.replace(".", "") in gold_option or gold_option in first:
+        return True
+    return can_infer(str(reply), choices) == gold
+
+
+def lettered(candidates: list) -> dict[str, str]:
+    """["x", "y"] -> {"A": "x", "B": "y"}."""
+    return {LETTERS[i]: str(c) for i, c in enumerate(candidates)}
+
+
+def accuracy(scores: list[int]) -> dict:
+    return {"accuracy": sum(scores) / len(scores) if scores else None, "correct": sum(scores), "count": len(scores)}
+
+
+def breakdown(rows: list[dict], scores: list[int], key: str) -> dict:
+    """{value of meta[key]: accuracy dict}, values in first-seen order."""
+    groups: dict = defaultdict(list)
+    for row, s in zip(rows, scores):
+        groups[str((row.get("meta") or {}).get(key))].append(s)
+    return {k: accuracy(v) for k, v in groups.items()}
+
+
+def read_json_list(path: Path, what: str) -> list:
+    """A JSON file holding a list of records; a clear ValueError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{what} {path}: expected a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def first_dir(root: Path, names: tuple[str, ...], probe) -> Path | None:
+    """The first of ``root/name`` (name "" is root itself) for which ``probe(folder)`` is true."""
+    for name in names:
+        d = root / name if name else root
+        if d.is_dir() and probe(d):
+            return d
+    return None
+
+
+def missing_video(item_id: str, path: Path) -> Skip | None:
+    """A Skip when ``path`` is neither a file nor a non-empty folder (decoding errors surface later,
+    as the driver's MediaError)."""
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        return None
+    return Skip(item_id, "missing_video", f"{path} is not there (or is an empty folder)")
+
+
+class Unique:
+    """Item ids seen so far: a repeated id is a Skip (reason ``duplicate_id``)."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def check(self, item_id: str, where: str) -> Skip | None:
+        if item_id in self.seen:
+            return Skip(item_id, "duplicate_id", f"{where}: the id {item_id!r} is used twice")
+        self.seen.add(item_id)
+        return None
