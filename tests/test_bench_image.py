@@ -172,3 +172,44 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err and not (tmp_path / "OCRBench-eval").exists()
     assert lveval.main(["--benchmark", "OCRBench", "--score-only", str(tmp_path / "none.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokenizer_dir, tmp_path, monkeypatch):
+    """Under model.format longvita the CLI drops the model's system prompt (Long-VITA's VLMEvalKit wrapper
+    sends none), the user text is the wrapper's, and an answer's text after "Answer:" is the prediction."""
+    import torch
+
+    from lvita.model.longvita import LongVita
+    from lvita.model.presets import context_token_ids, spec_of
+
+    spec = spec_of("tiny", "longvita")
+    tok = load_tokenizer(tokenizer_dir, "longvita")
+    sp = dict(special_token_ids(tok, "longvita"), context=context_token_ids(tok.get_vocab(), spec))
+    torch.manual_seed(0)
+    model = LongVita(spec, sp["context"], seed=0).eval().requires_grad_(False)
+
+    def load(args, opts):
+        opts["system_prompt"] = "You are a helpful assistant."  # what a checkpoint's manifest would say
+        return model, tok, sp, spec, None, 0
+
+    seen, real = [], bench_run.answer
+
+    def spy(*a, **k):
+        seen.append((a[4][0]["content"], k["system_prompt"]))
+        text, gen = real(*a, **k)
+        return "Let me see. Answer: B", gen
+
+    monkeypatch.setattr(lveval, "load_for_args", load)
+    monkeypatch.setattr(bench_run, "answer", spy)
+    data = write_tsv(tmp_path / "MMStar.tsv", [
+        {"index": 0, "image": b64png("red"), "question": "Which?", "A": "red", "B": "blue", "answer": "A",
+         "category": "coarse", "l2-category": "colour"}])
+    assert lveval.main(["--model", "unused", "--benchmark", "MMStar", "--data", str(data), "--out",
+                        str(tmp_path / "o"), "--max-new-tokens", "2"]) == 0
+    assert seen == [("<image>\nQuestion: Which?\nOptions:\nA. red\nB. blue\n"
+                     "Answer with the option's letter from the given choices directly.", None)]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    row = json.loads((tmp_path / "o" / "predictions.jsonl").read_text())
+    assert (row["prediction"], row["raw"]) == ("B", "Let me see. Answer: B")
+    assert res["scores"]["overall"]["correct"] == 0 and res["options"]["system_prompt"] is None
+    assert res["options"]["format"] == "longvita" and res["options"]["media"]["max_frames"] == 64
