@@ -12,7 +12,7 @@ AB = {"A": "cat", "B": "dog"}
 
 
 def row(id, prediction, answer, choices=AB, **meta):
-    return {"id": str(id), "prediction": prediction, "answer": answer, "choices": choices, "meta": meta}
+    return {"id": str(id), "prediction": prediction, "answer": answer, "choices": choices, "meta": dict(meta)}
 
 
 def test_letter_among_the_last_words_not_buried_mid_answer():
@@ -43,6 +43,11 @@ def test_mmmu_open_question_is_two_options():
             row("m1", "B", "B", {"A": "x", "B": "y"})]
     assert sc.mmmu_row(rows[0])["choices"] == {"A": "7", "B": "Other Answers"}
     assert [r["correct"] for r in [sc.mcq_score([sc.mmmu_row(r)])["overall"] for r in rows]] == [1, 0, 1, 1]
+    for r in rows[1:]:
+        r["meta"]["split"] = "validation"
+    res = sc.mmmu_score(rows)  # the leaderboard's number: the validation split (o2 wrong, o3 and m1 right)
+    assert res["overall"]["correct"] == 2 and res["overall"]["scored"] == 3
+    assert res["all_rows"]["correct"] == 3 and res["split"]["validation"]["scored"] == 3
 
 
 def test_yes_no_extraction():
@@ -62,6 +67,7 @@ def test_hallusion_aacc_facc_qacc():
     # question groups (chart,0,q0) yes, (chart,0,q1) no, (map,1,q0) no, (map,1,q1) yes: 2/4
     o = res["overall"]
     assert (o["aAcc"], o["fAcc"], o["qAcc"]) == (round(400 / 6, 4), round(100 / 3, 4), 50.0)
+    assert o["mean"] == 50.0  # (66.67 + 33.33 + 50) / 3: OpenCompass's HallusionBench "Overall"
     assert (o["figures"], o["question_groups"], res["unknown"]) == (3, 4, 1)
     vs, vd = res["category"]["VS"], res["category"]["VD"]
     assert (vs["aAcc"], vs["fAcc"], vs["qAcc"]) == (75.0, 50.0, 50.0)

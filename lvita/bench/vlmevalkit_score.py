@@ -16,7 +16,8 @@ leaderboard reports. Followed (open-compass/VLMEvalKit):
 - HallusionBench, ``yorn.py``: ``YOrN_Extraction`` (yes xor no among the words after
   ``process_punctuation``, else Unknown: wrong); ``Hallusion_rating``: aAcc per question, fAcc per figure
   (l2-category, set_id, figure_id all right), qAcc per question (l2-category, set_id, question_id all
-  right), in percent, overall and per category and l2-category.
+  right), in percent, overall and per category and l2-category; ``mean`` of the three is the number the
+  OpenCompass leaderboard shows for HallusionBench (its "Overall").
 - OCRBench, ``utils/ocrbench.py`` ``OCRBench_eval``: right when any acceptable answer is a substring of the
   prediction, both lowercased and stripped (Handwritten Mathematical Expression Recognition: spaces
   removed, case kept); the score is the count of right answers (out of 1000 on the full set), per
@@ -87,7 +88,16 @@ def mmmu_row(row: dict) -> dict:
 
 
 def mmmu_score(rows: list[dict]) -> dict:
-    return mcq_score([mmmu_row(r) for r in rows])
+    """MMMU_DEV_VAL: the leaderboard's number is the validation split's (``report_primary_metric``), so
+    ``overall`` and the categories are over validation rows when there are any; ``all_rows`` over all."""
+    rows = [mmmu_row(r) for r in rows]
+    every = mcq_score(rows)
+    val = [r for r in rows if r["meta"].get("split") == "validation"]
+    if not val:
+        return every
+    out = dict(mcq_score(val), split=every["split"], all_rows=every["overall"])
+    out["metric"] = "accuracy (validation split)"
+    return out
 
 
 # -- yes / no ------------------------------------------------------------------------------------------
@@ -123,10 +133,13 @@ def _hallusion_accs(rows: list[tuple[dict, bool]]) -> dict:
     for meta, hit in rows:
         figures[(meta.get("l2-category"), meta.get("set_id"), meta.get("figure_id"))].append(hit)
         questions[(meta.get("l2-category"), meta.get("set_id"), meta.get("question_id"))].append(hit)
-    pct = lambda xs: round(100 * sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    return {"aAcc": pct([h for _, h in rows]), "fAcc": pct([all(v) for v in figures.values()]),
-            "qAcc": pct([all(v) for v in questions.values()]), "questions": len(rows),
-            "figures": len(figures), "question_groups": len(questions)}
+    pct = lambda xs: 100 * sum(xs) / len(xs) if xs else None  # noqa: E731
+    accs = {"aAcc": pct([h for _, h in rows]), "fAcc": pct([all(v) for v in figures.values()]),
+            "qAcc": pct([all(v) for v in questions.values()])}
+    mean = sum(accs.values()) / 3 if rows else None  # OpenCompass's leaderboard figure: the mean of the three
+    return {**{k: None if v is None else round(v, 4) for k, v in accs.items()},
+            "mean": None if mean is None else round(mean, 4), "questions": len(rows), "figures": len(figures),
+            "question_groups": len(questions)}
 
 
 def hallusion_score(rows: list[dict]) -> dict:
