@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     fh.add_argument("--format", choices=("longvita", "internvl"), help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
-                       ("eval", "accuracy on a JSONL set or a published benchmark (see python -m lvita.eval --help)")):
+                       ("eval", "accuracy on a JSONL set (python -m lvita.eval --help) or a published benchmark "
+                                "(--benchmark NAME --help)")):
         sub.add_parser(name, help=text)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":  # their own parsers, shared with python -m
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
 
         return generate(argv[1:])
     if argv and argv[0] == "eval":
-        from lvita.infer.eval import main as evaluate
+        from lvita.eval import main as evaluate  # JSONL sets, or --benchmark NAME (lvita.bench)
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)

@@ -15,7 +15,8 @@ from PIL import Image
 from lvita.bench import run as bench_run
 from lvita.ckpt.hf import write_hf_dir
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
-from lvita.infer import eval as lveval
+from lvita import eval as lveval  # the entry point: --benchmark goes to lvita.bench.command
+from lvita.bench import command as bench_command
 from lvita.infer.prompt import build_prompt
 from tests.test_generate import _always_b
 
@@ -166,7 +167,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert lveval.main(model + ["--benchmark", "MMBench"]) == 2
     err = capsys.readouterr().err
     assert "--benchmark MMBench: unknown; known benchmarks: AI2D_TEST, HallusionBench" in err
-    assert lveval.main(model + ["--benchmark", "MMVet"]) == 2
+    from lvita.cli import main as lvita_cli
+
+    assert lvita_cli(["eval"] + model + ["--benchmark", "MMVet"]) == 2  # `lvita eval` reaches the benchmarks
     assert "--benchmark MMVet is not supported: scored by a judge model" in capsys.readouterr().err
     assert lveval.main(["--model", "m", "--data", str(tmp_path / "no.tsv"), "--benchmark", "OCRBench"]) == 2
     assert "--data" in capsys.readouterr().err and not (tmp_path / "OCRBench-eval").exists()
@@ -199,7 +202,7 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
         text, gen = real(*a, **k)
         return "Let me see. Answer: B", gen
 
-    monkeypatch.setattr(lveval, "load_for_args", load)
+    monkeypatch.setattr(bench_command, "load_for_args", load)
     monkeypatch.setattr(bench_run, "answer", spy)
     data = write_tsv(tmp_path / "MMStar.tsv", [
         {"index": 0, "image": b64png("red"), "question": "Which?", "A": "red", "B": "blue", "answer": "A",

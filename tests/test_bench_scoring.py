@@ -101,7 +101,8 @@ def test_longvita_prompts_as_the_wrapper_builds_them():
     assert prompts.image_prompt(_item(question="Is it red?", choices=None), "longvita", "HallusionBench", "Y/N") \
         == "<image>\nIs it red?\nAnswer yes or no."
     assert prompts.image_prompt(_item(question="What is written?", choices=None), "longvita", "OCRBench", "VQA") == \
-        "<image>\nWhat is written?\nAnswer this question using the text in the image directly without any other context."
+        "<image>\nWhat is written?\nAnswer this question using the text in the image directly without any other " \
+        "context."
     mmmu = _item(question="Compare <image 2> and <image 1>.", hint=None, images=[Path("b"), Path("a")],
                  meta={"interleaved": True})
     assert prompts.image_prompt(mmmu, "longvita", "MMMU_DEV_VAL", "MCQ") == (

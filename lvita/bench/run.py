@@ -1,7 +1,7 @@
 """The benchmark driver: load a published benchmark, answer every item greedily, append, score, report.
 
-Owns ``lvita eval --benchmark NAME --data PATH`` (called from :mod:`lvita.infer.eval`) and
-``--score-only PREDICTIONS.jsonl``. :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
+Owns what ``lvita eval --benchmark NAME --data PATH`` and ``--score-only PREDICTIONS.jsonl`` do (their
+command line: :mod:`lvita.bench.command`). :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
 user text (``bench.prompt`` for the model's format), answers it with :func:`lvita.infer.generate.answer`
 (no system prompt under longvita, as Long-VITA's VLMEvalKit wrapper), and appends one prediction row per
 item to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the item in flight:
@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, prediction_row
+from lvita.bench.items import Benchmark, LoadOptions, Skip, prediction_row
 from lvita.bench.prompts import postprocess
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
@@ -195,5 +195,6 @@ def score_only(bench: Benchmark, predictions, out=None, command: list[str] | Non
                "stops": dict(Counter(r.get("stop") for r in rows)), "rescored_from": str(predictions),
                "command": list(sys.argv if command is None else command)}
     atomic_write(dest / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows; wrote {dest / 'results.json'}")
+    log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows; "
+        f"wrote {dest / 'results.json'}")
     return results

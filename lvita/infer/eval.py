@@ -19,8 +19,6 @@ keys::
 - ``category`` (default "default") groups the accuracy in results.json.
 
     python -m lvita.eval --model runs/stage4 --data bench/mmb.jsonl [--out DIR] [--max-new-tokens 16]
-    python -m lvita.eval --model M --benchmark MMBench_DEV_EN --data LMUData/MMBench_DEV_EN.tsv   # lvita/bench
-    python -m lvita.eval --benchmark MMBench_DEV_EN --score-only OUT/predictions.jsonl           # no model
 
 Writes ``predictions.jsonl`` (id, category, kind, prediction, reference, correct, stop) and
 ``results.json`` (accuracy overall and per category, counts, skipped items with reasons) into
@@ -172,71 +170,14 @@ def evaluate(model, tok, specials: dict, preset: str, data, out=None, log=print,
     return results
 
 
-def run_benchmark(args) -> None:
-    """``--benchmark NAME``: a published benchmark through :func:`lvita.bench.run.evaluate_benchmark`."""
-    from lvita.bench.catalog import lookup
-    from lvita.bench.items import LoadOptions
-    from lvita.bench.run import evaluate_benchmark
-
-    bench = lookup(args.benchmark)
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
-    if args.frames < 1:
-        raise ValueError("--frames must be at least 1")
-    if args.max_new_tokens is None:  # the benchmark's answer length unless --max-new-tokens says
-        args.max_new_tokens = bench.max_new_tokens
-    args.max_frames = args.frames
-    opts = options(args)
-    model, tok, specials, preset, decode, rank = load_for_args(args, opts)
-    if preset.format == "longvita" and args.system_prompt is None:
-        opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
-    out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
-    load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
-    evaluate_benchmark(model, tok, specials, preset, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                       write=rank == 0)
-
-
-def rescore(argv: list[str]) -> int:
-    """``--score-only PREDICTIONS``: scores from a predictions.jsonl, no model."""
-    from lvita.bench.catalog import lookup
-    from lvita.bench.run import score_only
-
-    ap = argparse.ArgumentParser(prog="lvita eval --score-only", description="Rescore a predictions.jsonl.")
-    ap.add_argument("--score-only", required=True, metavar="PREDICTIONS")
-    ap.add_argument("--benchmark", required=True)
-    ap.add_argument("--out", help="default: beside PREDICTIONS")
-    args, _ = ap.parse_known_args(argv)  # the run's other options may be repeated; they do not matter here
-    try:
-        score_only(lookup(args.benchmark), args.score_only, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lvita eval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--score-only" or a.startswith("--score-only=") for a in argv):
-        return rescore(argv)
-    ap = argparse.ArgumentParser(prog="lvita eval", description="Accuracy of a Long-VITA model on a JSONL set "
-                                                                "or a published benchmark.")
+    ap = argparse.ArgumentParser(prog="lvita eval", description="Accuracy of a Long-VITA model on a JSONL set.")
     add_model_args(ap)
-    ap.add_argument("--data", required=True, help="JSONL in the training sample format (see lvita/infer/eval.py); "
-                                                  "with --benchmark: the benchmark's file or folder")
-    ap.add_argument("--out", help="default: <data dir>/<data stem>-eval (--benchmark: <data dir>/<NAME>-eval)")
-    ap.add_argument("--benchmark", metavar="NAME", help="a published benchmark (lvita/bench/catalog.py), e.g. "
-                                                        "MMBench_DEV_EN, MMStar, MMMU_DEV_VAL, OCRBench")
-    ap.add_argument("--frames", type=int, default=64, help="with --benchmark: most frames per video (about 1 fps)")
-    ap.add_argument("--subtitles", action="store_true", help="with --benchmark: the with-subtitles setting")
-    ap.add_argument("--score-only", metavar="PREDICTIONS", help="rescore a predictions.jsonl (with --benchmark), "
-                                                                "no model")
-    ap.set_defaults(max_new_tokens=None)  # 64 for JSONL; a benchmark's own length with --benchmark
+    ap.add_argument("--data", required=True, help="JSONL in the training sample format (see lvita/infer/eval.py)")
+    ap.add_argument("--out", help="default: <data dir>/<data stem>-eval")
+    ap.set_defaults(max_new_tokens=64)
     args = ap.parse_args(argv)
     try:
-        if args.benchmark is not None:
-            run_benchmark(args)
-            return 0
-        args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
         opts = options(args)
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data}: no such file")
