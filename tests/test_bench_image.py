@@ -86,6 +86,7 @@ def test_mmbench_end_to_end_circular_resume_and_rescore(always_b_hf, tmp_path, m
     assert not (out / "results.json").exists()
     with open(preds, "a") as f:
         f.write('{"id": "2", "prediction": "B", "ans')  # a torn last line: that item is answered again
+    decoded = (out / "work" / "images" / "0.png").stat().st_mtime_ns  # the first run decoded every image
 
     calls.clear()
     monkeypatch.setattr(bench_run, "answer", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
@@ -100,6 +101,7 @@ def test_mmbench_end_to_end_circular_resume_and_rescore(always_b_hf, tmp_path, m
     assert sorted(p.name for p in images.iterdir()) == ["0.png", "1.png", "1000000.png", "1000001.png",
                                                         "2_0.png", "2_1.png"]
     assert Image.open(images / "1000000.png").getpixel((0, 0)) == (255, 0, 0)  # red, RGBA made RGB
+    assert (images / "0.png").stat().st_mtime_ns == decoded  # reused by the rerun, not decoded again
     assert Image.open(images / "2_1.png").size == (20, 50)
 
     res = json.loads((out / "results.json").read_text())
