@@ -44,6 +44,17 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def decode_on_rank0(bench, data, load_opts: LoadOptions, rank: int) -> None:
+    """Context-parallel (``--sp``): rank 0 reads the benchmark first (decoding its images into --out/work)
+    while the other ranks wait, so that they find every file there and write nothing."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        for _ in bench.load(Path(data), load_opts):
+            pass
+    dist.barrier()
+
+
 def rescore(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lvita eval --score-only", description="Rescore a predictions.jsonl.")
     ap.add_argument("--score-only", required=True, metavar="PREDICTIONS")
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
             opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
         out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
         load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
+        if args.sp > 1:
+            decode_on_rank0(bench, args.data, load_opts, rank)
         evaluate_benchmark(model, tok, specials, preset, bench, args.data, out, load_opts, dict(opts, decode=decode),
                            write=rank == 0)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, a loader's file errors

@@ -74,15 +74,16 @@ class Progress:
     def __init__(self, name: str, total: int, done: int, log, every: float = PROGRESS_SECONDS):
         self.name, self.total, self.done, self.log, self.every = name, total, done, log, every
         self.start = self.last = time.perf_counter()
-        self.new = 0
+        self.new, self.shown = 0, -1
 
     def step(self, final: bool = False) -> None:
         if not final:
             self.done, self.new = self.done + 1, self.new + 1
         now = time.perf_counter()
-        if not final and now - self.last < self.every and self.done < self.total:
+        if (final and self.shown == self.done) or (not final and now - self.last < self.every
+                                                    and self.done < self.total):
             return
-        self.last = now
+        self.last, self.shown = now, self.done
         rate = self.new / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_s = "?" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
