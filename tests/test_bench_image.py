@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 
 import pytest
 from PIL import Image
@@ -114,7 +115,7 @@ def test_mmbench_end_to_end_circular_resume_and_rescore(always_b_hf, tmp_path, m
     assert [x["id"] for x in res["skipped"]["items"]] == ["3", "4"]
     assert (res["items"], res["answered"], res["answered_this_run"]) == (7, 5, 3)
     assert res["options"]["max_new_tokens"] == 4 and res["options"]["format"] == "internvl"
-    assert "--benchmark" in res["command"] or res["command"]  # sys.argv of the process that ran it
+    assert res["arguments"] == argv and res["command"] == sys.argv  # lvita eval's arguments; the process's
     err = capsys.readouterr().err
     assert "[eval] MMBench_DEV_EN 5/5 items" in err and "items/s, ETA" in err
 
@@ -218,3 +219,15 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
     assert (row["prediction"], row["raw"]) == ("B", "Let me see. Answer: B")
     assert res["scores"]["overall"]["correct"] == 0 and res["options"]["system_prompt"] is None
     assert res["options"]["format"] == "longvita" and res["options"]["media"]["max_frames"] == 64
+
+
+def test_a_bad_line_inside_predictions_is_a_clear_error(tmp_path, capsys):
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text('{"id": "0", "prediction": "A"}\nnot json\n{"id": "1", "prediction": "B"}\n')
+    assert lveval.main(["--benchmark", "MMStar", "--score-only", str(preds)]) == 2
+    assert f"{preds}:2: not a prediction row" in capsys.readouterr().err
+    preds.write_text('{"id": "0", "prediction": "A"}\n{"id": "1", "predic')  # torn last line: read, not cut
+    assert [r["id"] for r in bench_run.read_predictions(preds)] == ["0"]
+    assert preds.read_text().endswith('"predic')
+    assert [r["id"] for r in bench_run.read_predictions(preds, cut_torn=True)] == ["0"]
+    assert preds.read_text() == '{"id": "0", "prediction": "A"}\n'

@@ -62,7 +62,7 @@ def rescore(argv: list[str]) -> int:
     ap.add_argument("--out", help="default: beside PREDICTIONS")
     args, _ = ap.parse_known_args(argv)  # the run's model options may be repeated; they do not matter here
     try:
-        score_only(lookup(args.benchmark), args.score_only, args.out)
+        score_only(lookup(args.benchmark), args.score_only, args.out, arguments=argv)
     except (FileNotFoundError, ValueError) as e:
         print(f"lvita eval: error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         if args.sp > 1:
             decode_on_rank0(bench, args.data, load_opts, rank)
         evaluate_benchmark(model, tok, specials, preset, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                           write=rank == 0)
+                           write=rank == 0, arguments=argv)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, a loader's file errors
         if os.environ.get("RANK", "0") == "0":
             print(f"lvita eval: error: {e}", file=sys.stderr)

@@ -12,8 +12,9 @@ item to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the 
   ContextError) is counted by reason in results.json with the id and what was wrong;
 - a progress line (done/total, items/s, ETA) on stderr every ``PROGRESS_SECONDS`` and at the end;
 - results.json (atomically, last): ``scores`` = ``bench.score(rows)`` with every breakdown, counts,
-  skipped items, options and the exact command. With ``write=False`` (ranks other than 0 of a
-  context-parallel run) nothing is written; those ranks read predictions.jsonl to skip the same items.
+  skipped items, options, the exact command (``sys.argv``) and ``lvita eval``'s own arguments. With
+  ``write=False`` (ranks other than 0 of a context-parallel run) nothing is written; those ranks read
+  predictions.jsonl to skip the same items.
 
 :func:`score_only` rescores a predictions.jsonl without a model: the same ``bench.score`` over the same
 rows, so its ``scores`` equal the run's. Trade-off: one item at a time (no batching), and all rows of
@@ -102,7 +103,8 @@ def _skip_record(skip: Skip) -> dict:
 
 
 def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data, out, load_opts: LoadOptions,
-                       answer_opts: dict, write: bool = True, log=stderr, command: list[str] | None = None) -> dict:
+                       answer_opts: dict, write: bool = True, log=stderr,
+                       arguments: list[str] | None = None) -> dict:
     """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
     all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
     keywords (max_new_tokens, system_prompt, media, max_context, decode)."""
@@ -161,7 +163,7 @@ def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data,
                            "items": skipped},
                "stops": dict(Counter(r.get("stop") for r in rows)), "seconds": round(time.perf_counter() - t0, 2),
                "options": _options(answer_opts, load_opts, fmt),
-               "command": list(sys.argv if command is None else command)}
+               "command": list(sys.argv), "arguments": arguments}
     if write:
         atomic_write(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         log(f"[eval] {bench.name}: overall {summary(results['scores'])}, {len(rows)} answered, {len(skipped)} "
@@ -174,10 +176,11 @@ def summary(scores: dict) -> str:
     return json.dumps(overall["accuracy"] if isinstance(overall, dict) and "accuracy" in overall else overall)
 
 
-def score_only(bench: Benchmark, predictions, out=None, command: list[str] | None = None, log=stderr) -> dict:
+def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | None = None,
+               log=stderr) -> dict:
     """Rescore ``predictions`` (a predictions.jsonl) with ``bench.score``; write results.json into ``out``
     (default: beside the predictions). A results.json already there keeps its counts, skipped items and
-    options (the run's); ``scores``, ``answered`` and ``command`` are replaced."""
+    options (the run's); ``scores``, ``answered``, ``command`` and ``arguments`` are replaced."""
     predictions = Path(predictions)
     if not predictions.is_file():
         raise FileNotFoundError(f"--score-only {predictions}: no such file (expected a predictions.jsonl)")
@@ -194,7 +197,7 @@ def score_only(bench: Benchmark, predictions, out=None, command: list[str] | Non
             previous = {}
     results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": bench.score(rows),
                "stops": dict(Counter(r.get("stop") for r in rows)), "rescored_from": str(predictions),
-               "command": list(sys.argv if command is None else command)}
+               "command": list(sys.argv), "arguments": arguments}
     atomic_write(dest / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows; "
         f"wrote {dest / 'results.json'}")

@@ -68,7 +68,8 @@ def mcq_score(rows: list[dict]) -> dict:
 def circular_score(rows: list[dict]) -> dict:
     """MMBench: circular accuracy over question groups, plus vanilla on main rows and on all rows."""
     if bad := [r["id"] for r in rows if not str(r["id"]).isdigit()]:
-        raise ValueError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} is not one")
+        raise ValueError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} "
+                         "is not one")
     groups: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         groups[int(r["id"]) % GROUP_OFFSET].append(r)
