@@ -12,6 +12,7 @@
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
     lvita generate --model DIR --prompt TEXT [--image PATH]...   greedy answer (python -m lvita.generate)
     lvita eval --model DIR --data FILE.jsonl                     accuracy on a set (python -m lvita.eval)
+    lvita eval --model DIR --benchmark NAME --data PATH          a published benchmark, leaderboard-scored
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     fh.add_argument("--format", choices=("longvita", "internvl"), help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
-                       ("eval", "accuracy on a JSONL set (see python -m lvita.eval --help)")):
+                       ("eval", "accuracy on a JSONL set (python -m lvita.eval --help) or a published benchmark "
+                                "(--benchmark NAME --help)")):
         sub.add_parser(name, help=text)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":  # their own parsers, shared with python -m
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
 
         return generate(argv[1:])
     if argv and argv[0] == "eval":
-        from lvita.infer.eval import main as evaluate
+        from lvita.eval import main as evaluate  # JSONL sets, or --benchmark NAME (lvita.bench)
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)

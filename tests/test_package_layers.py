@@ -9,7 +9,8 @@ from pathlib import Path
 LVITA = Path(__file__).resolve().parents[1] / "lvita"
 # Lower layers first; a package may import its own modules and those of any layer before it.
 # training and infer are siblings: neither imports the other.
-LAYERS = {"model": 0, "parallel": 1, "config": 2, "data": 3, "ckpt": 4, "training": 5, "infer": 5, "demo": 6}
+LAYERS = {"model": 0, "parallel": 1, "config": 2, "data": 3, "ckpt": 4, "training": 5, "infer": 5, "demo": 6,
+          "bench": 6}  # bench answers with infer's prompt and decoding; the lvita.eval entry point dispatches
 ENTRY_POINTS = {"cli", "train", "generate", "eval", "launch"}  # the plain modules at the top
 
 

@@ -1,0 +1,36 @@
+"""The benchmarks ``lvita eval --benchmark NAME`` knows, by VLMEvalKit's names, and those it refuses.
+
+Owns the name -> :class:`lvita.bench.items.Benchmark` table (:data:`BENCHMARKS`) and :data:`UNSUPPORTED`
+(name -> why: a judge model scores it, or its answers are not published). Adding a benchmark is one
+entry here; its module owns loading, prompt and scoring.
+
+    from lvita.bench.catalog import BENCHMARKS, lookup
+    bench = lookup("MMBench_DEV_EN")      # KeyError-free: ValueError naming the valid names
+
+Trade-off: a plain dict built at import (every loader module is imported, none reads a file until
+``load`` is called).
+"""
+from __future__ import annotations
+
+from lvita.bench.items import Benchmark
+from lvita.bench.vlmevalkit import BENCHMARKS as VLMEVALKIT
+
+BENCHMARKS: dict[str, Benchmark] = {**VLMEVALKIT}
+
+_JUDGE = "scored by a judge model (GPT) on the leaderboard; exact matching would not reproduce its numbers"
+_NO_ANSWERS = "its answers are not published: submit predictions to the leaderboard's evaluation server"
+UNSUPPORTED: dict[str, str] = {
+    "MMVet": _JUDGE, "MathVista_MINI": _JUDGE, "MathVista": _JUDGE,
+    "MLVU_generation": "MLVU's generation tasks (sub-scene captioning, summary) are " + _JUDGE,
+    **{name: _NO_ANSWERS for name in ("MMBench_TEST_EN", "MMBench_TEST_CN", "MMBench_TEST_EN_V11",
+                                      "MMBench_TEST_CN_V11", "MMMU_TEST")},
+}
+
+
+def lookup(name: str) -> Benchmark:
+    """The benchmark called ``name``; ValueError saying why for an unsupported or unknown name."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    if name in UNSUPPORTED:
+        raise ValueError(f"--benchmark {name} is not supported: {UNSUPPORTED[name]}")
+    raise ValueError(f"--benchmark {name}: unknown; known benchmarks: {', '.join(sorted(BENCHMARKS))}")

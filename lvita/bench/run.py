@@ -1,0 +1,204 @@
+"""The benchmark driver: load a published benchmark, answer every item greedily, append, score, report.
+
+Owns what ``lvita eval --benchmark NAME --data PATH`` and ``--score-only PREDICTIONS.jsonl`` do (their
+command line: :mod:`lvita.bench.command`). :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
+user text (``bench.prompt`` for the model's format), answers it with :func:`lvita.infer.generate.answer`
+(no system prompt under longvita, as Long-VITA's VLMEvalKit wrapper), and appends one prediction row per
+item to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the item in flight:
+
+- resumable: a rerun skips the ids already in predictions.jsonl; a torn last line (a kill mid-write, no
+  newline) is cut off and that item answered again;
+- skipped, never fatal: a loader's :class:`Skip`, a prompt or media error (SampleError, MediaError,
+  ContextError) is counted by reason in results.json with the id and what was wrong;
+- a progress line (done/total, items/s, ETA) on stderr every ``PROGRESS_SECONDS`` and at the end;
+- results.json (atomically, last): ``scores`` = ``bench.score(rows)`` with every breakdown, counts,
+  skipped items, options, the exact command (``sys.argv``) and ``lvita eval``'s own arguments. With
+  ``write=False`` (ranks other than 0 of a context-parallel run) nothing is written; those ranks read
+  predictions.jsonl to skip the same items.
+
+:func:`score_only` rescores a predictions.jsonl without a model: the same ``bench.score`` over the same
+rows, so its ``scores`` equal the run's. Trade-off: one item at a time (no batching), and all rows of
+predictions.jsonl are scored, so reuse an --out folder only for the same benchmark file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from lvita.bench.items import Benchmark, LoadOptions, Skip, prediction_row
+from lvita.bench.prompts import postprocess
+from lvita.ckpt.checkpoint import atomic_write
+from lvita.data.media import MediaError
+from lvita.data.template import SampleError
+from lvita.infer.generate import answer
+
+PROGRESS_SECONDS = 5.0
+
+
+def stderr(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def read_predictions(path: Path, cut_torn: bool = False) -> list[dict]:
+    """The rows of a predictions.jsonl in file order (first row per id). A last line without its newline
+    is a torn write: dropped (and cut from the file when ``cut_torn``). Any other bad line is a
+    ValueError naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    complete = data[:data.rfind(b"\n") + 1]
+    if cut_torn and len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    rows, seen = [], set()
+    for lineno, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
+                raise ValueError("a row must be an object with 'id' and 'prediction'")
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: not a prediction row ({e}); remove the line or the file "
+                             "to answer that item again") from None
+        if row["id"] not in seen:
+            seen.add(row["id"])
+            rows.append(row)
+    return rows
+
+
+class Progress:
+    """``[eval] NAME 120/2000 items, 1.52 items/s, ETA 20m36s`` every few seconds (stderr)."""
+
+    def __init__(self, name: str, total: int, done: int, log, every: float = PROGRESS_SECONDS):
+        self.name, self.total, self.done, self.log, self.every = name, total, done, log, every
+        self.start = self.last = time.perf_counter()
+        self.new, self.shown = 0, -1
+
+    def step(self, final: bool = False) -> None:
+        if not final:
+            self.done, self.new = self.done + 1, self.new + 1
+        now = time.perf_counter()
+        if (final and self.shown == self.done) or (not final and now - self.last < self.every
+                                                    and self.done < self.total):
+            return
+        self.last, self.shown = now, self.done
+        rate = self.new / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_s = "?" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        self.log(f"[eval] {self.name} {self.done}/{self.total} items, {rate:.2f} items/s, ETA {eta_s}")
+
+
+def _options(answer_opts: dict, load_opts: LoadOptions, fmt: str) -> dict:
+    plain = {k: v if isinstance(v, (int, float, str, type(None))) else vars(v)
+             for k, v in answer_opts.items() if k != "decode"}
+    return {"format": fmt, **plain, "frames": load_opts.frames, "fps": load_opts.fps,
+            "subtitles": load_opts.subtitles}
+
+
+def _skip_record(skip: Skip) -> dict:
+    return {"id": skip.id, "reason": skip.reason, "detail": skip.detail}
+
+
+def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data, out, load_opts: LoadOptions,
+                       answer_opts: dict, write: bool = True, log=stderr,
+                       arguments: list[str] | None = None) -> dict:
+    """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
+    all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
+    keywords (max_new_tokens, system_prompt, media, max_context, decode)."""
+    from lvita.model.presets import spec_of
+
+    fmt = spec_of(spec).format if isinstance(spec, str) else spec.format
+    out, t0 = Path(out), time.perf_counter()
+    preds_path = out / "predictions.jsonl"
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = lambda *a: None  # noqa: E731
+    done = {r["id"] for r in read_predictions(preds_path, cut_torn=write)}
+    items, skipped, seen = [], [], set()
+    for entry in bench.load(Path(data), load_opts):
+        if isinstance(entry, Skip):
+            skipped.append(_skip_record(entry))
+        elif entry.id in seen:
+            skipped.append({"id": entry.id, "reason": "duplicate_id", "detail": f"{data}: id {entry.id} again"})
+        else:
+            seen.add(entry.id)
+            items.append(entry)
+    n_loader_skips, n_written = len(skipped), 0
+    pending = [item for item in items if item.id not in done]
+    progress = Progress(bench.name, len(items), len(items) - len(pending), log)
+    log(f"[eval] {bench.name}: {len(items)} items ({len(items) - len(pending)} already answered in {preds_path}), "
+        f"{len(skipped)} skipped by the loader")
+    sink = open(preds_path, "a", encoding="utf-8") if write else None
+    try:
+        for item in pending:
+            try:
+                text = bench.prompt(item, fmt)
+                raw, gen = answer(model, tok, specials, spec, [{"role": "user", "content": text}], item.images,
+                                  item.videos, **answer_opts)
+            except (SampleError, MediaError) as e:  # ContextError is a SampleError ("too_long")
+                skipped.append({"id": item.id, "reason": getattr(e, "reason", "bad_media"), "detail": str(e)})
+                log(f"[eval] {bench.name} item {item.id}: skipped ({skipped[-1]['reason']}): {e}")
+                progress.step()
+                continue
+            prediction = postprocess(raw, fmt)
+            row = prediction_row(item, prediction, stop=gen.stop, **({"raw": raw} if raw != prediction else {}))
+            if sink is not None:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.flush()
+            n_written += 1
+            progress.step()
+    finally:
+        if sink is not None:
+            sink.close()
+    progress.step(final=True)
+    rows = read_predictions(preds_path) if write else []
+    results = {"benchmark": bench.name, "data": str(data), "items": len(items) + n_loader_skips,
+               "answered": len(rows), "answered_this_run": n_written,
+               "scores": bench.score(rows) if write else None,
+               "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
+                           "items": skipped},
+               "stops": dict(Counter(r.get("stop") for r in rows)), "seconds": round(time.perf_counter() - t0, 2),
+               "options": _options(answer_opts, load_opts, fmt),
+               "command": list(sys.argv), "arguments": arguments}
+    if write:
+        atomic_write(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        log(f"[eval] {bench.name}: overall {summary(results['scores'])}, {len(rows)} answered, {len(skipped)} "
+            f"skipped; wrote {out / 'results.json'}")
+    return results
+
+
+def summary(scores: dict) -> str:
+    overall = scores.get("overall")
+    return json.dumps(overall["accuracy"] if isinstance(overall, dict) and "accuracy" in overall else overall)
+
+
+def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | None = None,
+               log=stderr) -> dict:
+    """Rescore ``predictions`` (a predictions.jsonl) with ``bench.score``; write results.json into ``out``
+    (default: beside the predictions). A results.json already there keeps its counts, skipped items and
+    options (the run's); ``scores``, ``answered``, ``command`` and ``arguments`` are replaced."""
+    predictions = Path(predictions)
+    if not predictions.is_file():
+        raise FileNotFoundError(f"--score-only {predictions}: no such file (expected a predictions.jsonl)")
+    rows = read_predictions(predictions)
+    dest = Path(out) if out is not None else predictions.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if (dest / "results.json").is_file():
+        try:
+            previous = json.loads((dest / "results.json").read_text())
+        except ValueError:
+            previous = {}
+        if previous.get("benchmark") != bench.name:
+            previous = {}
+    results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": bench.score(rows),
+               "stops": dict(Counter(r.get("stop") for r in rows)), "rescored_from": str(predictions),
+               "command": list(sys.argv), "arguments": arguments}
+    atomic_write(dest / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows; "
+        f"wrote {dest / 'results.json'}")
+    return results

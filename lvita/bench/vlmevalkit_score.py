@@ -1,0 +1,194 @@
+"""Leaderboard scores of VLMEvalKit's image benchmarks from prediction rows, with exact matching (no judge).
+
+Owns the ``score`` of each :data:`lvita.bench.vlmevalkit.BENCHMARKS` entry: prediction rows
+(:func:`lvita.bench.items.prediction_row`) -> a results dict with ``overall`` and the breakdowns the
+leaderboard reports. Followed (open-compass/VLMEvalKit):
+
+- multiple choice, ``vlmeval/dataset/utils/multiple_choice.py``: the option is ``can_infer`` (our
+  :mod:`lvita.bench.choice`); no option inferred is wrong (the exact-matching policy's "Z").
+  ``report_acc``: accuracy overall, per ``split``, ``l2-category`` and ``category``.
+- MMBench, ``mcq_circular_eval``: the copies of a question with rotated options sit at index + k x 1e6; the
+  group ``index % 1e6`` counts once, from its main row (index < 1e6), and is right only when every
+  rotation's inferred option is its answer. Also reported: vanilla accuracy on the main rows
+  (``circ0``) and on all rows, as ``PRINT_VANILLA=1`` prints them.
+- MMMU, ``MMMU_preproc``: an open question (no option A) is scored as two options, A = its answer and
+  B = "Other Answers", with A the right one; an answer that is no letter counts as A.
+- HallusionBench, ``yorn.py``: ``YOrN_Extraction`` (yes xor no among the words after
+  ``process_punctuation``, else Unknown: wrong); ``Hallusion_rating``: aAcc per question, fAcc per figure
+  (l2-category, set_id, figure_id all right), qAcc per question (l2-category, set_id, question_id all
+  right), in percent, overall and per category and l2-category; ``mean`` of the three is the number the
+  OpenCompass leaderboard shows for HallusionBench (its "Overall").
+- OCRBench, ``utils/ocrbench.py`` ``OCRBench_eval``: right when any acceptable answer is a substring of the
+  prediction, both lowercased and stripped (Handwritten Mathematical Expression Recognition: spaces
+  removed, case kept); the score is the count of right answers (out of 1000 on the full set), per
+  category and in VLMEvalKit's five groups.
+
+Trade-off: rows are scored as stored, so ``--score-only`` gives exactly the run's numbers; a row whose
+``choices`` are missing scores wrong rather than failing.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from lvita.bench.choice import can_infer
+
+GROUP_OFFSET = 1_000_000  # MMBench's rotated copies: index + k * 1e6
+BREAKDOWN_KEYS = ("split", "l2-category", "category")
+
+
+def _acc(hits: list[bool]) -> dict:
+    return {"accuracy": round(sum(hits) / len(hits), 6) if hits else None, "correct": int(sum(hits)),
+            "scored": len(hits)}
+
+
+def accuracy_report(scored: list[tuple[dict, bool]], metric: str) -> dict:
+    """``report_acc``: [(meta, hit)] -> overall and per split / l2-category / category."""
+    out = {"metric": metric, "overall": _acc([h for _, h in scored])}
+    for key in BREAKDOWN_KEYS:
+        groups = defaultdict(list)
+        for meta, hit in scored:
+            if key in meta:
+                groups[meta[key]].append(hit)
+        if groups:
+            out[key] = {k: _acc(v) for k, v in sorted(groups.items())}
+    return out
+
+
+def mcq_hit(row: dict) -> bool:
+    choices = row.get("choices") or {}
+    return bool(choices) and can_infer(str(row["prediction"]), choices) == row["answer"]
+
+
+def mcq_score(rows: list[dict]) -> dict:
+    """Vanilla multiple-choice accuracy (MMStar, AI2D)."""
+    return accuracy_report([(r["meta"], mcq_hit(r)) for r in rows], "accuracy")
+
+
+def circular_score(rows: list[dict]) -> dict:
+    """MMBench: circular accuracy over question groups, plus vanilla on main rows and on all rows."""
+    if bad := [r["id"] for r in rows if not str(r["id"]).isdigit()]:
+        raise ValueError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} "
+                         "is not one")
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[int(r["id"]) % GROUP_OFFSET].append(r)
+    main = {int(r["id"]): r for r in rows if int(r["id"]) < GROUP_OFFSET}
+    circular = [(main[g]["meta"], all(mcq_hit(r) for r in groups[g])) for g in sorted(main)]
+    out = accuracy_report(circular, "circular accuracy")
+    out["groups_without_main_row"] = sorted(g for g in groups if g not in main)
+    out["vanilla_circ0"] = accuracy_report([(r["meta"], mcq_hit(r)) for r in main.values()], "accuracy")
+    out["vanilla_all"] = accuracy_report([(r["meta"], mcq_hit(r)) for r in rows], "accuracy")
+    return out
+
+
+def mmmu_row(row: dict) -> dict:
+    """``MMMU_preproc`` + its answer map: open questions become A = answer / B = "Other Answers"."""
+    choices, answer = row.get("choices"), str(row["answer"])
+    if not choices or "A" not in choices:
+        choices = {"A": answer, "B": "Other Answers", **{k: v for k, v in (choices or {}).items() if k > "B"}}
+    return dict(row, choices=choices, answer=answer if re.fullmatch(r"[A-Z]", answer) else "A")
+
+
+def mmmu_score(rows: list[dict]) -> dict:
+    """MMMU_DEV_VAL: the leaderboard's number is the validation split's (``report_primary_metric``), so
+    ``overall`` and the categories are over validation rows when there are any; ``all_rows`` over all."""
+    rows = [mmmu_row(r) for r in rows]
+    every = mcq_score(rows)
+    val = [r for r in rows if r["meta"].get("split") == "validation"]
+    if not val:
+        return every
+    out = dict(mcq_score(val), split=every["split"], all_rows=every["overall"])
+    out["metric"] = "accuracy (validation split)"
+    return out
+
+
+# -- yes / no ------------------------------------------------------------------------------------------
+
+_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def process_punctuation(text: str) -> str:
+    """``vlmeval.smp.misc.process_punctuation`` (the VQA evaluation's punctuation rule), verbatim."""
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def yes_or_no(prediction: str) -> str:
+    """``YOrN_Extraction``: "Yes", "No" or "Unknown"."""
+    words = process_punctuation(str(prediction).lower()).split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "yes" not in words and "no" in words:
+        return "No"
+    return "Unknown"
+
+
+def _hallusion_accs(rows: list[tuple[dict, bool]]) -> dict:
+    figures, questions = defaultdict(list), defaultdict(list)
+    for meta, hit in rows:
+        figures[(meta.get("l2-category"), meta.get("set_id"), meta.get("figure_id"))].append(hit)
+        questions[(meta.get("l2-category"), meta.get("set_id"), meta.get("question_id"))].append(hit)
+    pct = lambda xs: 100 * sum(xs) / len(xs) if xs else None  # noqa: E731
+    accs = {"aAcc": pct([h for _, h in rows]), "fAcc": pct([all(v) for v in figures.values()]),
+            "qAcc": pct([all(v) for v in questions.values()])}
+    mean = sum(accs.values()) / 3 if rows else None  # OpenCompass's leaderboard figure: the mean of the three
+    return {**{k: None if v is None else round(v, 4) for k, v in accs.items()},
+            "mean": None if mean is None else round(mean, 4), "questions": len(rows), "figures": len(figures),
+            "question_groups": len(questions)}
+
+
+def hallusion_score(rows: list[dict]) -> dict:
+    """HallusionBench: aAcc, fAcc, qAcc (percent) overall, per category and per l2-category."""
+    scored = [(r["meta"], yes_or_no(r["prediction"]) == r["answer"]) for r in rows]
+    overall = _hallusion_accs(scored)
+    out = {"metric": "aAcc / fAcc / qAcc (percent)", "overall": overall,
+           "unknown": sum(yes_or_no(r["prediction"]) == "Unknown" for r in rows)}
+    for key in ("category", "l2-category"):
+        groups = defaultdict(list)
+        for meta, hit in scored:
+            if key in meta:
+                groups[meta[key]].append((meta, hit))
+        out[key] = {k: _hallusion_accs(v) for k, v in sorted(groups.items())}
+    return out
+
+
+# -- OCRBench -------------------------------------------------------------------------------------------
+
+HME = "Handwritten Mathematical Expression Recognition"
+TEXT_RECOGNITION = ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
+                    "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition")
+OCR_GROUPS = ("Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction", HME)
+
+
+def ocrbench_hit(prediction: str, answers, category: str | None) -> bool:
+    answers = answers if isinstance(answers, list) else [answers]
+    predict = str(prediction)
+    if category == HME:
+        predict = predict.strip().replace("\n", " ").replace(" ", "")
+        return any(str(a).strip().replace("\n", " ").replace(" ", "") in predict for a in answers)
+    predict = predict.lower().strip().replace("\n", " ")
+    return any(str(a).lower().strip().replace("\n", " ") in predict for a in answers)
+
+
+def ocrbench_score(rows: list[dict]) -> dict:
+    """OCRBench: right answers counted (out of 1000 on the full set), per category and VLMEvalKit group."""
+    per_cat: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        cat = r["meta"].get("category")
+        per_cat[cat or "unknown"].append(ocrbench_hit(r["prediction"], r["answer"], cat))
+    count = {k: int(sum(v)) for k, v in per_cat.items()}
+    groups = {"Text Recognition": sum(count.get(c, 0) for c in TEXT_RECOGNITION),
+              **{g: count.get(g, 0) for g in OCR_GROUPS}}
+    final = sum(groups.values())  # as OCRBench_eval: categories outside its ten are not counted
+    return {"metric": "right answers (OCRBench Final Score, out of 1000 on the full set)", "overall": final,
+            "final_score_norm": final / 10, "accuracy": round(final / len(rows), 6) if rows else None,
+            "scored": len(rows), "groups": groups,
+            "category": {k: {"correct": count[k], "scored": len(v)} for k, v in sorted(per_cat.items())}}
