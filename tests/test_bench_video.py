@@ -22,6 +22,7 @@ from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.infer.generate import answer
 from lvita.infer.prompt import MediaOptions, build_prompt
 from tests.layouts import write_video
+from tests.test_bench_image import always_b_hf  # noqa: F401 (a fixture: the tiny model answering "B")
 from tests.test_generate import _always_b
 
 SRT = """1
@@ -285,3 +286,39 @@ def test_end_to_end_with_the_tiny_model(videomme, mvbench, tokenizer_dir, tmp_pa
         assert {k: res[k] for k in want} == want  # Video-MME: 001-1 (answer B) right, 001-2 (answer D) wrong
         if bench is VIDEO_MME:  # the prompts carried the lines of the frames the tiny (internvl) model saw
             assert [i.subtitles for i in asked] == [LINES["internvl"]] * 2
+
+
+def test_lvita_eval_runs_every_video_layout_end_to_end(videomme, mvbench, always_b_hf, tmp_path, capsys):
+    """``lvita eval --benchmark NAME --data DIR`` on each published video layout (Video-MME parquet + mp4 + srt,
+    MVBench json + a frame folder + a time window, LongVideoBench json, MLVU json) with a tiny model that answers
+    "B": results.json holds the hand-counted scores and the skips by reason."""
+    from lvita import eval as lveval
+
+    lvb = tmp_path / "lvb"
+    write_video(lvb / "videos" / "v1.mp4", frames=8, fps=4, size=32)
+    (lvb / "lvb_val.json").write_text(json.dumps([
+        {"id": "q0", "video_path": "v1.mp4", "question": "Who?", "candidates": ["a", "b"], "correct_choice": 1,
+         "duration_group": 15, "question_category": "S2E"},
+        {"id": "q1", "video_path": "v1.mp4", "question": "What?", "candidates": ["a", "b", "c"], "correct_choice": 2,
+         "duration_group": 600, "question_category": "T2O"},
+        {"id": "q2", "video_path": "gone.mp4", "question": "?", "candidates": ["a", "b"], "correct_choice": 0}]))
+    mlvu = tmp_path / "MLVU"
+    (mlvu / "json").mkdir(parents=True)
+    write_video(mlvu / "video" / "1_plotQA" / "p.mp4", frames=8, fps=4, size=32)
+    rec = {"video": "p.mp4", "duration": 8, "question": "What?", "candidates": ["x", "y"], "question_type": "plotQA"}
+    (mlvu / "json" / "1_plotQA.json").write_text(json.dumps([dict(rec, answer="y"), dict(rec, answer="x")]))
+    cases = {  # name: (data, scores that must hold, skipped by reason)
+        "Video-MME": (videomme, {"correct": 1, "count": 2}, {"missing_video": 1, "bad_record": 1, "duplicate_id": 1}),
+        "MVBench": (mvbench, {"correct": 2, "count": 2}, {"bad_record": 1, "missing_video": 1}),
+        "LongVideoBench": (lvb, {"correct": 1, "count": 2}, {"missing_video": 1}),
+        "MLVU": (mlvu, {"correct": 1, "count": 2, "m_avg": 0.5}, {}),
+    }
+    for name, (data, want, skipped) in cases.items():
+        out = tmp_path / f"{name}-eval"
+        assert lveval.main(["--model", str(always_b_hf), "--benchmark", name, "--data", str(data), "--frames", "4",
+                            "--subtitles", "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+        results = json.loads((out / "results.json").read_text())
+        assert {k: results["scores"][k] for k in want} == want, (name, results["scores"])
+        assert results["skipped"]["by_reason"] == skipped, (name, results["skipped"])
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert {r["prediction"] for r in rows} == {"B"} and len(rows) == want["count"]

@@ -13,15 +13,17 @@ Trade-off: a plain dict built at import (every loader module is imported, none r
 from __future__ import annotations
 
 from lvita.bench.items import Benchmark
+from lvita.bench.video import UNSUPPORTED as VIDEO_UNSUPPORTED
+from lvita.bench.video import VIDEO_BENCHMARKS
 from lvita.bench.vlmevalkit import BENCHMARKS as VLMEVALKIT
 
-BENCHMARKS: dict[str, Benchmark] = {**VLMEVALKIT}
+BENCHMARKS: dict[str, Benchmark] = {**VLMEVALKIT, **VIDEO_BENCHMARKS}
 
 _JUDGE = "scored by a judge model (GPT) on the leaderboard; exact matching would not reproduce its numbers"
 _NO_ANSWERS = "its answers are not published: submit predictions to the leaderboard's evaluation server"
 UNSUPPORTED: dict[str, str] = {
     "MMVet": _JUDGE, "MathVista_MINI": _JUDGE, "MathVista": _JUDGE,
-    "MLVU_generation": "MLVU's generation tasks (sub-scene captioning, summary) are " + _JUDGE,
+    **VIDEO_UNSUPPORTED,
     **{name: _NO_ANSWERS for name in ("MMBench_TEST_EN", "MMBench_TEST_CN", "MMBench_TEST_EN_V11",
                                       "MMBench_TEST_CN_V11", "MMMU_TEST")},
 }

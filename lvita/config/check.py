@@ -19,7 +19,6 @@ import torch
 from lvita.config.schema import ConfigError, load_stage
 from lvita.config.memory_plan import describe, memory_plan
 from lvita.config.validate import validate
-from lvita.data.sources import describe_quota
 
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
@@ -123,7 +122,7 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
           + {True: "per source", "file": "per data file", False: "across sources"}[cfg.data.same_source]
           + f", loss {cfg.train.loss_reduction} mean")
     for s in used:
-        print(f"    {s.name}: {describe_quota(s)}")
+        print(f"    {s.name}: {s.sampling()}")
     plan = memory_plan(cfg, layout, rows)
     for line in describe(plan, gpu_memory):
         print(line)

@@ -134,6 +134,11 @@ class SourceConfig:
     format: str = "auto"
     media_root: str | None = None  # image/video folder, relative to data.root; default: each data file's folder
 
+    def sampling(self) -> str:
+        """How the source is sampled per pass, in words (``lvita check``, ``lvita data check``)."""
+        cap = f", at most {self.max_samples:,} records" if self.max_samples is not None else ""
+        return f"ratio {self.ratio:g} of {'each file' if self.per_file else 'the source'}{cap} per pass"
+
 
 @dataclass
 class DataConfig:

@@ -29,7 +29,7 @@ from multiprocessing import get_context
 import numpy as np
 
 from lvita.data.media import MediaError, image_tiles, video_tiles
-from lvita.data.sources import SourceReader, describe_quota, pass_quotas
+from lvita.data.sources import SourceReader, pass_quotas
 from lvita.data.template import SampleError
 
 SHOWN = 3  # first file:line examples kept per reason
@@ -157,7 +157,7 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
     by_name = {s.name: s for s in chosen}
     return [_summary(n, [r for (m, _), r in zip(jobs, results) if m == n], d.max_skip_fraction)
             | {"per_pass": sum(pass_quotas(by_name[n], [len(x) for x in r.readers])) if by_name[n].ratio > 0 else 0,
-               "sampling": describe_quota(by_name[n])}
+               "sampling": by_name[n].sampling()}
             for n, r in readers.items()]
 
 

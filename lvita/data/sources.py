@@ -141,13 +141,6 @@ def pass_quotas(s, sizes: list[int]) -> list[int]:
     return [cap(max(1, round(s.ratio * sum(sizes))))] if s.ratio > 0 else [0]
 
 
-def describe_quota(s) -> str:
-    """How source ``s`` is sampled per pass, in words (``lvita check``, ``lvita data check``)."""
-    unit = "each file" if s.per_file else "the source"
-    cap = f", at most {s.max_samples:,} records" if s.max_samples is not None else ""
-    return f"ratio {s.ratio:g} of {unit}{cap} per pass"
-
-
 class Mixture:
     def __init__(self, data: DataConfig, seed: int):
         self.seed = seed
