@@ -235,3 +235,25 @@ def test_bad_input_is_clear(tokenizer_dir, haystack, tmp_path, capsys):
     assert vniah.parse_grid("200:1000:200", "frames", True) == [200, 400, 600, 800, 1000]
     assert vniah.parse_grid("0:100:12.5", "depths", False)[:3] == [0, 12.5, 25]
     assert vniah.contains_answer("It is Yellow.", "yellow") and not vniah.contains_answer("Because", "B")
+
+
+def _cp_main(rank, argv):
+    return vniah.main(argv)
+
+
+def test_context_parallel_run_gives_the_single_process_cells(tokenizer_dir, haystack, tmp_path):
+    from tests.distributed import run_world
+
+    t, sp, spec, model = _tok_model(tokenizer_dir, "internvl", seed=3)
+    with torch.no_grad():  # no early stop: every cell decodes all its tokens
+        model.head.lm_head.weight[[sp["im_end"], sp["endoftext"]]] = 0
+    hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "hf", sp["img_context"])
+    needles = _longva_needles(tmp_path / "needles", ["red", "blue"], [RED, (0, 0, 255)])
+    base = ["--model", str(hf), "--haystack", str(haystack), "--needles", str(needles), "--frames", "2,5",
+            "--depths", "50", "--scoring", "generate", "--max-new-tokens", "3", "--device", "cpu"]
+    assert vniah.main(base + ["--out", str(tmp_path / "single")]) == 0
+    assert run_world(_cp_main, 2, base + ["--out", str(tmp_path / "cp"), "--sp", "2"]) == [0, 0]
+    cells = {k: [json.loads(x) for x in (tmp_path / k / "cells.jsonl").open()] for k in ("single", "cp")}
+    assert len(cells["cp"]) == 4  # rank 0 alone wrote
+    assert [c["tokens"] for c in cells["cp"]] == [c["tokens"] for c in cells["single"]]
+    assert all(len(c["tokens"]) == 3 for c in cells["cp"]) and len({tuple(c["tokens"]) for c in cells["cp"]}) > 1
