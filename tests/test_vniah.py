@@ -180,7 +180,9 @@ def test_cli_writes_grid_and_heatmap_and_a_rerun_resumes(tokenizer_dir, haystack
             "--frames", "2,6,10", "--depths", "0,50,100", "--max-context", "200", "--out", str(out)]
     counted = []
     monkeypatch.setattr(vniah, "generate", lambda *a: counted.append(1) or generate(*a))
-    assert vniah.main(argv) == 0
+    from lvita import eval as lveval  # the command users type: lvita eval --benchmark vniah ...
+
+    assert lveval.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["frames"] == [2, 6, 10] and res["depths"] == [0, 50, 100]
     assert res["accuracy"] == {"2": {"0": 0.5, "50": 0.5, "100": 0.5}, "6": {"0": 0.5, "50": 0.5, "100": 0.5},

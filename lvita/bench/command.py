@@ -12,6 +12,7 @@ benchmarks above it.
     lvita eval --model hf/Long-VITA-128K_HF --benchmark MMBench_DEV_EN_V11 --data LMUData/MMBench_DEV_EN_V11.tsv
     lvita eval --benchmark MMBench_DEV_EN_V11 --score-only LMUData/MMBench_DEV_EN_V11-eval/predictions.jsonl
     deepspeed --num_gpus 8 --module lvita.eval --model M --benchmark Video-MME --data DIR --frames 1024 --sp 8
+    lvita eval --model M --benchmark vniah --haystack movie.mp4 --needles v_niah_needles   # lvita.bench.vniah
 
 Bad input (unknown or judge-only benchmark, missing --data, a bad option) exits 2 with one line naming
 it, before the model loads. Trade-off: a benchmark file that is unreadable is found only after the model
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--score-only" or a.startswith("--score-only=") for a in argv):
         return rescore(argv)
+    if _named(argv, "--benchmark") == "vniah":  # a grid of frame counts x depths, not a list of items
+        from lvita.bench.vniah import main as vniah
+
+        return vniah(argv)
     args = parser().parse_args(argv)
     try:
         bench = lookup(args.benchmark)
@@ -98,6 +103,16 @@ def main(argv=None) -> int:
             print(f"lvita eval: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _named(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``argv`` (``--x V`` or ``--x=V``), or None."""
+    for i, a in enumerate(argv):
+        if a == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(option + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def wants_benchmark(argv: list[str]) -> bool:
