@@ -80,3 +80,30 @@ def test_eval_under_the_launcher_ulysses_cache(setup):
     assert preds("cp") == preds("ref") and len(preds("ref")) == 2
     assert len({p for _, p, _ in preds("ref")}) == 2  # the answers differ with the question
     assert json.loads((root / "cp" / "results.json").read_text())["scored"] == 2
+
+
+def test_benchmark_under_the_launcher_ring(setup, tmp_path):
+    """``lvita eval --benchmark`` context-parallel (--sp 2 --ring 2): rank 0 decodes the TSV's images, both ranks
+    answer, rank 0 alone writes; the same predictions and scores as one process."""
+    from lvita import eval as lveval
+    from tests.test_bench_image import b64png, write_tsv
+
+    _, hf = setup
+    opts = {"A": "red", "B": "blue", "C": "green", "D": "pink"}
+    data = write_tsv(tmp_path / "MMStar.tsv", [
+        {"index": 0, "image": b64png("red", (200, 90)), "question": "Colour?", **opts, "answer": "A",
+         "category": "coarse perception", "l2-category": "colour"},
+        {"index": 1, "image": b64png("blue"), "question": "Which colour is it?", **opts, "answer": "B",
+         "category": "fine-grained perception", "l2-category": "colour"}])
+    args = ["--model", str(hf), "--benchmark", "MMStar", "--data", str(data), "--max-new-tokens", "8"]
+    assert lveval.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    _launch("lvita.eval", *args, "--out", str(tmp_path / "cp"), "--sp", "2", "--ring", "2")
+
+    def preds(d):
+        return [(p["id"], p["prediction"]) for p in
+                map(json.loads, (tmp_path / d / "predictions.jsonl").read_text().splitlines())]
+
+    assert preds("cp") == preds("ref") and len(preds("ref")) == 2
+    assert len({p for _, p in preds("ref")}) == 2  # the answers differ with the question and image
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("ref", "cp")]
+    assert results[0]["scores"] == results[1]["scores"]
