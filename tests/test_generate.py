@@ -16,6 +16,7 @@ from lvita.data.media import MediaError
 from lvita.infer.decode import KVCache, generate, prefill
 from lvita.infer.generate import load_model
 from lvita.model.presets import spec_of
+from tests.tolerances import assert_near
 from lvita.infer.prompt import ContextError, build_prompt
 from lvita.ckpt.hf import write_hf_dir
 from lvita.model.longvita import LongVita
@@ -237,3 +238,29 @@ def test_errors_are_clear_and_write_nothing(model, tok, image, tmp_path, capsys)
     assert lveval.main(["--model", str(tmp_path / "empty"), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "--data" in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == sorted(before + [data])  # no eval output directory, no stray files
+
+
+def test_vision_chunks_bound_the_tiles_encoded_at_once_and_keep_the_features():
+    """--vision-chunk (lvita.infer.decode.encode_tiles_in_chunks): without autograd the vision tower sees at most
+    that many tiles at a time, and the features equal the all-at-once encoding; with autograd (training) the
+    encoder is untouched."""
+    from lvita.infer.decode import encode_tiles_in_chunks
+    from lvita.model.longvita import LongVita
+
+    model = LongVita("tiny", 5, seed=2).eval()
+    tiles = torch.randn(7, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model.embed.vision(tiles)
+    seen = []
+    model.embed.vision.vision_tower.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"].shape[0]),
+                                                              with_kwargs=True)
+    encode_tiles_in_chunks(model, 3)
+    with torch.no_grad():
+        chunked = model.embed.vision(tiles)
+    assert seen == [3, 3, 1]
+    # fp32, each tile encoded alone either way: noise is the matmul blocking of another batch size (~1e-7 of
+    # the largest entry); a chunk in the wrong place or order moves whole tiles' features (order 1)
+    assert_near(chunked, whole, 1e-5, "chunked vision features")
+    seen.clear()
+    model.embed.vision(tiles[:5])  # autograd on: one pass, as training runs it
+    assert seen == [5]

@@ -100,6 +100,23 @@ def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.head.lm_head(model.head(hidden[:, -1:]))[:, 0].float()
 
 
+def encode_tiles_in_chunks(model, tiles: int) -> None:
+    """An inference memory lever applied to ``model`` from outside: without autograd, its vision encoder runs
+    over at most ``tiles`` tiles at a time, so its transient memory (InternViT's attention and MLP activations,
+    tens of MB per 448-px tile) stays that of one chunk whatever the frame count; only the projected
+    features of every tile are kept. Each tile is encoded alone either way, so the features are the same up to
+    the matmul blocking of another batch size. ``tiles`` < 1: all at once."""
+    vision = model.embed.vision
+    whole = type(vision).forward.__get__(vision)
+
+    def forward(pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, T, T) -> (N, tokens_per_tile, hidden)
+        if tiles < 1 or torch.is_grad_enabled() or pixel_values.shape[0] <= tiles:
+            return whole(pixel_values)
+        return torch.cat([whole(pixel_values[i:i + tiles]) for i in range(0, pixel_values.shape[0], tiles)])
+
+    vision.forward = forward
+
+
 def prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """ids (B, S) and their tiles (N, 3, T, T), appended at ``cache.length`` -> next-token logits (B, vocab)."""
     hidden = model.embed(input_ids, pixel_values)

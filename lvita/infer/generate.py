@@ -31,7 +31,7 @@ import torch
 from lvita.ckpt.checkpoint import CheckpointError, locate, saved_system_prompt, tokenizer_fingerprint
 from lvita.data.media import MediaError
 from lvita.data.template import PLACEHOLDER, template_system_prompt
-from lvita.infer.decode import Generation, generate
+from lvita.infer.decode import Generation, encode_tiles_in_chunks, generate
 from lvita.infer.prompt import DEFAULTS, MediaOptions, build_prompt
 
 NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
@@ -123,6 +123,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     for name, default in (("min-tiles", DEFAULTS.min_tiles), ("max-tiles", DEFAULTS.max_tiles),
                           ("max-frames", DEFAULTS.max_frames), ("video-fps", DEFAULTS.video_fps)):
         ap.add_argument(f"--{name}", type=type(default), default=default, help=f"as data.{name.replace('-', '_')}")
+    ap.add_argument("--vision-chunk", type=int, default=64, metavar="TILES",
+                    help="tiles (images' tiles, video frames) the vision encoder runs at once: bounds its memory at "
+                         "thousands of frames (0: all at once)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--sp", type=int, default=1, help="context-parallel degree (under the deepspeed launcher)")
@@ -166,6 +169,7 @@ def load_for_args(args, opts: dict):
 
         rank, device = cp_generate.join(args)
     model, tok, specials, preset = load_model(args.model, DTYPES.get(args.dtype), device, args.tokenizer)
+    encode_tiles_in_chunks(model, args.vision_chunk)
     if args.sp > 1:
         decode = cp_generate.generator(args, preset, specials)
     if args.system_prompt is None:
