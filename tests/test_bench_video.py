@@ -15,7 +15,7 @@ from PIL import Image
 from lvita.bench.items import Item, LoadOptions, Skip, Video, prediction_row
 from lvita.bench.longvideo import LONGVIDEOBENCH, MLVU
 from lvita.bench.mvbench import MVBENCH
-from lvita.bench.video_common import FrameVideo, first_letter, first_word_matches
+from lvita.bench.video_common import first_letter, first_word_matches
 from lvita.bench.videomme import VIDEO_MME, read_srt, subtitle_lines
 from lvita.data.media import MediaError, normalise, sampled_frames, video_tiles
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
@@ -191,7 +191,7 @@ def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
     t = load_tokenizer(tokenizer_dir)
     sp = special_token_ids(t)
     folder = mvbench / "video" / "tvqa" / "frames_fps3_hq" / "clip1"
-    video = FrameVideo(folder, 2, 5, fps=3)
+    video = Video(folder, 2, 5, fps=3)
     ask = [{"role": "user", "content": "<video>\nWhy?"}]
     p = build_prompt(ask, t, sp, "tiny", videos=[video], system_prompt=None, media=MediaOptions(max_frames=64))
     from lvita.model.presets import tile_size

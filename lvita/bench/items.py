@@ -19,6 +19,7 @@ class Video:
     path: Path
     start: float | None = None  # seconds; None: from the beginning (MVBench's bound)
     end: float | None = None  # seconds; None: to the end
+    fps: float | None = None  # a frame folder's recording rate (MVBench's 3-fps frame tasks); None: a file's own
 
 
 @dataclass

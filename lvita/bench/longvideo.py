@@ -30,8 +30,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
+from lvita.bench.mvbench import question_block
+from lvita.bench.prompts import longvita_finish
 from lvita.bench.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
-                                      missing_video, published_answer, read_json_list)
+                                      missing_video, read_json_list)
 
 # -- LongVideoBench -----------------------------------------------------------------------------------
 
@@ -69,12 +71,12 @@ def load_lvb(path: Path, options: LoadOptions):
 def prompt_lvb(item: Item, fmt: str) -> str:
     opts = "\n".join(f"{k}. {v}" for k, v in item.choices.items())
     text = "<video>" + f"{item.question}\n{opts}\nAnswer with the option's letter from the given choices directly."
-    return text + "Offer a very short reply." if fmt == "longvita" else text
+    return longvita_finish(text, "LongVideoBench", "Video-MCQ") if fmt == "longvita" else text
 
 
 def score_lvb(rows: list[dict]) -> dict:
     """Accuracy overall, per duration group, per question category, and categories per duration group."""
-    scores = [int(first_letter(published_answer(r.get("prediction", "")), "ABCDE") == r["answer"]) for r in rows]
+    scores = [int(first_letter(r.get("prediction", ""), "ABCDE") == r["answer"]) for r in rows]
     out = accuracy(scores) | {k: breakdown(rows, scores, k) for k in ("duration_group", "question_category")}
     out["per_duration_group"] = {
         d: breakdown(*zip(*[(r, s) for r, s in zip(rows, scores) if r["meta"]["duration_group"] == d]),
@@ -126,9 +128,8 @@ def load_mlvu(path: Path, options: LoadOptions):
 
 
 def prompt_mlvu(item: Item, fmt: str) -> str:
-    opts = "\n".join([f"Question: {item.question}", "Options:"] + [f"({k}) {v}" for k, v in item.choices.items()])
-    text = MLVU_SYSTEM + opts + "<video>" + "\nOnly give the best option."
-    return text.strip() + "\n" + "Answer with the letter." if fmt == "longvita" else text
+    text = MLVU_SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
+    return longvita_finish(text, "MLVU", "MCQ") if fmt == "longvita" else text  # MLVU is an MCQ to the wrapper
 
 
 def score_mlvu(rows: list[dict]) -> dict:
@@ -142,7 +143,7 @@ def score_mlvu(rows: list[dict]) -> dict:
 
 
 def correct_mc(row: dict) -> int:
-    return int(first_word_matches(published_answer(row.get("prediction", "")), row["answer"], row["choices"]))
+    return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
 
 
 MLVU = Benchmark("MLVU", load_mlvu, prompt_mlvu, score_mlvu, max_new_tokens=32)

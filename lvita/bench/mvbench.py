@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip
-from lvita.bench.video_common import (FrameVideo, Unique, accuracy, breakdown, first_word_matches, lettered,
-                                      missing_video, published_answer, read_json_list)
+from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
+from lvita.bench.prompts import longvita_finish
+from lvita.bench.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
+                                      read_json_list)
 
 FRAME_FPS = 3  # VLMEvalKit's frame_fps: the rate of MVBench's frame-folder tasks (tvqa frames_fps3_hq)
 
@@ -101,7 +102,7 @@ def load(path: Path, options: LoadOptions):
             if skip := missing_video(item_id, file_path):
                 yield Skip(item_id, skip.reason, f"{where}: {skip.detail}")
                 continue
-            clip = FrameVideo(file_path, start, end, fps=FRAME_FPS if kind == "frame" else None)
+            clip = Video(file_path, start, end, fps=FRAME_FPS if kind == "frame" else None)
             yield Item(item_id, rec["question"], videos=[clip], choices=choices, answer=letter,
                        meta={"task": task, "answer_text": answer})
 
@@ -113,13 +114,13 @@ def question_block(item: Item) -> str:
 
 def prompt(item: Item, fmt: str) -> str:
     text = SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
-    if fmt == "longvita":  # the wrapper drops the assistant prefill with the instruction, adds its own
-        return text.replace("Only give the best option.", "") + "Answer with the letter."
+    if fmt == "longvita":  # the wrapper joins VLMEvalKit's assistant prefill, then drops it with the instruction
+        return longvita_finish(text + "Best option:(", "MVBench", "Video-MCQ")
     return text
 
 
 def correct(row: dict) -> int:
-    return int(first_word_matches(published_answer(row.get("prediction", "")), row["answer"], row["choices"]))
+    return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
 
 
 def score(rows: list[dict]) -> dict:

@@ -118,16 +118,21 @@ def image_prompt(item: Item, fmt: str, dataset: str, kind: str) -> str:
     return longvita_finish(text, dataset, kind) if fmt == "longvita" else text
 
 
+def videomme_text(question: str, choices: dict, subtitles: str | None = None) -> str:
+    """VLMEvalKit's Video-MME text for a video model: ``<video>``, the frames template (with its subtitle
+    block when ``subtitles`` is not None), ``Question: q\\nA. ..\\nB. ..\\nAnswer: ``."""
+    frames = VIDEO_MME_NOSUB if subtitles is None else VIDEO_MME_SUB.format(subtitles)
+    body = question + "\n" + "\n".join(f"{k}. {v}" for k, v in choices.items())
+    return "<video>" + frames + f"Question: {body}\nAnswer: "
+
+
 def video_mcq_prompt(question: str, choices: dict, fmt: str, subtitles: str | None = None,
                      dataset: str = "Video-MME") -> str:
-    """A video multiple-choice prompt with one ``<video>`` placeholder: Video-MME's frames template
-    (with its subtitle block when ``subtitles`` is not None), ``Question: q\\nA. ..\\nB. ..``, then the
+    """A video multiple-choice prompt with one ``<video>`` placeholder: :func:`videomme_text` with the
     wrapper's "Offer a very short reply." (longvita); InternVL's layout otherwise. ``choices``: {"A": text}."""
     if fmt != "longvita":
         return "<video>\n" + internvl_text(question, choices)
-    frames = VIDEO_MME_NOSUB if subtitles is None else VIDEO_MME_SUB.format(subtitles)
-    body = question + "\n" + "\n".join(f"{k}. {v}" for k, v in choices.items())
-    return longvita_finish("<video>" + frames + f"Question: {body}\nAnswer: ", dataset, "Video-MCQ")
+    return longvita_finish(videomme_text(question, choices, subtitles), dataset, "Video-MCQ")
 
 
 def postprocess(answer: str, fmt: str) -> str:

@@ -110,7 +110,7 @@ def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data,
     keywords (max_new_tokens, system_prompt, media, max_context, decode)."""
     from lvita.model.presets import spec_of
 
-    fmt = spec_of(spec).format if isinstance(spec, str) else spec.format
+    fmt = spec_of(spec).format
     out, t0 = Path(out), time.perf_counter()
     preds_path = out / "predictions.jsonl"
     if write:

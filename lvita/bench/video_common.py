@@ -1,11 +1,9 @@
-"""What the video benchmarks share: Long-VITA's answer clean-up, VLMEvalKit's two video answer
-matchers, accuracy breakdowns, and finding a benchmark's files.
+"""What the video benchmarks share: VLMEvalKit's two video answer matchers, accuracy breakdowns, and
+finding a benchmark's files.
 
 Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party/VLMEvalKit`` at
 37d08c5, judge-free "exact_matching"), re-implemented, not copied:
 
-- :func:`published_answer`: Long-VITA's wrapper (``VLMEvalKit/long_vita.py`` ``generate_inner``)
-  keeps only what follows the last ``Answer:`` of a reply.
 - :func:`first_letter`: Video-MME's and LongVideoBench's ``extract_characters_regex``: strip some
   answer prefixes, then the first capital option letter anywhere in the reply (none: wrong; a
   reply of over 10 words with no such letter: wrong). Their fallback (``extract_option``) finds no
@@ -15,9 +13,12 @@ Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party
   empty reply counts as right: VLMEvalKit's quirk, kept), or contains it; else
   :func:`lvita.bench.choice.can_infer` must pick the gold letter.
 
-    published_answer("Reasoning... Answer: B")        # "B"
     first_letter("The answer is C.", "ABCD")          # "C"
     first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"})   # True
+
+Predictions are scored as stored: under ``model.format: longvita`` the driver has already kept
+only what follows a reply's last ``Answer:``, as Long-VITA's wrapper does
+(:func:`lvita.bench.prompts.postprocess`).
 
 Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
 in its function's docstring.
@@ -27,30 +28,16 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from lvita.bench.choice import can_infer
-from lvita.bench.items import Skip, Video
+from lvita.bench.items import Skip
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # as listed in vlmeval/dataset/utils/videomme.py; two commas are missing there, so two entries are
 # the concatenations ("The best option isThe correct option is"): kept, they never match
 _PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
              "The best option isThe correct option is", "Best answer:Best option:", "Answer:", "Option:")
-
-
-@dataclass
-class FrameVideo(Video):
-    """A video with a known recording rate: a frame folder recorded at ``fps`` (MVBench's 3 fps
-    frame tasks), read by lvita.infer.prompt's ``.fps`` (the folder's rate, for time windows)."""
-    fps: float | None = None
-
-
-def published_answer(text: str) -> str:
-    """The part of a reply Long-VITA's VLMEvalKit wrapper keeps: after the last ``Answer:``."""
-    text = str(text)
-    return text.split("Answer:")[-1].strip() if "Answer:" in text else text
 
 
 def first_letter(reply: str, letters: str = "ABCD") -> str:

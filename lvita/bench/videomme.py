@@ -10,8 +10,9 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   (VLMEvalKit unzips into ``video/``); subtitles ``subtitle/<videoID>.srt`` (or ``subtitles/``).
 - prompt: VLMEvalKit's ``vlmeval/dataset/videomme.py`` (pinned 37d08c5) ``build_prompt`` for a
   video model (the video, then ``FRAMES_TMPL_NOSUB``/``FRAMES_TMPL_SUB``, then ``Question: ...``
-  + the options + ``Answer: ``), edited as ``VLMEvalKit/long_vita.py`` does for ``longvita``
-  (``"\\nAnswer: "`` becomes ``"\\n"``, then ``Offer a very short reply.``; no system prompt).
+  + the options + ``Answer: ``: :func:`lvita.bench.prompts.videomme_text`), edited as
+  ``VLMEvalKit/long_vita.py`` does for ``longvita`` (:func:`lvita.bench.prompts.longvita_finish`:
+  ``"\\nAnswer: "`` becomes ``"\\n"``, then ``Offer a very short reply.``; no system prompt).
   ``internvl`` gets VLMEvalKit's text unedited.
 - subtitles (``--subtitles``): for every sampled frame, the first cue whose span holds the
   frame's time strictly (``start < t < end``, t = round(frame / fps * 1000) ms, pysubs2's
@@ -37,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
-from lvita.bench.video_common import (Unique, accuracy, breakdown, first_letter, missing_video,
-                                      published_answer)
+from lvita.bench.prompts import longvita_finish, videomme_text
+from lvita.bench.video_common import Unique, accuracy, breakdown, first_letter, missing_video
 from lvita.data.media import MediaError, sampled_frames
 
 PARQUET = "videomme/test-00000-of-00001.parquet"
@@ -47,9 +48,6 @@ SUBTITLE_DIRS = ("subtitle", "subtitles", "data/subtitle")
 REQUIRED = ("videoID", "question", "options", "answer")
 BREAKDOWNS = ("duration", "domain", "sub_category", "task_type")
 
-_INTRO = "\nThese are the frames of a video. "
-_ASK = ("Select the best answer to the following multiple-choice question based on the video. "
-        "Respond with only the letter (A, B, C, or D) of the correct option.\n")
 _OPTION = re.compile(r"^([A-Z])\. (.*)$", re.S)
 _TIME = r"(\d+):(\d+):(\d+)[,.](\d+)"
 _CUE_TIMES = re.compile(_TIME + r"\s*-->\s*" + _TIME)
@@ -179,18 +177,12 @@ def prompt(item: Item, fmt: str) -> str:
             item.subtitles = subtitle_lines(cues, frames, frames.fps)
         except MediaError:
             item.subtitles = ""  # the answer step raises the MediaError the driver counts
-        intro = _INTRO + "This video's subtitles are listed below:\n" + item.subtitles + "\n" + _ASK
-    else:
-        intro = _INTRO + _ASK
-    opts = "\n".join(f"{k}. {v}" for k, v in item.choices.items())
-    text = "<video>" + intro + f"Question: {item.question}\n{opts}\nAnswer: "
-    if fmt == "longvita":
-        text = text.replace("\nAnswer: ", "\n") + "Offer a very short reply."
-    return text
+    text = videomme_text(item.question, item.choices, item.subtitles if cues is not None else None)
+    return longvita_finish(text, "Video-MME", "Video-MCQ") if fmt == "longvita" else text
 
 
 def correct(row: dict) -> int:
-    return int(first_letter(published_answer(row.get("prediction", ""))) == row.get("answer"))
+    return int(first_letter(row.get("prediction", "")) == row.get("answer"))
 
 
 def score(rows: list[dict]) -> dict:

@@ -57,8 +57,9 @@ from pathlib import Path
 
 from lvita.bench import vniah_heatmap
 from lvita.bench.vniah_data import (frames_with_needle, haystack_info, haystack_tiles, load_needles, needle_index,
-                                    prompt_ids, to_tiles, fit_frame)
+                                    prompt_ids)
 from lvita.ckpt.checkpoint import atomic_write
+from lvita.data.media import frame_tile, uint8_tiles
 from lvita.data.template import SampleError
 from lvita.infer.decode import generate
 from lvita.infer.generate import add_model_args, load_for_args, options
@@ -177,7 +178,7 @@ def run_grid(model, tok, specials: dict, preset, decode, needles: list, haystack
     done = done or {}
     fmt, tile = spec_of(preset).format, tile_size(preset)
     limit = max_context or llm_config(preset).max_position_embeddings
-    needle_tiles = {n.id: to_tiles([fit_frame(n.image, tile, fmt)]) for n in needles}
+    needle_tiles = {n.id: uint8_tiles([frame_tile(n.image, tile, fmt)]) for n in needles}
     answers = {n.id: tok.encode(n.answer, add_special_tokens=False) for n in needles}
     total = len(frames) * len(depths) * len(needles)
     todo = sum(cell_key(f, d, n.id) not in done for f in frames for d in depths for n in needles)

@@ -34,7 +34,6 @@ Owns everything :mod:`lvita.bench.vniah` feeds the model, following LongVA's ``v
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,9 +43,10 @@ import torch
 from PIL import Image
 
 from lvita.bench.items import Skip
+from lvita.bench.video_common import read_json_list
 from lvita.data import longvita
-from lvita.data.media import FRAME_SUFFIXES, MediaError, to_rgb
-from lvita.data.template import encode_conversation
+from lvita.data.media import FRAME_SUFFIXES, MediaError, decoded_rgb, frame_tile, uint8_tiles
+from lvita.infer.prompt import conversation_ids
 from lvita.model.presets import spec_of, tile_size, tokens_per_tile
 
 DECODE_CHUNK = 64  # haystack frames decoded per decord call: bounds the RGB frames held at once
@@ -90,25 +90,11 @@ def _parquet_rows(path: Path) -> list[dict]:
         raise ValueError(f"--needles {path}: cannot read it as parquet ({e})") from None
 
 
-def _json_rows(path: Path) -> list[dict]:
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--needles {path}: cannot read it as JSON ({e})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"--needles {path}: expected a JSON list of {{path, prompt, answer}}, got "
-                         f"{type(rows).__name__}")
-    return rows
-
-
 def _open_rgb(src, where: str) -> Image.Image:
     try:
-        with Image.open(src) as im:
-            return to_rgb(im)
-    except FileNotFoundError:
-        raise MediaError(f"{where}: missing image") from None
-    except Exception as e:  # PIL raises many types for unreadable files
-        raise MediaError(f"{where}: cannot decode the image ({e})") from None
+        return decoded_rgb(src)
+    except MediaError as e:
+        raise MediaError(f"{where}: {e}") from None
 
 
 def _needle_image(row: dict, folder: Path, where: str) -> tuple[Image.Image, str]:
@@ -131,7 +117,7 @@ def load_needles(root) -> tuple[list[Needle], list[Skip]]:
     kind, files = _needle_files(Path(root))
     needles, skipped, index = [], [], 0
     for path in files:
-        for i, row in enumerate(_parquet_rows(path) if kind == "parquet" else _json_rows(path)):
+        for i, row in enumerate(_parquet_rows(path) if kind == "parquet" else read_json_list(path, "--needles")):
             nid, where, index = str(index), f"{path} row {i}", index + 1
             if not isinstance(row, dict):
                 skipped.append(Skip(nid, "bad_needle", f"{where}: not an object"))
@@ -153,18 +139,6 @@ def load_needles(root) -> tuple[list[Needle], list[Skip]]:
 
 
 # -- frames ---------------------------------------------------------------------------------------
-
-def fit_frame(img: Image.Image, tile: int, fmt: str) -> Image.Image:
-    """One video frame -> one tile, as training makes frames for the model format."""
-    return longvita.pad_to_square(img, tile) if fmt == "longvita" else img.resize((tile, tile), Image.BICUBIC)
-
-
-def to_tiles(imgs: list[Image.Image]) -> torch.Tensor:
-    """RGB tiles -> (n, 3, T, T) uint8."""
-    import numpy as np
-
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in imgs])).permute(0, 3, 1, 2).contiguous()
-
 
 def one_fps_indices(total: int, native_fps: float, count: int) -> list[int]:
     """LongVA's haystack frames: ``range(0, total, round(fps))``, the first ``count``."""
@@ -223,7 +197,7 @@ def haystack_tiles(path, count: int, preset) -> tuple[torch.Tensor, dict]:
                 imgs = [Image.fromarray(f).convert("RGB") for f in source.get_batch(part).asnumpy()]
             except Exception as e:
                 raise ValueError(f"--haystack {path}: cannot decode frames {part[0]}..{part[-1]} ({e})") from None
-        out[s:s + len(part)] = to_tiles([fit_frame(im, tile, fmt) for im in imgs])
+        out[s:s + len(part)] = uint8_tiles([frame_tile(im, tile, fmt) for im in imgs])
     return out, about
 
 
@@ -248,11 +222,5 @@ def question_text(question: str) -> str:
 def prompt_ids(question: str, n_frames: int, tok, specials: dict, preset, system_prompt: str | None) -> list[int]:
     """Ids of a one-video prompt of ``n_frames`` frames, as :func:`lvita.infer.prompt.build_prompt`
     encodes it, ending in the open assistant turn. SampleError for a question holding context tokens."""
-    messages = [{"role": "user", "content": question_text(question)}]
-    tpt = tokens_per_tile(preset)
-    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
-    if spec_of(preset).format == "longvita":
-        ids = longvita.encode_conversation(messages, tok, specials, system_prompt, [("video", n_frames)], tpt)[0]
-    else:
-        ids = encode_conversation(messages, tok, specials, system_prompt, [[tpt] * n_frames])[0]
-    return ids + opening
+    return conversation_ids([{"role": "user", "content": question_text(question)}], tok, specials,
+                            spec_of(preset).format, system_prompt, [("video", n_frames)], tokens_per_tile(preset))

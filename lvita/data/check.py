@@ -156,8 +156,7 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
             results = list(pool.map(_scan, [n for n, _ in jobs], [u for _, u in jobs], chunksize=1))
     by_name = {s.name: s for s in chosen}
     return [_summary(n, [r for (m, _), r in zip(jobs, results) if m == n], d.max_skip_fraction)
-            | {"per_pass": sum(pass_quotas(by_name[n], [len(x) for x in r.readers])) if by_name[n].ratio > 0 else 0,
-               "sampling": by_name[n].sampling()}
+            | {"per_pass": sum(pass_quotas(by_name[n], [len(x) for x in r.readers])), "sampling": by_name[n].sampling()}
             for n, r in readers.items()]
 
 

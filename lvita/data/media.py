@@ -88,10 +88,14 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int
     return best
 
 
+def grid_tiles(cols: int, rows: int) -> int:
+    """Tiles of a ``cols x rows`` grid: the grid, plus a thumbnail when it has more than one tile."""
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
 def tile_count(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> int:
     """Tiles an image of this size becomes: the grid, plus a thumbnail when the grid has > 1 tile."""
-    cols, rows = tile_grid(width, height, min_tiles, max_tiles, tile)
-    return cols * rows + (1 if cols * rows > 1 else 0)
+    return grid_tiles(*tile_grid(width, height, min_tiles, max_tiles, tile))
 
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -134,9 +138,25 @@ def image_tile_count(path, min_tiles: int, max_tiles: int, tile: int) -> int:
     return tile_count(*image_size(path), min_tiles, max_tiles, tile)
 
 
-def _to_uint8(imgs: list[Image.Image]) -> torch.Tensor:
+def uint8_tiles(imgs: list[Image.Image]) -> torch.Tensor:
+    """RGB tiles -> (n, 3, T, T) uint8."""
     arr = np.stack([np.asarray(im, dtype=np.uint8) for im in imgs])  # (n, T, T, 3)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def decoded_rgb(src, what: str = "image") -> Image.Image:
+    """An image file (or in-memory file) fully decoded to RGB; MediaError naming it (``what``: how to call it)."""
+    with _open_image(src) as img:
+        try:
+            return to_rgb(img)  # forces the full decode
+        except Exception as e:
+            raise MediaError(f"cannot decode {what} {_name(src)}: {e}") from None
+
+
+def frame_tile(img: Image.Image, tile: int, layout: str = "internvl") -> Image.Image:
+    """One video frame -> its one tile: resized (``internvl``), or padded to a square with the mean colour
+    then resized (``longvita``, :func:`lvita.data.longvita.pad_to_square`)."""
+    return longvita.pad_to_square(img, tile) if layout == "longvita" else img.resize((tile, tile), Image.BICUBIC)
 
 
 def _kept(n: int, keep, expect: int | None, name: str) -> list[int]:
@@ -156,11 +176,7 @@ def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12, keep=N
     first (released Long-VITA's order). ``keep``: only these tile numbers, in order (the grid is
     resized only if one of its tiles is kept, the thumbnail made only if kept). ``expect``: the
     planned tile count; another count raises MediaError."""
-    with _open_image(path) as img:
-        try:
-            img = to_rgb(img)  # forces the full decode
-        except Exception as e:
-            raise MediaError(f"cannot decode image {_name(path)}: {e}") from None
+    img = decoded_rgb(path)
     cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
     grid = cols * rows
     keep = _kept(grid + (grid > 1), keep, expect, f"image {_name(path)}")
@@ -169,7 +185,7 @@ def image_tiles(path, tile: int, min_tiles: int = 1, max_tiles: int = 12, keep=N
     big = img.resize((cols * tile, rows * tile), Image.BICUBIC) if any(c is not None for c in cells) else None
     out = [big.crop((c % cols * tile, c // cols * tile, (c % cols + 1) * tile, (c // cols + 1) * tile))
            if c is not None else img.resize((tile, tile), Image.BICUBIC) for c in cells]
-    return _to_uint8(out) if out else torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
+    return uint8_tiles(out) if out else torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
 
 
 def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, fps: float) -> list[int]:
@@ -218,12 +234,6 @@ class Sampled(list):
     """The frame numbers a video's tiles come from (a list), with ``fps``: the rate those numbers
     count at (the file's native rate, a folder's ``folder_fps``; 0.0: unknown)."""
     fps: float = 0.0
-
-    def seconds(self) -> list[float]:
-        """Each sampled frame's time in the video: frame number / fps."""
-        if not self.fps > 0:
-            raise MediaError("the frame rate is unknown (a frame folder without folder_fps): no timestamps")
-        return [i / self.fps for i in self]
 
 
 def _window_sampled(vr, total: int, native: float, max_frames: int, fps: float, layout: str,
@@ -290,25 +300,16 @@ def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect:
     another count raises MediaError. ``start``/``end``/``folder_fps``: a time window (module doc)."""
     vr, total, native = _open_video(path, layout)
     idx = list(_window_sampled(vr, total, native, max_frames, fps, layout, start, end, folder_fps))
-    fit = ((lambda im: longvita.pad_to_square(im, tile)) if layout == "longvita"
-           else (lambda im: im.resize((tile, tile), Image.BICUBIC)))
     idx = [idx[i] for i in _kept(len(idx), keep, expect, f"video {_name(path)}")]
     if not idx:
         return torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
     if isinstance(vr, list):
-        out = []
-        for i in idx:
-            with _open_image(vr[i]) as im:
-                try:
-                    out.append(fit(to_rgb(im)))
-                except Exception as e:
-                    raise MediaError(f"cannot decode frame {vr[i]}: {e}") from None
-        return _to_uint8(out)
+        return uint8_tiles([frame_tile(decoded_rgb(vr[i], "frame"), tile, layout) for i in idx])
     try:
         frames = vr.get_batch(idx).asnumpy()
     except Exception as e:
         raise MediaError(f"cannot decode video {_name(path)}: {e}") from None
-    return _to_uint8([fit(Image.fromarray(f).convert("RGB")) for f in frames])
+    return uint8_tiles([frame_tile(Image.fromarray(f).convert("RGB"), tile, layout) for f in frames])
 
 
 def normalise(tiles_uint8: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from lvita.config.schema import DataConfig
 from lvita.data import longvita
-from lvita.data.media import (MediaError, image_size, image_tiles, normalise, tile_count, tile_grid,
+from lvita.data.media import (MediaError, grid_tiles, image_size, image_tiles, normalise, tile_count, tile_grid,
                               video_frame_count, video_tiles)
 from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation
 from lvita.model.presets import llm_config, spec_of, tile_size, tokens_per_tile
@@ -97,7 +97,6 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
     sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
     frames = {p: video_frame_count(p.path, media.max_frames, media.video_fps, fmt, **p.window)
               for k, p in order if k == "video"}
-    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
     limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
     budgets = [media.max_tiles if fmt == "longvita" else max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
     while sizes and budgets[-1] > media.min_tiles:  # as lvita.data.stream's _tile_budgets
@@ -105,13 +104,9 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
     for budget in budgets:
         plan = [("image", p, budget, tile_count(*sizes[p], media.min_tiles, budget, tile)) if k == "image"
                 else ("video", p, frames[p]) for k, p in order]
-        if fmt == "longvita":
-            runs = [("image", *tile_grid(*sizes[m[1]], media.min_tiles, m[2], tile)) if m[0] == "image"
-                    else ("video", m[2]) for m in plan]
-            ids = longvita.encode_conversation(messages, tok, specials, system_prompt, runs, tpt)[0] + opening
-        else:
-            groups = [[tpt * m[3]] if m[0] == "image" else [tpt] * m[2] for m in plan]
-            ids = encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
+        runs = [("image", *tile_grid(*sizes[m[1]], media.min_tiles, m[2], tile)) if m[0] == "image"
+                else ("video", m[2]) for m in plan]
+        ids = conversation_ids(messages, tok, specials, fmt, system_prompt, runs, tpt)
         if len(ids) <= limit:
             break
     else:
@@ -126,6 +121,18 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
         tiles.append(normalise(got))
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
     return Prompt(ids, pixels, [(m[0], str(m[1]), m[-1]) for m in plan])
+
+
+def conversation_ids(messages, tok, specials: dict, fmt: str, system_prompt: str | None, runs: list[tuple],
+                     tpt: int) -> list[int]:
+    """Messages ending with the user's turn -> ids ending in the open assistant turn, encoded as training
+    encodes the model format's samples. ``runs``: per placeholder in order, ("image", cols, rows) (the tile
+    grid, plus a thumbnail when it has more than one tile) or ("video", frames); ``tpt``: tokens per tile."""
+    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
+    if fmt == "longvita":
+        return longvita.encode_conversation(messages, tok, specials, system_prompt, runs, tpt)[0] + opening
+    groups = [[tpt * grid_tiles(r[1], r[2])] if r[0] == "image" else [tpt] * r[1] for r in runs]
+    return encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
 
 
 @dataclass(frozen=True)
