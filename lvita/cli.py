@@ -21,6 +21,8 @@ import sys
 
 
 def main(argv=None) -> int:
+    from lvita.model.formats import FORMAT_NAMES
+
     ap = argparse.ArgumentParser(prog="lvita", description="Long-VITA training with DeepSpeed, stage by stage.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train the four demo stages on a tiny model (CPU is fine)")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     th = cvsub.add_parser("to-hf", help="write the released Long-VITA layout or a transformers InternVL directory")
     th.add_argument("ckpt", help="an output_dir, its checkpoints/ (newest) or one global_step<N>")
     th.add_argument("out")
-    th.add_argument("--layout", choices=("longvita", "internvl"),
+    th.add_argument("--layout", choices=FORMAT_NAMES,
                     help="longvita: the released layout (LongVITAForCausalLM); internvl: transformers' "
                          "InternVLForConditionalGeneration (default: the checkpoint's model.format)")
     th.add_argument("--tokenizer", help="default: the tokenizer the run trained with (from its manifest)")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT")
     fh.add_argument("--preset", help="model.preset the weights are for (e.g. longvita-14b); default: the shapes in "
                                      "the source's config.json (needed for an InternViT + Qwen2 pair)")
-    fh.add_argument("--format", choices=("longvita", "internvl"), help="model.format (default: the preset's own)")
+    fh.add_argument("--format", choices=FORMAT_NAMES, help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
                        ("eval", "accuracy on a JSONL set (python -m lvita.eval --help) or a published benchmark "

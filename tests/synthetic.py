@@ -32,3 +32,12 @@ def packed_batch(n_seqs: int, length: int, seed: int, reset: bool = True, preset
         pix = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
         seqs.append(PackedSequence(ids, pos, targets, pix))
     return seqs
+
+
+def tiny_input(tok, fmt=None):
+    """The tiny preset's input format (lvita.data.input_format) on a loaded tokenizer; ``fmt``: a
+    ModelFormat or its name (default: the tiny preset's own, InternVL)."""
+    from lvita.data.input_format import InputFormat
+    from lvita.model.presets import spec_of
+
+    return InputFormat.of(spec_of("tiny", fmt), tok)

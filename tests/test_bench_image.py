@@ -13,7 +13,9 @@ import sys
 import pytest
 from PIL import Image
 
+from lvita.model.formats import LONGVITA
 from lvita.bench import run as bench_run
+from lvita.data.input_format import InputFormat
 from lvita.ckpt.hf import write_hf_dir
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita import eval as lveval  # the entry point: --benchmark goes to lvita.bench.command
@@ -41,7 +43,7 @@ def write_tsv(path, rows: list[dict], columns=COLUMNS):
 def always_b_hf(tokenizer_dir, tmp_path_factory):
     tok = load_tokenizer(tokenizer_dir)
     sp = special_token_ids(tok)
-    last = build_prompt([{"role": "user", "content": "?"}], tok, sp, "tiny").input_ids[-1]
+    last = build_prompt([{"role": "user", "content": "?"}], InputFormat.of("tiny", tok)).input_ids[-1]
     model = _always_b(sp, last, tok.encode("B", add_special_tokens=False)[0])
     return write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path_factory.mktemp("hf") / "b",
                         sp["img_context"])
@@ -189,8 +191,8 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
     from lvita.model.presets import context_token_ids, spec_of
 
     spec = spec_of("tiny", "longvita")
-    tok = load_tokenizer(tokenizer_dir, "longvita")
-    sp = dict(special_token_ids(tok, "longvita"), context=context_token_ids(tok.get_vocab(), spec))
+    tok = load_tokenizer(tokenizer_dir, LONGVITA)
+    sp = dict(special_token_ids(tok, LONGVITA), context=context_token_ids(tok.get_vocab(), spec))
     torch.manual_seed(0)
     model = LongVita(spec, sp["context"], seed=0).eval().requires_grad_(False)
 

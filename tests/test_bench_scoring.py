@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lvita.data.input_format import LongVitaInput
+from lvita.data.input_format import InternVLInput
 from lvita.bench import prompts
 from lvita.bench import vlmevalkit_score as sc
 from lvita.bench.items import Item
@@ -98,26 +100,26 @@ def _item(**kw):
 
 def test_longvita_prompts_as_the_wrapper_builds_them():
     opts = "Options:\nA. red\nB. blue"
-    assert prompts.image_prompt(_item(), "longvita", "MMBench_DEV_EN", "MCQ") == \
+    assert prompts.image_prompt(_item(), LongVitaInput, "MMBench_DEV_EN", "MCQ") == \
         f"<image>\nHint: Look.\nQuestion: Which colour?\n{opts}\nAnswer with the letter."
-    assert prompts.image_prompt(_item(hint=None), "longvita", "MMStar", "MCQ") == \
+    assert prompts.image_prompt(_item(hint=None), LongVitaInput, "MMStar", "MCQ") == \
         f"<image>\nQuestion: Which colour?\n{opts}\nAnswer with the option's letter from the given choices directly."
-    assert prompts.image_prompt(_item(question="Is it red?", choices=None), "longvita", "HallusionBench", "Y/N") \
+    assert prompts.image_prompt(_item(question="Is it red?", choices=None), LongVitaInput, "HallusionBench", "Y/N") \
         == "<image>\nIs it red?\nAnswer yes or no."
-    assert prompts.image_prompt(_item(question="What is written?", choices=None), "longvita", "OCRBench", "VQA") == \
+    assert prompts.image_prompt(_item(question="What is written?", choices=None), LongVitaInput, "OCRBench", "VQA") == \
         "<image>\nWhat is written?\nAnswer this question using the text in the image directly without any other " \
         "context."
     mmmu = _item(question="Compare <image 2> and <image 1>.", hint=None, images=[Path("b"), Path("a")],
                  meta={"interleaved": True})
-    assert prompts.image_prompt(mmmu, "longvita", "MMMU_DEV_VAL", "MCQ") == (
+    assert prompts.image_prompt(mmmu, LongVitaInput, "MMMU_DEV_VAL", "MCQ") == (
         f"Question: Compare <image>\n and <image>\n.\n{opts}\n"
         "Answer with the option's letter from the given choices directly.")
     assert prompts.interleave_order("Compare <image 2> and <image 1>, then <image 2>.", 3) == [1, 0, 1]
-    assert prompts.image_prompt(_item(images=[Path("a"), Path("b")]), "internvl", "MMBench_DEV_EN", "MCQ") == \
+    assert prompts.image_prompt(_item(images=[Path("a"), Path("b")]), InternVLInput, "MMBench_DEV_EN", "MCQ") == \
         "<image>\n<image>\nLook.\nWhich colour?\nA. red\nB. blue\n" \
         "Answer with the option's letter from the given choices directly."
-    assert prompts.postprocess("Let me think. Answer: B", "longvita") == "B"
-    assert prompts.postprocess("Answer: B", "internvl") == "Answer: B"
+    assert prompts.postprocess("Let me think. Answer: B", LongVitaInput) == "B"
+    assert prompts.postprocess("Answer: B", InternVLInput) == "Answer: B"
 
 
 def test_video_mcq_prompt():
@@ -125,10 +127,10 @@ def test_video_mcq_prompt():
     ask = ("Select the best answer to the following multiple-choice question based on the video. "
            "Respond with only the letter (A, B, C, or D) of the correct option.\n")
     choices = {"A": "runs", "B": "sits"}
-    assert prompts.video_mcq_prompt("What happens?", choices, "longvita") == \
+    assert prompts.video_mcq_prompt("What happens?", choices, LongVitaInput) == \
         f"<video>\n{frames}{ask}Question: What happens?\nA. runs\nB. sits\nOffer a very short reply."
-    assert prompts.video_mcq_prompt("What happens?", choices, "longvita", subtitles="hi\nthere") == (
+    assert prompts.video_mcq_prompt("What happens?", choices, LongVitaInput, subtitles="hi\nthere") == (
         f"<video>\n{frames}This video's subtitles are listed below:\nhi\nthere\n{ask}"
         "Question: What happens?\nA. runs\nB. sits\nOffer a very short reply.")
-    assert prompts.video_mcq_prompt("What happens?", choices, "internvl") == \
+    assert prompts.video_mcq_prompt("What happens?", choices, InternVLInput) == \
         "<video>\nWhat happens?\nA. runs\nB. sits\nAnswer with the option's letter from the given choices directly."

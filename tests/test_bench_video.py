@@ -12,6 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.media import INTERNVL_FRAMES
+from lvita.data.media import LONGVITA_FRAMES
+from lvita.data.input_format import InputFormat
+from lvita.data.input_format import InternVLInput, LongVitaInput
 from lvita.bench.items import Item, LoadOptions, Skip, Video, prediction_row
 from lvita.bench.longvideo import LONGVIDEOBENCH, MLVU
 from lvita.bench.mvbench import MVBENCH
@@ -88,10 +92,10 @@ def test_videomme_prompt_is_long_vitas(videomme, tmp_path):
     item = next(VIDEO_MME.load(videomme, LoadOptions(work=tmp_path)))
     ask = ("Select the best answer to the following multiple-choice question based on the video. "
            "Respond with only the letter (A, B, C, or D) of the correct option.\n")
-    assert VIDEO_MME.prompt(item, "longvita") == (
+    assert VIDEO_MME.prompt(item, LongVitaInput) == (
         "<video>\nThese are the frames of a video. " + ask +
         "Question: How many?\nA. one\nB. two\nC. three\nD. four\nOffer a very short reply.")
-    assert VIDEO_MME.prompt(item, "internvl").endswith("D. four\nAnswer: ")
+    assert VIDEO_MME.prompt(item, InternVLInput).endswith("D. four\nAnswer: ")
 
 
 def test_srt_cues_and_the_lines_of_given_timestamps(videomme):
@@ -164,27 +168,27 @@ def test_mvbench_loader_tasks_options_and_windows(mvbench, tmp_path):
     assert seq.meta["task"] == "Action Sequence" and epi.meta["task"] == "Episodic Reasoning"
     assert (seq.videos[0].start, seq.videos[0].end, seq.videos[0].fps) == (1.0, 6.0, None)
     assert (epi.videos[0].start, epi.videos[0].end, epi.videos[0].fps) == (2.0, 5.0, 3)
-    assert MVBENCH.prompt(seq, "longvita").endswith(
+    assert MVBENCH.prompt(seq, LongVitaInput).endswith(
         "question.\nQuestion: What next?\nOptions:\n(A) sit\n(B) run\n(C) eat<video>\nAnswer with the letter.")
 
 
 def test_frames_are_sampled_inside_the_window(mvbench):
     # mp4, 4 fps, 1..6 s: frames 4..24 (21 frames); internvl: 5 centres of 4.2-frame segments
     mp4 = mvbench / "video" / "star" / "Charades_v1_480" / "a.mp4"
-    assert list(sampled_frames(mp4, 64, 1.0, "internvl", start=1.0, end=6.0)) == [6, 10, 14, 18, 22]
-    assert list(sampled_frames(mp4, 64, 1.0, "longvita", start=1.0, end=6.0)) == [4, 8, 12, 16, 20, 24]
-    assert list(sampled_frames(mp4, 64, 1.0, "internvl")) == FRAMES["internvl"]  # no window: as before
+    assert list(sampled_frames(mp4, 64, 1.0, INTERNVL_FRAMES, start=1.0, end=6.0)) == [6, 10, 14, 18, 22]
+    assert list(sampled_frames(mp4, 64, 1.0, LONGVITA_FRAMES, start=1.0, end=6.0)) == [4, 8, 12, 16, 20, 24]
+    assert list(sampled_frames(mp4, 64, 1.0, INTERNVL_FRAMES)) == FRAMES["internvl"]  # no window: as before
     # a 3 fps frame folder, 2..5 s: frames 6..15 (10), read as a 3 fps video
     folder = mvbench / "video" / "tvqa" / "frames_fps3_hq" / "clip1"
-    assert list(sampled_frames(folder, 64, 1.0, "longvita", start=2, end=5, folder_fps=3)) == [6, 9, 12, 15]
-    assert list(sampled_frames(folder, 64, 1.0, "internvl", start=2, end=5, folder_fps=3)) == [7, 11, 14]
+    assert list(sampled_frames(folder, 64, 1.0, LONGVITA_FRAMES, start=2, end=5, folder_fps=3)) == [6, 9, 12, 15]
+    assert list(sampled_frames(folder, 64, 1.0, INTERNVL_FRAMES, start=2, end=5, folder_fps=3)) == [7, 11, 14]
     levels = video_tiles(folder, 16, 64, 1.0, start=2, end=5, folder_fps=3).float().mean(dim=(1, 2, 3))
     assert levels.round().tolist() == [56.0, 88.0, 112.0]  # frames 7, 11, 14 (grey 8k; jpeg of a flat image)
-    assert list(sampled_frames(mp4, 64, 1.0, "internvl", start=8.0, end=60.0)) == [34, 38]  # end clipped: 32..39, centres 2 and 6
+    assert list(sampled_frames(mp4, 64, 1.0, INTERNVL_FRAMES, start=8.0, end=60.0)) == [34, 38]  # end clipped: 32..39, centres 2 and 6
     with pytest.raises(MediaError, match="holds no frame"):
-        sampled_frames(mp4, 64, 1.0, "internvl", start=11.0, end=12.0)  # past the 10 s video
+        sampled_frames(mp4, 64, 1.0, INTERNVL_FRAMES, start=11.0, end=12.0)  # past the 10 s video
     with pytest.raises(MediaError, match="frame rate"):
-        sampled_frames(folder, 64, 1.0, "internvl", start=2, end=5)  # a folder's rate is unknown
+        sampled_frames(folder, 64, 1.0, INTERNVL_FRAMES, start=2, end=5)  # a folder's rate is unknown
 
 
 def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
@@ -193,11 +197,11 @@ def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
     folder = mvbench / "video" / "tvqa" / "frames_fps3_hq" / "clip1"
     video = Video(folder, 2, 5, fps=3)
     ask = [{"role": "user", "content": "<video>\nWhy?"}]
-    p = build_prompt(ask, t, sp, "tiny", videos=[video], system_prompt=None, media=MediaOptions(max_frames=64))
+    p = build_prompt(ask, InputFormat.of("tiny", t), videos=[video], system_prompt=None, media=MediaOptions(max_frames=64))
     from lvita.model.presets import tile_size
     want = video_tiles(folder, tile_size("tiny"), 64, 1.0, start=2, end=5, folder_fps=3)
     assert p.media == [("video", str(folder), 3)] and torch.equal(p.pixel_values, normalise(want))
-    plain = build_prompt(ask, t, sp, "tiny", videos=[Video(folder)], system_prompt=None,
+    plain = build_prompt(ask, InputFormat.of("tiny", t), videos=[Video(folder)], system_prompt=None,
                          media=MediaOptions(max_frames=64))  # no window, no rate: every frame, as before
     assert plain.media == [("video", str(folder), 30)]
 
@@ -228,7 +232,7 @@ def test_longvideobench_loader_and_score(tmp_path):
     items, skips = _split(LONGVIDEOBENCH.load(root, LoadOptions(work=tmp_path)))
     assert [i.id for i in items] == ["v1_0"] and skips == {"v1_1": "bad_record", "v2_0": "missing_video"}
     assert items[0].answer == "E" and items[0].meta == {"duration_group": "15", "question_category": "S2E"}
-    assert LONGVIDEOBENCH.prompt(items[0], "longvita") == (
+    assert LONGVIDEOBENCH.prompt(items[0], LongVitaInput) == (
         "<video>Who?\nA. a\nB. b\nC. c\nD. d\nE. e\nAnswer with the option's letter from the given choices "
         "directly.Offer a very short reply.")
     m = lambda d, c: {"duration_group": d, "question_category": c}
@@ -252,7 +256,7 @@ def test_mlvu_loader_and_m_avg(tmp_path):
     items, skips = _split(MLVU.load(tmp_path, LoadOptions(work=tmp_path)))  # the folder above MLVU/
     assert [i.id for i in items] == ["plotQA-0", "order-0"] and skips == {"plotQA-1": "bad_record"}
     assert items[0].answer == "B" and items[1].videos[0].path == root / "video" / "5_order" / "o.mp4"
-    assert MLVU.prompt(items[0], "longvita") == (
+    assert MLVU.prompt(items[0], LongVitaInput) == (
         "Carefully watch this video and pay attention to every detail. Based on your observations, select the "
         "best option that accurately addresses the question.Question: What?\nOptions:\n(A) x\n(B) y<video>\n"
         "Only give the best option.\nAnswer with the letter.")
@@ -267,7 +271,7 @@ def test_mlvu_loader_and_m_avg(tmp_path):
 def test_end_to_end_with_the_tiny_model(videomme, mvbench, tokenizer_dir, tmp_path):
     t = load_tokenizer(tokenizer_dir)
     sp = special_token_ids(t)
-    last = build_prompt([{"role": "user", "content": "?"}], t, sp, "tiny").input_ids[-1]
+    last = build_prompt([{"role": "user", "content": "?"}], InputFormat.of("tiny", t)).input_ids[-1]
     model = _always_b(sp, last, t.encode("B", add_special_tokens=False)[0])  # answers "B" to anything
     media = MediaOptions(max_frames=64, video_fps=1.0)
     for bench, data, want in ((VIDEO_MME, videomme, {"correct": 1, "count": 2}),
@@ -277,7 +281,7 @@ def test_end_to_end_with_the_tiny_model(videomme, mvbench, tokenizer_dir, tmp_pa
             if isinstance(item, Skip):
                 continue
             asked.append(item)
-            text, gen = answer(model, t, sp, "tiny", [{"role": "user", "content": bench.prompt(item, "internvl")}],
+            text, gen = answer(model, InputFormat.of("tiny", t), [{"role": "user", "content": bench.prompt(item, InternVLInput)}],
                                videos=item.videos, max_new_tokens=bench.max_new_tokens, system_prompt=None,
                                media=media)
             rows.append(prediction_row(item, text))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lvita.data.input_format import InputFormat
 from lvita.ckpt.checkpoint import tokenizer_fingerprint
 from lvita.cli import main as cli
 from lvita.model.longvita import LongVita
@@ -163,7 +164,8 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     assert cli(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
-    model, tok, ids, preset = lvgen.load_model(run)
+    model, fmt = lvgen.load_model(run)
+    tok, ids, preset = fmt.tok, fmt.specials, fmt.spec
     assert lvgen.model_system_prompt(run, tok) == lvgen.model_system_prompt(tmp_path / "hf", hf_tok) == SYSTEM
     image = tmp_path / "wide.png"
     Image.new("RGB", (200, 90), "blue").save(image)  # 2 tiles + thumbnail
@@ -171,21 +173,21 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     question = "What is 3 + 4?"
     hf_ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
-    lv = build_prompt([{"role": "user", "content": question}], tok, ids, preset, system_prompt=SYSTEM)
+    lv = build_prompt([{"role": "user", "content": question}], InputFormat.of(preset, tok), system_prompt=SYSTEM)
     assert hf_ids == lv.input_ids
     first = _same_greedy(hf, model, hf_ids, ids, lv.pixel_values)
     capsys.readouterr()
     assert lvgen.main(["--model", str(run), "--prompt", question, "--max-new-tokens", "8"]) == 0
     got = generate(model, lv.input_ids, lv.pixel_values, ids, max_new_tokens=8).tokens
     assert capsys.readouterr().out == tok.decode(got).strip() + "\n"  # the CLI defaults to the stage's prompt
-    without = build_prompt([{"role": "user", "content": question}], tok, ids, preset, system_prompt=None)
+    without = build_prompt([{"role": "user", "content": question}], InputFormat.of(preset, tok), system_prompt=None)
     other = generate(model, without.input_ids, without.pixel_values, ids, 1, keep_logits=True).logits[0]
     assert (other - first).abs().max() > 1e-3  # the old export (no system turn) would have failed above
 
     # an image: the template's <IMG_CONTEXT> expanded as InternVLProcessor does (start + context x 256 x tiles + end)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
     text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    lv = build_prompt([{"role": "user", "content": "<image>\nWhat is in the picture?"}], tok, ids, preset, [image],
+    lv = build_prompt([{"role": "user", "content": "<image>\nWhat is in the picture?"}], InputFormat.of(preset, tok), [image],
                       system_prompt=SYSTEM)
     n_tiles = lv.pixel_values.shape[0]
     assert n_tiles == 3
@@ -197,7 +199,7 @@ def test_exported_chat_template_answers_as_lvita_generate(trained, tmp_path, cap
     # an explicit system turn replaces the default on both sides
     chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": question}]
     assert hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == \
-        build_prompt(chat, tok, ids, preset, system_prompt=SYSTEM).input_ids
+        build_prompt(chat, InputFormat.of(preset, tok), system_prompt=SYSTEM).input_ids
     # and the export converted back remembers it
     assert cli(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--preset", "tiny"]) == 0
     assert lvgen.model_system_prompt(tmp_path / "back", tok) == SYSTEM

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.input_format import InputFormat
 from lvita.infer.decode import generate
 from lvita.infer.prompt import build_prompt
 from lvita.model.longvita import LongVita
@@ -25,7 +26,7 @@ def _setup(tokenizer_dir, image):
     model = LongVita("tiny", specials["img_context"], seed=SEED).eval().requires_grad_(False)
     with torch.no_grad():  # make the stop tokens unlikely so that every run decodes NEW tokens
         model.head.lm_head.weight[[specials["im_end"], specials["endoftext"]]] = 0
-    prompt = build_prompt(ASK, tok, specials, "tiny", [image])
+    prompt = build_prompt(ASK, InputFormat.of("tiny", tok), [image])
     return tok, specials, model, prompt
 
 
@@ -43,7 +44,7 @@ def _cp(rank, tokenizer_dir, image, ring, mode, eval_data):
     gen = cp_generate(model, prompt.input_ids, prompt.pixel_values, specials, NEW, keep_logits=True, cp=cp, mode=mode)
     results = None
     if eval_data:
-        results = lveval.evaluate(model, tok, specials, "tiny", eval_data, write=rank == 0, max_new_tokens=NEW,
+        results = lveval.evaluate(model, InputFormat.of("tiny", tok), eval_data, write=rank == 0, max_new_tokens=NEW,
                                   decode=partial(cp_generate, cp=cp, mode=mode))
     return gen.tokens, torch.stack(gen.logits), results
 
@@ -76,5 +77,5 @@ def test_context_parallel_generation_equals_single_process(tmp_path, tokenizer_d
         from lvita.infer import eval as lveval
 
         cp_preds = (tmp_path / "set-eval" / "predictions.jsonl").read_text()
-        lveval.evaluate(model, tok, specials, "tiny", data, tmp_path / "single", max_new_tokens=NEW)
+        lveval.evaluate(model, InputFormat.of("tiny", tok), data, tmp_path / "single", max_new_tokens=NEW)
         assert (tmp_path / "single" / "predictions.jsonl").read_text() == cp_preds

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.synthetic import tiny_input
 from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data.media import tile_grid
 from lvita.data.stream import DataStream, own_rows, rank_micro_batches
@@ -52,7 +53,7 @@ def _cfg(root, reset=True, same=True, seq=192, **kw) -> DataConfig:
 
 def _stream(tok, root, reset=True, same=True, seq=192, gb=4, seed=1, own_rows=None, log=None, **kw):
     t, sp = tok
-    return DataStream(_cfg(root, reset, same, seq, **kw), t, sp, tile=112, tokens_per_tile=16, global_batch=gb,
+    return DataStream(_cfg(root, reset, same, seq, **kw), tiny_input(t), global_batch=gb,
                       seed=seed, own_rows=own_rows, log=log or (lambda *a: None))
 
 
@@ -86,11 +87,11 @@ def test_images_are_tiled_and_labels_follow_the_template(tok, dataset_dir):
     for seq in s.next_global_batch():
         n = 0
         for plan in seq.plans:
-            for kind, path, max_tiles, count in plan.media:
-                w, h = Image.open(path).size
-                cols, rows = tile_grid(w, h, 1, max_tiles, 112)
-                assert count == cols * rows + (cols * rows > 1)
-                n += count
+            for m in plan.media:
+                w, h = Image.open(m.ref).size
+                cols, rows = tile_grid(w, h, 1, m.max_tiles, 112)
+                assert m.tiles == cols * rows + (cols * rows > 1)
+                n += m.tiles
         assert seq.tiles.shape == (n, 3, 112, 112) and seq.tiles.dtype == torch.uint8  # normalised on the device
     s.close()
 
@@ -104,13 +105,12 @@ def test_many_images_get_fewer_tiles_before_the_sample_is_dropped(tok, tmp_path)
     with open(tmp_path / "m.jsonl", "w") as f:
         f.write(json.dumps({"id": "m", "images": ["im/wide.png"] * 4, "messages": msg}) + "\n")
     t, sp = tok
-    stream = DataStream(_cfg(tmp_path, seq=512, sources=[SourceConfig("m", ["m.jsonl"])], max_tiles=8),
-                        t, sp, 112, 16, 1, 0, log=lambda *a: None)
+    stream = DataStream(_cfg(tmp_path, seq=512, sources=[SourceConfig("m", ["m.jsonl"])], max_tiles=8), tiny_input(t), 1, 0, log=lambda *a: None)
     plan = stream.plan(stream.mixture.next())
     assert len(plan.input_ids) <= 512
-    assert [m[-1] for m in plan.media] == [3] * 4  # 8 -> 4 -> 2 tiles max: 2x1 grid + thumbnail fits
+    assert [m.tiles for m in plan.media] == [3] * 4  # 8 -> 4 -> 2 tiles max: 2x1 grid + thumbnail fits
     with pytest.raises(SampleError, match="even at 1 tile"):
-        DataStream(_cfg(tmp_path, seq=64, sources=[SourceConfig("m", ["m.jsonl"])]), t, sp, 112, 16, 1, 0).plan(
+        DataStream(_cfg(tmp_path, seq=64, sources=[SourceConfig("m", ["m.jsonl"])]), tiny_input(t), 1, 0).plan(
             stream.mixture.read_at("m", (0, 0, 0)))
 
 

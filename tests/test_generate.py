@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.input_format import InputFormat
 from lvita.infer import eval as lveval
 from lvita.infer import generate as lvgen
 from lvita.ckpt.checkpoint import CheckpointError
@@ -17,6 +18,8 @@ from lvita.infer.decode import KVCache, generate, prefill
 from lvita.infer.generate import load_model
 from lvita.model.presets import spec_of
 from tests.tolerances import assert_near
+from tests.synthetic import tiny_input
+from lvita.model.formats import INTERNVL
 from lvita.infer.prompt import ContextError, build_prompt
 from lvita.ckpt.hf import write_hf_dir
 from lvita.model.longvita import LongVita
@@ -63,7 +66,7 @@ def _full_logits(model, prompt_ids, pixels, generated):
 
 def test_kv_cache_decoding_equals_full_recompute(model, tok, image):
     t, sp = tok
-    p = build_prompt(ASK, t, sp, "tiny", images=[image])
+    p = build_prompt(ASK, InputFormat.of("tiny", t), images=[image])
     assert p.media == [("image", str(image), 3)] and p.pixel_values.shape == (3, 3, 112, 112)
     assert p.input_ids.count(sp["img_context"]) == 3 * 16
     assert t.decode(p.input_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
@@ -95,15 +98,15 @@ def test_load_model_from_hf_dir_and_checkpoint(model, tok, hf_dir, image, tmp_pa
     from lvita.ckpt.convert import from_hf
 
     t, sp = tok
-    ref, _ = lvgen.answer(model, t, sp, "tiny", ASK, [image], max_new_tokens=8)
+    ref, _ = lvgen.answer(model, tiny_input(t), ASK, [image], max_new_tokens=8)
     from_hf([str(hf_dir)], str(tmp_path / "ckpt"), "tiny", log=lambda *a: None)
     for where in (hf_dir, tmp_path / "ckpt", tmp_path / "ckpt" / "checkpoints" / "global_step0"):
-        m, t2, sp2, preset = load_model(where)
-        tiny = spec_of("tiny")  # the HF directory's shapes are tiny's, in the InternVL format
-        assert (preset.vision, preset.llm, preset.format) == (tiny.vision, tiny.llm, "internvl") and not m.training
-        assert sp2 == dict(sp, context=(sp["img_context"],))
+        m, fmt = load_model(where)
+        preset, tiny = fmt.spec, spec_of("tiny")  # the HF directory's shapes are tiny's, in the InternVL format
+        assert (preset.vision, preset.llm, preset.format) == (tiny.vision, tiny.llm, INTERNVL) and not m.training
+        assert fmt.specials == sp and fmt.context_ids == (sp["img_context"],)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in m.state_dict().items())
-        assert lvgen.answer(m, t2, sp2, preset, ASK, [image], max_new_tokens=8)[0] == ref
+        assert lvgen.answer(m, fmt, ASK, [image], max_new_tokens=8)[0] == ref
     assert lvgen.main(["--model", str(hf_dir), "--prompt", "What is in the picture?", "--image", str(image),
                        "--max-new-tokens", "8"]) == 0  # <image> is prepended: the same prompt as ASK
     assert capsys.readouterr().out == ref + "\n"
@@ -129,7 +132,7 @@ def test_eval_accuracy_on_known_answers(tok, image, tmp_path):
     questions += [("image", ["img/a.png"], f"<image>\nDescribe it in {w} words.") for w in (2, 5, 9)]
     outputs = []
     for _, imgs, q in questions:
-        text, _ = lvgen.answer(model, t, sp, "tiny", [{"role": "user", "content": q}],
+        text, _ = lvgen.answer(model, tiny_input(t), [{"role": "user", "content": q}],
                                [tmp_path / p for p in imgs], max_new_tokens=6)
         assert text  # a non-empty greedy answer to use as a reference
         outputs.append(text)
@@ -142,7 +145,7 @@ def test_eval_accuracy_on_known_answers(tok, image, tmp_path):
            {"id": "mismatch", "images": ["img/a.png"], "messages": items[0]["messages"]},
            {"id": "noref", "messages": [{"role": "user", "content": "Hi?"}]}]
     data = _write_jsonl(tmp_path / "bench.jsonl", items[:2] + bad[:2] + items[2:] + bad[2:])
-    res = lveval.evaluate(model, t, sp, "tiny", data, log=lambda *a: None, max_new_tokens=6)
+    res = lveval.evaluate(model, tiny_input(t), data, log=lambda *a: None, max_new_tokens=6)
     out = tmp_path / "bench-eval"
     assert res == json.loads((out / "results.json").read_text())
     assert (res["items"], res["scored"], res["correct"], res["accuracy"]) == (10, 6, 3, 0.5)
@@ -175,7 +178,7 @@ def _always_b(sp, last_prompt_token: int, b: int) -> LongVita:
 def test_eval_multiple_choice_from_the_cli(tok, tokenizer_dir, image, tmp_path):
     t, sp = tok
     b = t.encode("B", add_special_tokens=False)
-    last = build_prompt([{"role": "user", "content": "?"}], t, sp, "tiny").input_ids[-1]
+    last = build_prompt([{"role": "user", "content": "?"}], InputFormat.of("tiny", t)).input_ids[-1]
     model = _always_b(sp, last, b[0])
     hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "hf", sp["img_context"])
     Image.open(image).save(tmp_path / "a.png")
@@ -203,18 +206,18 @@ def test_eval_multiple_choice_from_the_cli(tok, tokenizer_dir, image, tmp_path):
 
 def test_errors_are_clear_and_write_nothing(model, tok, image, tmp_path, capsys):
     t, sp = tok
-    p = build_prompt(ASK, t, sp, "tiny", images=[image])
+    p = build_prompt(ASK, InputFormat.of("tiny", t), images=[image])
     n = len(p.input_ids)
     with pytest.raises(ContextError, match=rf"the prompt is {n - 32} tokens even at 1 tile\(s\) per image; "
                                            r"the context limit is 40 tokens"):
-        build_prompt(ASK, t, sp, "tiny", images=[image], max_context=40)
-    assert len(build_prompt(ASK, t, sp, "tiny", images=[image], max_context=n - 1).input_ids) == n - 32
+        build_prompt(ASK, InputFormat.of("tiny", t), images=[image], max_context=40)
+    assert len(build_prompt(ASK, InputFormat.of("tiny", t), images=[image], max_context=n - 1).input_ids) == n - 32
     with pytest.raises(ContextError, match=rf"the prompt is {n} tokens; the context limit is {n} tokens"):
         generate(model, p.input_ids, p.pixel_values, sp, max_context=n)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"this is not a png")
     with pytest.raises(MediaError, match="cannot decode image .*broken.png"):
-        build_prompt(ASK, t, sp, "tiny", images=[bad])
+        build_prompt(ASK, InputFormat.of("tiny", t), images=[bad])
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"--model .*empty: not a model directory: expected an lvita"):
         load_model(tmp_path / "empty")

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.planned import PlannedImage
+from tests.synthetic import tiny_input
 from lvita.config.schema import ConfigError, DataConfig, SourceConfig
 from lvita.data.media import image_tiles, tile_count
 from lvita.data.plan import Embedded, Planner
@@ -59,7 +61,7 @@ def test_every_layout_gives_the_right_image_tokens_labels_and_skip_reasons(layou
     root, sources, expect = layouts
     t, sp = tok
     cfg = _data(root, sources)
-    mix, planner = Mixture(cfg, 0), Planner(cfg, t, sp, TILE, TPT)
+    mix, planner = Mixture(cfg, 0), Planner(cfg, tiny_input(t))
     seen, cauldron = {}, []
     for s in sources:
         for rec in _records(mix, s["name"]):
@@ -73,17 +75,17 @@ def test_every_layout_gives_the_right_image_tokens_labels_and_skip_reasons(layou
             answer = learned[: -len("<|im_end|>")]
             # image tokens: 16 per planned tile, each image / frame in its own <img> ... </img>
             assert plan.input_ids.count(sp["img_context"]) == TPT * plan.n_tiles
-            groups = sum(1 if m[0] == "image" else m[-1] for m in plan.media)
+            groups = sum(1 if isinstance(m, PlannedImage) else m.frames for m in plan.media)
             assert plan.input_ids.count(sp["img_start"]) == plan.input_ids.count(sp["img_end"]) == groups
-            n_images = sum(m[0] == "image" for m in plan.media)
+            n_images = sum(isinstance(m, PlannedImage) for m in plan.media)
             for m in plan.media:
-                if m[0] == "image":
-                    assert m[2] == max(1, 12 // n_images)
-                    assert m[-1] == tile_count(*_size(planner, mix, m[1]), 1, m[2], TILE)
+                if isinstance(m, PlannedImage):
+                    assert m.max_tiles == max(1, 12 // n_images)
+                    assert m.tiles == tile_count(*_size(planner, mix, m.ref), 1, m.max_tiles, TILE)
                 else:  # 8 frames at 4 fps -> 2 s at 1 fps -> 2 frames; 5 frame files -> max_frames 4
-                    assert m[-1] == (4 if "frames" in str(m[1]) else 2)
+                    assert m.frames == (4 if "frames" in str(m.ref) else 2)
             if s["name"] in ("recap", "onevision", "cauldron"):
-                assert all(isinstance(m[1], Embedded) for m in plan.media)
+                assert all(isinstance(m.ref, Embedded) for m in plan.media)
             rid = rec.raw.get("id") or ("text:" + answer if s["name"] == "text" else None)
             if s["name"] == "cauldron":
                 cauldron.append((answer, plan.n_tiles, len(plan.media)))
@@ -103,7 +105,7 @@ def test_text_forms_fold_context_input_and_system_like_their_cards(layouts, tok)
     root, sources, _ = layouts
     t, sp = tok
     cfg = _data(root, [s for s in sources if s["name"] == "text"])
-    mix, planner = Mixture(cfg, 0), Planner(cfg, t, sp, TILE, TPT)
+    mix, planner = Mixture(cfg, 0), Planner(cfg, tiny_input(t))
     texts = [t.decode(planner.plan(r).input_ids) for r in _records(mix, "text")]
     dolly = next(x for x in texts if "Summarise." in x)
     assert "<|im_start|>user\nSummarise.\n\nDolly is a sheep.<|im_end|>" in dolly
@@ -124,7 +126,7 @@ def test_forced_format_and_bad_keys(layouts, tok, tmp_path):
     cfg = _data(root, llava)
     mix = Mixture(cfg, 0)
     with pytest.raises(SampleError) as e:
-        Planner(cfg, t, sp, TILE, TPT).plan(next(_records(mix, "llava")))
+        Planner(cfg, tiny_input(t)).plan(next(_records(mix, "llava")))
     assert e.value.reason == "empty_conversation" and "texts" in str(e.value)
     with pytest.raises(ConfigError, match=r"data.sources\[0\].format='llava'"):
         Mixture(_data(root, [dict(llava[0], format="llava")]), 0)
@@ -163,7 +165,7 @@ def test_stream_skips_faults_with_their_reasons(layouts, tok):
     root, sources, _ = layouts
     t, sp = tok
     chosen = [s for s in sources if s["name"] in ("llava", "llava-video")]
-    s = DataStream(_data(root, chosen, pack_buffer=1), t, sp, TILE, TPT, 1, 0, log=lambda *a: None)
+    s = DataStream(_data(root, chosen, pack_buffer=1), tiny_input(t), 1, 0, log=lambda *a: None)
     while s.state_dict()["records"] < s.mixture.pass_size:
         s.next_global_batch()
     assert s.skipped_total == {"bad_media": 4, "placeholder_mismatch": 1, "bad_media_at_decode": 1}
@@ -175,13 +177,13 @@ def test_resume_is_exact_across_json_array_and_datasets_sources(layouts, tok):
     t, sp = tok
     chosen = [s for s in sources if s["name"] in ("llava", "recap", "onevision", "cauldron")]
     cfg = _data(root, chosen, max_tiles=2, same_source=False, seq_length=384, pack_buffer=8)
-    a = DataStream(cfg, t, sp, TILE, TPT, 2, 3, log=lambda *x: None)
+    a = DataStream(cfg, tiny_input(t), 2, 3, log=lambda *x: None)
     for _ in range(3):
         a.next_global_batch()
     state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
     assert state["pending"] and len(json.dumps(state)) < 2000  # cursors only, no media bytes
     expect = [a.next_global_batch() for _ in range(8)]
-    b = DataStream(cfg, t, sp, TILE, TPT, 2, 3, log=lambda *x: None)
+    b = DataStream(cfg, tiny_input(t), 2, 3, log=lambda *x: None)
     b.load_state_dict(state)
     got = [b.next_global_batch() for _ in range(8)]
     sources_seen = set()
@@ -335,7 +337,7 @@ def test_json_array_index_built_by_many_processes_at_once(tmp_path):
 def test_packed_sequences_of_every_layout_carry_their_tiles_and_labels(layouts, tok):
     root, sources, _ = layouts
     t, sp = tok
-    s = DataStream(_data(root, sources, max_tiles=2, same_source=True), t, sp, TILE, TPT, 4, 1, log=lambda *a: None)
+    s = DataStream(_data(root, sources, max_tiles=2, same_source=True), tiny_input(t), 4, 1, log=lambda *a: None)
     seen = set()
     for _ in range(6):
         for seq in s.next_global_batch():

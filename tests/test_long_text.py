@@ -8,6 +8,7 @@ import json
 
 import torch
 
+from tests.synthetic import tiny_input
 from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data.formats import normalise_messages
 from lvita.data.stream import DataStream
@@ -27,7 +28,7 @@ def test_long_text_sample_is_truncated_and_kept_with_its_labels(tmp_path, tokeni
     sp = special_token_ids(t)
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (LONG, PROMPT_ONLY, SHORT)))
     cfg = DataConfig(root=str(tmp_path), seq_length=L, sources=[SourceConfig("t", ["t.jsonl"])], pack_buffer=1)
-    stream = DataStream(cfg, t, sp, tile=112, tokens_per_tile=16, global_batch=1, seed=0, log=lambda *a: None)
+    stream = DataStream(cfg, tiny_input(t), global_batch=1, seed=0, log=lambda *a: None)
     full_ids, full_targets = encode_conversation(normalise_messages(LONG), t, sp, cfg.system_prompt, [])
     assert len(full_ids) > 2 * L
 

@@ -13,6 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.media import LONGVITA_FRAMES
+from lvita.model.formats import INTERNVL, LONGVITA
+from tests.synthetic import tiny_input
 from lvita.config.schema import DataConfig, load_stage
 from lvita.data import longvita
 from lvita.data.media import image_tiles, tile_grid, video_frame_count, video_tiles
@@ -26,14 +29,14 @@ TPT, TILE = 16, 112  # the tiny preset's tiles: the same rules at 16 tokens per 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
-    t = load_tokenizer(tokenizer_dir, "longvita")
-    return t, special_token_ids(t, "longvita")
+    t = load_tokenizer(tokenizer_dir, LONGVITA)
+    return t, special_token_ids(t, LONGVITA)
 
 
-def _plan(tok, root: Path, raw: dict, fmt="longvita", **data):
+def _plan(tok, root: Path, raw: dict, fmt=LONGVITA, **data):
     t, sp = tok
     cfg = DataConfig(**{"seq_length": 8192, "system_prompt": "", **data})
-    return Planner(cfg, t, sp, TILE, TPT, fmt).plan(Record("s", raw, "f:1", (0, 0, 0), root))
+    return Planner(cfg, tiny_input(t, fmt)).plan(Record("s", raw, "f:1", (0, 0, 0), root))
 
 
 def _img(root: Path, name: str, w: int, h: int) -> str:
@@ -83,7 +86,7 @@ def test_an_image_is_the_thumbnail_first_then_rows_of_patches(tok, tmp_path):
     want = ([sp["img_start"]] + [sp["img_context"]] * TPT + [sp["img_end"]] +
             ([nl] + ([sp["patch_start"]] + [sp["patch_context"]] * TPT + [sp["patch_end"]]) * cols) * rows)
     assert ids[start:start + len(want)] == want
-    assert plan.media[0][-1] == cols * rows + 1
+    assert plan.media[0].tiles == cols * rows + 1
     # the decoded tiles: the thumbnail first, then the grid row-major
     tiles = image_tiles(tmp_path / name, TILE, 1, 12, thumbnail_first=True)
     last = image_tiles(tmp_path / name, TILE, 1, 12)
@@ -98,8 +101,8 @@ def test_every_image_gets_up_to_max_tiles_whatever_the_image_count(tok, tmp_path
     names = [_img(tmp_path, f"{i}.png", 448, 336) for i in range(3)]  # 4x3 = 12 tiles each at 112 px
     raw = {"images": names, "messages": [{"role": "user", "content": "<image><image><image>Q"},
                                          {"role": "assistant", "content": "A"}]}
-    assert [m[-1] for m in _plan(tok, tmp_path, raw).media] == [13, 13, 13]
-    assert [m[-1] for m in _plan(tok, tmp_path, raw, "internvl").media] == [5, 5, 5]  # InternVL: 12 // 3 each
+    assert [m.tiles for m in _plan(tok, tmp_path, raw).media] == [13, 13, 13]
+    assert [m.tiles for m in _plan(tok, tmp_path, raw, INTERNVL).media] == [5, 5, 5]  # InternVL: 12 // 3 each
 
 
 def test_only_a_sample_that_does_not_fit_gets_fewer_tiles(tok, tmp_path):
@@ -108,12 +111,12 @@ def test_only_a_sample_that_does_not_fit_gets_fewer_tiles(tok, tmp_path):
                                           {"role": "assistant", "content": "A"}]}
     full = _plan(tok, tmp_path, raw)
     n = len(full.input_ids)
-    assert full.media[0][-1] == 13
-    assert _plan(tok, tmp_path, raw, seq_length=n).media[0][-1] == 13  # fits exactly: every official tile
+    assert full.media[0].tiles == 13
+    assert _plan(tok, tmp_path, raw, seq_length=n).media[0].tiles == 13  # fits exactly: every official tile
     fewer = _plan(tok, tmp_path, raw, seq_length=n - 1)
-    assert fewer.media[0][-1] < 13 and len(fewer.input_ids) <= n - 1
+    assert fewer.media[0].tiles < 13 and len(fewer.input_ids) <= n - 1
     # the budget is the largest that fits (halving 12 -> 6 -> 3): 6 tiles fit here
-    assert fewer.media[0][2] == 6
+    assert fewer.media[0].max_tiles == 6
     with pytest.raises(SampleError, match="even at 1 tile"):
         _plan(tok, tmp_path, raw, seq_length=TPT + 2)
 
@@ -134,8 +137,8 @@ def test_video_is_one_vid_run_per_frame_and_labels_end_with_the_newline(tok, tmp
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE]
     nl = t("\n", add_special_tokens=False)["input_ids"]
     assert trained == t("Red.", add_special_tokens=False)["input_ids"] + [sp["im_end"]] + nl
-    assert video_frame_count(folder, 64, 1.0, "longvita") == 5
-    frames = video_tiles(folder, TILE, 64, 1.0, layout="longvita")
+    assert video_frame_count(folder, 64, 1.0, LONGVITA_FRAMES) == 5
+    frames = video_tiles(folder, TILE, 64, 1.0, frames=LONGVITA_FRAMES)
     assert frames.shape == (5, 3, TILE, TILE)
     assert tuple(frames[0, :, 0, 0].tolist()) == (123, 116, 103)  # the padded band
 
@@ -198,7 +201,7 @@ def test_a_sequence_rank_decodes_its_shard_tiles_of_all_three_context_kinds(tok,
         cfg = DataConfig(root=str(root), seq_length=768, reset_position_ids=False, same_source=False, pack_buffer=4,
                          max_tiles=4, max_frames=10, video_fps=1.0, system_prompt="", workers=1, prefetch=1,
                          sources=[SourceConfig("videos", ["videos.jsonl"]), SourceConfig("captions", ["captions.jsonl"])])
-        return DataStream(cfg, t, sp, TILE, TPT, 2, seed=2, log=lambda *a: None, pixels=pixels, fmt="longvita")
+        return DataStream(cfg, tiny_input(t, LONGVITA), 2, seed=2, log=lambda *a: None, pixels=pixels)
 
     full = []
     s0 = stream()
@@ -221,6 +224,7 @@ def test_a_sequence_rank_decodes_its_shard_tiles_of_all_three_context_kinds(tok,
 def test_inference_prompts_use_the_layout_training_uses(tok, tmp_path):
     """lvita generate / eval under longvita: the prompt's ids are training's up to the assistant turn,
     and its pixels the training tiles in token order (thumbnail first, padded frames)."""
+    from lvita.data.input_format import InputFormat
     from lvita.infer.prompt import MediaOptions, build_prompt
     from lvita.model.presets import spec_of
 
@@ -233,12 +237,12 @@ def test_inference_prompts_use_the_layout_training_uses(tok, tmp_path):
     user = {"role": "user", "content": "<image>\nAnd <video>?"}
     plan = _plan(tok, tmp_path, {"images": [img], "videos": ["clip"], "messages": [
         user, {"role": "assistant", "content": "A"}]}, max_frames=8)
-    spec = spec_of("tiny", "longvita")
-    p = build_prompt([user], t, sp, spec, [tmp_path / img], [folder], None, MediaOptions(max_frames=8))
+    spec = spec_of("tiny", LONGVITA)
+    p = build_prompt([user], InputFormat.of(spec, t), [tmp_path / img], [folder], None, MediaOptions(max_frames=8))
     opening = [sp["im_start"]] + t("assistant\n", add_special_tokens=False)["input_ids"]
     assert p.input_ids == plan.input_ids[:len(p.input_ids)] and p.input_ids[-len(opening):] == opening
     want = torch.cat([image_tiles(tmp_path / img, TILE, 1, 12, thumbnail_first=True),
-                      video_tiles(folder, TILE, 8, 1.0, layout="longvita")])
+                      video_tiles(folder, TILE, 8, 1.0, frames=LONGVITA_FRAMES)])
     from lvita.data.media import normalise
     assert torch.equal(p.pixel_values, normalise(want))
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, stage_dict, write_stage
+from lvita.model.formats import LONGVITA
 from tests.distributed import run_world
 
 FIXTURES = REPO / "tests" / "fixtures" / "longvita_official"
@@ -72,10 +73,11 @@ def test_logits_equal_the_official_models(released, loaded):
     from transformers import AutoTokenizer
 
     assert "<PATCH_CONTEXT>" not in AutoTokenizer.from_pretrained(str(released)).get_vocab()  # as released
-    model, tok, specials, spec = loaded
+    model, fmt = loaded
+    tok, spec = fmt.tok, fmt.spec
     fixture = json.loads((recipe.TOKENIZER_DIR / "tokenizer.json").read_text())["added_tokens"]
     assert all(tok.convert_tokens_to_ids(t["content"]) == t["id"] for t in fixture)  # added at the official ids
-    assert spec.format == "longvita" and model.embed.image_token_id == tuple(
+    assert spec.format is LONGVITA and model.embed.image_token_id == tuple(
         tok.convert_tokens_to_ids(["<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>"]))
     ids, positions, n_tiles = recipe.multimodal_input()
     assert ids[0].tolist() == EXPECTED["input_ids"] and positions == EXPECTED["context_positions"]
@@ -101,11 +103,12 @@ def test_generate_json_gives_the_official_greedy_tokens(released, loaded, capsys
     from lvita.infer import generate as lvgen
     from lvita.infer.prompt import build_prompt
 
-    model, tok, specials, spec = loaded
+    model, fmt = loaded
+    tok = fmt.tok
     messages = [{"role": "user", "content": recipe.PROMPT}]
     # the released model has no default system prompt; the prompt is the official code's, token for token
     assert lvgen.model_system_prompt(released, tok) is None
-    assert build_prompt(messages, tok, specials, spec, system_prompt=None).input_ids == EXPECTED["greedy_prompt_ids"]
+    assert build_prompt(messages, fmt, system_prompt=None).input_ids == EXPECTED["greedy_prompt_ids"]
     argv = ["--model", str(released), "--prompt", recipe.PROMPT, "--max-new-tokens", str(recipe.MAX_NEW_TOKENS)]
     assert lvgen.main(argv + ["--json"]) == 0
     out = capsys.readouterr().out

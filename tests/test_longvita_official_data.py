@@ -9,6 +9,7 @@ point (in this process) and compares: ids and labels exactly, the tiles' statist
 """
 from __future__ import annotations
 
+from lvita.model.formats import LONGVITA
 import hashlib
 import json
 import sys
@@ -53,7 +54,7 @@ def official_stage(tmp_path_factory, tokenizer_dir):
 def test_the_fixture_tokenizer_is_the_one_the_tests_build(tokenizer_dir):
     from lvita.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir, "longvita")
+    tok = load_tokenizer(tokenizer_dir, LONGVITA)
     items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     assert hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest() == \
         OFFICIAL["vocab_fingerprint"], ("the demo tokenizer changed since the fixtures were made: rerun "

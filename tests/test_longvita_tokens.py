@@ -1,6 +1,8 @@
 """Long-VITA's 17 added tokens: order and ids as the released checkpoints have them (no downloads)."""
 from __future__ import annotations
 
+from lvita.data.input_format import InputFormat
+from lvita.model.formats import INTERNVL, LONGVITA
 from lvita.data.tokenizer import (OFFICIAL_ADDED_TOKENS, QWEN25_OFFICIAL_IDS, load_tokenizer, special_token_ids,
                                   train_demo_tokenizer)
 
@@ -23,10 +25,10 @@ def _qwen25_shaped(tmp_path):
 
 
 def test_official_tokens_get_the_released_ids_on_a_qwen25_layout(tmp_path):
-    tok = load_tokenizer(_qwen25_shaped(tmp_path), "longvita")
+    tok = load_tokenizer(_qwen25_shaped(tmp_path), LONGVITA)
     assert [tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS] == list(range(151665, 151682))
     assert {t: tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS} == QWEN25_OFFICIAL_IDS
-    ids = special_token_ids(tok, "longvita")
+    ids = special_token_ids(tok, LONGVITA)
     assert (ids["img_context"], ids["vid_context"], ids["patch_context"], ids["image_tag"]) == (151667, 151670,
                                                                                                151673, 151680)
     # the InternVL format adds only its three image markers, at the same first ids
@@ -35,7 +37,7 @@ def test_official_tokens_get_the_released_ids_on_a_qwen25_layout(tmp_path):
 
 
 def test_demo_tokenizer_keeps_its_markers_and_adds_the_rest_in_order(tmp_path):
-    tok = load_tokenizer(train_demo_tokenizer(tmp_path), "longvita")
+    tok = load_tokenizer(train_demo_tokenizer(tmp_path), LONGVITA)
     got = [tok.convert_tokens_to_ids(t) for t in OFFICIAL_ADDED_TOKENS]
     assert got[:3] == [3, 4, 5] and got[3:] == list(range(1024, 1038))
     for t in OFFICIAL_ADDED_TOKENS:  # each one token, also inside text
@@ -72,19 +74,21 @@ def test_a_released_directory_whose_tokenizer_lacks_the_official_tokens_loads(tm
     full = write_released_fixture(tmp_path / "full")
     plain = _plain_released(tmp_path)
 
-    _, tok_full, specials_full, _ = load_model(full)
-    model, tok, specials, spec = load_model(plain)  # reads the weights after the tokenizer check
-    assert specials == specials_full and tok.get_vocab() == tok_full.get_vocab()
-    fp = tokenizer_fingerprint(load_tokenizer(plain, "longvita"))
-    check_tokenizer([plain], fp, "longvita")  # init_from of a longvita stage: the same vocabulary
+    _, full_fmt = load_model(full)
+    model, fmt = load_model(plain)  # reads the weights after the tokenizer check
+    tok, specials, spec = fmt.tok, fmt.specials, fmt.spec
+    assert specials == full_fmt.specials and tok.get_vocab() == full_fmt.tok.get_vocab()
+    assert fmt.context_ids == full_fmt.context_ids
+    fp = tokenizer_fingerprint(load_tokenizer(plain, LONGVITA))
+    check_tokenizer([plain], fp, LONGVITA)  # init_from of a longvita stage: the same vocabulary
     import pytest
     from lvita.ckpt.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="token ids would mean other words"):
-        check_tokenizer([plain], fp, "internvl")  # compared without the format's tokens: a mismatch
+        check_tokenizer([plain], fp, INTERNVL)  # compared without the format's tokens: a mismatch
     from lvita.infer.generate import generate
     from lvita.infer.prompt import build_prompt
 
-    p = build_prompt([{"role": "user", "content": recipe.PROMPT}], tok, specials, spec, system_prompt=None)
+    p = build_prompt([{"role": "user", "content": recipe.PROMPT}], fmt, system_prompt=None)
     assert p.input_ids == EXPECTED["greedy_prompt_ids"]
     assert generate(model, p.input_ids, p.pixel_values, specials, recipe.MAX_NEW_TOKENS).tokens == \
         EXPECTED["greedy_tokens"]
@@ -99,8 +103,8 @@ def test_convert_from_a_released_directory_keeps_the_vocabulary_a_longvita_stage
     plain = _plain_released(tmp_path)
     out = from_hf([str(plain)], str(tmp_path / "lvita"), log=lambda *a: None)
     found = locate(out, "model.init_from")
-    stage_vocab = tokenizer_fingerprint(load_tokenizer(plain, "longvita"))
+    stage_vocab = tokenizer_fingerprint(load_tokenizer(plain, LONGVITA))
     assert found.manifest["tokenizer"] == stage_vocab
     check_fits(found, "model.init_from", found.manifest["preset"], stage_vocab)
     back = to_hf(str(out), str(tmp_path / "back"), layout="longvita", log=lambda *a: None)
-    assert load_tokenizer(back).convert_tokens_to_ids("<video>") == load_tokenizer(plain, "longvita").convert_tokens_to_ids("<video>")
+    assert load_tokenizer(back).convert_tokens_to_ids("<video>") == load_tokenizer(plain, LONGVITA).convert_tokens_to_ids("<video>")

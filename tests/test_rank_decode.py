@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.synthetic import tiny_input
 from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data import stream as stream_mod
 from lvita.data.media import normalise
@@ -49,7 +50,7 @@ def _stream(tok, root, pixels=PixelShare(), gb=4, reset=False):
     cfg = DataConfig(root=str(root), seq_length=SEQ, reset_position_ids=reset, same_source=False, pack_buffer=4,
                      max_tiles=4, max_frames=10, workers=1, prefetch=1,
                      sources=[SourceConfig("videos", ["videos.jsonl"]), SourceConfig("captions", ["captions.jsonl"])])
-    return DataStream(cfg, t, sp, TILE, TPT, gb, seed=2, log=lambda *a: None, pixels=pixels)
+    return DataStream(cfg, tiny_input(t), gb, seed=2, log=lambda *a: None, pixels=pixels)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from tests.synthetic import tiny_input
+from lvita.data.input_format import InputFormat
 from lvita.config.schema import DataConfig, SourceConfig
 from lvita.data.media import normalise, video_frame_count, video_tiles
 from lvita.data.stream import DataStream, collate
@@ -44,7 +46,7 @@ def batch(videos, tok):
     t, sp = tok
     cfg = DataConfig(root=str(videos), seq_length=256, sources=[SourceConfig("videos", ["videos.jsonl"])],
                      max_frames=MAX_FRAMES, video_fps=FPS, pack_buffer=2)
-    stream = DataStream(cfg, t, sp, tile=TILE, tokens_per_tile=TPT, global_batch=1, seed=0, log=lambda *a: None)
+    stream = DataStream(cfg, tiny_input(t), global_batch=1, seed=0, log=lambda *a: None)
     rows = stream.next_global_batch()
     stream.close()
     return rows
@@ -54,7 +56,7 @@ def test_video_samples_through_template_packer_and_stream(videos, tok, batch):
     t, sp = tok
     (seq,) = batch
     assert sorted(s["id"] for s in seq.samples) == ["vid-0", "vid-1"]  # both packed in one sequence
-    frames = {p.id: p.media[0][-1] for p in seq.plans}
+    frames = {p.id: p.media[0].frames for p in seq.plans}
     assert frames == {"vid-0": video_frame_count(videos / "v" / "short.mp4", MAX_FRAMES, FPS),
                       "vid-1": video_frame_count(videos / "v" / "long.mp4", MAX_FRAMES, FPS)} == {"vid-0": 2, "vid-1": 4}
     ids = seq.input_ids.tolist()
@@ -119,10 +121,10 @@ def test_generate_with_a_video(videos, tok, tokenizer_dir, tmp_path, capsys):
     ids = encode_conversation(messages, t, sp, None, [[TPT] * 4])[0] + [sp["im_start"]] + \
         t.encode("assistant\n", add_special_tokens=False)
     pixels = normalise(video_tiles(clip, TILE, 4, FPS))
-    prompt = build_prompt(messages, t, sp, "tiny", videos=[clip], system_prompt=None,
+    prompt = build_prompt(messages, InputFormat.of("tiny", t), videos=[clip], system_prompt=None,
                           media=MediaOptions(max_frames=4, video_fps=FPS))
     assert prompt.input_ids == ids and torch.equal(prompt.pixel_values, pixels)  # what the CLI decodes from
-    assert prompt.media == [("video", str(clip), 4)]
+    assert [(type(m).__name__, str(m.ref), m.frames) for m in prompt.media] == [("PlannedVideo", str(clip), 4)]
     ref = generate(model, ids, pixels, sp, max_new_tokens=6)
     blank = generate(model, ids, torch.zeros_like(pixels), sp, max_new_tokens=6, keep_logits=True)
     capsys.readouterr()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvita.data.input_format import InputFormat
 from lvita.bench import vniah, vniah_heatmap
 from lvita.bench.vniah_data import load_needles, needle_index, prompt_ids, question_text
 from lvita.ckpt.hf import write_hf_dir
@@ -99,7 +100,7 @@ def test_prompt_ids_are_build_prompts_for_a_video_of_that_many_frames(fmt, token
     messages = [{"role": "user", "content": question_text(QUESTION)}]
     assert messages[0]["content"].startswith("<video>\nFind the frame")
     for system in (None, "You are a helpful assistant."):
-        p = build_prompt(messages, t, sp, spec, videos=[folder], system_prompt=system, media=MediaOptions(max_frames=64))
+        p = build_prompt(messages, InputFormat.of(spec, t), videos=[folder], system_prompt=system, media=MediaOptions(max_frames=64))
         assert p.media[0][2] == 7 and prompt_ids(QUESTION, 7, t, sp, spec, system) == p.input_ids
 
 
@@ -170,7 +171,7 @@ def _write_parquet_needles(root: Path, answers: list) -> Path:
 
 def test_cli_writes_grid_and_heatmap_and_a_rerun_resumes(tokenizer_dir, haystack, tmp_path, monkeypatch, capsys):
     t, sp, _, _ = _tok_model(tokenizer_dir, "internvl")
-    opening = build_prompt([{"role": "user", "content": "?"}], t, sp, "tiny").input_ids[-1]
+    opening = build_prompt([{"role": "user", "content": "?"}], InputFormat.of("tiny", t)).input_ids[-1]
     model = _always_b(sp, opening, t.encode("B", add_special_tokens=False)[0])  # answers "B" whatever it sees
     hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "hf", sp["img_context"])
     needles = _write_parquet_needles(tmp_path / "v_niah_needles", ["B", "C", None])

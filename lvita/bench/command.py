@@ -89,14 +89,14 @@ def main(argv=None) -> int:
             args.max_new_tokens = bench.max_new_tokens
         args.max_frames = args.frames
         opts = options(args)
-        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
-        if preset.format == "longvita" and args.system_prompt is None:
+        model, fmt, decode, rank = load_for_args(args, opts)
+        if not fmt.model_format.default_system_prompt and args.system_prompt is None:
             opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
         out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
         load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
         if args.sp > 1:
             decode_on_rank0(bench, args.data, load_opts, rank)
-        evaluate_benchmark(model, tok, specials, preset, bench, args.data, out, load_opts, dict(opts, decode=decode),
+        evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
                            write=rank == 0, arguments=argv)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, a loader's file errors
         if os.environ.get("RANK", "0") == "0":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Benchmark:
     """One published benchmark: how to read it, ask it and score it."""
     name: str
     load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
-    prompt: Callable[[Item, str], str]  # (item, model format "longvita" | "internvl") -> the user's text,
+    prompt: Callable[[Item, Any], str]  # (item, the model's InputFormat, or its class) -> the user's text,
     #                                     with one <image> / <video> placeholder per entry of item.images / videos
     score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
     max_new_tokens: int = 32  # greedy answer length the benchmark needs

@@ -68,10 +68,10 @@ def load_lvb(path: Path, options: LoadOptions):
                          "question_category": str(rec.get("question_category"))})
 
 
-def prompt_lvb(item: Item, fmt: str) -> str:
+def prompt_lvb(item: Item, fmt) -> str:
     opts = "\n".join(f"{k}. {v}" for k, v in item.choices.items())
     text = "<video>" + f"{item.question}\n{opts}\nAnswer with the option's letter from the given choices directly."
-    return longvita_finish(text, "LongVideoBench", "Video-MCQ") if fmt == "longvita" else text
+    return longvita_finish(text, "LongVideoBench", "Video-MCQ") if fmt.wrapper_prompts else text
 
 
 def score_lvb(rows: list[dict]) -> dict:
@@ -127,9 +127,9 @@ def load_mlvu(path: Path, options: LoadOptions):
                        meta={"task": task, "question_type": str(rec.get("question_type", task))})
 
 
-def prompt_mlvu(item: Item, fmt: str) -> str:
+def prompt_mlvu(item: Item, fmt) -> str:
     text = MLVU_SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
-    return longvita_finish(text, "MLVU", "MCQ") if fmt == "longvita" else text  # MLVU is an MCQ to the wrapper
+    return longvita_finish(text, "MLVU", "MCQ") if fmt.wrapper_prompts else text  # MLVU is an MCQ to the wrapper
 
 
 def score_mlvu(rows: list[dict]) -> dict:

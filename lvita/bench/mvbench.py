@@ -112,9 +112,9 @@ def question_block(item: Item) -> str:
     return "\n".join([f"Question: {item.question}", "Options:"] + [f"({k}) {v}" for k, v in item.choices.items()])
 
 
-def prompt(item: Item, fmt: str) -> str:
+def prompt(item: Item, fmt) -> str:
     text = SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
-    if fmt == "longvita":  # the wrapper joins VLMEvalKit's assistant prefill, then drops it with the instruction
+    if fmt.wrapper_prompts:  # the wrapper joins VLMEvalKit's assistant prefill, then drops it with the instruction
         return longvita_finish(text + "Best option:(", "MVBench", "Video-MCQ")
     return text
 

@@ -17,8 +17,8 @@ per-dataset instruction appended at the end. Two layouts, chosen by ``model.form
   ``A. ..`` lines, then "Answer with the option's letter from the given choices directly." (open questions:
   "Answer the question using a single word or phrase.").
 
-    text = image_prompt(item, "longvita", "MMBench_DEV_EN")
-    text = video_mcq_prompt("What happens?", {"A": "x", "B": "y"}, "longvita", subtitles="line one\\nline two")
+    text = image_prompt(item, fmt, "MMBench_DEV_EN")       # fmt: the model's InputFormat
+    text = video_mcq_prompt("What happens?", {"A": "x", "B": "y"}, fmt, subtitles="line one\\nline two")
 
 Trade-off: the strings are copied verbatim (trailing spaces and all) rather than tidied, so that scores
 compare with the published tables; an unknown dataset name gets VLMEvalKit's fallback instruction.
@@ -103,19 +103,20 @@ def internvl_text(question: str, choices: dict | None, hint: str | None = None) 
     return text + "\n" + SHORT_PHRASE
 
 
-def image_prompt(item: Item, fmt: str, dataset: str, kind: str) -> str:
-    """The user's text for an image benchmark item (one ``<image>`` per entry of ``item.images``)."""
-    if fmt != "longvita":
+def image_prompt(item: Item, fmt, dataset: str, kind: str) -> str:
+    """The user's text for an image benchmark item (one ``<image>`` per entry of ``item.images``); ``fmt``:
+    the model's input format (lvita.data.input_format; its class will do: only ``wrapper_prompts`` is read)."""
+    if not fmt.wrapper_prompts:
         text = internvl_text(item.question, item.choices, item.hint)
     elif kind == "Y/N" or kind == "VQA":  # ImageBaseDataset.build_prompt: the question alone
         text = item.question
     else:
         text = vlmevalkit_text(item)
     if item.meta.get("interleaved"):  # the loader ordered item.images by these placeholders
-        text = IMAGE_PLACEHOLDER.sub("<image>\n" if fmt == "longvita" else "<image>", text)
+        text = IMAGE_PLACEHOLDER.sub("<image>\n" if fmt.wrapper_prompts else "<image>", text)
     else:
         text = "<image>\n" * len(item.images) + text
-    return longvita_finish(text, dataset, kind) if fmt == "longvita" else text
+    return longvita_finish(text, dataset, kind) if fmt.wrapper_prompts else text
 
 
 def videomme_text(question: str, choices: dict, subtitles: str | None = None) -> str:
@@ -126,17 +127,17 @@ def videomme_text(question: str, choices: dict, subtitles: str | None = None) ->
     return "<video>" + frames + f"Question: {body}\nAnswer: "
 
 
-def video_mcq_prompt(question: str, choices: dict, fmt: str, subtitles: str | None = None,
+def video_mcq_prompt(question: str, choices: dict, fmt, subtitles: str | None = None,
                      dataset: str = "Video-MME") -> str:
     """A video multiple-choice prompt with one ``<video>`` placeholder: :func:`videomme_text` with the
     wrapper's "Offer a very short reply." (longvita); InternVL's layout otherwise. ``choices``: {"A": text}."""
-    if fmt != "longvita":
+    if not fmt.wrapper_prompts:
         return "<video>\n" + internvl_text(question, choices)
     return longvita_finish(videomme_text(question, choices, subtitles), dataset, "Video-MCQ")
 
 
-def postprocess(answer: str, fmt: str) -> str:
+def postprocess(answer: str, fmt) -> str:
     """long_vita.py's ``generate_inner``: an answer holding "Answer:" keeps what follows its last one."""
-    if fmt == "longvita" and "Answer:" in answer:
+    if fmt.wrapper_prompts and "Answer:" in answer:
         return answer.split("Answer:")[-1].strip()
     return answer

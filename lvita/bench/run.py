@@ -91,10 +91,10 @@ class Progress:
         self.log(f"[eval] {self.name} {self.done}/{self.total} items, {rate:.2f} items/s, ETA {eta_s}")
 
 
-def _options(answer_opts: dict, load_opts: LoadOptions, fmt: str) -> dict:
+def _options(answer_opts: dict, load_opts: LoadOptions, fmt) -> dict:
     plain = {k: v if isinstance(v, (int, float, str, type(None))) else vars(v)
              for k, v in answer_opts.items() if k != "decode"}
-    return {"format": fmt, **plain, "frames": load_opts.frames, "fps": load_opts.fps,
+    return {"format": fmt.model_format.name, **plain, "frames": load_opts.frames, "fps": load_opts.fps,
             "subtitles": load_opts.subtitles}
 
 
@@ -102,15 +102,12 @@ def _skip_record(skip: Skip) -> dict:
     return {"id": skip.id, "reason": skip.reason, "detail": skip.detail}
 
 
-def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data, out, load_opts: LoadOptions,
+def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadOptions,
                        answer_opts: dict, write: bool = True, log=stderr,
                        arguments: list[str] | None = None) -> dict:
     """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
     all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
-    keywords (max_new_tokens, system_prompt, media, max_context, decode)."""
-    from lvita.model.presets import spec_of
-
-    fmt = spec_of(spec).format
+    keywords (max_new_tokens, system_prompt, media, max_context, decode); ``fmt``: the model's InputFormat."""
     out, t0 = Path(out), time.perf_counter()
     preds_path = out / "predictions.jsonl"
     if write:
@@ -137,8 +134,8 @@ def evaluate_benchmark(model, tok, specials: dict, spec, bench: Benchmark, data,
         for item in pending:
             try:
                 text = bench.prompt(item, fmt)
-                raw, gen = answer(model, tok, specials, spec, [{"role": "user", "content": text}], item.images,
-                                  item.videos, **answer_opts)
+                raw, gen = answer(model, fmt, [{"role": "user", "content": text}], item.images, item.videos,
+                                  **answer_opts)
             except (SampleError, MediaError) as e:  # ContextError is a SampleError ("too_long")
                 skipped.append({"id": item.id, "reason": getattr(e, "reason", "bad_media"), "detail": str(e)})
                 log(f"[eval] {bench.name} item {item.id}: skipped ({skipped[-1]['reason']}): {e}")

@@ -167,18 +167,18 @@ def load(path: Path, options: LoadOptions):
                    choices=choices, answer=str(rec["answer"]), meta=meta)
 
 
-def prompt(item: Item, fmt: str) -> str:
+def prompt(item: Item, fmt) -> str:
     """VLMEvalKit's Video-MME text (with this format's frames' subtitle lines), as Long-VITA sends it."""
     video = item.videos[0]
     cues = getattr(video, "cues", None)
     if cues is not None:
         try:
-            frames = sampled_frames(video.path, video.max_frames, video.sample_fps, fmt)
+            frames = sampled_frames(video.path, video.max_frames, video.sample_fps, fmt.frames)
             item.subtitles = subtitle_lines(cues, frames, frames.fps)
         except MediaError:
             item.subtitles = ""  # the answer step raises the MediaError the driver counts
     text = videomme_text(item.question, item.choices, item.subtitles if cues is not None else None)
-    return longvita_finish(text, "Video-MME", "Video-MCQ") if fmt == "longvita" else text
+    return longvita_finish(text, "Video-MME", "Video-MCQ") if fmt.wrapper_prompts else text
 
 
 def correct(row: dict) -> int:

@@ -59,12 +59,12 @@ from lvita.bench import vniah_heatmap
 from lvita.bench.vniah_data import (frames_with_needle, haystack_info, haystack_tiles, load_needles, needle_index,
                                     prompt_ids)
 from lvita.ckpt.checkpoint import atomic_write
-from lvita.data.media import frame_tile, uint8_tiles
+from lvita.data.media import uint8_tiles
 from lvita.data.template import SampleError
 from lvita.infer.decode import generate
 from lvita.infer.generate import add_model_args, load_for_args, options
 from lvita.infer.prompt import ContextError
-from lvita.model.presets import llm_config, spec_of, tile_size
+from lvita.model.presets import llm_config
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
@@ -144,7 +144,7 @@ def check_setup(out: Path, setup: dict, write: bool) -> None:
         atomic_write(path, json.dumps(setup, indent=1) + "\n")
 
 
-def score_cell(model, tok, specials, decode, ids: list[int], pixels, needle, answer_ids: list[int], scoring: str,
+def score_cell(model, fmt, decode, ids: list[int], pixels, needle, answer_ids: list[int], scoring: str,
                max_new_tokens: int, max_context: int | None, limit: int) -> dict:
     """One (frames, depth, needle) cell -> its row (``correct``, or ``skipped`` with a reason)."""
     need = len(answer_ids) if scoring == "teacher" else 1
@@ -153,10 +153,10 @@ def score_cell(model, tok, specials, decode, ids: list[int], pixels, needle, ans
                                                  f"limit is {limit} (--max-context)"}
     t0 = time.perf_counter()
     try:
-        gen = decode(model, ids, pixels, specials, need if scoring == "teacher" else max_new_tokens, max_context)
+        gen = decode(model, ids, pixels, fmt.specials, need if scoring == "teacher" else max_new_tokens, max_context)
     except ContextError as e:
         return {"skipped": "too_long", "detail": str(e)}
-    text = tok.decode(gen.tokens, skip_special_tokens=False).strip()
+    text = fmt.tok.decode(gen.tokens, skip_special_tokens=False).strip()
     correct = gen.tokens == answer_ids if scoring == "teacher" else contains_answer(text, needle.answer)
     return {"correct": bool(correct), "prediction": text, "tokens": [int(t) for t in gen.tokens],
             "answer_tokens": answer_ids, "stop": gen.stop, "prompt_tokens": len(ids),
@@ -168,18 +168,18 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_grid(model, tok, specials: dict, preset, decode, needles: list, haystack, frames: list, depths: list,
+def run_grid(model, fmt, decode, needles: list, haystack, frames: list, depths: list,
              scoring: str = "teacher", system_prompt: str | None = None, max_new_tokens: int = 32,
              max_context: int | None = None, out: Path | None = None, done: dict | None = None,
              write: bool = True, on_frames=None, log=None) -> list[dict]:
     """Every (frames, depth, needle) cell -> rows in that order. Cells in ``done`` are taken as they are;
     the others are decoded and, with ``out`` and ``write``, appended to ``out/cells.jsonl`` one by one.
-    ``haystack``: (>= max(frames), 3, T, T) uint8 tiles; ``on_frames(rows so far)`` after each frame count."""
+    ``haystack``: (>= max(frames), 3, T, T) uint8 tiles; ``on_frames(rows so far)`` after each frame count;
+    ``fmt``: the model's input format (lvita.data.input_format)."""
     done = done or {}
-    fmt, tile = spec_of(preset).format, tile_size(preset)
-    limit = max_context or llm_config(preset).max_position_embeddings
-    needle_tiles = {n.id: uint8_tiles([frame_tile(n.image, tile, fmt)]) for n in needles}
-    answers = {n.id: tok.encode(n.answer, add_special_tokens=False) for n in needles}
+    limit = max_context or llm_config(fmt.spec).max_position_embeddings
+    needle_tiles = {n.id: uint8_tiles([fmt.frame_tile(n.image)]) for n in needles}
+    answers = {n.id: fmt.tok.encode(n.answer, add_special_tokens=False) for n in needles}
     total = len(frames) * len(depths) * len(needles)
     todo = sum(cell_key(f, d, n.id) not in done for f in frames for d in depths for n in needles)
     rows, computed, t_start = [], 0, time.perf_counter()
@@ -203,15 +203,14 @@ def run_grid(model, tok, specials: dict, preset, decode, needles: list, haystack
                            "needle_index": needle_index(depth, n_frames), "answer": needle.answer}
                     if needle.id not in ids:
                         try:
-                            ids[needle.id] = prompt_ids(needle.question, n_frames + 1, tok, specials, preset,
-                                                        system_prompt)
+                            ids[needle.id] = prompt_ids(needle.question, n_frames + 1, fmt, system_prompt)
                         except SampleError as e:
                             ids[needle.id] = e
                     if isinstance(ids[needle.id], SampleError):
                         row.update(skipped=ids[needle.id].reason, detail=str(ids[needle.id]))
                     else:
                         pixels = frames_with_needle(haystack, needle_tiles[needle.id], n_frames, depth)
-                        row.update(score_cell(model, tok, specials, decode, ids[needle.id], pixels, needle,
+                        row.update(score_cell(model, fmt, decode, ids[needle.id], pixels, needle,
                                               answers[needle.id], scoring, max_new_tokens, max_context, limit))
                     rows.append(row)
                     computed += 1
@@ -289,14 +288,14 @@ def main(argv=None) -> int:
         haystack_info(args.haystack, max(frames))  # before a long model load: is the haystack long enough?
         out = Path(args.out or f"vniah-{Path(args.haystack).stem}")
         done = read_cells(out)  # before the first collective: every rank skips the same cells
-        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
+        model, fmt, decode, rank = load_for_args(args, opts)
         setup = {"model": str(Path(args.model).resolve()), "haystack": str(Path(args.haystack).resolve()),
                  "needles": str(Path(args.needles).resolve()), "scoring": args.scoring,
                  "system_prompt": opts["system_prompt"], "max_context": args.max_context,
-                 "format": spec_of(preset).format,
+                 "format": fmt.model_format.name,
                  "max_new_tokens": args.max_new_tokens if args.scoring == "generate" else None}
         check_setup(out, setup, rank == 0)
-        haystack, about = haystack_tiles(args.haystack, max(frames), preset)
+        haystack, about = haystack_tiles(args.haystack, max(frames), fmt)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, MediaError, bad options
         if rank0:
             print(f"lvita eval --benchmark vniah: error: {e}", file=sys.stderr)
@@ -311,7 +310,7 @@ def main(argv=None) -> int:
         if rank == 0:
             write_results(out, summarise(rows, frames, depths, needles, skipped) | meta)
 
-    run_grid(model, tok, specials, preset, decode or generate, needles, haystack, frames, depths, args.scoring,
+    run_grid(model, fmt, decode or generate, needles, haystack, frames, depths, args.scoring,
              opts["system_prompt"], args.max_new_tokens, args.max_context, out, done, rank == 0, write, log)
     return 0
 

@@ -44,10 +44,8 @@ from PIL import Image
 
 from lvita.bench.items import Skip
 from lvita.bench.video_common import read_json_list
-from lvita.data import longvita
-from lvita.data.media import FRAME_SUFFIXES, MediaError, decoded_rgb, frame_tile, uint8_tiles
-from lvita.infer.prompt import conversation_ids
-from lvita.model.presets import spec_of, tile_size, tokens_per_tile
+from lvita.data.media import INTERNVL_FRAMES, FrameRule, MediaError, decoded_rgb, uint8_tiles
+from lvita.data.planned import PlannedVideo
 
 DECODE_CHUNK = 64  # haystack frames decoded per decord call: bounds the RGB frames held at once
 
@@ -146,11 +144,11 @@ def one_fps_indices(total: int, native_fps: float, count: int) -> list[int]:
     return list(range(0, total, step))[:count]
 
 
-def _haystack_source(path: Path, fmt: str):
-    """-> (frame files or a decord reader, its 1-fps frame numbers, a description); ValueError if unreadable."""
+def _haystack_source(path: Path, frames: FrameRule):
+    """-> (frame files or a decord reader, its 1-fps frame numbers, a description); ValueError if unreadable.
+    ``frames``: the model format's frame rule (which files of a folder are frames, in which order)."""
     if path.is_dir():
-        files = (longvita.folder_frames(path) if fmt == "longvita"
-                 else sorted(str(f) for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES))
+        files = [str(f) for f in frames.folder_files(path)]
         return files, list(range(len(files))), {"path": str(path), "kind": "frame folder (1 frame per second)",
                                                 "frames_at_1fps": len(files)}
     if not path.is_file():
@@ -169,9 +167,9 @@ def _haystack_source(path: Path, fmt: str):
                      "step": max(1, round(native)), "frames_at_1fps": len(idx)}
 
 
-def haystack_info(path, count: int, fmt: str = "internvl") -> dict:
+def haystack_info(path, count: int, frames: FrameRule = INTERNVL_FRAMES) -> dict:
     """What ``--haystack`` holds (metadata only); ValueError when it has fewer than ``count`` 1-fps frames."""
-    about = _haystack_source(Path(path), fmt)[2]
+    about = _haystack_source(Path(path), frames)[2]
     if about["frames_at_1fps"] < count:
         held = (f"{about['frames']} frames at {about['native_fps']:g} fps" if about["kind"] == "video"
                 else "frame images")
@@ -180,12 +178,12 @@ def haystack_info(path, count: int, fmt: str = "internvl") -> dict:
     return about
 
 
-def haystack_tiles(path, count: int, preset) -> tuple[torch.Tensor, dict]:
-    """The first ``count`` 1-fps frames of ``--haystack`` -> ((count, 3, T, T) uint8, a description).
-    Fewer than ``count`` there: ValueError naming the video and what it holds."""
-    path, fmt, tile = Path(path), spec_of(preset).format, tile_size(preset)
-    about = haystack_info(path, count, fmt)
-    source, idx, _ = _haystack_source(path, fmt)
+def haystack_tiles(path, count: int, fmt) -> tuple[torch.Tensor, dict]:
+    """The first ``count`` 1-fps frames of ``--haystack`` -> ((count, 3, T, T) uint8, a description), as the
+    input format ``fmt`` prepares frames. Fewer than ``count`` there: ValueError naming the video and what it holds."""
+    path, tile = Path(path), fmt.tile
+    about = haystack_info(path, count, fmt.frames)
+    source, idx, _ = _haystack_source(path, fmt.frames)
     idx = idx[:count]
     out = torch.empty(count, 3, tile, tile, dtype=torch.uint8)
     for s in range(0, count, DECODE_CHUNK):
@@ -197,7 +195,7 @@ def haystack_tiles(path, count: int, preset) -> tuple[torch.Tensor, dict]:
                 imgs = [Image.fromarray(f).convert("RGB") for f in source.get_batch(part).asnumpy()]
             except Exception as e:
                 raise ValueError(f"--haystack {path}: cannot decode frames {part[0]}..{part[-1]} ({e})") from None
-        out[s:s + len(part)] = uint8_tiles([frame_tile(im, tile, fmt) for im in imgs])
+        out[s:s + len(part)] = uint8_tiles([fmt.frame_tile(im) for im in imgs])
     return out, about
 
 
@@ -219,8 +217,9 @@ def question_text(question: str) -> str:
     return "<video>" + (question if question.startswith("\n") else "\n" + question)
 
 
-def prompt_ids(question: str, n_frames: int, tok, specials: dict, preset, system_prompt: str | None) -> list[int]:
+def prompt_ids(question: str, n_frames: int, fmt, system_prompt: str | None) -> list[int]:
     """Ids of a one-video prompt of ``n_frames`` frames, as :func:`lvita.infer.prompt.build_prompt`
-    encodes it, ending in the open assistant turn. SampleError for a question holding context tokens."""
-    return conversation_ids([{"role": "user", "content": question_text(question)}], tok, specials,
-                            spec_of(preset).format, system_prompt, [("video", n_frames)], tokens_per_tile(preset))
+    encodes it in the input format ``fmt``, ending in the open assistant turn. SampleError for a question
+    holding context tokens."""
+    return fmt.prompt_ids([{"role": "user", "content": question_text(question)}], system_prompt,
+                          [PlannedVideo(None, n_frames, 1.0, n_frames)])

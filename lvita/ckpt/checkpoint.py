@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from lvita.model.formats import INTERNVL
+
 MANIFEST = "lvita_manifest.json"
 FORMAT = 1
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -275,7 +277,7 @@ def model_info(spec) -> dict:
     from lvita.model.presets import spec_of
 
     spec = spec_of(spec)
-    return {"preset": spec.name, "format": spec.format, "model": {"vision": spec.vision, "llm": spec.llm}}
+    return {"preset": spec.name, "format": spec.format.name, "model": {"vision": spec.vision, "llm": spec.llm}}
 
 
 def manifest_spec(manifest: dict, where):
@@ -283,10 +285,10 @@ def manifest_spec(manifest: dict, where):
     from lvita.model.presets import ModelSpec, spec_of
 
     if "model" in manifest:
-        return ModelSpec.make(manifest.get("preset", "?"), manifest.get("format", "internvl"),
+        return ModelSpec.make(manifest.get("preset", "?"), manifest.get("format", INTERNVL.name),
                               manifest["model"]["vision"], manifest["model"]["llm"])
     try:
-        return spec_of(manifest.get("preset"), manifest.get("format", "internvl"))
+        return spec_of(manifest.get("preset"), manifest.get("format", INTERNVL.name))
     except ValueError as e:
         raise CheckpointError(f"{where}: its manifest names no model lvita knows ({e})") from None
 
@@ -303,10 +305,10 @@ def check_fits(found: Found, what: str, preset, tokenizer: dict, precision: str 
     if not same_shapes:
         raise CheckpointError(f"{where}: saved for model.preset={m.get('preset')!r} but this stage has "
                               f"model.preset={spec.name!r}; set model.preset={m.get('preset')!r} or use another checkpoint")
-    saved_format = m.get("format", "internvl")
-    if saved_format != spec.format:
+    saved_format = m.get("format", INTERNVL.name)
+    if saved_format != spec.format.name:
         raise CheckpointError(f"{where}: saved in model.format={saved_format!r} but this stage has model.format="
-                              f"{spec.format!r}; the formats' projectors (and input layouts) differ, so {what} across "
+                              f"'{spec.format}'; the formats' projectors (and input layouts) differ, so {what} across "
                               f"formats is refused. Set model.format={saved_format!r}, or start the other format from "
                               f"the vision and language weights alone (model.init_from=[InternViT dir, Qwen2 dir])")
     saved = m.get("tokenizer") or {}

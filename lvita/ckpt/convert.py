@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from lvita.model.formats import LONGVITA, ModelFormat, model_format
 from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, manifest_spec,
                                    saved_system_prompt, staged_dir, tag_for, tokenizer_fingerprint)
 
 
-def _tokenizer_for(found, tokenizer: str | None, fmt: str = "internvl"):
+def _tokenizer_for(found, tokenizer: str | None, fmt: ModelFormat):
     """The run's tokenizer as training loaded it (``fmt``: the model format, whose tokens it adds)."""
     from lvita.data.tokenizer import load_tokenizer
 
@@ -43,12 +44,10 @@ def _tokenizer_for(found, tokenizer: str | None, fmt: str = "internvl"):
     return path, tok
 
 
-LAYOUTS = ("longvita", "internvl")  # --layout of to-hf
-
-
-def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: str | None = None) -> Path:
-    """Export a checkpoint: ``layout`` "longvita" (the released Long-VITA layout) or "internvl"
-    (transformers' InternVLForConditionalGeneration); None: the checkpoint's own format."""
+def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: "str | ModelFormat | None" = None) -> Path:
+    """Export a checkpoint in an export layout, named by its model format (``--layout``): LONGVITA the
+    released Long-VITA layout, INTERNVL transformers' InternVLForConditionalGeneration; None: the
+    checkpoint's own format (the only one its projector fits)."""
     from lvita.ckpt import hf
     from lvita.ckpt.released import write_released_dir
     from lvita.data.tokenizer import special_token_ids
@@ -56,16 +55,17 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
 
     found = locate(ckpt, "checkpoint")
     spec = manifest_spec(found.manifest, found.tag_dir)
-    layout = layout or spec.format
-    if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r}: choose longvita (the released Long-VITA layout) or internvl")
-    if layout != spec.format:
-        raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format={spec.format!r} model, whose "
+    try:
+        layout = model_format(layout or spec.format)
+    except ValueError as e:
+        raise ValueError(f"--layout: {e}") from None
+    if layout is not spec.format:
+        raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format='{spec.format}' model, whose "
                               f"projector has no place in the {layout} layout; use --layout {spec.format}")
     tok_path, tok = _tokenizer_for(found, tokenizer, spec.format)
     t0 = time.perf_counter()
     plain = checkpoint_plain_state(found.tag_dir, spec.llm["num_hidden_layers"])
-    if layout == "longvita":
+    if layout is LONGVITA:
         path = write_released_dir(plain, spec, tok_path, out)
         log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}) in "
             f"{time.perf_counter() - t0:.1f}s; load it with the official LongVITAForCausalLM "
@@ -111,7 +111,7 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
     state, fresh = hf_read.read_hf(sources, spec)
     tok = load_tokenizer(tok_src, spec.format)  # longvita: the 17 official tokens added, as training adds them
     released = Path(sources[0], "config.json").is_file() and json.loads(
-        Path(sources[0], "config.json").read_text()).get("model_type") == "long_vita"
+        Path(sources[0], "config.json").read_text()).get("model_type") == LONGVITA.hf_model_type
     # the model's own default: the released model trained and is evaluated with none
     system = None if released else template_system_prompt(tok, DataConfig.system_prompt)
     if fresh:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from lvita.model.formats import INTERNVL
 from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, tile_size, \
     tokens_per_tile, vision_config
 from lvita.ckpt.checkpoint import staged_dir
@@ -182,9 +183,9 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
     from lvita.model.presets import spec_of
 
     preset = spec_of(preset)
-    if preset.format != "internvl":
+    if preset.format is not INTERNVL:
         raise ValueError(f"write_hf_dir: InternVLForConditionalGeneration has InternVL's projector, but the model is "
-                         f"in model.format={preset.format!r}; export it with --layout {preset.format}")
+                         f"in model.format='{preset.format}'; export it with --layout {preset.format}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"write_hf_dir: {out} exists and is not an empty directory; choose a new out_dir")

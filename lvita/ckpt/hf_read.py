@@ -22,6 +22,7 @@ from lvita.ckpt.checkpoint import CheckpointError
 from lvita.ckpt.hf import (PROJECTOR, _ROTARY, _expected_shapes, _few, _hf_key_to_plain, _mismatch,
                            _rename)
 from lvita.ckpt.released import released_key_to_plain
+from lvita.model.formats import INTERNVL, LONGVITA, format_of_model_type
 from lvita.model.presets import PRESETS, spec_of, llm_config, vision_config
 
 _VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
@@ -50,13 +51,13 @@ def _parse_config(kind: str, raw: dict, d: Path) -> tuple[dict, bool]:
     """-> ({"vision"|"text": shape-deciding fields}, lm_head tied), with transformers' defaults."""
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
-    if kind == "internvl":
+    if kind == INTERNVL.hf_model_type:
         cfg = InternVLConfig.from_dict(raw)
         if cfg.text_config.model_type != "qwen2":
             raise CheckpointError(f"read_hf: {d} has a {cfg.text_config.model_type} language model; lvita's is Qwen2")
         return {"vision": _fields(cfg.vision_config.to_dict(), _VISION_FIELDS),
                 "text": _fields(cfg.text_config.to_dict(), _TEXT_FIELDS)}, bool(cfg.tie_word_embeddings)
-    if kind == "long_vita":  # the released layout: Qwen2 at the top level, OpenGVLab's InternViT under visual
+    if kind == LONGVITA.hf_model_type:  # the released layout: Qwen2 at the top level, OpenGVLab's InternViT under visual
         if not isinstance(raw.get("visual"), dict):
             raise CheckpointError(f"read_hf: {d}/config.json has model_type long_vita but no nested 'visual' config")
         vision, _ = _parse_config("intern_vit_6b", raw["visual"], d)
@@ -116,9 +117,9 @@ def _plan(kind: str, heads: dict, d: Path) -> dict[str, tuple[Path, str, int | N
     for k, (f, shape) in heads.items():
         if _ROTARY.search(k):
             continue
-        if kind == "internvl":
+        if kind == INTERNVL.hf_model_type:
             new = _hf_key_to_plain(k)
-        elif kind == "long_vita":
+        elif kind == LONGVITA.hf_model_type:
             new = released_key_to_plain(k)
             if new and ".attention.qkv." in new:
                 third = (shape[0] // 3, *shape[1:])
@@ -146,8 +147,6 @@ def _plan(kind: str, heads: dict, d: Path) -> dict[str, tuple[Path, str, int | N
     return plan
 
 
-# model_type of a one-directory checkpoint -> the model.format its projector is
-_ONE_DIR_FORMAT = {"internvl": "internvl", "long_vita": "longvita"}
 
 
 def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -160,7 +159,7 @@ def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch
 
     ``preset``: the model's description (:class:`lvita.model.presets.ModelSpec`) or a preset name.
     ``paths``: one directory in the released Long-VITA layout (model_type "long_vita", needs
-    model.format longvita), one InternVL directory (model_type "internvl", model.format internvl), or
+    model.format longvita), one InternVL directory (model_type internvl, model.format internvl), or
     an InternViT directory
     (model_type "internvl_vision" or "intern_vit_6b") and a Qwen2 directory, in either order.
     ``missing_keys`` is empty for one directory and the projector's keys for two: fill them from a
@@ -172,7 +171,8 @@ def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch
     dirs = [Path(p) for p in paths]
     cfgs = [_read_config(d) for d in dirs]
     kinds = [c.get("model_type") for c in cfgs]
-    if not (len(kinds) == 1 and kinds[0] in _ONE_DIR_FORMAT) and \
+    one_dir = format_of_model_type(kinds[0]) if len(kinds) == 1 else None  # the model.format its projector is
+    if one_dir is None and \
             sorted(kinds) not in (sorted([v, "qwen2"]) for v in _VISION_KINDS):
         raise CheckpointError(f"read_hf: expected one directory in the released Long-VITA layout (model_type "
                               f"long_vita) or InternVL's (internvl), or an InternViT + a Qwen2 directory; "
@@ -186,10 +186,10 @@ def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch
         plan["head.lm_head.weight"] = plan["embed.embed_tokens.weight"]  # loaded twice: two tensors
     allow = (lambda k: k.startswith(PROJECTOR)) if len(dirs) == 2 else (lambda k: False)
     shapes_fit = not _config_problems(found, preset)
-    if shapes_fit and len(kinds) == 1 and _ONE_DIR_FORMAT[kinds[0]] != preset.format:
-        raise CheckpointError(f"read_hf: {dirs[0]} is in the {_ONE_DIR_FORMAT[kinds[0]]} format (model_type "
-                              f"{kinds[0]}) but model.format is {preset.format!r}: the projectors differ. Set "
-                              f"model.format={_ONE_DIR_FORMAT[kinds[0]]} (or leave it null with model.preset={dirs[0]})")
+    if shapes_fit and one_dir is not None and one_dir is not preset.format:
+        raise CheckpointError(f"read_hf: {dirs[0]} is in the {one_dir} format (model_type "
+                              f"{kinds[0]}) but model.format is '{preset.format}': the projectors differ. Set "
+                              f"model.format={one_dir} (or leave it null with model.preset={dirs[0]})")
     problems = _config_problems(found, preset) + _mismatch(preset, {k: p[3] for k, p in plan.items()}, allow)
     if problems:
         fits = [n for n in PRESETS if not _config_problems(found, n)]

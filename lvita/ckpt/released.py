@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from lvita.model.formats import LONGVITA
+
 VISION, PROJECTOR = "embed.vision.vision_tower.", "embed.vision.multi_modal_projector."
 # OpenGVLab InternViT tail -> transformers tail (lvita's), as transformers' InternVL conversion does it
 _VIT_RULES = [(r"\.layers\.", ".layer."), (r"class_embedding", "cls_token"),
@@ -201,15 +203,15 @@ def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: st
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"write_released_dir: {out} exists and is not an empty directory; choose a new out_dir")
-    if spec.format != "longvita":
-        raise ValueError(f"--layout longvita writes the released architecture, but the checkpoint's model.format is "
-                         f"{spec.format!r} (another projector); export it with --layout internvl")
+    if spec.format is not LONGVITA:
+        raise ValueError(f"--layout {LONGVITA} writes the released architecture, but the checkpoint's model.format is "
+                         f"'{spec.format}' (another projector); export it with --layout {spec.format}")
     problems = _mismatch(spec, {k: v.shape for k, v in plain.items() if not _ROTARY.search(k)})
     if problems:
         raise ValueError(f"write_released_dir: the state dict does not fit {spec.name} ({spec.format}): "
                          + "; ".join(problems))
-    tok = with_official_tokens(load_tokenizer(tokenizer_dir, "longvita"))
-    specials = special_token_ids(tok, "longvita")
+    tok = with_official_tokens(load_tokenizer(tokenizer_dir, LONGVITA))
+    specials = special_token_ids(tok, LONGVITA)
     vocab = spec.llm["vocab_size"]
     if len(tok) > vocab:
         raise ValueError(f"the tokenizer has {len(tok)} tokens with the 17 Long-VITA tokens; the model's "

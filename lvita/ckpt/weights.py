@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lvita.ckpt.checkpoint import CheckpointError, check_fits, locate
+from lvita.model.formats import INTERNVL, ModelFormat
 from lvita.model.longvita import block_of, by_block, plain_key
 
 
@@ -71,7 +72,7 @@ def load_block(block: nn.Module, state: dict[str, torch.Tensor], source: str, op
             own[k].copy_(v)
 
 
-def check_tokenizer(paths: list[Path], tokenizer: dict, fmt: str = "internvl") -> None:
+def check_tokenizer(paths: list[Path], tokenizer: dict, fmt: ModelFormat = INTERNVL) -> None:
     """An HF directory that ships a tokenizer must have the stage's vocabulary (after lvita adds the
     format's tokens to both: under longvita the 17 official ones)."""
     from lvita.ckpt.checkpoint import tokenizer_fingerprint

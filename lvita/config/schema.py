@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 MODULES = ("vision", "projector", "llm")
-# model.format: "longvita" = the released Long-VITA architecture and input layout (ResamplerProjector
-# without biases, <img>/<patch>/<vid> context runs); "internvl" = InternVL's projector and layout (the
-# transformers-native InternVLForConditionalGeneration export)
-MODEL_FORMATS = ("longvita", "internvl")
+# model.format: a name of lvita.model.formats.MODEL_FORMATS (the released Long-VITA architecture and input
+# layout, or InternVL's projector and layout, the transformers-native export); parsed there
 
 
 class ConfigError(ValueError):
@@ -39,7 +37,7 @@ class ModelConfig:
     # a name in lvita/model/presets.py, a model directory whose config.json gives the shapes (the released
     # Long-VITA layout or InternVL's), or [InternViT directory, Qwen2 directory]
     preset: str | list[str] = "tiny"
-    # "longvita" | "internvl" (MODEL_FORMATS). null (the default): the preset's own format, filled in by
+    # a name of lvita.model.formats.MODEL_FORMATS. null (the default): the preset's own format, filled in by
     # load_stage: the longvita-* presets and directories in the released layout -> "longvita"; InternVL
     # directories and the tiny preset -> "internvl" (today's tiny/demo behaviour)
     format: str | None = None
@@ -114,7 +112,7 @@ class ParallelConfig:
         return self.ulysses * self.ring
 
 
-FORMATS = ("auto", "messages", "sharegpt", "cauldron", "instruction", "lima")  # source.format
+RECORD_SCHEMAS = ("auto", "messages", "sharegpt", "cauldron", "instruction", "lima")  # data.sources[].format
 
 
 @dataclass
@@ -129,7 +127,7 @@ class SourceConfig:
     # file f per pass), as the official loader (long_vita/data/dataset_base.py) does; false: to the source
     per_file: bool = False
     total: str | None = None  # informative: size quoted in the paper (Table 1)
-    # record schema (FORMATS; read by lvita.data.formats): auto (detected per record) | messages | sharegpt |
+    # record schema (RECORD_SCHEMAS; read by lvita.data.formats): auto (detected per record) | messages | sharegpt |
     # cauldron | instruction | lima
     format: str = "auto"
     media_root: str | None = None  # image/video folder, relative to data.root; default: each data file's folder
@@ -295,24 +293,28 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
-    resolve_model_format(cfg.model, str(path))
-    if cfg.model.format == "longvita" and "system_prompt" not in (raw.get("data") or {}):
+    fmt = resolve_model_format(cfg.model, str(path))
+    if fmt is not None and not fmt.default_system_prompt and "system_prompt" not in (raw.get("data") or {}):
         cfg.data.system_prompt = ""  # released Long-VITA trains with no default system prompt
     return cfg
 
 
-def resolve_model_format(model: ModelConfig, where: str = "") -> str:
+def resolve_model_format(model: ModelConfig, where: str = ""):
     """Check ``model.format`` (naming the valid values) and fill in the preset's default when it is null.
-    Returns the format; a directory preset without a readable config.json keeps null (validate reports it)."""
+    Returns the format (:class:`lvita.model.formats.ModelFormat`); a directory preset without a readable
+    config.json keeps null (validate reports it)."""
+    from lvita.model.formats import model_format
+    from lvita.model.presets import default_format
+
     prefix = f"{where}: " if where else ""
-    if model.format is not None and model.format not in MODEL_FORMATS:
-        raise ConfigError(f"{prefix}model.format={model.format!r}: choose \"longvita\" (the released Long-VITA "
-                          f"architecture and input layout) or \"internvl\" (InternVL's projector and layout), or "
-                          f"leave it null for the preset's own format")
     if model.format is None:
-        from lvita.model.presets import default_format
-        model.format = default_format(model.preset)
-    return model.format
+        found = default_format(model.preset)
+        model.format = None if found is None else found.name
+        return found
+    try:
+        return model_format(model.format)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}, or leave it null for the preset's own format") from None
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")

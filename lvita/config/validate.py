@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lvita.config.schema import FORMATS, MODULES, ConfigError, StageConfig, parse_duration
+from lvita.config.schema import MODULES, RECORD_SCHEMAS, ConfigError, StageConfig, parse_duration
 from lvita.model.attention import packed_kernels
 from lvita.model.presets import PRESETS, llm_config
 
@@ -205,8 +205,8 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
             err(f"{key}.ratio={s.ratio}: must be >= 0 (a fraction of the source per pass; > 1 repeats)")
         if not s.paths:
             err(f"{key}.paths is empty")
-        if s.format not in FORMATS:
-            err(f"{key}.format='{s.format}': unknown record format; use one of {', '.join(FORMATS)}")
+        if s.format not in RECORD_SCHEMAS:
+            err(f"{key}.format='{s.format}': unknown record format; use one of {', '.join(RECORD_SCHEMAS)}")
         for path in (s.paths if s.ratio > 0 else []):
             full = Path(path) if Path(path).is_absolute() else Path(d.root) / path
             if not (glob.glob(str(full)) if glob.has_magic(str(full)) else full.exists()):

@@ -28,7 +28,8 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from lvita.data.media import MediaError, image_tiles, video_tiles
+from lvita.data.media import MediaError
+from lvita.data.planned import PlannedImage
 from lvita.data.sources import SourceReader, pass_quotas
 from lvita.data.template import SampleError
 
@@ -89,12 +90,8 @@ def _scan(source: str, unit: tuple) -> dict:
             reason, detail = "bad_media", str(e)
         if plan is not None and decode:
             try:
-                for m in plan.media:
-                    src = planner.media_source(m[1], read_at)
-                    got = image_tiles(src, planner.tile, planner.cfg.min_tiles, m[2]) if m[0] == "image" \
-                        else video_tiles(src, planner.tile, m[2], m[3], layout=planner.fmt)
-                    if got.shape[0] != m[-1]:
-                        raise MediaError(f"decoded {got.shape[0]} tiles, planned {m[-1]}")
+                for m in plan.media:  # another tile count than planned is a MediaError
+                    planner.fmt.medium_tiles(m, planner.media_source(m.ref, read_at), planner.cfg.min_tiles)
             except MediaError as e:
                 reason, detail = "bad_media_at_decode", str(e)
         if reason is not None:
@@ -103,7 +100,7 @@ def _scan(source: str, unit: tuple) -> dict:
                 first[reason].append(f"{rec.where}: {detail}")
             continue
         tokens.append(plan.tokens)
-        images.append(sum(m[0] == "image" for m in plan.media))
+        images.append(sum(isinstance(m, PlannedImage) for m in plan.media))
         tiles.append(plan.n_tiles)
     return {"records": records, "skipped": skipped, "first": first, "tokens": np.asarray(tokens, np.int32),
             "images": np.asarray(images, np.int32), "tiles": np.asarray(tiles, np.int32), "seq_length": L}
@@ -130,10 +127,10 @@ def _summary(name: str, parts: list[dict], max_skip: float) -> dict:
             "tiles": pct(tiles) | ({"mean": float(tiles.mean())} if len(tiles) else {})}
 
 
-def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str | None = None, workers: int = 1,
-              decode: bool = False, fmt: str = "internvl") -> list[dict]:
+def run_check(cfg, fmt, source: str | None = None, workers: int = 1, decode: bool = False) -> list[dict]:
+    """Every record of the chosen sources planned (and decoded) in ``fmt`` (the run's InputFormat)."""
     from lvita.config.schema import ConfigError
-    from lvita.data.formats import check_format
+    from lvita.data.formats import check_schema
     from lvita.data.plan import Planner
 
     d = cfg.data
@@ -142,9 +139,9 @@ def run_check(cfg, tok, specials, tile: int, tokens_per_tile: int, source: str |
         raise ConfigError(f"--source {source}: no such source; the stage has {', '.join(names)}")
     chosen = [s for s in d.sources if (s.name == source if source else s.ratio > 0)]
     for s in chosen:
-        check_format(s.format, f"data.sources[{names.index(s.name)}].format")
+        check_schema(s.format, f"data.sources[{names.index(s.name)}].format")
     readers = {s.name: SourceReader(s.name, d.root, s.paths, s.media_root, s.format) for s in chosen}
-    state = {"planner": Planner(d, tok, specials, tile, tokens_per_tile, fmt), "decode": decode,
+    state = {"planner": Planner(d, fmt), "decode": decode,
              "seq_length": d.seq_length, "readers": {n: r.spec() for n, r in readers.items()}}
     jobs = [(n, u) for n, r in readers.items() for u in _units(r, max(1, workers) * 4)]
     if workers <= 1:
@@ -167,20 +164,11 @@ def _line(name: str, d: dict) -> str:
 def check(stage: str, sets: list[str], source: str | None, workers: int, decode: bool, as_json: bool) -> int:
     import time
 
-    from lvita.config.schema import load_stage
-    from lvita.model.presets import tile_size, tokens_per_tile
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.stage import open_stage
 
-    from lvita.config.validate import validate
-
-    cfg = load_stage(stage, sets)
-    p = cfg.parallel
-    validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
-    fmt = cfg.model.format or "internvl"
-    tok = load_tokenizer(cfg.model.tokenizer, fmt)
+    cfg, fmt = open_stage(stage, sets)
     t0 = time.perf_counter()
-    out = run_check(cfg, tok, special_token_ids(tok, fmt), tile_size(cfg.model.preset),
-                    tokens_per_tile(cfg.model.preset), source, workers, decode, fmt)
+    out = run_check(cfg, fmt, source, workers, decode)
     dt = time.perf_counter() - t0
     bad = [s["source"] for s in out if s["over_threshold"]]
     if as_json:

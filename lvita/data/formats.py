@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lvita.config.schema import FORMATS, ConfigError
+from lvita.config.schema import RECORD_SCHEMAS, ConfigError
 from lvita.data.template import ROLE_ALIASES, SampleError, count_placeholders
 
 PROMPT_KEYS = ("instruction", "query", "question", "prompt")
@@ -58,9 +58,10 @@ class Sample:
     videos: list = field(default_factory=list)
 
 
-def check_format(fmt: str, where: str) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError(f"{where}='{fmt}': unknown record format; use one of {', '.join(FORMATS)}")
+def check_schema(schema: str, where: str) -> None:
+    """A record schema name (``data.sources[].format``) must be one of RECORD_SCHEMAS."""
+    if schema not in RECORD_SCHEMAS:
+        raise ConfigError(f"{where}='{schema}': unknown record format; use one of {', '.join(RECORD_SCHEMAS)}")
 
 
 def detect(raw: dict) -> str:

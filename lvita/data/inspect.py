@@ -18,24 +18,16 @@ import time
 from collections import Counter
 
 from lvita.data.packer import PackedSequence
-from lvita.data.plan import media_name
+from lvita.data.plan import describe
 
 
 def open_stream(stage: str, sets: list[str], n: int):
-    from lvita.config.schema import load_stage
+    from lvita.data.stage import open_stage
     from lvita.data.stream import DataStream
-    from lvita.model.presets import tile_size, tokens_per_tile
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
-    from lvita.config.validate import validate
 
-    cfg = load_stage(stage, sets)
-    p = cfg.parallel
-    validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))  # every ConfigError, before any work
-    fmt = cfg.model.format or "internvl"
-    tok = load_tokenizer(cfg.model.tokenizer, fmt)
-    return cfg, DataStream(cfg.data, tok, special_token_ids(tok, fmt), tile_size(cfg.model.preset),
-                           tokens_per_tile(cfg.model.preset), n, cfg.seed, own_rows=[],
-                           log=lambda *a: print(*a, file=sys.stderr), fmt=fmt)  # skipped records, on stderr
+    cfg, fmt = open_stage(stage, sets)
+    return cfg, DataStream(cfg.data, fmt, n, cfg.seed, own_rows=[],
+                           log=lambda *a: print(*a, file=sys.stderr))  # skipped records, on stderr
 
 
 def sequence_json(seq: PackedSequence) -> dict:
@@ -55,8 +47,7 @@ def preview(stage: str, sets: list[str], n: int, as_json: bool) -> int:
         print(f"sequence {i}: {len(seq.input_ids)} tokens, {len(seq.samples)} samples, {seq.pad} padding, "
               f"position ids restart at {seq.cu_seqlens[:-1] if seq.cu_seqlens else [0]}")
         for m, plan in zip(seq.samples, seq.plans):
-            media = ", ".join(f"{k} {media_name(p)} ({x[-1]} {'tiles' if k == 'image' else 'frames'})"
-                              for k, p, *x in plan.media) or "text only"
+            media = ", ".join(f"{describe(m)}" for m in plan.media) or "text only"
             print(f"  [{m['start']:>6}, {m['end']:>6}) {m['source']:<14} {m['id']:<18} {media}; "
                   f"{m['image_tokens']} image tokens, {m['labels']} labelled")
     for reason, count in sorted(stream.skipped.items()):  # stderr under --json: stdout stays JSON lines

@@ -18,7 +18,7 @@ Owns the rules of the official data code (``VITA-MLLM/Long-VITA``: ``long_vita/d
 - Frames are padded to a square with the ImageNet mean colour (each channel ``int(mean * 255)``:
   123, 116, 103), centred, then resized bicubic to the tile (:func:`pad_to_square`).
 
-    ids, learn = encode_conversation(messages, tok, specials, None, [("image", 3, 2), ("video", 5)], 256)
+    ids, learn = encode_conversation(messages, tok, specials, None, [PlannedImage(p, 6, 3, 2), PlannedVideo(v, 8, 1.0, 5)], 256)
 
 Departures, both outside the official settings: a frame folder read above 1 fps gives at most its
 own frames (the official code then repeats frame 0); and the official code's ShareGPTVideo case
@@ -33,10 +33,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from lvita.data.planned import PlannedImage
 from lvita.data.template import IGNORE, SampleError
-from lvita.model.presets import CONTEXT_TOKENS
+from lvita.model.formats import LONGVITA
 
-CONTEXT_NAMES = CONTEXT_TOKENS["longvita"]  # <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>
+CONTEXT_NAMES = LONGVITA.context_tokens  # <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>
 PAD_COLOUR = tuple(int(m * 255) for m in (0.485, 0.456, 0.406))  # (123, 116, 103), as the official code
 FOLDER_FRAME_ENDINGS = ("png", "jpeg", "jpg")  # the official test: str.endswith, case-sensitive, no dot
 
@@ -103,7 +104,7 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
                         media: list[tuple], tokens_per_tile: int) -> tuple[list[int], list[int]]:
     """-> (ids, targets) as :func:`lvita.data.template.encode_conversation` returns them (targets
     shifted: ``targets[t]`` is what position t predicts). ``media`` per placeholder in text order:
-    ``("image", cols, rows)`` or ``("video", frames)``."""
+    :class:`lvita.data.planned.PlannedImage` (its grid) or ``PlannedVideo`` (its frames)."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     texts = [m["content"] for m in messages]
@@ -134,11 +135,11 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
             add(body[start:k], learned)
             start = k + 1
             item = next(pending, None)
-            if item is None or item[0] != tags[t]:
+            if item is None or isinstance(item, PlannedImage) != (tags[t] == "image"):
                 raise SampleError("placeholder_mismatch", f"the text's <{tags[t]}> placeholders do not match the "
                                                           f"record's media in order")
-            add(image_run(specials, item[1], item[2], tokens_per_tile, newline) if item[0] == "image"
-                else video_run(specials, item[1], tokens_per_tile), False)
+            add(image_run(specials, item.cols, item.rows, tokens_per_tile, newline) if isinstance(item, PlannedImage)
+                else video_run(specials, item.frames, tokens_per_tile), False)
         add(body[start:], learned)
         add([specials["im_end"]] + newline, learned)
     if next(pending, None) is not None:

@@ -13,8 +13,9 @@ per frame. Normalisation is InternViT's (ImageNet mean/std)::
     m = video_frame_count(vpath, max_frames=32, fps=1.0)              # decord metadata only
     v = video_tiles(vpath, 448, max_frames=32, fps=1.0)               # (m, 3, 448, 448) uint8
 
-Under ``model.format: longvita`` (``thumbnail_first=True``, ``layout="longvita"``) the same grid
-comes with the thumbnail first, and videos follow released Long-VITA's frame rules
+Under ``model.format: longvita`` (``thumbnail_first=True``, ``frames=LONGVITA_FRAMES``, both passed
+down by :mod:`lvita.data.input_format`) the same grid comes with the thumbnail first, and videos
+follow released Long-VITA's frame rules
 (:mod:`lvita.data.longvita`: its sampling step, natural-sorted frame folders at 1 fps, frames
 padded to a square with the mean colour before the resize).
 
@@ -52,6 +53,7 @@ import torch
 from PIL import Image
 
 from lvita.data import longvita
+from lvita.data.planned import grid_tiles
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # as lvita.model.longvita.PIXEL_MEAN / PIXEL_STD
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -86,11 +88,6 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int
         elif diff == best_diff and area > 0.5 * tile * tile * i * j:
             best = (i, j)
     return best
-
-
-def grid_tiles(cols: int, rows: int) -> int:
-    """Tiles of a ``cols x rows`` grid: the grid, plus a thumbnail when it has more than one tile."""
-    return cols * rows + (1 if cols * rows > 1 else 0)
 
 
 def tile_count(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> int:
@@ -153,10 +150,47 @@ def decoded_rgb(src, what: str = "image") -> Image.Image:
             raise MediaError(f"cannot decode {what} {_name(src)}: {e}") from None
 
 
-def frame_tile(img: Image.Image, tile: int, layout: str = "internvl") -> Image.Image:
-    """One video frame -> its one tile: resized (``internvl``), or padded to a square with the mean colour
-    then resized (``longvita``, :func:`lvita.data.longvita.pad_to_square`)."""
-    return longvita.pad_to_square(img, tile) if layout == "longvita" else img.resize((tile, tile), Image.BICUBIC)
+class FrameRule:
+    """How a model format turns a video into frames: InternVL's rule (this class: centres of equal
+    segments at most ``fps`` a second, a frame folder of any image suffix sorted by name, each frame
+    resized to the tile). :data:`LONGVITA_FRAMES` is released Long-VITA's. Passed down from the input
+    format (:mod:`lvita.data.input_format`), never chosen by name here."""
+    folder_endings: tuple[str, ...] = tuple(sorted(FRAME_SUFFIXES))
+    folder_fps: float | None = None  # the rate a frame folder is read at for a time window (None: unknown)
+
+    def folder_files(self, path: Path) -> list:
+        return sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+
+    def indices(self, total: int, native: float, max_frames: int, fps: float, folder: bool) -> list[int]:
+        """The frame numbers a video's tiles come from."""
+        return video_frame_indices(total, native, max_frames, fps)
+
+    def tile(self, img: Image.Image, tile: int) -> Image.Image:
+        """One video frame -> its one tile."""
+        return img.resize((tile, tile), Image.BICUBIC)
+
+
+class LongVitaFrameRule(FrameRule):
+    """Released Long-VITA's frames (:mod:`lvita.data.longvita`): its sampling step, natural-sorted frame
+    folders (any depth, names ending png/jpeg/jpg) at 1 fps, frames padded to a square with the mean colour."""
+    folder_endings = longvita.FOLDER_FRAME_ENDINGS
+    folder_fps = 1.0  # the official code's rate for a frame folder
+
+    def folder_files(self, path: Path) -> list:
+        return longvita.folder_frames(path)
+
+    def indices(self, total: int, native: float, max_frames: int, fps: float, folder: bool) -> list[int]:
+        try:
+            return (longvita.folder_indices(total, max_frames, fps) if folder
+                    else longvita.video_indices(total, native, max_frames, fps))
+        except ValueError as e:
+            raise MediaError(str(e)) from None
+
+    def tile(self, img: Image.Image, tile: int) -> Image.Image:
+        return longvita.pad_to_square(img, tile)
+
+
+INTERNVL_FRAMES, LONGVITA_FRAMES = FrameRule(), LongVitaFrameRule()
 
 
 def _kept(n: int, keep, expect: int | None, name: str) -> list[int]:
@@ -200,23 +234,6 @@ def video_frame_indices(total_frames: int, native_fps: float, max_frames: int, f
     return [min(int(seg / 2 + seg * i), total_frames - 1) for i in range(n)]
 
 
-def _frame_files(path: Path, layout: str) -> list:
-    if layout == "longvita":
-        return longvita.folder_frames(path)
-    return sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
-
-
-def _sampled(total: int, native: float, max_frames: int, fps: float, layout: str, folder: bool) -> list[int]:
-    """The frame numbers a video's tiles come from, by the model format's rule."""
-    if layout != "longvita":
-        return video_frame_indices(total, native, max_frames, fps)
-    try:
-        return (longvita.folder_indices(total, max_frames, fps) if folder
-                else longvita.video_indices(total, native, max_frames, fps))
-    except ValueError as e:
-        raise MediaError(str(e)) from None
-
-
 def window_frames(total: int, rate: float, start: float | None, end: float | None) -> tuple[int, int]:
     """(first, last) frame numbers inside ``[start, end]`` seconds of a video of ``total`` frames at
     ``rate`` fps: ``round(start * rate)`` .. ``round(end * rate)`` clipped to the video (VLMEvalKit's
@@ -236,38 +253,37 @@ class Sampled(list):
     fps: float = 0.0
 
 
-def _window_sampled(vr, total: int, native: float, max_frames: int, fps: float, layout: str,
+def _window_sampled(vr, total: int, native: float, max_frames: int, fps: float, frames: FrameRule,
                     start=None, end=None, folder_fps=None) -> Sampled:
-    """``_sampled`` inside the time window, with a frame folder at ``folder_fps`` read as a video file."""
+    """``frames.indices`` inside the time window, with a frame folder at ``folder_fps`` read as a video file."""
     folder = isinstance(vr, list)
     if folder and folder_fps:
         native, folder = float(folder_fps), False
-    elif folder and layout == "longvita" and (start is not None or end is not None):
-        native = 1.0  # the official code's rate for a frame folder
+    elif folder and frames.folder_fps and (start is not None or end is not None):
+        native = frames.folder_fps
     first, last = window_frames(total, native, start, end) if (start is not None or end is not None) \
         else (0, total - 1)
-    out = Sampled(first + i for i in _sampled(last - first + 1, native, max_frames, fps, layout, folder))
+    out = Sampled(first + i for i in frames.indices(last - first + 1, native, max_frames, fps, folder))
     out.fps = native
     return out
 
 
-def sampled_frames(path, max_frames: int, fps: float, layout: str = "internvl", start: float | None = None,
-                   end: float | None = None, folder_fps: float | None = None) -> Sampled:
+def sampled_frames(path, max_frames: int, fps: float, frames: FrameRule = INTERNVL_FRAMES,
+                   start: float | None = None, end: float | None = None, folder_fps: float | None = None) -> Sampled:
     """The frame numbers ``video_tiles`` decodes (same arguments), with their rate: timestamps of
     exactly the frames the model sees (Video-MME's subtitles are chosen by them). Metadata only."""
-    vr, total, native = _open_video(path, layout)
-    return _window_sampled(vr, total, native, max_frames, fps, layout, start, end, folder_fps)
+    vr, total, native = _open_video(path, frames)
+    return _window_sampled(vr, total, native, max_frames, fps, frames, start, end, folder_fps)
 
 
-def _open_video(path, layout: str = "internvl"):
+def _open_video(path, frames: FrameRule = INTERNVL_FRAMES):
     """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
     if not isinstance(path, io.IOBase):
         if Path(path).is_dir():
-            frames = _frame_files(Path(path), layout)
-            if not frames:
-                endings = (longvita.FOLDER_FRAME_ENDINGS if layout == "longvita" else sorted(FRAME_SUFFIXES))
-                raise MediaError(f"video directory {path} has no frame images ({', '.join(endings)})")
-            return frames, len(frames), 0.0
+            files = frames.folder_files(Path(path))
+            if not files:
+                raise MediaError(f"video directory {path} has no frame images ({', '.join(frames.folder_endings)})")
+            return files, len(files), 0.0
         if not Path(path).is_file():
             raise MediaError(f"missing video {path}")
     try:
@@ -284,32 +300,32 @@ def _open_video(path, layout: str = "internvl"):
     return vr, total, native
 
 
-def video_frame_count(path, max_frames: int, fps: float, layout: str = "internvl", start: float | None = None,
-                      end: float | None = None, folder_fps: float | None = None) -> int:
+def video_frame_count(path, max_frames: int, fps: float, frames: FrameRule = INTERNVL_FRAMES,
+                      start: float | None = None, end: float | None = None, folder_fps: float | None = None) -> int:
     """Frames ``video_tiles`` will return, from decord metadata only (no frame decoding)."""
-    return len(sampled_frames(path, max_frames, fps, layout, start, end, folder_fps))
+    return len(sampled_frames(path, max_frames, fps, frames, start, end, folder_fps))
 
 
 def video_tiles(path, tile: int, max_frames: int, fps: float, keep=None, expect: int | None = None,
-                layout: str = "internvl", start: float | None = None, end: float | None = None,
+                frames: FrameRule = INTERNVL_FRAMES, start: float | None = None, end: float | None = None,
                 folder_fps: float | None = None) -> torch.Tensor:
-    """-> (n, 3, tile, tile) uint8: the sampled frames, each one tile (no dynamic tiling): resized
-    (``layout="internvl"``) or padded to a square with the mean colour, then resized
-    (``"longvita"``, with the official sampling: :mod:`lvita.data.longvita`). ``keep``: only these
+    """-> (n, 3, tile, tile) uint8: the sampled frames, each one tile (no dynamic tiling), by the format's
+    :class:`FrameRule` (InternVL's: resized; :data:`LONGVITA_FRAMES`: padded to a square with the mean
+    colour, then resized, with the official sampling: :mod:`lvita.data.longvita`). ``keep``: only these
     sampled frames (tile numbers), the others are not decoded; ``expect``: the planned frame count;
     another count raises MediaError. ``start``/``end``/``folder_fps``: a time window (module doc)."""
-    vr, total, native = _open_video(path, layout)
-    idx = list(_window_sampled(vr, total, native, max_frames, fps, layout, start, end, folder_fps))
+    vr, total, native = _open_video(path, frames)
+    idx = list(_window_sampled(vr, total, native, max_frames, fps, frames, start, end, folder_fps))
     idx = [idx[i] for i in _kept(len(idx), keep, expect, f"video {_name(path)}")]
     if not idx:
         return torch.zeros(0, 3, tile, tile, dtype=torch.uint8)
     if isinstance(vr, list):
-        return uint8_tiles([frame_tile(decoded_rgb(vr[i], "frame"), tile, layout) for i in idx])
+        return uint8_tiles([frames.tile(decoded_rgb(vr[i], "frame"), tile) for i in idx])
     try:
-        frames = vr.get_batch(idx).asnumpy()
+        decoded = vr.get_batch(idx).asnumpy()
     except Exception as e:
         raise MediaError(f"cannot decode video {_name(path)}: {e}") from None
-    return uint8_tiles([frame_tile(Image.fromarray(f).convert("RGB"), tile, layout) for f in frames])
+    return uint8_tiles([frames.tile(Image.fromarray(f).convert("RGB"), tile) for f in decoded])
 
 
 def normalise(tiles_uint8: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,14 @@ class SamplePlan:
     cursor: tuple  # where the mixture can read the record again
     input_ids: list[int]
     targets: list[int]
-    # ("image", ref, max_tiles, n_tiles) | ("video", ref, max_frames, fps, n_frames); ref: a path or
+    # lvita.data.planned.PlannedImage | PlannedVideo per placeholder; ref: a path or
     # lvita.data.plan.Embedded (bytes inside the record, read again when decoding)
-    media: list[tuple]
+    media: list
     tokens: int = 0  # length before truncation to data.seq_length (lvita data check's distribution)
 
     @property
     def n_tiles(self) -> int:
-        return sum(m[-1] for m in self.media)
+        return sum(m.tiles for m in self.media)
 
 
 @dataclass

@@ -108,22 +108,14 @@ def show(stage: str, sets: list[str], source: str | None, record_id: str | None,
     import numpy as np
     import torch
 
-    from lvita.config.schema import load_stage
-    from lvita.config.validate import validate
     from lvita.data.media import normalise
-    from lvita.data.plan import Planner, media_name
-    from lvita.data.stream import medium_tiles
+    from lvita.data.plan import Planner, describe
+    from lvita.data.stage import open_stage
     from lvita.data.template import SampleError
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
-    from lvita.model.presets import tile_size, tokens_per_tile
 
-    cfg = load_stage(stage, sets)
-    p = cfg.parallel
-    validate(cfg, max(p.pipeline, 1) * max(p.ulysses, 1) * max(p.ring, 1))
-    fmt = cfg.model.format or "internvl"
-    tok = load_tokenizer(cfg.model.tokenizer, fmt)
-    tile, tpt = tile_size(cfg.model.preset), tokens_per_tile(cfg.model.preset)
-    planner = Planner(cfg.data, tok, special_token_ids(tok, fmt), tile, tpt, fmt)
+    cfg, fmt = open_stage(stage, sets)
+    tok, tile, tpt = fmt.tok, fmt.tile, fmt.tpt
+    planner = Planner(cfg.data, fmt)
     rec, reader = find_record(cfg, source, record_id, index)
     try:
         plan = planner.plan(rec)
@@ -131,17 +123,16 @@ def show(stage: str, sets: list[str], source: str | None, record_id: str | None,
         raise SampleError(e.reason, f"record {record_id if index is None else index} ({rec.where}) is skipped in "
                                     f"training: {e.reason}: {e}") from None
     read_at = lambda s, c: reader.read(tuple(c))[0]  # noqa: E731
-    tiles = [medium_tiles(m, planner.media_source(m[1], read_at), tile, cfg.data.min_tiles, fmt) for m in plan.media]
+    tiles = [fmt.medium_tiles(m, planner.media_source(m.ref, read_at), cfg.data.min_tiles) for m in plan.media]
     pixels = normalise(torch.cat(tiles)) if tiles else torch.zeros(0, 3, tile, tile)
     ids, labels = plan.input_ids, label_ids(plan.targets)
     trained = sum(t != IGNORE for t in labels)
-    print(f"record {plan.id} of source '{rec.source}' ({rec.where}); model.format {fmt}, {tpt} tokens per "
+    print(f"record {plan.id} of source '{rec.source}' ({rec.where}); model.format {fmt.model_format}, {tpt} tokens per "
           f"{tile} px tile")
     print(f"{len(ids)} tokens ({plan.tokens} before truncation to data.seq_length={cfg.data.seq_length}), "
           f"{trained} trained (between {OPEN} and {CLOSE}), {pixels.shape[0]} tiles")
     for m in plan.media:
-        what = f"{m[-1]} tiles (max {m[2]})" if m[0] == "image" else f"{m[-1]} frames (max {m[2]}, {m[3]} fps)"
-        print(f"  {m[0]} {media_name(m[1])}: {what}")
+        print(f"  {describe(m, settings=True)}")
     print("---")
     print(render(ids, labels, tok))
     if save:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lvita.config.schema import DataConfig
 from lvita.data.errors import DataError
-from lvita.data.formats import check_format
+from lvita.data.formats import check_schema
 from lvita.data.tables import open_file, source_files
 
 
@@ -145,7 +145,7 @@ class Mixture:
     def __init__(self, data: DataConfig, seed: int):
         self.seed = seed
         for i, s in enumerate(data.sources):
-            check_format(s.format, f"data.sources[{i}].format")
+            check_schema(s.format, f"data.sources[{i}].format")
         self.readers = {s.name: SourceReader(s.name, data.root, s.paths, s.media_root, s.format)
                         for s in data.sources if s.ratio > 0}
         # lanes: what a pass draws from, each with its quota and cursor: a source, or with per_file each of its

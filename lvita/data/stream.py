@@ -9,16 +9,16 @@ by a pool of ``data.workers`` threads (pillow and decord release the GIL while d
 resizing); ``data.prefetch`` global batches are prepared ahead in a background thread. Tiles stay
 uint8 (the vision encoder normalises them on the device): 4x less host memory than float32.
 
-    stream = DataStream(cfg.data, tok, specials, tile=448, tokens_per_tile=256, global_batch=64,
-                        seed=1234, own_rows=range(64), pixels=PixelShare(sequence_rank=1, ulysses=2,
-                        image_token_id=specials["img_context"]))
+    fmt = InputFormat.load(spec, cfg.model.tokenizer)    # lvita.data.input_format
+    stream = DataStream(cfg.data, fmt, global_batch=64, seed=1234, own_rows=range(64),
+                        pixels=PixelShare(sequence_rank=1, ulysses=2, image_token_id=fmt.context_ids))
     batch = stream.next_global_batch()       # list[PackedSequence]; own rows carry ``tiles`` (uint8)
     state = stream.state_dict()              # exact position after the last batch returned
 
 Each record is planned by :mod:`lvita.data.plan` (record schemas, media forms, placeholders) in the
-model format's layout (``fmt``: ``model.format``; "longvita" is released Long-VITA's,
-:mod:`lvita.data.longvita`, whose tiles come thumbnail first and whose context runs use three ids,
-so ``PixelShare.image_token_id`` is then the tuple of them).
+model format's layout (``fmt``: the run's :class:`lvita.data.input_format.InputFormat`; released
+Long-VITA's tiles come thumbnail first and its context runs use three ids, so
+``PixelShare.image_token_id`` is then the tuple of them: ``fmt.context_ids``).
 Bad samples (malformed JSON, empty or malformed conversation, no assistant turn, placeholder /
 media count mismatch, a URL or unknown media form, missing or unreadable media, too many images,
 too long with media, text truncated to no labels) are skipped and counted per reason; the first few are logged with file
@@ -41,7 +41,8 @@ import torch
 
 from lvita.config.schema import DataConfig
 from lvita.data.errors import DataError  # noqa: F401 - re-exported: lvita.data.stream.DataError
-from lvita.data.media import MEAN_UINT8, MediaError, image_tiles, video_tiles
+from lvita.data.input_format import InputFormat
+from lvita.data.media import MEAN_UINT8, MediaError
 from lvita.data.packer import Packer, PackedSequence, SamplePlan, build_sequence
 from lvita.data.plan import Planner
 from lvita.data.sources import Mixture, Record
@@ -74,15 +75,14 @@ class PixelShare:
 
 
 class DataStream:
-    def __init__(self, data: DataConfig, tokenizer, specials: dict, tile: int, tokens_per_tile: int,
-                 global_batch: int, seed: int, own_rows=None, log=print, max_reported: int = 5,
-                 pixels: PixelShare = PixelShare(), fmt: str = "internvl"):
-        self.cfg, self.tok, self.specials, self.fmt = data, tokenizer, specials, fmt
-        self.tile, self.tpt, self.global_batch, self.log = tile, tokens_per_tile, global_batch, log
+    def __init__(self, data: DataConfig, fmt: InputFormat, global_batch: int, seed: int, own_rows=None, log=print,
+                 max_reported: int = 5, pixels: PixelShare = PixelShare()):
+        self.cfg, self.fmt, self.specials = data, fmt, fmt.specials
+        self.tile, self.tpt, self.global_batch, self.log = fmt.tile, fmt.tpt, global_batch, log
         self.own_rows = set(range(global_batch) if own_rows is None else own_rows)
         self.pixels = pixels
         self.mixture = Mixture(data, seed)
-        self.planner = Planner(data, tokenizer, specials, tile, tokens_per_tile, fmt)
+        self.planner = Planner(data, fmt)
         self._local = threading.local()  # per decoding thread: its own readers (embedded media)
         self.packer = Packer(data.seq_length, data.pack_buffer, data.same_source)
         self.skipped: Counter = Counter()
@@ -151,7 +151,7 @@ class DataStream:
         for i, s in enumerate(seq.plans):
             keeps = []
             for m in s.media:  # which of each medium's tiles this rank needs
-                n = m[-1]
+                n = m.tiles
                 keeps.append(None if want is None else [t - off for t in want if off <= t < off + n])
                 off += n
             try:
@@ -159,15 +159,15 @@ class DataStream:
             except MediaError as e:
                 failed.append(i)
                 self.log(f"[data] {s.where}: {e}; the sample's tiles are blanked and its labels dropped")
-                n = sum(m[-1] if k is None else len(k) for m, k in zip(s.media, keeps))
+                n = sum(m.tiles if k is None else len(k) for m, k in zip(s.media, keeps))
                 tiles.append(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(1, 3, 1, 1)
                              .expand(n, 3, self.tile, self.tile).clone())
         seq.tiles = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile, dtype=torch.uint8)
         return seq, failed
 
-    def media_tiles(self, m: tuple, keep=None) -> torch.Tensor:
+    def media_tiles(self, m, keep=None) -> torch.Tensor:
         """The uint8 tiles of one planned medium (``SamplePlan.media`` entry), in token order."""
-        return medium_tiles(m, self._source(m[1]), self.tile, self.cfg.min_tiles, self.fmt, keep)
+        return self.fmt.medium_tiles(m, self._source(m.ref), self.cfg.min_tiles, keep)
 
     @staticmethod
     def drop_labels(rows: list[PackedSequence], failed) -> None:
@@ -236,14 +236,6 @@ class DataStream:
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def medium_tiles(m: tuple, source, tile: int, min_tiles: int, fmt: str, keep=None) -> torch.Tensor:
-    """(n, 3, tile, tile) uint8 of one planned medium (a ``SamplePlan.media`` entry) read from
-    ``source`` (its path or bytes), in the model format's token order; ``keep``: only these tiles."""
-    if m[0] == "image":
-        return image_tiles(source, tile, min_tiles, m[2], keep, m[-1], thumbnail_first=fmt == "longvita")
-    return video_tiles(source, tile, m[2], m[3], keep, m[-1], layout=fmt)
 
 
 def collate(seqs: list[PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

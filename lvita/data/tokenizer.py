@@ -5,7 +5,7 @@ Owns the special tokens the model and the chat template rely on: ChatML (``<|im_
 ``<IMG_CONTEXT>``). ``load_tokenizer`` adds whichever of them a tokenizer lacks (a plain Qwen2.5
 tokenizer lacks the image markers; their new ids still fit its 152064-row embedding).
 
-Under ``model.format: longvita`` (``load_tokenizer(path, "longvita")``) it adds instead the 17
+Under ``model.format: longvita`` (``load_tokenizer(path, LONGVITA)``) it adds instead the 17
 tokens released Long-VITA adds (:data:`OFFICIAL_ADDED_TOKENS`, in that order, as
 ``long_vita/tokenizer.py``'s ``update_tokenizer``): on Qwen2.5's tokenizer they get ids
 151665-151681, the ids of the released checkpoints. Tokens a tokenizer already has keep their ids.
@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lvita.model.formats import INTERNVL, LONGVITA, ModelFormat
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -40,11 +42,16 @@ OFFICIAL_ADDED_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<vid>", "</vid>", 
                          "<patch>", "</patch>", "<PATCH_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
                          "<box>", "</box>", "<image>", "<video>"]
 QWEN25_OFFICIAL_IDS = dict(zip(OFFICIAL_ADDED_TOKENS, range(151665, 151682)))
-# special_token_ids(tok, "longvita") names, beside SPECIAL_NAMES
+# special_token_ids(tok, LONGVITA) names, beside SPECIAL_NAMES
 OFFICIAL_NAMES = {"<vid>": "vid_start", "</vid>": "vid_end", "<VID_CONTEXT>": "vid_context",
                   "<patch>": "patch_start", "</patch>": "patch_end", "<PATCH_CONTEXT>": "patch_context",
                   "<image>": "image_tag", "<video>": "video_tag"}
-TOKENIZER_FORMATS = ("internvl", "longvita")
+# Per model format: the tokens a tokenizer must have, in the order missing ones are added, and the
+# names special_token_ids gives them (longvita: the official order, so Qwen2.5 gets ids 151665-151681)
+FORMAT_TOKENS = {INTERNVL: SPECIAL_TOKENS,
+                 LONGVITA: [t for t in SPECIAL_TOKENS if t not in OFFICIAL_ADDED_TOKENS] + OFFICIAL_ADDED_TOKENS}
+FORMAT_NAMES = {INTERNVL: dict(zip(SPECIAL_TOKENS, SPECIAL_NAMES)),
+                LONGVITA: {**dict(zip(SPECIAL_TOKENS, SPECIAL_NAMES)), **OFFICIAL_NAMES}}
 
 CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
 # Any of these in a directory makes it a candidate for AutoTokenizer.from_pretrained.
@@ -87,16 +94,14 @@ def _no_tokenizer_error(path: Path, why: str) -> FileNotFoundError:
         f"the demo one with `lvita demo --data-only` / lvita.data.tokenizer.train_demo_tokenizer(dir)")
 
 
-def required_tokens(fmt: str = "internvl") -> list[str]:
+def required_tokens(fmt: ModelFormat = INTERNVL) -> list[str]:
     """The tokens a tokenizer must have for model format ``fmt``, in the order they are added."""
-    if fmt not in TOKENIZER_FORMATS:
-        raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(TOKENIZER_FORMATS)}")
-    return SPECIAL_TOKENS + ([t for t in OFFICIAL_ADDED_TOKENS if t not in SPECIAL_TOKENS] if fmt == "longvita" else [])
+    return list(FORMAT_TOKENS[fmt])
 
 
-def load_tokenizer(path: str | Path, fmt: str = "internvl") -> Any:
+def load_tokenizer(path: str | Path, fmt: ModelFormat = INTERNVL) -> Any:
     """A local HF tokenizer with every token of :data:`SPECIAL_TOKENS` present (missing ones added);
-    with ``fmt="longvita"`` also Long-VITA's 17 :data:`OFFICIAL_ADDED_TOKENS` (missing ones added in
+    with ``fmt=LONGVITA`` also Long-VITA's 17 :data:`OFFICIAL_ADDED_TOKENS` (missing ones added in
     the official order, so a plain Qwen2.5 tokenizer gets ids 151665-151681).
 
     Raises FileNotFoundError when ``path`` is missing or holds no tokenizer files.
@@ -112,24 +117,19 @@ def load_tokenizer(path: str | Path, fmt: str = "internvl") -> Any:
         raise _no_tokenizer_error(path, f"none of {', '.join(_TOKENIZER_FILES)}")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     vocab = tok.get_vocab()
-    order = ([t for t in SPECIAL_TOKENS if t not in OFFICIAL_ADDED_TOKENS] + OFFICIAL_ADDED_TOKENS
-             if fmt == "longvita" else required_tokens(fmt))
-    missing = [t for t in order if t not in vocab]
+    missing = [t for t in required_tokens(fmt) if t not in vocab]
     if missing:
         tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     return tok
 
 
-def special_token_ids(tok: Any, fmt: str = "internvl") -> dict[str, int]:
+def special_token_ids(tok: Any, fmt: ModelFormat = INTERNVL) -> dict[str, int]:
     """{"endoftext", "im_start", "im_end", "img_start", "img_end", "img_context"} -> token id; with
-    ``fmt="longvita"`` also "vid_start", "vid_end", "vid_context", "patch_start", "patch_end",
+    ``fmt=LONGVITA`` also "vid_start", "vid_end", "vid_context", "patch_start", "patch_end",
     "patch_context", "image_tag", "video_tag"."""
     vocab = tok.get_vocab()
     missing = [t for t in required_tokens(fmt) if t not in vocab]
     if missing:
         raise ValueError(f"tokenizer lacks special tokens {missing}; load it with "
-                         f"lvita.data.tokenizer.load_tokenizer(path, {fmt!r})")
-    out = {name: int(vocab[t]) for name, t in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
-    if fmt == "longvita":
-        out.update({name: int(vocab[t]) for t, name in OFFICIAL_NAMES.items()})
-    return out
+                         f"lvita.data.tokenizer.load_tokenizer(path, {fmt.name.upper()})")
+    return {name: int(vocab[t]) for t, name in FORMAT_NAMES[fmt].items()}

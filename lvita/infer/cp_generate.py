@@ -162,13 +162,13 @@ def join(args) -> tuple[int, str]:
     return dist.get_rank(), device
 
 
-def generator(args, preset, specials: dict):
-    """A function with :func:`lvita.generate.generate`'s signature decoding over all ranks."""
+def generator(args, fmt):
+    """A function with :func:`lvita.generate.generate`'s signature decoding over all ranks; ``fmt``: the
+    model's input format (its tokens per tile and context ids shard the tiles)."""
     from functools import partial
 
-    from lvita.model.presets import tokens_per_tile
     from lvita.parallel.topology import build_topology
 
     topo = build_topology(1, ulysses=args.sp // args.ring, ring=args.ring)
-    cp = ContextParallel(topo, tokens_per_tile(preset), specials.get("context", specials["img_context"]))
+    cp = ContextParallel(topo, fmt.tpt, fmt.context_ids)
     return partial(cp_generate, cp=cp, mode=args.mode)

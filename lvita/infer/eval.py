@@ -108,8 +108,7 @@ def default_out(data: Path) -> Path:
     return data.parent / f"{data.stem}-eval"
 
 
-def evaluate(model, tok, specials: dict, preset: str, data, out=None, log=print, write: bool = True,
-             **opts) -> dict:
+def evaluate(model, fmt, data, out=None, log=print, write: bool = True, **opts) -> dict:
     """Answer and score every item of ``data`` (JSONL); write predictions.jsonl and results.json
     into ``out`` (``write``: False on the other ranks of a context-parallel run); -> the results
     dict. ``opts``: answer()'s keywords (max_new_tokens, ..., decode)."""
@@ -133,8 +132,7 @@ def evaluate(model, tok, specials: dict, preset: str, data, out=None, log=print,
                 n_lines += 1
                 try:
                     item = prepare(json.loads(line), data.parent)
-                    text, gen = answer(model, tok, specials, preset, item["messages"], item["images"],
-                                       item["videos"], **opts)
+                    text, gen = answer(model, fmt, item["messages"], item["images"], item["videos"], **opts)
                 except (json.JSONDecodeError, SampleError, MediaError) as e:
                     reason = "malformed_json" if isinstance(e, json.JSONDecodeError) else \
                         getattr(e, "reason", "bad_media")
@@ -181,8 +179,8 @@ def main(argv=None) -> int:
         opts = options(args)
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data}: no such file")
-        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
-        evaluate(model, tok, specials, preset, args.data, args.out, write=rank == 0, decode=decode, **opts)
+        model, fmt, decode, rank = load_for_args(args, opts)
+        evaluate(model, fmt, args.data, args.out, write=rank == 0, decode=decode, **opts)
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"lvita eval: error: {e}", file=sys.stderr)

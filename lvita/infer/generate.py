@@ -9,9 +9,9 @@ checkpoint, a directory in the released Long-VITA layout or a Hugging Face Inter
     python -m lvita.generate --model runs/stage4 --image cat.png --prompt "What is in the picture?"
     python -m lvita.generate --model export/long-vita-hf --messages chat.json --max-new-tokens 64
     python -m lvita.generate --model hf/Long-VITA-128K_HF --prompt "Hi" --json   # {"tokens": [...], "text": ...}
-    model, tok, specials, preset = load_model("runs/stage4")
-    p = build_prompt(messages, tok, specials, preset, images=["cat.png"])
-    gen = generate(model, p.input_ids, p.pixel_values, specials, max_new_tokens=64)  # gen.tokens, gen.stop
+    model, fmt = load_model("runs/stage4")      # fmt: the model's InputFormat (tokenizer, ids, layout)
+    p = build_prompt(messages, fmt, images=["cat.png"])
+    gen = generate(model, p.input_ids, p.pixel_values, fmt.specials, max_new_tokens=64)  # gen.tokens, gen.stop
 
 The decoding steps are :mod:`lvita.infer.decode`'s; with ``--sp N`` the command decodes
 context-parallel (:mod:`lvita.infer.cp_generate`). ``load_model`` builds
@@ -42,9 +42,10 @@ NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or
 def spec_of_hf_config(raw: dict, where: str):
     """The model description (shapes + format) of an HF config.json: the released Long-VITA layout
     (model_type long_vita) or InternVL's (internvl); anything else is a CheckpointError."""
+    from lvita.model.formats import format_of_model_type
     from lvita.model.presets import spec_of_config
 
-    if not isinstance(raw, dict) or raw.get("model_type") not in ("internvl", "long_vita"):
+    if not isinstance(raw, dict) or format_of_model_type(raw.get("model_type")) is None:
         kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"--model {where}: config.json has model_type {kind!r}; {NOT_A_MODEL}")
     try:
@@ -54,18 +55,18 @@ def spec_of_hf_config(raw: dict, where: str):
 
 
 def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokenizer=None):
-    """-> (LongVita in eval mode without grads, tokenizer, special token ids, model description).
+    """-> (LongVita in eval mode without grads, its input format: tokenizer, special ids, model description).
 
     ``model_dir``: an lvita checkpoint (output_dir, checkpoints/ or global_step<N>; tokenizer from its
     manifest), a directory in the released Long-VITA layout (``model_type: long_vita``), or an HF
     InternVL directory as :func:`lvita.ckpt.hf.write_hf_dir` writes it (shapes from config.json);
-    ``tokenizer`` overrides. The special ids gain ``context``: the format's context placeholder ids.
+    ``tokenizer`` overrides (:class:`lvita.data.input_format.InputFormat`: ``fmt.tok``, ``fmt.specials``,
+    ``fmt.context_ids``, ``fmt.spec``).
     ``dtype`` None: float32 on CPU, else bfloat16. Not a model: CheckpointError (a
     FileNotFoundError) naming the path and what was expected.
     """
     from lvita.model.longvita import LongVita
-    from lvita.model.presets import context_token_ids
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.input_format import InputFormat
     from lvita.ckpt.checkpoint import manifest_spec
     from lvita.ckpt.weights import init_from
 
@@ -88,23 +89,22 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
         spec = manifest_spec(found.manifest, f"--model {path}")
         if not tok_path or not Path(tok_path).is_dir():
             raise CheckpointError(f"--model {path}: its tokenizer ({tok_path}) is not there; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_path, spec.format)  # longvita: the 17 official added tokens, released ids
-    specials = dict(special_token_ids(tok, spec.format), context=context_token_ids(tok.get_vocab(), spec))
+    fmt = InputFormat.load(spec, tok_path)  # longvita: the 17 official added tokens, released ids
     with torch.device(device):
-        model = LongVita(spec, specials["context"], seed=0)
-    init_from(model, str(path), spec, tokenizer_fingerprint(tok))
+        model = LongVita(spec, fmt.context_ids, seed=0)
+    init_from(model, str(path), spec, tokenizer_fingerprint(fmt.tok))
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    return model.to(dtype).eval().requires_grad_(False), tok, specials, spec
+    return model.to(dtype).eval().requires_grad_(False), fmt
 
 
-def answer(model, tok, specials: dict, preset: str, messages, images=(), videos=(), max_new_tokens: int = 256,
+def answer(model, fmt, messages, images=(), videos=(), max_new_tokens: int = 256,
            system_prompt: str | None = DEFAULTS.system_prompt, media: MediaOptions = MediaOptions(),
            max_context: int | None = None, decode=None) -> tuple[str, Generation]:
-    """Messages (+ media paths) -> (the decoded answer, stripped; the Generation). ``decode``:
-    :func:`generate` or a function like it (context-parallel: lvita.infer.cp_generate)."""
-    p = build_prompt(messages, tok, specials, preset, images, videos, system_prompt, media, max_context)
-    gen = (decode or generate)(model, p.input_ids, p.pixel_values, specials, max_new_tokens, max_context)
-    return tok.decode(gen.tokens, skip_special_tokens=False).strip(), gen
+    """Messages (+ media paths) -> (the decoded answer, stripped; the Generation), in the model's input
+    format ``fmt``. ``decode``: :func:`generate` or a function like it (context-parallel: lvita.infer.cp_generate)."""
+    p = build_prompt(messages, fmt, images, videos, system_prompt, media, max_context)
+    gen = (decode or generate)(model, p.input_ids, p.pixel_values, fmt.specials, max_new_tokens, max_context)
+    return fmt.tok.decode(gen.tokens, skip_special_tokens=False).strip(), gen
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -147,20 +147,23 @@ def options(args) -> dict:
 def model_system_prompt(model_dir, tok) -> str | None:
     """The system prompt a model trained with: an lvita checkpoint's manifest says it; an HF directory's
     chat template adds it (lvita's exports add the stage's, Qwen2.5's adds its own)."""
+    from lvita.model.formats import format_of_model_type
+
     path = Path(model_dir)
     if (path / "config.json").is_file():
         try:
-            released = json.loads((path / "config.json").read_text()).get("model_type") == "long_vita"
+            kind = format_of_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
         except (OSError, ValueError, AttributeError):
-            released = False
-        if released:  # the released model trained with no system prompt; VLMEvalKit's wrapper adds none
+            kind = None
+        if kind is not None and not kind.default_system_prompt:  # the released model trained with none;
+            # VLMEvalKit's wrapper adds none
             return None
         return template_system_prompt(tok, DEFAULTS.system_prompt)
     return saved_system_prompt(locate(path, "--model").manifest)
 
 
 def load_for_args(args, opts: dict):
-    """The model for the command-line options -> (model, tok, specials, preset, decode, rank); with
+    """The model for the command-line options -> (model, input format, decode, rank); with
     ``--sp N > 1`` joins the launcher's process group and decodes context-parallel. Without
     ``--system-prompt``, ``opts["system_prompt"]`` becomes the model's own."""
     rank, device, decode = 0, args.device, None
@@ -168,13 +171,13 @@ def load_for_args(args, opts: dict):
         from lvita.infer import cp_generate
 
         rank, device = cp_generate.join(args)
-    model, tok, specials, preset = load_model(args.model, DTYPES.get(args.dtype), device, args.tokenizer)
+    model, fmt = load_model(args.model, DTYPES.get(args.dtype), device, args.tokenizer)
     encode_tiles_in_chunks(model, args.vision_chunk)
     if args.sp > 1:
-        decode = cp_generate.generator(args, preset, specials)
+        decode = cp_generate.generator(args, fmt)
     if args.system_prompt is None:
-        opts["system_prompt"] = model_system_prompt(args.model, tok)
-    return model, tok, specials, preset, decode, rank
+        opts["system_prompt"] = model_system_prompt(args.model, fmt.tok)
+    return model, fmt, decode, rank
 
 
 def main(argv=None) -> int:
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
         for kind, paths in (("image", args.image), ("video", args.video)):  # before a long model load
             if missing := [p for p in paths if not Path(p).is_file()]:
                 raise MediaError(f"missing {kind} {missing[0]}")
-        model, tok, specials, preset, decode, rank = load_for_args(args, opts)
-        text, gen = answer(model, tok, specials, preset, messages, args.image, args.video, decode=decode, **opts)
+        model, fmt, decode, rank = load_for_args(args, opts)
+        text, gen = answer(model, fmt, messages, args.image, args.video, decode=decode, **opts)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError, SampleError, MediaError, ContextError
         if os.environ.get("RANK", "0") == "0":
             print(f"lvita generate: error: {e}", file=sys.stderr)

@@ -1,12 +1,13 @@
 """Prompts for inference, encoded exactly as training encodes samples.
 
-Owns what a model sees when asked a question: ChatML ids from :mod:`lvita.data.template`, the
-media's tiles from :mod:`lvita.data.media` with the data stream's tile budget (tiles per image
-start at ``max_tiles // n_images``, or ``max_tiles`` for every image under ``model.format:
-longvita``, and halve while the prompt is too long), then an open assistant turn. Under longvita
-the ids and tiles follow released Long-VITA's layout (:mod:`lvita.data.longvita`). Used by :mod:`lvita.generate` and :mod:`lvita.eval`.
+Owns what a model sees when asked a question, in the model's input format
+(:class:`lvita.data.input_format.InputFormat`, the object training's planner uses): its ids and the
+media's tiles with training's tile budget (:meth:`InputFormat.fit`: tiles per image start at
+``max_tiles // n_images``, or ``max_tiles`` for every image under ``model.format: longvita``, and
+halve while the prompt is too long), then an open assistant turn. Used by :mod:`lvita.generate`,
+:mod:`lvita.eval` and the benchmarks.
 
-    p = build_prompt([{"role": "user", "content": "<image>\nWhat is this?"}], tok, specials, "tiny", ["a.png"])
+    p = build_prompt([{"role": "user", "content": "<image>\nWhat is this?"}], fmt, ["a.png"])
     p.input_ids, p.pixel_values          # ids ending in "<|im_start|>assistant\n", (N, 3, T, T)
 
 A video is a path, or anything with ``.path`` and ``.start`` / ``.end`` seconds (a benchmark's
@@ -24,11 +25,11 @@ from pathlib import Path
 import torch
 
 from lvita.config.schema import DataConfig
-from lvita.data import longvita
-from lvita.data.media import (MediaError, grid_tiles, image_size, image_tiles, normalise, tile_count, tile_grid,
-                              video_frame_count, video_tiles)
-from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, encode_conversation
-from lvita.model.presets import llm_config, spec_of, tile_size, tokens_per_tile
+from lvita.data.input_format import InputFormat
+from lvita.data.media import image_size, normalise
+from lvita.data.planned import ImageHeader, PlannedVideo
+from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError
+from lvita.model.presets import llm_config
 
 DEFAULTS = DataConfig()  # training's media and system-prompt defaults
 
@@ -55,7 +56,7 @@ class MediaOptions:
 class Prompt:
     input_ids: list[int]  # ChatML ids ending in "<|im_start|>assistant\n"
     pixel_values: torch.Tensor  # (N tiles, 3, T, T) float32, normalised, in placeholder order
-    media: list[tuple] = field(default_factory=list)  # ("image", path, tiles) / ("video", path, frames)
+    media: list = field(default_factory=list)  # PlannedImage / PlannedVideo (lvita.data.planned), in order
 
 
 def check_messages(messages) -> list[dict]:
@@ -74,15 +75,17 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(),
+def build_prompt(messages, fmt: InputFormat, images=(), videos=(),
                  system_prompt: str | None = DEFAULTS.system_prompt, media: MediaOptions = MediaOptions(),
                  max_context: int | None = None) -> Prompt:
     """Messages ending with the user's turn (``<image>``/``<video>`` placeholders matching
-    ``images``/``videos`` in order) -> prompt ids + tiles, encoded as training encodes them.
+    ``images``/``videos`` in order) -> prompt ids + tiles, encoded as training encodes them in the
+    input format ``fmt`` (:class:`lvita.data.input_format.InputFormat`, built once per model).
 
-    Tiles per image start at ``max_tiles // n_images`` and halve down to ``min_tiles`` while the
-    prompt is over ``max_context - 1``, as the data stream does. Raises SampleError (reason
-    "placeholder_mismatch" / "malformed_message"), MediaError naming the file, or ContextError.
+    The tile budget is training's (:meth:`InputFormat.fit`): tiles halve down to ``min_tiles`` while
+    the prompt is over ``max_context - 1`` (default: the model's max_position_embeddings). Raises
+    SampleError (reason "placeholder_mismatch" / "malformed_message"), MediaError naming the file, or
+    ContextError.
     """
     messages = check_messages(messages)
     text = "".join(m["content"] for m in messages)
@@ -90,49 +93,27 @@ def build_prompt(messages, tok, specials: dict, preset: str, images=(), videos=(
     if (n_img, n_vid) != (len(images), len(videos)):
         raise SampleError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders for "
                                                   f"{len(images)} images / {len(videos)} videos")
-    tile, tpt = tile_size(preset), tokens_per_tile(preset)
-    fmt = spec_of(preset).format  # longvita: released Long-VITA's layout (lvita.data.longvita), as training
     files = {"<image>": iter(map(Path, images)), "<video>": iter(map(video_source, videos))}
-    order = [(ph[1:-1], next(files[ph])) for ph in PLACEHOLDER.findall(text)]
-    sizes = {p: image_size(p) for k, p in order if k == "image"}  # headers only; MediaError names the file
-    frames = {p: video_frame_count(p.path, media.max_frames, media.video_fps, fmt, **p.window)
-              for k, p in order if k == "video"}
-    limit = (max_context if max_context is not None else llm_config(preset).max_position_embeddings) - 1
-    budgets = [media.max_tiles if fmt == "longvita" else max(media.min_tiles, media.max_tiles // max(len(sizes), 1))]
-    while sizes and budgets[-1] > media.min_tiles:  # as lvita.data.stream's _tile_budgets
-        budgets.append(max(media.min_tiles, budgets[-1] // 2))
-    for budget in budgets:
-        plan = [("image", p, budget, tile_count(*sizes[p], media.min_tiles, budget, tile)) if k == "image"
-                else ("video", p, frames[p]) for k, p in order]
-        runs = [("image", *tile_grid(*sizes[m[1]], media.min_tiles, m[2], tile)) if m[0] == "image"
-                else ("video", m[2]) for m in plan]
-        ids = conversation_ids(messages, tok, specials, fmt, system_prompt, runs, tpt)
-        if len(ids) <= limit:
-            break
-    else:
-        raise ContextError(f"the prompt is {len(ids)} tokens" + (f" even at {media.min_tiles} tile(s) per image"
-                           if sizes else "") + f"; the context limit is {limit + 1} tokens (--max-context)")
+    order = [(ph, next(files[ph])) for ph in PLACEHOLDER.findall(text)]
+    found = [ImageHeader(p, *image_size(p)) if ph == "<image>" else  # headers only; MediaError names the file
+             PlannedVideo(p, media.max_frames, media.video_fps,
+                          fmt.video_frames(p.path, media.max_frames, media.video_fps, p.window))
+             for ph, p in order]
+    limit = (max_context if max_context is not None else llm_config(fmt.spec).max_position_embeddings) - 1
+    opening = len(fmt.opening())
+    fitted = fmt.fit(messages, system_prompt, found, media.min_tiles, media.max_tiles, limit - opening)
+    ids = fitted.ids + fmt.opening()
+    if not fitted.fits:
+        least = f" even at {media.min_tiles} tile(s) per image" if n_img else ""
+        raise ContextError(f"the prompt is {len(ids)} tokens{least}; the context limit is {limit + 1} tokens "
+                           f"(--max-context)")
     tiles = []
-    for m in plan:
-        got = (image_tiles(m[1], tile, media.min_tiles, m[2], thumbnail_first=fmt == "longvita") if m[0] == "image"
-               else video_tiles(m[1].path, tile, media.max_frames, media.video_fps, layout=fmt, **m[1].window))
-        if got.shape[0] != m[-1]:
-            raise MediaError(f"{m[1]}: decoded {got.shape[0]} tiles, its header promised {m[-1]}")
-        tiles.append(normalise(got))
-    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, tile, tile)
-    return Prompt(ids, pixels, [(m[0], str(m[1]), m[-1]) for m in plan])
-
-
-def conversation_ids(messages, tok, specials: dict, fmt: str, system_prompt: str | None, runs: list[tuple],
-                     tpt: int) -> list[int]:
-    """Messages ending with the user's turn -> ids ending in the open assistant turn, encoded as training
-    encodes the model format's samples. ``runs``: per placeholder in order, ("image", cols, rows) (the tile
-    grid, plus a thumbnail when it has more than one tile) or ("video", frames); ``tpt``: tokens per tile."""
-    opening = [specials["im_start"]] + tok.encode("assistant\n", add_special_tokens=False)
-    if fmt == "longvita":
-        return longvita.encode_conversation(messages, tok, specials, system_prompt, runs, tpt)[0] + opening
-    groups = [[tpt * grid_tiles(r[1], r[2])] if r[0] == "image" else [tpt] * r[1] for r in runs]
-    return encode_conversation(messages, tok, specials, system_prompt, groups)[0] + opening
+    for m in fitted.media:
+        window = m.ref.window if isinstance(m, PlannedVideo) else None
+        source = m.ref.path if isinstance(m, PlannedVideo) else m.ref
+        tiles.append(normalise(fmt.medium_tiles(m, source, media.min_tiles, window=window)))
+    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, fmt.tile, fmt.tile)
+    return Prompt(ids, pixels, fitted.media)
 
 
 @dataclass(frozen=True)

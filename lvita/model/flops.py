@@ -79,7 +79,7 @@ class Shapes:
                    lc.num_hidden_layers, lc.vocab_size, vc.hidden_size, vc.intermediate_size,
                    vc.num_hidden_layers, patches + 1, 3 * vc.patch_size[0] * vc.patch_size[1],
                    tokens_per_tile(spec), lc.num_attention_heads, d, vc.num_attention_heads, vc.image_size[0],
-                   vc.hidden_size if spec.format == "longvita" else lc.hidden_size)
+                   vc.hidden_size if spec.format.vision_width_projector else lc.hidden_size)
 
 
 def causal_pairs(lengths) -> int:

@@ -36,6 +36,7 @@ from transformers import InternVLVisionModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from lvita.model import attention
+from lvita.model.formats import INTERNVL, LONGVITA
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK, IGNORE_INDEX, chunked_cross_entropy_sum, full_cross_entropy_sum
 from lvita.model.presets import DOWNSAMPLE_RATIO, ModelSpec, llm_config, spec_of, vision_config
 
@@ -91,7 +92,7 @@ class ResamplerProjector(nn.Module):
         return self.mlp(self.pre_proj_layernorm(x))
 
 
-PROJECTORS = {"internvl": Projector, "longvita": ResamplerProjector}
+PROJECTORS = {INTERNVL: Projector, LONGVITA: ResamplerProjector}
 
 
 def context_ids(ids: "int | tuple[int, ...] | list[int]") -> tuple[int, ...]:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from transformers import InternVLVisionConfig, Qwen2Config
 
+from lvita.model.formats import INTERNVL, LONGVITA, ModelFormat, format_of_model_type, model_format
+
 INTERNVIT_300M = dict(
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
     image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
@@ -68,7 +70,6 @@ PRESETS: dict[str, dict] = {
 }
 
 DOWNSAMPLE_RATIO = 0.5  # pixel shuffle: 2x2 patches -> one token with 4x the channels
-FORMATS = ("longvita", "internvl")  # model.format (lvita.config.schema.MODEL_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ModelSpec:
     or the directory its shapes came from), the format and the two transformers configs' keyword
     arguments (kept as JSON so the value is hashable and cheap to compare)."""
     name: str
-    format: str
+    format: ModelFormat
     vision_json: str
     llm_json: str
 
@@ -90,10 +91,8 @@ class ModelSpec:
         return json.loads(self.llm_json)
 
     @classmethod
-    def make(cls, name: str, fmt: str, vision: dict, llm: dict) -> "ModelSpec":
-        if fmt not in FORMATS:
-            raise ValueError(f"model.format={fmt!r}: choose one of {', '.join(FORMATS)}")
-        return cls(name, fmt, json.dumps(vision, sort_keys=True), json.dumps(llm, sort_keys=True))
+    def make(cls, name: str, fmt: "str | ModelFormat", vision: dict, llm: dict) -> "ModelSpec":
+        return cls(name, model_format(fmt), json.dumps(vision, sort_keys=True), json.dumps(llm, sort_keys=True))
 
     def __str__(self) -> str:
         return self.name
@@ -124,21 +123,21 @@ def _llm_from_qwen2(raw: dict) -> dict:
     return dict(out, rope_parameters={"rope_theta": float(theta), "rope_type": "default"})
 
 
-def spec_of_config(raw: dict, name: str, fmt: str | None = None) -> ModelSpec:
+def spec_of_config(raw: dict, name: str, fmt: "str | ModelFormat | None" = None) -> ModelSpec:
     """A config.json's dict (released layout ``long_vita``, ``internvl``) -> ModelSpec; ValueError otherwise."""
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind == "long_vita":
+    kind = format_of_model_type(raw.get("model_type") if isinstance(raw, dict) else None)
+    if kind is LONGVITA:
         if not isinstance(raw.get("visual"), dict):
             raise ValueError(f"{name}: config.json has model_type long_vita but no nested 'visual' (InternViT) config")
-        return ModelSpec.make(name, fmt or "longvita", _vision_from_internvit(raw["visual"]), _llm_from_qwen2(raw))
-    if kind == "internvl":
+        return ModelSpec.make(name, fmt or LONGVITA, _vision_from_internvit(raw["visual"]), _llm_from_qwen2(raw))
+    if kind is INTERNVL:
         from transformers import InternVLConfig
 
         cfg = InternVLConfig.from_dict(raw)
         v = {k: getattr(cfg.vision_config, k) for k in PRESETS["tiny"]["vision"]}
         v["image_size"], v["patch_size"] = list(v["image_size"]), list(v["patch_size"])
-        return ModelSpec.make(name, fmt or "internvl", v, _llm_from_qwen2(cfg.text_config.to_dict()))
-    raise ValueError(f"{name}: config.json has model_type {kind!r}; a model directory for model.preset must be "
+        return ModelSpec.make(name, fmt or INTERNVL, v, _llm_from_qwen2(cfg.text_config.to_dict()))
+    raise ValueError(f"{name}: config.json has model_type {raw.get('model_type') if isinstance(raw, dict) else None!r}; a model directory for model.preset must be "
                      f"in the released Long-VITA layout (long_vita) or InternVL's (internvl)")
 
 
@@ -157,7 +156,7 @@ def _read_config(directory: str) -> dict:
     return raw
 
 
-def _spec_of_pair(dirs, fmt: str | None) -> ModelSpec:
+def _spec_of_pair(dirs, fmt: "str | ModelFormat | None") -> ModelSpec:
     """[InternViT directory, Qwen2 directory] (either order) -> ModelSpec; the projector is new, so
     either format fits (default: longvita, the released architecture)."""
     raws = {str(d): _read_config(d) for d in dirs}
@@ -175,25 +174,25 @@ def _spec_of_pair(dirs, fmt: str | None) -> ModelSpec:
         cfg = InternVLVisionConfig.from_dict(raw)
         vision = {k: getattr(cfg, k) for k in PRESETS["tiny"]["vision"]}
         vision["image_size"], vision["patch_size"] = list(vision["image_size"]), list(vision["patch_size"])
-    return ModelSpec.make(f"{vit[0]} + {llm[0]}", fmt or "longvita", vision, _llm_from_qwen2(raws[llm[0]]))
+    return ModelSpec.make(f"{vit[0]} + {llm[0]}", fmt or LONGVITA, vision, _llm_from_qwen2(raws[llm[0]]))
 
 
-def spec_of(preset: "str | list[str] | ModelSpec", fmt: str | None = None) -> ModelSpec:
+def spec_of(preset: "str | list[str] | ModelSpec", fmt: "str | ModelFormat | None" = None) -> ModelSpec:
     """The model's description from ``model.preset`` (a name in PRESETS, a model directory whose
     config.json gives the shapes, or [InternViT directory, Qwen2 directory]) and ``model.format``
     (None: the preset's own, :func:`default_format`)."""
     if isinstance(preset, ModelSpec):
-        if fmt is None or fmt == preset.format:
+        if fmt is None or model_format(fmt) is preset.format:
             return preset
         return ModelSpec.make(preset.name, fmt, preset.vision, preset.llm)
     if isinstance(preset, (list, tuple)):
         return spec_of(preset[0], fmt) if len(preset) == 1 else _spec_of_pair(preset, fmt)
     if preset in PRESETS:
-        return _named_spec(preset, fmt or PRESET_FORMATS.get(preset, "internvl"))
+        return _named_spec(preset, fmt or PRESET_FORMATS[preset])
     return spec_of_config(_read_config(preset), str(preset), fmt)
 
 
-def _named_spec(name: str, fmt: str) -> ModelSpec:
+def _named_spec(name: str, fmt: "str | ModelFormat") -> ModelSpec:
     return ModelSpec.make(name, fmt, PRESETS[name]["vision"], PRESETS[name]["llm"])
 
 
@@ -224,34 +223,29 @@ def tile_size(preset: "str | ModelSpec") -> int:
 
 # model.format of each named preset: the Long-VITA shapes use the released architecture; the tiny
 # stand-in keeps InternVL's (today's demo and the transformers-native export tests)
-PRESET_FORMATS = {"tiny": "internvl", "longvita-1.5b": "longvita", "longvita-14b": "longvita"}
+PRESET_FORMATS = {"tiny": INTERNVL, "longvita-1.5b": LONGVITA, "longvita-14b": LONGVITA}
 
 
-def default_format(preset) -> str | None:
+def default_format(preset) -> ModelFormat | None:
     """model.format when the stage leaves it null: a named preset's own; a directory's from its
     config.json (``model_type`` long_vita -> longvita, internvl -> internvl, an InternViT + Qwen2 pair or
     anything else with a config -> longvita, the released architecture). None when it cannot tell."""
     if isinstance(preset, (list, tuple)):  # InternViT + Qwen2: the projector is new
-        return "longvita" if len(preset) != 1 else default_format(preset[0])
+        return LONGVITA if len(preset) != 1 else default_format(preset[0])
     if preset in PRESETS:
-        return PRESET_FORMATS.get(preset, "internvl")
+        return PRESET_FORMATS[preset]
     path = Path(preset) / "config.json"
     try:
         model_type = json.loads(path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    return "internvl" if model_type == "internvl" else "longvita"
-
-
-# The placeholders whose positions take vision features, per format (the released model writes its
-# features at every context position: image thumbnails, image tiles, video frames)
-CONTEXT_TOKENS = {"internvl": ("<IMG_CONTEXT>",), "longvita": ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")}
+    return INTERNVL if format_of_model_type(model_type) is INTERNVL else LONGVITA
 
 
 def context_token_ids(vocab: dict, spec: "str | ModelSpec") -> tuple[int, ...]:
     """The ids of the format's context tokens in a tokenizer's ``get_vocab()``; those the tokenizer
     lacks are left out (its data then never holds them); ``<IMG_CONTEXT>`` is required."""
-    names = CONTEXT_TOKENS[spec_of(spec).format]
+    names = spec_of(spec).format.context_tokens  # the released model: thumbnails, image tiles, video frames
     if names[0] not in vocab:
         raise ValueError(f"the tokenizer has no {names[0]} token; load it with lvita.data.tokenizer.load_tokenizer")
     return tuple(int(vocab[n]) for n in names if n in vocab)

@@ -142,7 +142,7 @@ def run(cfg) -> list[float]:
     from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
-    from lvita.model.presets import context_token_ids, llm_config, tile_size, tokens_per_tile
+    from lvita.model.presets import llm_config
     from lvita.training.monitor import Monitor, cap_memory, check_memory_cap, peak_memory_gb, peak_reserved_gb
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
@@ -150,7 +150,7 @@ def run(cfg) -> list[float]:
     from lvita.parallel.hybrid import sequence_attention
     from lvita.parallel.sequence import shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.data.tokenizer import load_tokenizer, special_token_ids
+    from lvita.data.input_format import InputFormat
     from lvita.config.validate import deepspeed_config, validate
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -161,9 +161,8 @@ def run(cfg) -> list[float]:
                                 + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
     spec = cfg.model.spec()  # the model's description, built once and passed down
-    tok = load_tokenizer(cfg.model.tokenizer, spec.format)  # longvita: the 17 official added tokens
-    specials = special_token_ids(tok, spec.format)
-    context = context_token_ids(tok.get_vocab(), spec)  # where vision features go
+    fmt = InputFormat.load(spec, cfg.model.tokenizer)  # tokenizer (longvita: the 17 official tokens), layout
+    tok, context = fmt.tok, fmt.context_ids  # context: where vision features go
     vocab = llm_config(spec).vocab_size
     if len(tok) > vocab:
         raise ValueError(f"model.tokenizer has {len(tok)} tokens but {cfg.model.preset} has vocab {vocab}")
@@ -216,13 +215,12 @@ def run(cfg) -> list[float]:
     guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
 
-    tpt = tokens_per_tile(spec)
     # Decode only what this rank consumes: pixels on pipeline stage 0 only, its sequence shard's tiles.
     stage0 = topo.deepspeed.get_coord(rank).pipe == 0
     pixels = PixelShare(stage0, topo.sequence_rank, layout.ulysses, layout.ring, context)
-    stream = DataStream(cfg.data, tok, specials, tile_size(spec), tpt, cfg.train.global_batch,
-                        cfg.seed, own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
-                        log=log, pixels=pixels, fmt=spec.format)
+    stream = DataStream(cfg.data, fmt, cfg.train.global_batch, cfg.seed,
+                        own_rows(topo.data_rank, layout.data, layout.micro_batch, cfg.train.global_batch),
+                        log=log, pixels=pixels)
     device = cuda if stage0 else None  # pixels go ahead (DeepSpeed's engine.device: the same LOCAL_RANK GPU)
     start = 0
     if plan:
@@ -266,7 +264,7 @@ def run(cfg) -> list[float]:
                                    cfg.train.loss_reduction)
         if layout.sequence > 1:
             micro = [shard_micro_batch(m, topo.sequence_rank, layout.ulysses, layout.ring, context,
-                                       tpt) for m in micro]
+                                       fmt.tpt) for m in micro]
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] / g.get("lr_scale", 1.0)  # the module's rate (vision: before decay)
                for i, g in enumerate(engine.optimizer.param_groups)}
