@@ -76,7 +76,7 @@ def test_mmbench_end_to_end_circular_resume_and_rescore(always_b_hf, tmp_path, m
     calls, real = [], bench_run.answer
 
     def flaky(*a, **k):  # the third answer dies, as a killed run
-        calls.append(a[5])
+        calls.append(a[3])
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
@@ -92,7 +92,7 @@ def test_mmbench_end_to_end_circular_resume_and_rescore(always_b_hf, tmp_path, m
     decoded = (out / "work" / "images" / "0.png").stat().st_mtime_ns  # the first run decoded every image
 
     calls.clear()
-    monkeypatch.setattr(bench_run, "answer", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
+    monkeypatch.setattr(bench_run, "answer", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
     assert lveval.main(argv) == 0
     assert len(calls) == 3  # items 2, 1000000, 1000001 only; 0 and 1 were not redone
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
@@ -190,20 +190,18 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
     from lvita.model.longvita import LongVita
     from lvita.model.presets import context_token_ids, spec_of
 
-    spec = spec_of("tiny", "longvita")
-    tok = load_tokenizer(tokenizer_dir, LONGVITA)
-    sp = dict(special_token_ids(tok, LONGVITA), context=context_token_ids(tok.get_vocab(), spec))
+    fmt = InputFormat.load(spec_of("tiny", LONGVITA), tokenizer_dir)
     torch.manual_seed(0)
-    model = LongVita(spec, sp["context"], seed=0).eval().requires_grad_(False)
+    model = LongVita(fmt.spec, fmt.context_ids, seed=0).eval().requires_grad_(False)
 
     def load(args, opts):
         opts["system_prompt"] = "You are a helpful assistant."  # what a checkpoint's manifest would say
-        return model, tok, sp, spec, None, 0
+        return model, fmt, None, 0
 
     seen, real = [], bench_run.answer
 
     def spy(*a, **k):
-        seen.append((a[4][0]["content"], k["system_prompt"]))
+        seen.append((a[2][0]["content"], k["system_prompt"]))
         text, gen = real(*a, **k)
         return "Let me see. Answer: B", gen
 

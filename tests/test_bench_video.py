@@ -108,9 +108,10 @@ def test_srt_cues_and_the_lines_of_given_timestamps(videomme):
 @pytest.mark.parametrize("fmt", ["longvita", "internvl"])
 def test_videomme_subtitles_follow_the_frames_the_model_sees(videomme, tmp_path, fmt):
     item = next(VIDEO_MME.load(videomme, LoadOptions(work=tmp_path, frames=64, fps=1.0, subtitles=True)))
-    frames = sampled_frames(item.videos[0].path, 64, 1.0, fmt)
+    inputs = {"longvita": LongVitaInput, "internvl": InternVLInput}[fmt]
+    frames = sampled_frames(item.videos[0].path, 64, 1.0, inputs.frames)
     assert list(frames) == FRAMES[fmt] and frames.fps == pytest.approx(4.0)
-    text = VIDEO_MME.prompt(item, fmt)
+    text = VIDEO_MME.prompt(item, inputs)
     assert item.subtitles == LINES[fmt]
     assert ("This video's subtitles are listed below:\n" + LINES[fmt] + "\nSelect the best answer") in text
 
@@ -200,10 +201,10 @@ def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
     p = build_prompt(ask, InputFormat.of("tiny", t), videos=[video], system_prompt=None, media=MediaOptions(max_frames=64))
     from lvita.model.presets import tile_size
     want = video_tiles(folder, tile_size("tiny"), 64, 1.0, start=2, end=5, folder_fps=3)
-    assert p.media == [("video", str(folder), 3)] and torch.equal(p.pixel_values, normalise(want))
+    assert [(str(m.ref), m.frames) for m in p.media] == [(str(folder), 3)] and torch.equal(p.pixel_values, normalise(want))
     plain = build_prompt(ask, InputFormat.of("tiny", t), videos=[Video(folder)], system_prompt=None,
                          media=MediaOptions(max_frames=64))  # no window, no rate: every frame, as before
-    assert plain.media == [("video", str(folder), 30)]
+    assert [(str(m.ref), m.frames) for m in plain.media] == [(str(folder), 30)]
 
 
 def test_mvbench_and_mlvu_first_word_rule_by_hand():

@@ -67,7 +67,7 @@ def _full_logits(model, prompt_ids, pixels, generated):
 def test_kv_cache_decoding_equals_full_recompute(model, tok, image):
     t, sp = tok
     p = build_prompt(ASK, InputFormat.of("tiny", t), images=[image])
-    assert p.media == [("image", str(image), 3)] and p.pixel_values.shape == (3, 3, 112, 112)
+    assert [(str(m.ref), m.tiles) for m in p.media] == [(str(image), 3)] and p.pixel_values.shape == (3, 3, 112, 112)
     assert p.input_ids.count(sp["img_context"]) == 3 * 16
     assert t.decode(p.input_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
     gen = generate(model, p.input_ids, p.pixel_values, sp, max_new_tokens=12, keep_logits=True)

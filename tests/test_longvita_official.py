@@ -243,7 +243,7 @@ def test_preset_takes_the_shapes_from_directories(released, tmp_path, tokenizer_
                                                   "model_type": "qwen2"}))
     one, pair = spec_of(str(released)), spec_of([str(qwen), str(vit)])
     assert (one.vision, one.llm, one.format) == (pair.vision, pair.llm, pair.format) == (
-        one.vision, one.llm, "longvita")
+        one.vision, one.llm, LONGVITA)
     with torch.device("meta"):
         n = sum(p.numel() for p in LongVita(one, 5).parameters())
     assert n == sum(torch.Size(s).numel() for s in KEYS.values())  # exactly the official model's parameters

@@ -52,10 +52,10 @@ def _longva_needles(root: Path, answers: list[str], colours=None) -> Path:
 
 
 def _tok_model(tokenizer_dir, fmt: str, seed: int = 5):
-    t = load_tokenizer(tokenizer_dir, fmt)
-    sp = special_token_ids(t, fmt)
+    """-> (tokenizer, special ids, the tiny model's InputFormat in ``fmt``, the model)."""
     spec = spec_of("tiny", fmt)
-    return t, sp, spec, LongVita(spec, context_token_ids(t.get_vocab(), spec), seed=seed).eval().requires_grad_(False)
+    f = InputFormat.load(spec, tokenizer_dir)
+    return f.tok, f.specials, f, LongVita(spec, f.context_ids, seed=seed).eval().requires_grad_(False)
 
 
 def _recording(calls: list):
@@ -73,7 +73,7 @@ def test_the_needle_lands_at_the_frame_each_depth_asks_for(fmt, tokenizer_dir, h
     hay, about = vniah.haystack_tiles(haystack, 10, spec)
     assert (about["step"], about["frames_at_1fps"], tuple(hay.shape)) == (2, 12, (10, 3, 112, 112))
     calls = []
-    rows = vniah.run_grid(model, t, sp, spec, _recording(calls), needles, hay, [4, 10], [0, 25, 50, 100])
+    rows = vniah.run_grid(model, spec, _recording(calls), needles, hay, [4, 10], [0, 25, 50, 100])
     want = {(4, 0): 0, (4, 25): 1, (4, 50): 2, (4, 100): 4, (10, 0): 0, (10, 25): 2, (10, 50): 5, (10, 100): 10}
     assert [(r["frames"], r["depth"]) for r in rows] == list(want) and len(calls) == 8
     ctx = sp["vid_context"] if fmt == "longvita" else sp["img_context"]
@@ -85,7 +85,7 @@ def test_the_needle_lands_at_the_frame_each_depth_asks_for(fmt, tokenizer_dir, h
         greys = torch.cat([centre[:index], centre[index + 1:]])  # the haystack, in order, at 1 fps
         # mpeg4 + yuv420 noise on a flat grey: <= 3 levels (measured); a sampling off by one video frame: 30
         assert (greys - torch.tensor([[_grey(j)] * 3 for j in range(n)])).abs().max() <= 5
-        assert ids.count(ctx) == (n + 1) * tokens_per_tile(spec) and new == len(row["answer_tokens"])
+        assert ids.count(ctx) == (n + 1) * spec.tpt and new == len(row["answer_tokens"])
     if fmt == "longvita":  # the 80x60 needle is padded to a square with the mean colour, as training's frames
         assert calls[0][1][0, :, 2, 56].tolist() == [123, 116, 103]
 
@@ -100,8 +100,8 @@ def test_prompt_ids_are_build_prompts_for_a_video_of_that_many_frames(fmt, token
     messages = [{"role": "user", "content": question_text(QUESTION)}]
     assert messages[0]["content"].startswith("<video>\nFind the frame")
     for system in (None, "You are a helpful assistant."):
-        p = build_prompt(messages, InputFormat.of(spec, t), videos=[folder], system_prompt=system, media=MediaOptions(max_frames=64))
-        assert p.media[0][2] == 7 and prompt_ids(QUESTION, 7, t, sp, spec, system) == p.input_ids
+        p = build_prompt(messages, spec, videos=[folder], system_prompt=system, media=MediaOptions(max_frames=64))
+        assert p.media[0].frames == 7 and prompt_ids(QUESTION, 7, spec, system) == p.input_ids
 
 
 def _teacher_forced(model, ids, pixels, answer_ids) -> bool:
@@ -141,13 +141,14 @@ def test_teacher_scoring_equals_an_explicit_teacher_forced_forward(tokenizer_dir
     needles, _ = load_needles(_longva_needles(tmp_path / "probe", ["x"], [(0, 0, 255)]))
     # answers the model gives in some cells and not in others: its own 3-token greedy outputs at two
     # cells, and one that matches the first two tokens of a cell's output but not the third
-    outs = [r["tokens"] for r in vniah.run_grid(model, t, sp, spec, generate, needles, hay, frames, depths,
+    outs = [r["tokens"] for r in vniah.run_grid(model, spec, generate, needles, hay, frames, depths,
                                                 scoring="generate", max_new_tokens=3)]
     table = {"a0": outs[0], "a1": outs[-1], "a2": outs[-1][:2] + [outs[0][0]]}
     assert outs[-1][1] != outs[0][0] and len({tuple(o) for o in outs}) > 2
     needles, _ = load_needles(_longva_needles(tmp_path / "needles", list(table), [RED, (0, 0, 255), (0, 255, 0)]))
     calls = []
-    rows = vniah.run_grid(model, _AnswerIds(t, table), sp, spec, _recording(calls), needles, hay, frames, depths)
+    answering = type(spec)(_AnswerIds(t, table), sp, spec.tile, spec.tpt, spec.spec)
+    rows = vniah.run_grid(model, answering, _recording(calls), needles, hay, frames, depths)
     forced = [_teacher_forced(model, ids, pixels, r["answer_tokens"]) for (ids, pixels, _), r in zip(calls, rows)]
     assert [r["answer_tokens"] for r in rows[:3]] == list(table.values()) and len(rows) == 18
     assert [r["correct"] for r in rows] == forced
