@@ -30,6 +30,7 @@ from yunchang.hybrid.utils import RING_IMPL_DICT
 from yunchang.kernels import AttnType
 
 from lvita.model.attention import TensorCache
+from lvita.parallel.internals import check
 from lvita.parallel.ring import ring_attention
 from lvita.parallel.sequence import shard_indices
 from lvita.parallel.ulysses import UlyssesAttention, replicate_kv
@@ -81,6 +82,7 @@ class HybridAttention:
         self.ulysses, self.ring = ulysses, dist.get_world_size(ring_group)
         self.sequence_rank = dist.get_rank(ring_group) * ulysses + dist.get_rank(ulysses_group)
         self.attn = LongContextAttention(ring_impl_type=impl, attn_type=attn_type)
+        check(self.attn, "yunchang_attention", "hybrid Ulysses x ring attention")  # set, not silently added
         self.attn.ulysses_pg, self.attn.ring_pg = ulysses_group, ring_group  # explicit, not the singleton
         self._checked = TensorCache()
 

@@ -87,6 +87,9 @@ def build_topology(pipeline: int, ulysses: int = 1, ring: int = 1) -> Topology:
     if ring > 1:
         from yunchang.globals import PROCESS_GROUP
 
+        from lvita.parallel.internals import check
+
+        check(PROCESS_GROUP, "yunchang_groups", "yunchang's process groups")  # set, not silently added
         PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = own_ulysses, own_ring
     coord = ds_topo.get_coord(rank)
     return Topology(pipeline, width // sp, ulysses, ring, ds_topo, own, coord.data % sp, coord.data // sp,

@@ -35,6 +35,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from lvita.parallel.internals import check_engine, optimizer_kind
+
 
 class Diverged(RuntimeError):
     """Training stopped: too many non-finite steps in a row, or weights that are not finite."""
@@ -78,21 +80,24 @@ class NonFiniteGuard:
     # -- the hook -----------------------------------------------------------------------------------
 
     def _local_bad(self, engine, grads) -> bool:
-        loss = getattr(engine, "total_loss", None)  # the pipeline's last stage sums micro-batch losses
-        is_last = getattr(engine, "is_last_stage", lambda: True)()
-        if is_last and torch.is_tensor(loss) and not bool(torch.isfinite(loss).all()):
+        loss = engine.total_loss  # the pipeline's last stage sums micro-batch losses (None elsewhere)
+        if engine.is_last_stage() and torch.is_tensor(loss) and not bool(torch.isfinite(loss).all()):
             return True
         return _any_nonfinite(grads)
 
     def _install(self, engine) -> None:
         opt = engine.optimizer
-        if getattr(opt, "_lvita_guarded", False):
+        if getattr(opt, "_lvita_guarded", False):  # lvita's own mark: hooked once
             return
+        # every DeepSpeed name used below is registered in lvita.parallel.internals and checked here:
+        # a DeepSpeed without one stops the run instead of training unguarded
+        check_engine(engine, "the non-finite guard")
+        kind = optimizer_kind(opt, "the non-finite guard")
         dev = _device()
-        if hasattr(opt, "check_grad_overflow") and hasattr(opt, "averaged_gradients"):  # ZeRO 1/2
+        if kind == "zero":  # ZeRO 1/2
             def check_overflow(partition_gradients=True):
-                if getattr(opt, "cpu_offload", False):
-                    local = bool(getattr(opt, "local_overflow", False)) or self._local_bad(engine, [])
+                if opt.cpu_offload:
+                    local = bool(opt.local_overflow) or self._local_bad(engine, [])
                 else:
                     grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients.get(i) or [])]
                     local = self._local_bad(engine, grads)
@@ -100,17 +105,17 @@ class NonFiniteGuard:
 
             opt.check_grad_overflow = True
             opt.check_overflow = check_overflow
-        else:  # DeepSpeed's BF16_Optimizer (bf16 + fp32 accumulation + ZeRO-1) or a plain optimizer (ZeRO 0)
+        else:  # "bf16": DeepSpeed's BF16_Optimizer (bf16 + fp32 accumulation + ZeRO-1); "plain": ZeRO 0, fp32
             inner = opt.step
             params = [p for g in opt.param_groups for p in g["params"]]
 
             def step(*args, **kwargs):
-                hp = getattr(opt, "fp32_groups_gradients_flat", None)  # BF16_Optimizer's fp32 accumulators
-                grads = list(hp) if hp is not None else [p.grad for p in params]
+                # BF16_Optimizer's fp32 accumulators; the torch optimizer's parameters' .grad
+                grads = list(opt.fp32_groups_gradients_flat) if kind == "bf16" else [p.grad for p in params]
                 bad = _world_any(self._local_bad(engine, grads), dev)
                 if bad:  # the engine reads ``overflow``, then zeroes the gradients and keeps the schedule
                     opt.overflow = True
-                    if hasattr(opt, "_global_grad_norm"):
+                    if kind == "bf16":  # the engine copies it to get_global_grad_norm(); a torch optimizer has none
                         opt._global_grad_norm = float("inf")  # as DeepSpeed's own skip reports it
                     return None
                 opt.overflow = False
@@ -124,7 +129,7 @@ class NonFiniteGuard:
     @staticmethod
     def skipped(engine) -> bool:
         """Whether the optimizer skipped the last step (this rank's view)."""
-        return not getattr(engine, "_step_applied", True)
+        return not engine.was_step_applied()
 
     def count(self, step: int, bad: bool, loss: float, grad_norm, batch, log) -> None:
         """Record the step (``bad``: agreed by all ranks) and log a skipped one with its samples."""

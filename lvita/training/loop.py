@@ -47,7 +47,13 @@ def _single_process_env() -> None:
 
 
 def _keep_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's plain fp32 path (ZeRO 0) clips gradients but drops the norm; keep it for logging."""
+    """DeepSpeed's plain fp32 path (ZeRO 0) clips gradients but drops the norm; keep it for logging.
+    Replaced on every engine (DeepSpeed calls it on that path only); its names are checked
+    (lvita.parallel.internals: "engine", "ds_utils")."""
+    from lvita.parallel.internals import check, check_engine, resolve
+
+    check_engine(engine, "keeping the fp32 gradient norm")
+    check(resolve("deepspeed.runtime.utils"), "ds_utils", "keeping the fp32 gradient norm")
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip():
@@ -61,15 +67,20 @@ def _one_norm_reduction(engine) -> None:
     """DeepSpeed's ZeRO-1 optimizer (fp32) reduces the gradient norm over the pipeline group once
     per parameter group; pipeline stages hold different numbers of groups (vision and projector
     live on stage 0), so the stages' collectives no longer pair up and the step deadlocks. Take
-    the norm over all groups at once: the same value, one reduction per stage."""
+    the norm over all groups at once: the same value, one reduction per stage. Only ZeRO 1/2 needs
+    it: BF16_Optimizer takes its norm over all groups in one reduction already, and at ZeRO 0 the
+    engine clips all parameters at once; any other optimizer class raises (lvita.parallel.internals)."""
+    from lvita.parallel.internals import check, optimizer_kind, resolve
+
     opt = engine.optimizer
-    if not hasattr(opt, "averaged_gradients"):
-        return
+    if optimizer_kind(opt, "the ZeRO-1 pipeline norm fix") != "zero":
+        return  # deliberate: those paths have no per-group reduction to fix
+    check(resolve("deepspeed.runtime.utils"), "ds_utils", "the ZeRO-1 pipeline norm fix")
 
     def scaled_global_norm(norm_type=2):
         groups = range(len(opt.bit16_groups))
         params = [p for i in groups for p in opt.params_in_partition[i]]
-        if getattr(opt, "cpu_offload", False):  # ZeRO-Offload keeps per-parameter norms; the same fix
+        if opt.cpu_offload:  # ZeRO-Offload keeps per-parameter norms; the same fix
             from deepspeed.runtime.utils import combine_grad_norm_groups
 
             return combine_grad_norm_groups([opt.complete_grad_norm_calculation_for_cpu_offload(params)])
