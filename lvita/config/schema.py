@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lvita.errors import ConfigError  # noqa: F401 - defined there (the model presets raise it too), used here
+
+
 MODULES = ("vision", "projector", "llm")
 # model.format: "longvita" = the released Long-VITA architecture and input layout (ResamplerProjector
 # without biases, <img>/<patch>/<vid> context runs); "internvl" = InternVL's projector and layout (the
 # transformers-native InternVLForConditionalGeneration export)
 MODEL_FORMATS = ("longvita", "internvl")
-
-
-class ConfigError(ValueError):
-    """A stage file or override is wrong; the message names the key and the fix."""
 
 
 @dataclass
@@ -286,6 +285,8 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"stage file {path}: cannot read it ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be an object")
     for item in overrides or []:

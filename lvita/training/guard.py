@@ -35,8 +35,10 @@ import math
 import torch
 import torch.distributed as dist
 
+from lvita.errors import UserError
 
-class Diverged(RuntimeError):
+
+class Diverged(UserError):
     """Training stopped: too many non-finite steps in a row, or weights that are not finite."""
 
 
