@@ -160,14 +160,18 @@ def test_train_divergence_is_one_line_with_the_way_back(capsys, monkeypatch, tmp
     _one_error_line(capsys, "lvita.train", "3 non-finite steps", "No checkpoint was saved before it")
 
 
-def test_train_tokenizer_larger_than_the_vocabulary(capsys, monkeypatch, tokenizer_dir, dataset_dir, tmp_path):
-    import lvita.model.presets
+def test_train_tokenizer_larger_than_the_vocabulary(capsys, tokenizer_dir, dataset_dir, tmp_path):
+    from lvita.data.tokenizer import load_tokenizer
+    from lvita.model.presets import llm_config
     from lvita.training.loop import main
 
-    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out"))
-    monkeypatch.setattr(lvita.model.presets, "llm_config", lambda spec: SimpleNamespace(vocab_size=10))
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = llm_config("tiny").vocab_size
+    tok.add_tokens([f"extra{i}" for i in range(vocab + 1 - len(tok))])
+    tok.save_pretrained(str(tmp_path / "big_tokenizer"))
+    stage = write_stage(tmp_path / "s.json", stage_dict(tmp_path / "big_tokenizer", dataset_dir, tmp_path / "out"))
     assert main(["--stage", str(stage)]) == 2
-    _one_error_line(capsys, "lvita.train", "model.tokenizer", "vocabulary of 10")
+    _one_error_line(capsys, "lvita.train", "big_tokenizer", f"{vocab + 1} tokens", f"vocabulary of {vocab}")
 
 
 def test_python_m_lvita_train_exits_2_with_one_line(tmp_path):
