@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lvita.errors import run_main
+
 
 def main(argv=None) -> int:
     from lvita.model.formats import FORMAT_NAMES
@@ -92,22 +94,8 @@ def main(argv=None) -> int:
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except _user_errors() as e:  # bad input, not a bug: one line (the message names file or key), exit 2
-        what = " ".join(x for x in (args.cmd, getattr(args, "data_cmd", None)) if x)
-        print(f"lvita {what}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (stage file, data, paths, checkpoints, media), not a bug."""
-    from lvita.config.schema import ConfigError
-    from lvita.data.media import MediaError
-    from lvita.data.errors import DataError
-    from lvita.data.template import SampleError
-
-    return ConfigError, DataError, MediaError, SampleError, OSError  # OSError: CheckpointError, missing paths
+    what = " ".join(x for x in (args.cmd, getattr(args, "data_cmd", None)) if x)
+    return run_main(f"lvita {what}", _run, args)  # bad input (a UserError): one line, exit 2
 
 
 def _run(args) -> int:

@@ -11,6 +11,7 @@ from lvita.data.input_format import InternVLInput
 from lvita.bench import prompts
 from lvita.bench import vlmevalkit_score as sc
 from lvita.bench.items import Item
+from lvita.errors import UserError
 
 AB = {"A": "cat", "B": "dog"}
 
@@ -40,7 +41,7 @@ def test_circular_group_with_one_wrong_rotation_scores_zero():
     assert res["groups_without_main_row"] == [3]
     assert res["vanilla_circ0"]["overall"]["correct"] == 2  # rows 0 and 1
     assert res["vanilla_all"]["overall"] == {"accuracy": 0.625, "correct": 5, "scored": 8}
-    with pytest.raises(ValueError, match="row id 'q1' is not one"):
+    with pytest.raises(UserError, match="row id 'q1' is not one"):
         sc.circular_score([row("q1", "A", "A")])
 
 

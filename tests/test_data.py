@@ -13,6 +13,7 @@ from lvita.data.stream import DataStream, own_rows, rank_micro_batches
 from lvita.data.formats import normalise_messages
 from lvita.data.template import IGNORE, SampleError, encode_conversation
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from lvita.errors import PathError
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_directories_and_parquet_sources(tok, tmp_path, dataset_dir):
     assert mix.read_at("t", (0, 5, 5)).raw["id"] == rows[5]["id"]
     (tmp_path / "arr.jsonl").write_text("[" + json.dumps(rows[0]) + "]")  # an array, whatever the suffix
     assert Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("x", ["arr.jsonl"])]), seed=0).next().raw == rows[0]
-    with pytest.raises(FileNotFoundError, match="data source 'y'"):
+    with pytest.raises(PathError, match="data source 'y'"):
         Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("y", ["nope.jsonl"])]), seed=0)
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from lvita.demo.dataset import generate_demo_data
 from lvita.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, train_demo_tokenizer
+from lvita.errors import PathError
 
 COUNTS = {"captions": 200, "multi_image": 80, "comic": 20, "video": 20, "text_short": 200, "text_long": 20}
 
@@ -41,7 +42,7 @@ def test_load_tokenizer_adds_missing_image_tokens(tmp_path):
     fast.save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)
     assert all(t in tok.get_vocab() for t in ("<img>", "</img>", "<IMG_CONTEXT>"))
-    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    with pytest.raises(PathError, match="no tokenizer files"):
         load_tokenizer(tmp_path / "missing")
 
 

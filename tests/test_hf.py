@@ -12,6 +12,7 @@ from lvita.ckpt.hf_read import CheckpointError, read_hf
 from lvita.model.longvita import LongVita
 from lvita.model.presets import PRESETS, llm_config, tokens_per_tile, vision_config
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from lvita.errors import PathError
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +225,7 @@ def test_missing_shard(model, ids, tokenizer_dir, tmp_path):
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     assert read_hf([out], "tiny")[0].keys() == model.state_dict().keys()
     shards[1].unlink()
-    with pytest.raises(FileNotFoundError, match=rf"names shard\(s\) missing from .*sharded: {shards[1].name}"):
+    with pytest.raises(CheckpointError, match=rf"names shard\(s\) missing from .*sharded: {shards[1].name}"):
         read_hf([out], "tiny")
 
 
@@ -251,13 +252,13 @@ def test_preset_mismatch(hf_dir):
 
 
 def test_missing_files_and_dirs(hf_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
+    with pytest.raises(CheckpointError, match="nowhere is not a directory"):
         read_hf([tmp_path / "nowhere"], "tiny")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty has no config.json"):
+    with pytest.raises(CheckpointError, match="empty has no config.json"):
         read_hf([tmp_path / "empty"], "tiny")
     shutil.copy(hf_dir / "config.json", tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in .*empty"):
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors weights in .*empty"):
         read_hf([tmp_path / "empty"], "tiny")
     with pytest.raises(CheckpointError, match=r"expected one directory in the released Long-VITA layout \(model_type long_vita\) or InternVL.s \(internvl\), or an InternViT \+ a Qwen2"):
         read_hf([hf_dir, hf_dir], "tiny")
@@ -266,12 +267,12 @@ def test_missing_files_and_dirs(hf_dir, tmp_path):
 def test_write_refuses_non_empty_dir_and_leaves_nothing_on_error(model, ids, tokenizer_dir, tmp_path, monkeypatch):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
-    with pytest.raises(FileExistsError, match="taken exists and is not an empty directory"):
+    with pytest.raises(PathError, match="taken exists and is not an empty directory"):
         write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "taken", ids["img_context"])
     assert (tmp_path / "taken" / "x").read_text() == "keep"
     plain = dict(model.state_dict())
     plain.pop("head.norm.weight")
-    with pytest.raises(ValueError, match="does not fit model.preset='tiny': missing keys head.norm.weight"):
+    with pytest.raises(CheckpointError, match="does not fit model.preset='tiny': missing keys head.norm.weight"):
         write_hf_dir(plain, "tiny", tokenizer_dir, tmp_path / "new", ids["img_context"])
     with pytest.raises(ValueError, match=r"to_hf_state: missing keys head.norm.weight"):
         to_hf_state(plain)

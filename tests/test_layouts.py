@@ -20,6 +20,7 @@ from lvita.data.sources import Mixture
 from lvita.data.stream import DataStream
 from lvita.data.template import IGNORE, SampleError
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from lvita.errors import PathError
 from tests.layouts import write_layouts
 
 TILE, TPT = 112, 16
@@ -231,9 +232,9 @@ def test_hf_dataset_dict_directory_uses_its_train_split(tmp_path):
     mix = Mixture(DataConfig(root=str(tmp_path), sources=[SourceConfig("dd", ["dd"])]), 0)
     assert [mix.next().raw["query"] for _ in range(3)] == ["a?", "b?", "a?"]
     datasets.DatasetDict({"validation": dd["test"]}).save_to_disk(str(tmp_path / "nt"))
-    with pytest.raises(FileNotFoundError, match="no 'train'; name one split's folder"):
+    with pytest.raises(PathError, match="no 'train'; name one split's folder"):
         source_files("nt", str(tmp_path), ["nt"])
-    with pytest.raises(FileNotFoundError, match="nothing matches"):
+    with pytest.raises(PathError, match="nothing matches"):
         source_files("g", str(tmp_path), ["dd/*/nope-*.parquet"])
 
 

@@ -155,7 +155,7 @@ def test_convert_from_hf_then_to_hf_longvita_returns_the_same_tensors(released, 
     with pytest.raises(CheckpointError, match=r"is in the longvita format \(model_type long_vita\) but model.format "
                                               r"is 'internvl'"):
         read_hf([released], spec_of(str(released), "internvl"))
-    with pytest.raises(OSError, match=r"--layout internvl: .* holds a model.format='longvita' model"):
+    with pytest.raises(CheckpointError, match=r"--layout internvl: .* holds a model.format='longvita' model"):
         to_hf(str(lvita_dir), str(tmp_path / "internvl"), layout="internvl", log=lambda *a: None)
     out = to_hf(str(lvita_dir), str(tmp_path / "back"), layout="longvita", log=lambda *a: None)
     original, back = load_file(str(released / "model.safetensors")), load_file(str(out / "model.safetensors"))

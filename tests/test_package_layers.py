@@ -8,9 +8,11 @@ from pathlib import Path
 
 LVITA = Path(__file__).resolve().parents[1] / "lvita"
 # Lower layers first; a package may import its own modules and those of any layer before it.
-# training and infer are siblings: neither imports the other.
-LAYERS = {"model": 0, "parallel": 1, "config": 2, "data": 3, "ckpt": 4, "training": 5, "infer": 5, "demo": 6,
-          "bench": 6}  # bench answers with infer's prompt and decoding; the lvita.eval entry point dispatches
+# training and infer are siblings: neither imports the other. lvita.errors (UserError, run_main) is the
+# lowest layer, a plain module: every module may import it, it imports nothing from lvita.
+LAYERS = {"errors": -1, "model": 0, "parallel": 1, "config": 2, "data": 3, "ckpt": 4, "training": 5, "infer": 5,
+          "demo": 6, "bench": 6}  # bench answers with infer's prompt and decoding; the lvita.eval entry point dispatches
+LEAVES = {"errors"}  # layers that are one module, not a package
 ENTRY_POINTS = {"cli", "train", "generate", "eval", "launch"}  # the plain modules at the top
 
 
@@ -107,10 +109,19 @@ def test_each_package_imports_only_the_layers_below_it():
 
 def test_the_top_level_holds_only_entry_points_and_every_package_says_what_it_owns():
     plain = {p.stem for p in LVITA.glob("*.py")} - {"__init__"}
-    assert plain == ENTRY_POINTS
+    assert plain == ENTRY_POINTS | LEAVES
     packages = {p.parent.name for p in LVITA.glob("*/__init__.py")}
-    assert packages == set(LAYERS)
+    assert packages == set(LAYERS) - LEAVES
     for name in packages:
         doc = ast.get_docstring(ast.parse((LVITA / name / "__init__.py").read_text())) or ""
         assert "import" in doc, f"lvita/{name}/__init__.py: say what the package owns and may import"
-    assert {p.parent.name for p in LVITA.glob("*/*.py")} == set(LAYERS)  # no folder without __init__.py
+    assert {p.parent.name for p in LVITA.glob("*/*.py")} == set(LAYERS) - LEAVES  # no folder without __init__.py
+    for name in LEAVES:
+        doc = ast.get_docstring(ast.parse((LVITA / f"{name}.py").read_text())) or ""
+        assert "import" in doc, f"lvita/{name}.py: say what the module owns and may import"
+
+
+def test_the_errors_module_is_a_leaf_that_every_layer_may_import():
+    graph = _imports(_modules())
+    assert graph["lvita.errors"] == set()
+    assert "lvita.errors" in graph["lvita.model.presets"] and "lvita.errors" in graph["lvita.cli"]

@@ -19,6 +19,7 @@ from lvita.bench import vniah, vniah_heatmap
 from lvita.bench.vniah_data import load_needles, needle_index, prompt_ids, question_text
 from lvita.ckpt.hf import write_hf_dir
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
+from lvita.errors import PathError
 from lvita.infer.decode import generate
 from lvita.infer.prompt import MediaOptions, build_prompt
 from lvita.model.longvita import LongVita
@@ -234,7 +235,7 @@ def test_bad_input_is_clear(tokenizer_dir, haystack, tmp_path, capsys):
     assert vniah.main(base + ["--frames", "200"]) == 2  # refused before any model is loaded
     assert "12 frames at 1 fps (24 frames at 2 fps), --frames asks for 200" in capsys.readouterr().err
     assert vniah.main(base + ["--depths", "0,120"]) == 2 and "percents in 0..100" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no \\*.parquet"):
+    with pytest.raises(PathError, match="no \\*.parquet"):
         load_needles(tmp_path)
     assert vniah.parse_grid("200:1000:200", "frames", True) == [200, 400, 600, 800, 1000]
     assert vniah.parse_grid("0:100:12.5", "depths", False)[:3] == [0, 12.5, 25]

@@ -5,7 +5,7 @@ Owns the name -> :class:`lvita.bench.items.Benchmark` table (:data:`BENCHMARKS`)
 entry here; its module owns loading, prompt and scoring.
 
     from lvita.bench.catalog import BENCHMARKS, lookup
-    bench = lookup("MMBench_DEV_EN")      # KeyError-free: ValueError naming the valid names
+    bench = lookup("MMBench_DEV_EN")      # KeyError-free: UserError naming the valid names
 
 Trade-off: a plain dict built at import (every loader module is imported, none reads a file until
 ``load`` is called).
@@ -16,6 +16,7 @@ from lvita.bench.items import Benchmark
 from lvita.bench.video import UNSUPPORTED as VIDEO_UNSUPPORTED
 from lvita.bench.video import VIDEO_BENCHMARKS
 from lvita.bench.vlmevalkit import BENCHMARKS as VLMEVALKIT
+from lvita.errors import UserError
 
 BENCHMARKS: dict[str, Benchmark] = {**VLMEVALKIT, **VIDEO_BENCHMARKS}
 
@@ -30,9 +31,9 @@ UNSUPPORTED: dict[str, str] = {
 
 
 def lookup(name: str) -> Benchmark:
-    """The benchmark called ``name``; ValueError saying why for an unsupported or unknown name."""
+    """The benchmark called ``name``; UserError saying why for an unsupported or unknown name."""
     if name in BENCHMARKS:
         return BENCHMARKS[name]
     if name in UNSUPPORTED:
-        raise ValueError(f"--benchmark {name} is not supported: {UNSUPPORTED[name]}")
-    raise ValueError(f"--benchmark {name}: unknown; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
+        raise UserError(f"--benchmark {name} is not supported: {UNSUPPORTED[name]}")
+    raise UserError(f"--benchmark {name}: unknown; known benchmarks: {', '.join(sorted(BENCHMARKS))}")

@@ -21,13 +21,13 @@ is loaded (loaders are generic); that costs the load time once.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from lvita.bench.catalog import lookup
 from lvita.bench.items import LoadOptions
 from lvita.bench.run import evaluate_benchmark, score_only
+from lvita.errors import PathError, UserError, run_main
 from lvita.infer.generate import add_model_args, load_for_args, options
 
 
@@ -62,11 +62,11 @@ def rescore(argv: list[str]) -> int:
     ap.add_argument("--benchmark", required=True, metavar="NAME")
     ap.add_argument("--out", help="default: beside PREDICTIONS")
     args, _ = ap.parse_known_args(argv)  # the run's model options may be repeated; they do not matter here
-    try:
-        score_only(lookup(args.benchmark), args.score_only, args.out, arguments=argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lvita eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("lvita eval", _rescore, args, argv)
+
+
+def _rescore(args, argv: list[str]) -> int:
+    score_only(lookup(args.benchmark), args.score_only, args.out, arguments=argv)
     return 0
 
 
@@ -79,29 +79,28 @@ def main(argv=None) -> int:
 
         return vniah(argv)
     args = parser().parse_args(argv)
-    try:
-        bench = lookup(args.benchmark)
-        if not Path(args.data).exists():
-            raise FileNotFoundError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
-        if args.frames < 1:
-            raise ValueError("--frames must be at least 1")
-        if args.max_new_tokens is None:
-            args.max_new_tokens = bench.max_new_tokens
-        args.max_frames = args.frames
-        opts = options(args)
-        model, fmt, decode, rank = load_for_args(args, opts)
-        if not fmt.model_format.default_system_prompt and args.system_prompt is None:
-            opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
-        out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
-        load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
-        if args.sp > 1:
-            decode_on_rank0(bench, args.data, load_opts, rank)
-        evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                           write=rank == 0, arguments=argv)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError, a loader's file errors
-        if os.environ.get("RANK", "0") == "0":
-            print(f"lvita eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("lvita eval", _main, args, argv)
+
+
+def _main(args, argv: list[str]) -> int:
+    bench = lookup(args.benchmark)
+    if not Path(args.data).exists():
+        raise PathError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
+    if args.frames < 1:
+        raise UserError("--frames must be at least 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = bench.max_new_tokens
+    args.max_frames = args.frames
+    opts = options(args)
+    model, fmt, decode, rank = load_for_args(args, opts)
+    if not fmt.model_format.default_system_prompt and args.system_prompt is None:
+        opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
+    out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
+    load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
+    if args.sp > 1:
+        decode_on_rank0(bench, args.data, load_opts, rank)
+    evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
+                       write=rank == 0, arguments=argv)
     return 0
 
 

@@ -34,6 +34,7 @@ from lvita.bench.mvbench import question_block
 from lvita.bench.prompts import longvita_finish
 from lvita.bench.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
                                       missing_video, read_json_list)
+from lvita.errors import PathError
 
 # -- LongVideoBench -----------------------------------------------------------------------------------
 
@@ -45,7 +46,7 @@ def load_lvb(path: Path, options: LoadOptions):
     path = Path(path)
     file = path if path.is_file() else path / LVB_FILE
     if not file.is_file():
-        raise ValueError(f"--data {path}: expected LongVideoBench's {LVB_FILE} there (and videos/)")
+        raise PathError(f"--data {path}: expected LongVideoBench's {LVB_FILE} there (and videos/)")
     ids = Unique()
     for row, rec in enumerate(read_json_list(file, "LongVideoBench file")):
         rec = rec if isinstance(rec, dict) else {}
@@ -100,8 +101,8 @@ def load_mlvu(path: Path, options: LoadOptions):
     base = next((b for b in (Path(path), Path(path) / "MLVU") if (b / "json").is_dir()), None)
     present = [t for t, stem in MLVU_TASKS.items() if base and (base / "json" / f"{stem}.json").is_file()]
     if not present:
-        raise ValueError(f"--data {path}: expected MLVU's json/<n>_<task>.json (1_plotQA.json ... 7_topic_reasoning"
-                         f".json) and video/ there or under MLVU/")
+        raise PathError(f"--data {path}: expected MLVU's json/<n>_<task>.json (1_plotQA.json ... 7_topic_reasoning"
+                        f".json) and video/ there or under MLVU/")
     ids = Unique()
     for task in present:
         stem = MLVU_TASKS[task]

@@ -30,6 +30,7 @@ from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.bench.prompts import longvita_finish
 from lvita.bench.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
                                       read_json_list)
+from lvita.errors import PathError
 
 FRAME_FPS = 3  # VLMEvalKit's frame_fps: the rate of MVBench's frame-folder tasks (tvqa frames_fps3_hq)
 
@@ -71,10 +72,10 @@ def load(path: Path, options: LoadOptions):
     absent is left out (named in no Skip: the benchmark as downloaded may lack one, e.g. NTU RGB+D)."""
     root = Path(path)
     if not (root / "json").is_dir():
-        raise ValueError(f"--data {root}: expected MVBench's json/ folder (json/<task>.json) and video/ there")
+        raise PathError(f"--data {root}: expected MVBench's json/ folder (json/<task>.json) and video/ there")
     present = [t for t, spec in TASKS.items() if (root / "json" / spec[0]).is_file()]
     if not present:
-        raise ValueError(f"--data {root}: json/ holds none of MVBench's task files ({TASKS['Action Sequence'][0]}, ...)")
+        raise PathError(f"--data {root}: json/ holds none of MVBench's task files ({TASKS['Action Sequence'][0]}, ...)")
     ids = Unique()
     for task in present:
         file, folder, kind, bounded = TASKS[task]

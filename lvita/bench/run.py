@@ -33,6 +33,7 @@ from lvita.bench.prompts import postprocess
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.template import SampleError
+from lvita.errors import PathError, UserError
 from lvita.infer.generate import answer
 
 PROGRESS_SECONDS = 5.0
@@ -45,7 +46,7 @@ def stderr(*args) -> None:
 def read_predictions(path: Path, cut_torn: bool = False) -> list[dict]:
     """The rows of a predictions.jsonl in file order (first row per id). A last line without its newline
     is a torn write: dropped (and cut from the file when ``cut_torn``). Any other bad line is a
-    ValueError naming the file and line."""
+    UserError naming the file and line."""
     path = Path(path)
     data = path.read_bytes() if path.exists() else b""
     complete = data[:data.rfind(b"\n") + 1]
@@ -61,8 +62,8 @@ def read_predictions(path: Path, cut_torn: bool = False) -> list[dict]:
             if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
                 raise ValueError("a row must be an object with 'id' and 'prediction'")
         except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: not a prediction row ({e}); remove the line or the file "
-                             "to answer that item again") from None
+            raise UserError(f"{path}:{lineno}: not a prediction row ({e}); remove the line or the file "
+                            "to answer that item again") from None
         if row["id"] not in seen:
             seen.add(row["id"])
             rows.append(row)
@@ -180,7 +181,7 @@ def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | N
     options (the run's); ``scores``, ``answered``, ``command`` and ``arguments`` are replaced."""
     predictions = Path(predictions)
     if not predictions.is_file():
-        raise FileNotFoundError(f"--score-only {predictions}: no such file (expected a predictions.jsonl)")
+        raise PathError(f"--score-only {predictions}: no such file (expected a predictions.jsonl)")
     rows = read_predictions(predictions)
     dest = Path(out) if out is not None else predictions.parent
     dest.mkdir(parents=True, exist_ok=True)

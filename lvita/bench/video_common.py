@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lvita.bench.choice import can_infer
 from lvita.bench.items import Skip
+from lvita.errors import PathError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # as listed in vlmeval/dataset/utils/videomme.py; two commas are missing there, so two entries are
@@ -78,13 +79,13 @@ def breakdown(rows: list[dict], scores: list[int], key: str) -> dict:
 
 
 def read_json_list(path: Path, what: str) -> list:
-    """A JSON file holding a list of records; a clear ValueError otherwise."""
+    """A JSON file holding a list of records; a clear PathError otherwise."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path}: cannot read it as JSON ({e})") from None
+        raise PathError(f"{what} {path}: cannot read it as JSON ({e})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{what} {path}: expected a JSON list of records, found {type(data).__name__}")
+        raise PathError(f"{what} {path}: expected a JSON list of records, found {type(data).__name__}")
     return data
 
 

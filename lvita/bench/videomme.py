@@ -41,6 +41,7 @@ from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.bench.prompts import longvita_finish, videomme_text
 from lvita.bench.video_common import Unique, accuracy, breakdown, first_letter, missing_video
 from lvita.data.media import MediaError, sampled_frames
+from lvita.errors import PathError
 
 PARQUET = "videomme/test-00000-of-00001.parquet"
 VIDEO_DIRS = ("", "data", "videos", "video")
@@ -107,8 +108,8 @@ def find_parquet(path: Path) -> Path:
     found = sorted(path.glob("videomme/*.parquet")) or sorted(path.glob("*.parquet"))
     if len(found) == 1:
         return found[0]
-    raise ValueError(f"--data {path}: expected Video-MME's {PARQUET} (or one .parquet) there; "
-                     f"found {[str(f) for f in found] or 'none'}")
+    raise PathError(f"--data {path}: expected Video-MME's {PARQUET} (or one .parquet) there; "
+                    f"found {[str(f) for f in found] or 'none'}")
 
 
 def _options(raw) -> dict[str, str] | None:
@@ -132,9 +133,9 @@ def load(path: Path, options: LoadOptions):
     try:
         table = pd.read_parquet(parquet)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise ValueError(f"--data {parquet}: cannot read it as parquet ({e})") from None
+        raise PathError(f"--data {parquet}: cannot read it as parquet ({e})") from None
     if missing := [c for c in REQUIRED if c not in table.columns]:
-        raise ValueError(f"--data {parquet}: columns {missing} are missing (Video-MME has {list(REQUIRED)} ...)")
+        raise PathError(f"--data {parquet}: columns {missing} are missing (Video-MME has {list(REQUIRED)} ...)")
     root = parquet.parent.parent if parquet.parent.name == "videomme" else parquet.parent
     ids, cues_of = Unique(), {}
     for row, rec in enumerate(table.to_dict(orient="records")):

@@ -33,6 +33,7 @@ from typing import Iterator
 from lvita.bench import prompts
 from lvita.bench import vlmevalkit_score as scoring
 from lvita.bench.items import Benchmark, Item, LoadOptions, Skip
+from lvita.errors import PathError
 
 ANSWER_TOKENS = 1024  # long_vita.py asks its server for tokens_to_generate 1024 (greedy ends at EOS)
 REF_MAX_CHARS = 64  # ImageBaseDataset: an image cell this short is another row's index
@@ -44,14 +45,14 @@ def read_tsv(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file (expected the benchmark's VLMEvalKit TSV)")
+        raise PathError(f"--data {path}: no such file (expected the benchmark's VLMEvalKit TSV)")
     try:
         df = pd.read_csv(path, sep="\t")
     except Exception as e:  # pandas' parser errors have no common base class
-        raise ValueError(f"--data {path}: cannot read it as a VLMEvalKit TSV ({e})") from None
+        raise PathError(f"--data {path}: cannot read it as a VLMEvalKit TSV ({e})") from None
     if missing := [c for c in ("index", "question") if c not in df.columns]:
-        raise ValueError(f"--data {path}: no column {missing[0]!r} (columns: {', '.join(map(str, df.columns))}); "
-                         "expected VLMEvalKit's layout index, image, question, hint, A.., answer, category")
+        raise PathError(f"--data {path}: no column {missing[0]!r} (columns: {', '.join(map(str, df.columns))}); "
+                        "expected VLMEvalKit's layout index, image, question, hint, A.., answer, category")
     return df
 
 

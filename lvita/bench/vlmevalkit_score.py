@@ -32,6 +32,7 @@ import re
 from collections import defaultdict
 
 from lvita.bench.choice import can_infer
+from lvita.errors import UserError
 
 GROUP_OFFSET = 1_000_000  # MMBench's rotated copies: index + k * 1e6
 BREAKDOWN_KEYS = ("split", "l2-category", "category")
@@ -68,8 +69,8 @@ def mcq_score(rows: list[dict]) -> dict:
 def circular_score(rows: list[dict]) -> dict:
     """MMBench: circular accuracy over question groups, plus vanilla on main rows and on all rows."""
     if bad := [r["id"] for r in rows if not str(r["id"]).isdigit()]:
-        raise ValueError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} "
-                         "is not one")
+        raise UserError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} "
+                        "is not one")
     groups: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         groups[int(r["id"]) % GROUP_OFFSET].append(r)

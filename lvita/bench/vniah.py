@@ -61,6 +61,7 @@ from lvita.bench.vniah_data import (frames_with_needle, haystack_info, haystack_
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import uint8_tiles
 from lvita.data.template import SampleError
+from lvita.errors import UserError, run_main
 from lvita.infer.decode import generate
 from lvita.infer.generate import add_model_args, load_for_args, options
 from lvita.infer.prompt import ContextError
@@ -93,12 +94,12 @@ def parse_grid(text: str, what: str, integer: bool) -> list:
         else:
             values = [num(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{what} {text!r}: expected numbers like 0,50,100 or START:STOP:STEP") from None
+        raise UserError(f"--{what} {text!r}: expected numbers like 0,50,100 or START:STOP:STEP") from None
     values = sorted({int(v) if float(v).is_integer() else round(v, 6) for v in values})
     low = 1 if what == "frames" else 0
     if not values or values[0] < low or (what == "depths" and values[-1] > 100):
-        raise ValueError(f"--{what} {text!r}: " + ("frame counts must be at least 1" if what == "frames"
-                                                    else "depths are percents in 0..100"))
+        raise UserError(f"--{what} {text!r}: " + ("frame counts must be at least 1" if what == "frames"
+                                                   else "depths are percents in 0..100"))
     return values
 
 
@@ -136,9 +137,9 @@ def check_setup(out: Path, setup: dict, write: bool) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         if differ := [k for k in sorted(set(old) | set(setup)) if old.get(k) != setup.get(k)]:
-            raise ValueError(f"--out {out}: its cells were made with " + ", ".join(
-                f"{k}={old.get(k)!r} (this run: {setup.get(k)!r})" for k in differ) +
-                f"; use another --out (or delete {out})")
+            raise UserError(f"--out {out}: its cells were made with " + ", ".join(
+               f"{k}={old.get(k)!r} (this run: {setup.get(k)!r})" for k in differ) +
+               f"; use another --out (or delete {out})")
     elif write:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(setup, indent=1) + "\n")
@@ -276,30 +277,29 @@ def main(argv=None) -> int:
     ap.set_defaults(max_new_tokens=32)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    return run_main("lvita eval --benchmark vniah", _main, args, argv)
+
+
+def _main(args, argv: list[str]) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank0 else None
-    try:
-        frames = parse_grid(args.frames, "frames", integer=True)
-        depths = parse_grid(args.depths, "depths", integer=False)
-        opts = options(args)
-        needles, skipped = load_needles(args.needles)
-        if not needles:
-            raise ValueError(f"--needles {args.needles}: no usable needle ({'; '.join(s.detail for s in skipped)})")
-        haystack_info(args.haystack, max(frames))  # before a long model load: is the haystack long enough?
-        out = Path(args.out or f"vniah-{Path(args.haystack).stem}")
-        done = read_cells(out)  # before the first collective: every rank skips the same cells
-        model, fmt, decode, rank = load_for_args(args, opts)
-        setup = {"model": str(Path(args.model).resolve()), "haystack": str(Path(args.haystack).resolve()),
-                 "needles": str(Path(args.needles).resolve()), "scoring": args.scoring,
-                 "system_prompt": opts["system_prompt"], "max_context": args.max_context,
-                 "format": fmt.model_format.name,
-                 "max_new_tokens": args.max_new_tokens if args.scoring == "generate" else None}
-        check_setup(out, setup, rank == 0)
-        haystack, about = haystack_tiles(args.haystack, max(frames), fmt)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError, MediaError, bad options
-        if rank0:
-            print(f"lvita eval --benchmark vniah: error: {e}", file=sys.stderr)
-        return 2
+    frames = parse_grid(args.frames, "frames", integer=True)
+    depths = parse_grid(args.depths, "depths", integer=False)
+    opts = options(args)
+    needles, skipped = load_needles(args.needles)
+    if not needles:
+        raise UserError(f"--needles {args.needles}: no usable needle ({'; '.join(s.detail for s in skipped)})")
+    haystack_info(args.haystack, max(frames))  # before a long model load: is the haystack long enough?
+    out = Path(args.out or f"vniah-{Path(args.haystack).stem}")
+    done = read_cells(out)  # before the first collective: every rank skips the same cells
+    model, fmt, decode, rank = load_for_args(args, opts)
+    setup = {"model": str(Path(args.model).resolve()), "haystack": str(Path(args.haystack).resolve()),
+             "needles": str(Path(args.needles).resolve()), "scoring": args.scoring,
+             "system_prompt": opts["system_prompt"], "max_context": args.max_context,
+             "format": fmt.model_format.name,
+             "max_new_tokens": args.max_new_tokens if args.scoring == "generate" else None}
+    check_setup(out, setup, rank == 0)
+    haystack, about = haystack_tiles(args.haystack, max(frames), fmt)
     if log is not None:
         log(f"vniah: {len(needles)} needles, {len(frames)} frame counts x {len(depths)} depths, haystack "
             f"{about['frames_at_1fps']} frames at 1 fps; {len(done)} cells already in {out}/cells.jsonl")

@@ -46,6 +46,7 @@ from lvita.bench.items import Skip
 from lvita.bench.video_common import read_json_list
 from lvita.data.media import INTERNVL_FRAMES, FrameRule, MediaError, decoded_rgb, uint8_tiles
 from lvita.data.planned import PlannedVideo
+from lvita.errors import PathError, UserError
 
 DECODE_CHUNK = 64  # haystack frames decoded per decord call: bounds the RGB frames held at once
 
@@ -65,18 +66,18 @@ def _needle_files(root: Path) -> tuple[str, list[Path]]:
     if root.is_file():
         kinds = {".parquet": "parquet", ".json": "json"}
         if root.suffix not in kinds:
-            raise ValueError(f"--needles {root}: expected a folder, a .parquet or a .json file")
+            raise PathError(f"--needles {root}: expected a folder, a .parquet or a .json file")
         return kinds[root.suffix], [root]
     if not root.is_dir():
-        raise ValueError(f"--needles {root}: no such file or folder")
+        raise PathError(f"--needles {root}: no such file or folder")
     if parquet := sorted(root.rglob("*.parquet")):
         return "parquet", parquet
     if (root / "dataset.json").is_file():
         return "json", [root / "dataset.json"]
     if found := sorted(root.glob("*.json")):
         return "json", found
-    raise ValueError(f"--needles {root}: no *.parquet (lmms-lab/v_niah_needles as downloaded) and no dataset.json "
-                     f"(LongVA's needle_datasets/ layout) in it")
+    raise PathError(f"--needles {root}: no *.parquet (lmms-lab/v_niah_needles as downloaded) and no dataset.json "
+                    f"(LongVA's needle_datasets/ layout) in it")
 
 
 def _parquet_rows(path: Path) -> list[dict]:
@@ -85,7 +86,7 @@ def _parquet_rows(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a bad file
-        raise ValueError(f"--needles {path}: cannot read it as parquet ({e})") from None
+        raise PathError(f"--needles {path}: cannot read it as parquet ({e})") from None
 
 
 def _open_rgb(src, where: str) -> Image.Image:
@@ -145,42 +146,42 @@ def one_fps_indices(total: int, native_fps: float, count: int) -> list[int]:
 
 
 def _haystack_source(path: Path, frames: FrameRule):
-    """-> (frame files or a decord reader, its 1-fps frame numbers, a description); ValueError if unreadable.
+    """-> (frame files or a decord reader, its 1-fps frame numbers, a description); PathError if unreadable.
     ``frames``: the model format's frame rule (which files of a folder are frames, in which order)."""
     if path.is_dir():
         files = [str(f) for f in frames.folder_files(path)]
         return files, list(range(len(files))), {"path": str(path), "kind": "frame folder (1 frame per second)",
                                                 "frames_at_1fps": len(files)}
     if not path.is_file():
-        raise ValueError(f"--haystack {path}: no such video file or frame folder")
+        raise PathError(f"--haystack {path}: no such video file or frame folder")
     try:
         import decord
 
         vr = decord.VideoReader(str(path), num_threads=1)
         total, native = len(vr), float(vr.get_avg_fps() or 0.0)
     except Exception as e:  # decord raises DECORDError (and others) for corrupt files
-        raise ValueError(f"--haystack {path}: cannot decode the video ({e})") from None
+        raise PathError(f"--haystack {path}: cannot decode the video ({e})") from None
     if native <= 0:
-        raise ValueError(f"--haystack {path}: the video has no frame rate; pass a folder of 1-fps frames instead")
+        raise UserError(f"--haystack {path}: the video has no frame rate; pass a folder of 1-fps frames instead")
     idx = one_fps_indices(total, native, total)
     return vr, idx, {"path": str(path), "kind": "video", "frames": total, "native_fps": native,
                      "step": max(1, round(native)), "frames_at_1fps": len(idx)}
 
 
 def haystack_info(path, count: int, frames: FrameRule = INTERNVL_FRAMES) -> dict:
-    """What ``--haystack`` holds (metadata only); ValueError when it has fewer than ``count`` 1-fps frames."""
+    """What ``--haystack`` holds (metadata only); UserError when it has fewer than ``count`` 1-fps frames."""
     about = _haystack_source(Path(path), frames)[2]
     if about["frames_at_1fps"] < count:
         held = (f"{about['frames']} frames at {about['native_fps']:g} fps" if about["kind"] == "video"
                 else "frame images")
-        raise ValueError(f"--haystack {path}: {about['frames_at_1fps']} frames at 1 fps ({held}), --frames asks "
-                         f"for {count}: use a longer video or smaller --frames (LongVA refuses it too)")
+        raise UserError(f"--haystack {path}: {about['frames_at_1fps']} frames at 1 fps ({held}), --frames asks "
+                        f"for {count}: use a longer video or smaller --frames (LongVA refuses it too)")
     return about
 
 
 def haystack_tiles(path, count: int, fmt) -> tuple[torch.Tensor, dict]:
     """The first ``count`` 1-fps frames of ``--haystack`` -> ((count, 3, T, T) uint8, a description), as the
-    input format ``fmt`` prepares frames. Fewer than ``count`` there: ValueError naming the video and what it holds."""
+    input format ``fmt`` prepares frames. Fewer than ``count`` there: UserError naming the video and what it holds."""
     path, tile = Path(path), fmt.tile
     about = haystack_info(path, count, fmt.frames)
     source, idx, _ = _haystack_source(path, fmt.frames)
@@ -194,7 +195,7 @@ def haystack_tiles(path, count: int, fmt) -> tuple[torch.Tensor, dict]:
             try:
                 imgs = [Image.fromarray(f).convert("RGB") for f in source.get_batch(part).asnumpy()]
             except Exception as e:
-                raise ValueError(f"--haystack {path}: cannot decode frames {part[0]}..{part[-1]} ({e})") from None
+                raise PathError(f"--haystack {path}: cannot decode frames {part[0]}..{part[-1]} ({e})") from None
         out[s:s + len(part)] = uint8_tiles([fmt.frame_tile(im) for im in imgs])
     return out, about
 

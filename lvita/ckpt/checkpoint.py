@@ -38,15 +38,16 @@ from pathlib import Path
 import torch
 
 from lvita.model.formats import INTERNVL
+from lvita.errors import UserError
 
 MANIFEST = "lvita_manifest.json"
 FORMAT = 1
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointError(FileNotFoundError):
-    """A checkpoint is missing, incomplete, damaged or does not fit the run; the message says which
-    file and what to do. (A FileNotFoundError so the entry points report it and exit 2.)"""
+class CheckpointError(UserError):
+    """A checkpoint or model directory is missing, incomplete, damaged or does not fit the run; the
+    message says which file and what to do."""
 
 
 def tag_for(step: int) -> str:

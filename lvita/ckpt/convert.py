@@ -28,6 +28,7 @@ import torch
 from lvita.model.formats import LONGVITA, ModelFormat, model_format
 from lvita.ckpt.checkpoint import (FORMAT, MANIFEST, CheckpointError, atomic_write, locate, manifest_spec,
                                    saved_system_prompt, staged_dir, tag_for, tokenizer_fingerprint)
+from lvita.errors import PathError, run_main
 
 
 def _tokenizer_for(found, tokenizer: str | None, fmt: ModelFormat):
@@ -58,7 +59,7 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
     try:
         layout = model_format(layout or spec.format)
     except ValueError as e:
-        raise ValueError(f"--layout: {e}") from None
+        raise CheckpointError(f"--layout: {e}") from None
     if layout is not spec.format:
         raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format='{spec.format}' model, whose "
                               f"projector has no place in the {layout} layout; use --layout {spec.format}")
@@ -96,8 +97,8 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
     from lvita.model.longvita import by_block
 
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"lvita convert from-hf: {out_dir} exists and is not empty; choose a new directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PathError(f"lvita convert from-hf: {out_dir} exists and is not empty; choose a new directory")
     tok_src = tokenizer or next((s for s in sources if (Path(s) / "tokenizer_config.json").is_file()), None)
     if tok_src is None:
         raise CheckpointError(f"none of {', '.join(sources)} has a tokenizer; pass --tokenizer DIR")
@@ -140,22 +141,21 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
 
 
 def main(args) -> int:
-    import sys
+    """``lvita ckpt`` / ``lvita convert`` with the CLI's parsed ``args``; bad input: one line, exit 2."""
+    return run_main(f"lvita {args.cmd}", _main, args)
 
+
+def _main(args) -> int:
     from lvita.ckpt.resume import to_universal
 
-    try:
-        if args.cmd == "ckpt":
-            to_universal(args.dir)
-        elif args.convert_cmd == "to-hf":
-            to_hf(args.ckpt, args.out, args.tokenizer, layout=args.layout)
-        else:
-            *sources, out = args.paths
-            if not 1 <= len(sources) <= 2:
-                raise CheckpointError("from-hf takes SRC [SRC2] OUT: one directory in the released Long-VITA layout "
-                                      "or InternVL's, or an InternViT and a Qwen2 directory, then the output directory")
-            from_hf(sources, out, args.preset, args.tokenizer, fmt=args.format)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"lvita {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "ckpt":
+        to_universal(args.dir)
+    elif args.convert_cmd == "to-hf":
+        to_hf(args.ckpt, args.out, args.tokenizer, layout=args.layout)
+    else:
+        *sources, out = args.paths
+        if not 1 <= len(sources) <= 2:
+            raise CheckpointError("from-hf takes SRC [SRC2] OUT: one directory in the released Long-VITA layout "
+                                  "or InternVL's, or an InternViT and a Qwen2 directory, then the output directory")
+        from_hf(sources, out, args.preset, args.tokenizer, fmt=args.format)
     return 0

@@ -46,10 +46,11 @@ import torch
 from lvita.model.formats import INTERNVL
 from lvita.model.presets import DOWNSAMPLE_RATIO, llm_config, tile_size, \
     tokens_per_tile, vision_config
-from lvita.ckpt.checkpoint import staged_dir
+from lvita.ckpt.checkpoint import CheckpointError, staged_dir
 from lvita.config.schema import DataConfig
 from lvita.data.template import jinja_chat_template
 from lvita.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, special_token_ids
+from lvita.errors import PathError
 
 VIDEO_TOKEN = "<video>"
 NAMED_TOKENS = {"start_image_token": IMG_START, "end_image_token": IMG_END,
@@ -175,7 +176,7 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
     ``system_prompt`` (the stage's ``data.system_prompt``) to conversations without a system turn,
     as training did.
 
-    Refuses (FileExistsError) a non-empty ``out_dir``; ValueError when ``plain`` does not fit
+    Refuses (PathError) a non-empty ``out_dir``; CheckpointError when ``plain`` does not fit
     ``preset`` or ``image_token_id`` is not the tokenizer's ``<IMG_CONTEXT>``.
     """
     from transformers import InternVLForConditionalGeneration
@@ -184,18 +185,18 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
 
     preset = spec_of(preset)
     if preset.format is not INTERNVL:
-        raise ValueError(f"write_hf_dir: InternVLForConditionalGeneration has InternVL's projector, but the model is "
-                         f"in model.format='{preset.format}'; export it with --layout {preset.format}")
+        raise CheckpointError(f"write_hf_dir: InternVLForConditionalGeneration has InternVL's projector, but the model is "
+                              f"in model.format='{preset.format}'; export it with --layout {preset.format}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"write_hf_dir: {out} exists and is not an empty directory; choose a new out_dir")
+        raise PathError(f"write_hf_dir: {out} exists and is not an empty directory; choose a new out_dir")
     tok = load_tokenizer(tokenizer_dir)
     if special_token_ids(tok)["img_context"] != image_token_id:
-        raise ValueError(f"image_token_id={image_token_id} but tokenizer {tokenizer_dir} has {IMG_CONTEXT} "
-                         f"= {special_token_ids(tok)['img_context']}; export with the model's own tokenizer")
+        raise CheckpointError(f"image_token_id={image_token_id} but tokenizer {tokenizer_dir} has {IMG_CONTEXT} "
+                              f"= {special_token_ids(tok)['img_context']}; export with the model's own tokenizer")
     problems = _mismatch(preset, {k: v.shape for k, v in plain.items() if not _ROTARY.search(k)})
     if problems:
-        raise ValueError(f"write_hf_dir: the state dict does not fit model.preset='{preset}': " + "; ".join(problems))
+        raise CheckpointError(f"write_hf_dir: the state dict does not fit model.preset='{preset}': " + "; ".join(problems))
     with staged_dir(out) as tmp:
         cfg = hf_config(preset, image_token_id)
         cfg.text_config.eos_token_id, cfg.text_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
@@ -215,7 +216,7 @@ def _write_tokenizer(tok, out: Path, vocab_size: int, template: str) -> None:
     if VIDEO_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"extra_special_tokens": [VIDEO_TOKEN]}, replace_extra_special_tokens=False)
     if (vid := tok.convert_tokens_to_ids(VIDEO_TOKEN)) >= vocab_size:
-        raise ValueError(f"the tokenizer's {VIDEO_TOKEN} id {vid} does not fit the {vocab_size}-row embedding")
+        raise CheckpointError(f"the tokenizer's {VIDEO_TOKEN} id {vid} does not fit the {vocab_size}-row embedding")
     stage = out / ".tokenizer"
     tok.chat_template = template  # replaces the source tokenizer's (Qwen2.5's names another system prompt)
     tok.save_pretrained(stage)

@@ -82,9 +82,9 @@ def _config_problems(found: dict[str, dict], preset) -> list[str]:
 
 def _read_config(d: Path) -> dict:
     if not d.is_dir():
-        raise FileNotFoundError(f"read_hf: {d} is not a directory")
+        raise CheckpointError(f"read_hf: {d} is not a directory")
     if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"read_hf: {d} has no config.json; point at a Hugging Face model directory")
+        raise CheckpointError(f"read_hf: {d} has no config.json; point at a Hugging Face model directory")
     return json.loads((d / "config.json").read_text())
 
 
@@ -96,10 +96,10 @@ def _headers(d: Path) -> dict[str, tuple[Path, tuple]]:
     if index.is_file():
         files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
         if lost := [f.name for f in files if not f.is_file()]:
-            raise FileNotFoundError(f"read_hf: {index} names shard(s) missing from {d}: {_few(lost)}")
+            raise CheckpointError(f"read_hf: {index} names shard(s) missing from {d}: {_few(lost)}")
     elif not (files := sorted(d.glob("*.safetensors"))):
-        raise FileNotFoundError(f"read_hf: no *.safetensors weights in {d} (pytorch_model.bin is not read; "
-                                f"re-save with save_pretrained(safe_serialization=True))")
+        raise CheckpointError(f"read_hf: no *.safetensors weights in {d} (pytorch_model.bin is not read; "
+                              f"re-save with save_pretrained(safe_serialization=True))")
     out = {}
     for f in files:
         try:
@@ -164,8 +164,8 @@ def read_hf(paths: list[str | Path], preset, keep=None) -> tuple[dict[str, torch
     (model_type "internvl_vision" or "intern_vit_6b") and a Qwen2 directory, in either order.
     ``missing_keys`` is empty for one directory and the projector's keys for two: fill them from a
     fresh ``LongVita(preset, ...)``; any other gap is an error. A tied or absent ``lm_head`` is
-    copied from the token embeddings. Raises FileNotFoundError (no directory, config.json, weights
-    or shard) or CheckpointError (corrupt file, keys or shapes not fitting ``preset``).
+    copied from the token embeddings. Raises CheckpointError: no directory, config.json, weights
+    or shard, a corrupt file, keys or shapes not fitting ``preset``.
     """
     preset = spec_of(preset)
     dirs = [Path(p) for p in paths]

@@ -192,30 +192,31 @@ def _save_shards(state: dict, out: Path, max_shard_bytes: int) -> None:
 def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: str | Path,
                        max_shard_bytes: int = 5 << 30) -> Path:
     """Write ``out_dir`` in the released layout: config.json, safetensors, the tokenizer with the 17
-    official added tokens, generation_config.json. Refuses a non-empty ``out_dir`` (FileExistsError)
-    and a state dict that does not fit ``spec`` or is not in the longvita format (ValueError)."""
-    from lvita.ckpt.checkpoint import staged_dir
+    official added tokens, generation_config.json. Refuses a non-empty ``out_dir`` (PathError)
+    and a state dict that does not fit ``spec`` or is not in the longvita format (CheckpointError)."""
+    from lvita.ckpt.checkpoint import CheckpointError, staged_dir
     from lvita.ckpt.hf import _ROTARY, _mismatch
     from lvita.data.tokenizer import load_tokenizer, special_token_ids
     from lvita.model.presets import spec_of
+    from lvita.errors import PathError
 
     spec = spec_of(spec)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"write_released_dir: {out} exists and is not an empty directory; choose a new out_dir")
+        raise PathError(f"write_released_dir: {out} exists and is not an empty directory; choose a new out_dir")
     if spec.format is not LONGVITA:
-        raise ValueError(f"--layout {LONGVITA} writes the released architecture, but the checkpoint's model.format is "
-                         f"'{spec.format}' (another projector); export it with --layout {spec.format}")
+        raise CheckpointError(f"--layout {LONGVITA} writes the released architecture, but the checkpoint's model.format "
+                              f"is '{spec.format}' (another projector); export it with --layout {spec.format}")
     problems = _mismatch(spec, {k: v.shape for k, v in plain.items() if not _ROTARY.search(k)})
     if problems:
-        raise ValueError(f"write_released_dir: the state dict does not fit {spec.name} ({spec.format}): "
-                         + "; ".join(problems))
+        raise CheckpointError(f"write_released_dir: the state dict does not fit {spec.name} ({spec.format}): "
+                              + "; ".join(problems))
     tok = with_official_tokens(load_tokenizer(tokenizer_dir, LONGVITA))
     specials = special_token_ids(tok, LONGVITA)
     vocab = spec.llm["vocab_size"]
     if len(tok) > vocab:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens with the 17 Long-VITA tokens; the model's "
-                         f"embedding has {vocab} rows")
+        raise CheckpointError(f"the tokenizer has {len(tok)} tokens with the 17 Long-VITA tokens; the model's "
+                              f"embedding has {vocab} rows")
     released = to_released_state(plain)
     with staged_dir(out) as tmp:
         _save_shards(released, tmp, max_shard_bytes)

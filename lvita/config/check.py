@@ -12,13 +12,13 @@ tokenizer, previous stage) are listed as "to fill in" and fail only with ``--str
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 
 from lvita.config.schema import ConfigError, load_stage
 from lvita.config.memory_plan import describe, memory_plan
 from lvita.config.validate import validate
+from lvita.errors import run_main
 
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
@@ -97,12 +97,14 @@ def suggest(cfg, world_size: int, gpu_gb: float, limit: int = 8) -> list[str]:
 
 def main(stage: str, world_size: int, overrides: list[str], strict: bool = False, gpu_memory: float = 80.0,
          show_suggestions: bool = False) -> int:
-    try:
-        cfg = load_stage(stage, overrides)
-        layout = validate(cfg, world_size)
-    except ConfigError as e:
-        print(f"lvita check: error: {e}", file=sys.stderr)
-        return 2
+    """``lvita check``: the layout, the batch and the memory plan; a bad stage file: one line, exit 2."""
+    return run_main("lvita check", _main, stage, world_size, overrides, strict, gpu_memory, show_suggestions)
+
+
+def _main(stage: str, world_size: int, overrides: list[str], strict: bool, gpu_memory: float,
+          show_suggestions: bool) -> int:
+    cfg = load_stage(stage, overrides)
+    layout = validate(cfg, world_size)
     print(f"{stage}: {cfg.description or cfg.name}")
     print(f"  world {layout.world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
           f"{layout.sequence} (ulysses {layout.ulysses} x ring {layout.ring})")

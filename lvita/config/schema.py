@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lvita.errors import ConfigError  # noqa: F401 - defined there (the model presets raise it too), used here
+
+
 MODULES = ("vision", "projector", "llm")
 # model.format: a name of lvita.model.formats.MODEL_FORMATS (the released Long-VITA architecture and input
 # layout, or InternVL's projector and layout, the transformers-native export); parsed there
-
-
-class ConfigError(ValueError):
-    """A stage file or override is wrong; the message names the key and the fix."""
 
 
 @dataclass
@@ -284,6 +283,8 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"stage file {path}: cannot read it ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be an object")
     for item in overrides or []:

@@ -248,7 +248,7 @@ def random_frozen(m, err, missing) -> None:
 
 def _fmt(cfg: StageConfig, errors: list[str]) -> str:
     head = f"{cfg.source_file or 'stage config'}: {len(errors)} problem(s)"
-    return head + "".join(f"\n  - {e}" for e in errors)
+    return f"{head}: " + "; ".join(errors)  # one line: the entry points print it as one
 
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

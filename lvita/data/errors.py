@@ -9,6 +9,8 @@ can raise it without importing the stream.
 """
 from __future__ import annotations
 
+from lvita.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError):
     """Too many bad samples, or a data file that cannot be read as a whole: the data is wrong."""

@@ -54,13 +54,14 @@ from PIL import Image
 
 from lvita.data import longvita
 from lvita.data.planned import grid_tiles
+from lvita.errors import UserError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # as lvita.model.longvita.PIXEL_MEAN / PIXEL_STD
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 MEAN_UINT8 = tuple(round(m * 255) for m in (0.485, 0.456, 0.406))  # a tile that normalises to about 0
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A media file is missing or cannot be decoded; the sample is skipped."""
 
 

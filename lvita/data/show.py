@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lvita.errors import PathError
+
 IGNORE = -100  # lvita.data.template.IGNORE; this module stays light to import (the CLI's parser imports it)
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ trained ⟧
@@ -138,8 +140,11 @@ def show(stage: str, sets: list[str], source: str | None, record_id: str | None,
     if save:
         out = Path(save)
         if out.parent and not out.parent.is_dir():
-            raise FileNotFoundError(f"--save {save}: directory {out.parent} does not exist")
-        np.savez(out, input_ids=np.asarray(ids, np.int64), labels=np.asarray(labels, np.int64),
-                 position_ids=np.arange(len(ids), dtype=np.int64), pixel_values=pixels.numpy().astype(np.float32))
+            raise PathError(f"--save {save}: directory {out.parent} does not exist")
+        try:
+            np.savez(out, input_ids=np.asarray(ids, np.int64), labels=np.asarray(labels, np.int64),
+                     position_ids=np.arange(len(ids), dtype=np.int64), pixel_values=pixels.numpy().astype(np.float32))
+        except OSError as e:
+            raise PathError(f"--save {save}: cannot write it ({e.strerror or e})") from None
         print(f"--- saved {out}")
     return 0

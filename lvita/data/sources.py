@@ -205,9 +205,9 @@ class Mixture:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["taken"]) != set(self.names):
-            raise ValueError(f"the data state was saved with sources {sorted(state['taken'])}, but this stage "
-                             f"reads {sorted(self.names)} (name#k: file k of a per_file source); resume with the "
-                             f"same data.sources")
+            raise DataError(f"the data state was saved with sources {sorted(state['taken'])}, but this stage "
+                            f"reads {sorted(self.names)} (name#k: file k of a per_file source); resume with the "
+                            f"same data.sources")
         self.pass_index, self.draw = int(state["pass"]), int(state["draw"])
         self.taken = {n: int(v) for n, v in state["taken"].items()}
         self.cursor = {n: tuple(c) for n, c in state["cursor"].items()}

@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 
 from lvita.data.jsonarray import JsonArray, is_json_array
+from lvita.errors import PathError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
@@ -43,16 +44,16 @@ def source_files(name: str, root: str, paths: list[str]) -> list[Path]:
         if glob.has_magic(str(full)):
             matches = [Path(m) for m in sorted(glob.glob(str(full), recursive=True))]
             if not matches:
-                raise FileNotFoundError(f"data source '{name}': nothing matches {full}")
+                raise PathError(f"data source '{name}': nothing matches {full}")
         elif full.exists():
             matches = [full]
         else:
-            raise FileNotFoundError(f"data source '{name}': {full} does not exist")
+            raise PathError(f"data source '{name}': {full} does not exist")
         for m in matches:
             found = _in_directory(name, m) if m.is_dir() else [m]
             if not found:
-                raise FileNotFoundError(f"data source '{name}': directory {m} has no *.jsonl, *.json, *.parquet "
-                                        f"or *.arrow files")
+                raise PathError(f"data source '{name}': directory {m} has no *.jsonl, *.json, *.parquet "
+                                f"or *.arrow files")
             files += found
     return files
 
@@ -61,8 +62,8 @@ def _in_directory(name: str, d: Path) -> list[Path]:
     if (d / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
         splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
-            raise FileNotFoundError(f"data source '{name}': {d} is a DatasetDict with splits {splits} and no "
-                                    f"'train'; name one split's folder in paths, e.g. {d / (splits or ['x'])[0]}")
+            raise PathError(f"data source '{name}': {d} is a DatasetDict with splits {splits} and no "
+                            f"'train'; name one split's folder in paths, e.g. {d / (splits or ['x'])[0]}")
         d = d / "train"
     if (d / "state.json").is_file():  # one Dataset written by save_to_disk: its shards in order
         shards = [d / s["filename"] for s in json.loads((d / "state.json").read_text()).get("_data_files", [])]

@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 import re
 
+from lvita.errors import UserError
+
 IGNORE = -100
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """The sample is malformed; ``reason`` is a short counter name."""
 
     def __init__(self, reason: str, detail: str):

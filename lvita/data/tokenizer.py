@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lvita.model.formats import INTERNVL, LONGVITA, ModelFormat
+from lvita.errors import PathError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -87,8 +88,8 @@ def train_demo_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
     return out
 
 
-def _no_tokenizer_error(path: Path, why: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _no_tokenizer_error(path: Path, why: str) -> PathError:
+    return PathError(
         f"tokenizer path {path}: no tokenizer files there ({why}); point model.tokenizer at a local "
         f"HF tokenizer directory (e.g. a Qwen2.5-14B-Instruct download with tokenizer.json), or make "
         f"the demo one with `lvita demo --data-only` / lvita.data.tokenizer.train_demo_tokenizer(dir)")
@@ -104,7 +105,7 @@ def load_tokenizer(path: str | Path, fmt: ModelFormat = INTERNVL) -> Any:
     with ``fmt=LONGVITA`` also Long-VITA's 17 :data:`OFFICIAL_ADDED_TOKENS` (missing ones added in
     the official order, so a plain Qwen2.5 tokenizer gets ids 151665-151681).
 
-    Raises FileNotFoundError when ``path`` is missing or holds no tokenizer files.
+    Raises PathError when ``path`` is missing or holds no tokenizer files.
     """
     from transformers import AutoTokenizer
 

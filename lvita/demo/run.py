@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from lvita.errors import PathError
 from lvita.training.loop import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,11 +68,10 @@ def _first_last(metrics: Path) -> tuple[float, float]:
 
 
 def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False) -> int:
+    """``lvita demo`` (the CLI reports a UserError, such as no stages/demo here, as one line, exit 2)."""
     out = Path(out).resolve()
     if not STAGES.is_dir():
-        print(f"lvita demo: error: {STAGES} not found; run the demo from a clone of the repository "
-              f"(pip install -e .)", file=sys.stderr)
-        return 2
+        raise PathError(f"{STAGES} not found; run the demo from a clone of the repository (pip install -e .)")
     start = time.time()
     tok_dir, data_dir = prepare(out)
     if data_only:

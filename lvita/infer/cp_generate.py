@@ -30,6 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from lvita.errors import UserError
 from lvita.infer.decode import Generation, context_limit, greedy, last_logits, layer_step
 from lvita.infer.sharded_kv import ShardedKVCache, sharded_decode_attention
 from lvita.parallel.hybrid import sequence_attention
@@ -150,10 +151,10 @@ def join(args) -> tuple[int, str]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.sp < 1 or args.ring < 1 or args.sp % args.ring:
-        raise ValueError(f"--sp {args.sp} must be a positive multiple of --ring {args.ring}")
+        raise UserError(f"--sp {args.sp} must be a positive multiple of --ring {args.ring}")
     if world != args.sp:
-        raise ValueError(f"--sp {args.sp} needs {args.sp} processes, the launcher started {world}: "
-                         f"deepspeed --num_gpus {args.sp} --module lvita.generate ... --sp {args.sp}")
+        raise UserError(f"--sp {args.sp} needs {args.sp} processes, the launcher started {world}: "
+                        f"deepspeed --num_gpus {args.sp} --module lvita.generate ... --sp {args.sp}")
     init_distributed()
     device = args.device
     if device.startswith("cuda"):

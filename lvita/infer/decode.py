@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from lvita.errors import UserError
 from lvita.infer.prompt import ContextError
+
 
 @dataclass
 class KVCache:
@@ -72,7 +74,8 @@ def layer_step(layer, hidden: torch.Tensor, cos_sin, cache: KVCache | None, laye
     blk, (B, S, _) = layer.layer, hidden.shape
     attn, x = blk.self_attn, blk.input_layernorm(hidden)
     if getattr(attn, "sliding_window", None):
-        raise NotImplementedError("sliding-window attention layers are not supported by lvita.generate")
+        raise UserError("the model has sliding-window attention layers (use_sliding_window in its config.json); "
+                        "lvita.generate does not support them")
     q = attn.q_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hq, D)
     k = attn.k_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hkv, D)
     v = attn.v_proj(x).view(B, S, -1, attn.head_dim)  # (B, S, Hkv, D)

@@ -44,6 +44,7 @@ from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.formats import normalise_messages
 from lvita.data.template import SampleError
+from lvita.errors import PathError, run_main
 from lvita.infer.generate import add_model_args, answer, load_for_args, options
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -114,7 +115,7 @@ def evaluate(model, fmt, data, out=None, log=print, write: bool = True, **opts) 
     dict. ``opts``: answer()'s keywords (max_new_tokens, ..., decode)."""
     data = Path(data)
     if not data.is_file():
-        raise FileNotFoundError(f"--data {data}: no such file")
+        raise PathError(f"--data {data}: no such file")
     out = Path(out) if out is not None else default_out(data)
     if write:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,16 +176,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="default: <data dir>/<data stem>-eval")
     ap.set_defaults(max_new_tokens=64)
     args = ap.parse_args(argv)
-    try:
-        opts = options(args)
-        if not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data {args.data}: no such file")
-        model, fmt, decode, rank = load_for_args(args, opts)
-        evaluate(model, fmt, args.data, args.out, write=rank == 0, decode=decode, **opts)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"lvita eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("lvita eval", _main, args)
+
+
+def _main(args) -> int:
+    opts = options(args)
+    if not Path(args.data).is_file():
+        raise PathError(f"--data {args.data}: no such file")
+    model, fmt, decode, rank = load_for_args(args, opts)
+    evaluate(model, fmt, args.data, args.out, write=rank == 0, decode=decode, **opts)
     return 0
 
 

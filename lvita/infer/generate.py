@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from lvita.data.media import MediaError
 from lvita.data.template import PLACEHOLDER, template_system_prompt
 from lvita.infer.decode import Generation, encode_tiles_in_chunks, generate
 from lvita.infer.prompt import DEFAULTS, MediaOptions, build_prompt
+from lvita.errors import PathError, UserError, run_main
 
 NOT_A_MODEL = ("expected an lvita checkpoint (an output_dir, its checkpoints/ or a global_step<N> with "
                "lvita_manifest.json), a directory in the released Long-VITA layout (config.json with model_type "
@@ -63,7 +63,7 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
     ``tokenizer`` overrides (:class:`lvita.data.input_format.InputFormat`: ``fmt.tok``, ``fmt.specials``,
     ``fmt.context_ids``, ``fmt.spec``).
     ``dtype`` None: float32 on CPU, else bfloat16. Not a model: CheckpointError (a
-    FileNotFoundError) naming the path and what was expected.
+    UserError) naming the path and what was expected.
     """
     from lvita.model.longvita import LongVita
     from lvita.data.input_format import InputFormat
@@ -138,7 +138,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 def options(args) -> dict:
     """The keyword arguments of :func:`answer` from :func:`add_model_args`' options."""
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
-        raise ValueError("--max-new-tokens must be at least 1 and --max-context at least 2")
+        raise UserError("--max-new-tokens must be at least 1 and --max-context at least 2")
     return dict(max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,  # None until loaded
                 max_context=args.max_context,
                 media=MediaOptions(args.min_tiles, args.max_tiles, args.max_frames, args.video_fps))
@@ -191,26 +191,25 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true",
                     help='print one JSON line {"tokens": [generated ids], "text": the decoded answer}')
     args = ap.parse_args(argv)
-    try:
-        opts = options(args)
-        if args.prompt is not None:
-            text = args.prompt if PLACEHOLDER.search(args.prompt) else \
-                "<image>\n" * len(args.image) + "<video>\n" * len(args.video) + args.prompt
-            messages = [{"role": "user", "content": text}]
-        else:
-            try:
-                messages = json.loads(Path(args.messages).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"--messages {args.messages}: cannot read it as JSON ({e})") from None
-        for kind, paths in (("image", args.image), ("video", args.video)):  # before a long model load
-            if missing := [p for p in paths if not Path(p).is_file()]:
-                raise MediaError(f"missing {kind} {missing[0]}")
-        model, fmt, decode, rank = load_for_args(args, opts)
-        text, gen = answer(model, fmt, messages, args.image, args.video, decode=decode, **opts)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError, SampleError, MediaError, ContextError
-        if os.environ.get("RANK", "0") == "0":
-            print(f"lvita generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("lvita generate", _main, args)
+
+
+def _main(args) -> int:
+    opts = options(args)
+    if args.prompt is not None:
+        text = args.prompt if PLACEHOLDER.search(args.prompt) else \
+            "<image>\n" * len(args.image) + "<video>\n" * len(args.video) + args.prompt
+        messages = [{"role": "user", "content": text}]
+    else:
+        try:
+            messages = json.loads(Path(args.messages).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PathError(f"--messages {args.messages}: cannot read it as JSON ({e})") from None
+    for kind, paths in (("image", args.image), ("video", args.video)):  # before a long model load
+        if missing := [p for p in paths if not Path(p).is_file()]:
+            raise MediaError(f"missing {kind} {missing[0]}")
+    model, fmt, decode, rank = load_for_args(args, opts)
+    text, gen = answer(model, fmt, messages, args.image, args.video, decode=decode, **opts)
     if rank == 0:
         print(json.dumps({"tokens": [int(t) for t in gen.tokens], "text": text}) if args.json else text)
     return 0

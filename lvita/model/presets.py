@@ -30,6 +30,7 @@ from pathlib import Path
 from transformers import InternVLVisionConfig, Qwen2Config
 
 from lvita.model.formats import INTERNVL, LONGVITA, ModelFormat, format_of_model_type, model_format
+from lvita.errors import ConfigError
 
 INTERNVIT_300M = dict(
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -92,7 +93,11 @@ class ModelSpec:
 
     @classmethod
     def make(cls, name: str, fmt: "str | ModelFormat", vision: dict, llm: dict) -> "ModelSpec":
-        return cls(name, model_format(fmt), json.dumps(vision, sort_keys=True), json.dumps(llm, sort_keys=True))
+        try:
+            fmt = model_format(fmt)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return cls(name, fmt, json.dumps(vision, sort_keys=True), json.dumps(llm, sort_keys=True))
 
     def __str__(self) -> str:
         return self.name
@@ -124,11 +129,11 @@ def _llm_from_qwen2(raw: dict) -> dict:
 
 
 def spec_of_config(raw: dict, name: str, fmt: "str | ModelFormat | None" = None) -> ModelSpec:
-    """A config.json's dict (released layout ``long_vita``, ``internvl``) -> ModelSpec; ValueError otherwise."""
+    """A config.json's dict (released layout ``long_vita``, ``internvl``) -> ModelSpec; ConfigError (a ValueError) otherwise."""
     kind = format_of_model_type(raw.get("model_type") if isinstance(raw, dict) else None)
     if kind is LONGVITA:
         if not isinstance(raw.get("visual"), dict):
-            raise ValueError(f"{name}: config.json has model_type long_vita but no nested 'visual' (InternViT) config")
+            raise ConfigError(f"{name}: config.json has model_type long_vita but no nested 'visual' (InternViT) config")
         return ModelSpec.make(name, fmt or LONGVITA, _vision_from_internvit(raw["visual"]), _llm_from_qwen2(raw))
     if kind is INTERNVL:
         from transformers import InternVLConfig
@@ -137,22 +142,22 @@ def spec_of_config(raw: dict, name: str, fmt: "str | ModelFormat | None" = None)
         v = {k: getattr(cfg.vision_config, k) for k in PRESETS["tiny"]["vision"]}
         v["image_size"], v["patch_size"] = list(v["image_size"]), list(v["patch_size"])
         return ModelSpec.make(name, fmt or INTERNVL, v, _llm_from_qwen2(cfg.text_config.to_dict()))
-    raise ValueError(f"{name}: config.json has model_type {raw.get('model_type') if isinstance(raw, dict) else None!r}; a model directory for model.preset must be "
+    raise ConfigError(f"{name}: config.json has model_type {raw.get('model_type') if isinstance(raw, dict) else None!r}; a model directory for model.preset must be "
                      f"in the released Long-VITA layout (long_vita) or InternVL's (internvl)")
 
 
 def _read_config(directory: str) -> dict:
     path = Path(str(directory)) / "config.json"
     if not path.is_file():
-        raise ValueError(f"unknown model.preset '{directory}'; choose one of {', '.join(PRESETS)} or a model directory "
+        raise ConfigError(f"unknown model.preset '{directory}'; choose one of {', '.join(PRESETS)} or a model directory "
                          f"with a config.json (the released Long-VITA layout or InternVL's, or an InternViT and a "
                          f"Qwen2 directory as a list)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.preset {directory}: cannot read {path} ({e})") from None
+        raise ConfigError(f"model.preset {directory}: cannot read {path} ({e})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"model.preset {directory}: {path} is not a JSON object")
+        raise ConfigError(f"model.preset {directory}: {path} is not a JSON object")
     return raw
 
 
@@ -164,7 +169,7 @@ def _spec_of_pair(dirs, fmt: "str | ModelFormat | None") -> ModelSpec:
     vit = [d for d, k in kinds.items() if k in ("intern_vit_6b", "internvl_vision")]
     llm = [d for d, k in kinds.items() if k == "qwen2"]
     if len(dirs) != 2 or len(vit) != 1 or len(llm) != 1:
-        raise ValueError(f"model.preset {list(map(str, dirs))}: a list names an InternViT directory (model_type "
+        raise ConfigError(f"model.preset {list(map(str, dirs))}: a list names an InternViT directory (model_type "
                          f"intern_vit_6b or internvl_vision) and a Qwen2 directory (qwen2); got model_type "
                          f"{list(kinds.values())}")
     raw = raws[vit[0]]

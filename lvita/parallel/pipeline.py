@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule
 
+from lvita.errors import ConfigError
 from lvita.model.lm_head import DEFAULT_LOGITS_CHUNK
 from lvita.model.longvita import DecoderLayer, LMHead, LongVita, MultimodalEmbedding
 from lvita.model.presets import llm_config
@@ -123,7 +124,7 @@ def partition(specs: list[LayerSpec], num_stages: int, method: str = "parameters
         pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
         weights = [1 if pattern.search(spec.typename.__name__) else 0 for spec in specs]
         return ds_utils.partition_balanced(weights=weights, num_parts=num_stages)
-    raise ValueError(f"parallel.partition_method '{method}': use parameters, uniform or type:REGEX")
+    raise ConfigError(f"parallel.partition_method '{method}': use parameters, uniform or type:REGEX")
 
 
 def layer_specs(preset, image_token_id, checkpoint: bool = False,

@@ -35,10 +35,12 @@ import math
 import torch
 import torch.distributed as dist
 
+from lvita.errors import UserError
 from lvita.parallel.internals import check_engine, optimizer_kind
 
 
-class Diverged(RuntimeError):
+
+class Diverged(UserError):
     """Training stopped: too many non-finite steps in a row, or weights that are not finite."""
 
 

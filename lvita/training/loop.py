@@ -163,20 +163,22 @@ def run(cfg) -> list[float]:
     from lvita.parallel.topology import build_topology, init_distributed
     from lvita.data.input_format import InputFormat
     from lvita.config.validate import deepspeed_config, validate
+    from lvita.errors import ConfigError, PathError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate(cfg, world)
     if layout.missing:
-        hint = "\n(stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
-        raise FileNotFoundError("paths in the stage file to fill in (they do not exist here):\n  - " + "\n  - ".join(layout.missing)
-                                + (hint if any("demo_out" in m for m in layout.missing) else ""))
+        hint = " (stages/demo/*.json read demo_out/: run `lvita demo` from the repository root first)"
+        raise PathError("paths in the stage file to fill in (they do not exist here): " + "; ".join(layout.missing)
+                        + (hint if any("demo_out" in m for m in layout.missing) else ""))
 
     spec = cfg.model.spec()  # the model's description, built once and passed down
     fmt = InputFormat.load(spec, cfg.model.tokenizer)  # tokenizer (longvita: the 17 official tokens), layout
     tok, context = fmt.tok, fmt.context_ids  # context: where vision features go
     vocab = llm_config(spec).vocab_size
     if len(tok) > vocab:
-        raise ValueError(f"model.tokenizer has {len(tok)} tokens but {cfg.model.preset} has vocab {vocab}")
+        raise ConfigError(f"model.tokenizer {cfg.model.tokenizer} has {len(tok)} tokens but model.preset "
+                          f"{cfg.model.preset} has a vocabulary of {vocab}; use the model's own tokenizer")
     ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
     info = {"name": cfg.name, **checkpoint.model_info(spec), "precision": cfg.precision,
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
@@ -315,23 +317,23 @@ def run(cfg) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from lvita.config.schema import ConfigError, load_stage
-    from lvita.data.stream import DataError
+    """``python -m lvita.train``: bad input (a UserError) is one line on rank 0's stderr and exit 2."""
+    from lvita.errors import run_main
+
+    return run_main("lvita.train", _main, argv)
+
+
+def _main(argv=None) -> int:
+    from lvita.config.schema import load_stage
     from lvita.training.guard import Diverged
 
     args = parse_args(argv)
     _single_process_env()
+    cfg = load_stage(args.stage, args.set)
     try:
-        cfg = load_stage(args.stage, args.set)
         run(cfg)
-    except (ConfigError, FileNotFoundError, NotImplementedError, DataError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"lvita.train: error: {e}", file=sys.stderr, flush=True)
-        return 2
     except Diverged as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"lvita.train: error: {e}{_healthy_hint(cfg)}", file=sys.stderr, flush=True)
-        return 2
+        raise Diverged(f"{e}{_healthy_hint(cfg)}") from None
     return 0
 
 
