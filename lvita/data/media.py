@@ -262,13 +262,17 @@ def sampled_frames(path, max_frames: int, fps: float, layout: str = "internvl", 
 def _open_video(path, layout: str = "internvl"):
     """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
     if not isinstance(path, io.IOBase):
-        if Path(path).is_dir():
+        try:  # a name too long for the file system: is_dir/is_file raise OSError (ENAMETOOLONG)
+            is_dir, is_file = Path(path).is_dir(), Path(path).is_file()
+        except OSError as e:
+            raise MediaError(f"cannot open video {path}: {e.strerror or e}") from None
+        if is_dir:
             frames = _frame_files(Path(path), layout)
             if not frames:
                 endings = (longvita.FOLDER_FRAME_ENDINGS if layout == "longvita" else sorted(FRAME_SUFFIXES))
                 raise MediaError(f"video directory {path} has no frame images ({', '.join(endings)})")
             return frames, len(frames), 0.0
-        if not Path(path).is_file():
+        if not is_file:
             raise MediaError(f"missing video {path}")
     try:
         import decord
