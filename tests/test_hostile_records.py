@@ -90,7 +90,8 @@ def _well_typed(rec) -> bool:
     """A record whose turns are role/content strings and whose media are local path strings."""
     raw = rec.raw if isinstance(rec.raw, dict) else {}
     turns = raw.get("messages")
-    media = [x if isinstance(x, list) else [x] for x in (raw.get(k, []) for k in ("images", "image", "videos", "video"))]
+    given = (raw.get(k, []) for k in ("images", "image", "videos", "video"))
+    media = [x if isinstance(x, list) else [x] for x in given]
     return (isinstance(turns, list) and all(isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
                                             and isinstance(m.get("content"), str) for m in turns)
             and all(isinstance(e, str) and e.strip() and "://" not in e and "\0" not in e for x in media for e in x))
