@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lvita.config.schema import RECORD_SCHEMAS, ConfigError
-from lvita.data.template import ROLE_ALIASES, SampleError, count_placeholders
+from lvita.data.template import ROLE_ALIASES, SampleError, count_placeholders, valid_text
 
 PROMPT_KEYS = ("instruction", "query", "question", "prompt")
 INPUT_KEYS = ("input", "context")
@@ -83,7 +83,8 @@ def detect(raw: dict) -> str:
 def _turns(raw: list, rk: str, ck: str) -> list[dict]:
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get(rk) not in ROLE_ALIASES:
+        # a role that is a list or dict (unhashable) is as malformed as an unknown one, not a TypeError
+        if not isinstance(m, dict) or not isinstance(m.get(rk), str) or m[rk] not in ROLE_ALIASES:
             raise SampleError("malformed_message", f"message {i} needs '{rk}' in {sorted(ROLE_ALIASES)} "
                                                    f"and a string '{ck}'")
         content = m.get(ck)
@@ -183,6 +184,7 @@ def normalise(raw, fmt: str = "auto") -> Sample:
     if not isinstance(raw, dict):
         raise SampleError("malformed_json", "a record must be a JSON object")
     messages = READERS[detect(raw) if fmt == "auto" else fmt](raw)
+    messages = [{**m, "content": valid_text(m["content"])} for m in messages]  # lone surrogates: not a crash
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise SampleError("no_assistant_turn", "no assistant turn to learn from")
     return Sample(messages, _media(raw, "images", "image"), _media(raw, "videos", "video"))

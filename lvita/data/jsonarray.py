@@ -130,7 +130,11 @@ def scan(path: Path):
                 return False
             raw = f.read(CHUNK)
             eof = not raw
-            text = utf8.decode(raw, final=eof)
+            try:
+                text = utf8.decode(raw, final=eof)
+            except UnicodeDecodeError as e:  # a JsonArrayError naming the byte, not a bare UnicodeDecodeError
+                raise JsonArrayError(f"{path}: not valid UTF-8 near byte {f.tell() - len(raw) + e.start}; "
+                                     f"re-download the file or convert it to JSON lines") from None
             buf, pos = buf[pos:] + text, 0
             ascii_ = buf.isascii()
             return bool(text) or not eof
@@ -171,6 +175,8 @@ def scan(path: Path):
                 except json.JSONDecodeError as e:
                     if eof or len(buf) - pos > MAX_ELEMENT:
                         raise fail(f"{e.msg} (or an element over {MAX_ELEMENT >> 20} MB)") from None
+                except RecursionError:  # [[[[...]]]] deeper than the decoder's recursion limit
+                    raise fail("an element nested too deeply to parse") from None
                 refill()  # the element may continue in the next chunk: parse it again with more text
             start = bpos
             advance(end)

@@ -280,12 +280,16 @@ def sampled_frames(path, max_frames: int, fps: float, frames: FrameRule = INTERN
 def _open_video(path, frames: FrameRule = INTERNVL_FRAMES):
     """-> (reader, total frames, native fps); the reader is a decord VideoReader or a list of frame files."""
     if not isinstance(path, io.IOBase):
-        if Path(path).is_dir():
+        try:  # a name too long for the file system: is_dir/is_file raise OSError (ENAMETOOLONG)
+            is_dir, is_file = Path(path).is_dir(), Path(path).is_file()
+        except OSError as e:
+            raise MediaError(f"cannot open video {path}: {e.strerror or e}") from None
+        if is_dir:
             files = frames.folder_files(Path(path))
             if not files:
                 raise MediaError(f"video directory {path} has no frame images ({', '.join(frames.folder_endings)})")
             return files, len(files), 0.0
-        if not Path(path).is_file():
+        if not is_file:
             raise MediaError(f"missing video {path}")
     try:
         import decord

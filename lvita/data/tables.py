@@ -120,7 +120,8 @@ class JsonLines:
             if raw.strip():
                 try:
                     parsed = json.loads(raw)
-                except json.JSONDecodeError as e:
+                # not UTF-8, or nested too deep for the parser: the planner skips it as malformed_json
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                     parsed = e
                 return parsed, f"{self.path}:{line}", start, line - 1, off, line
 

@@ -36,6 +36,15 @@ class SampleError(UserError, ValueError):
         self.reason = reason
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates (JSON ``"\\ud83d"``: an emoji cut in half upstream) replaced by
+    U+FFFD: they are not UTF-8, and the tokenizer raises a TypeError on them instead of encoding."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def count_placeholders(messages: list[dict]) -> tuple[int, int]:
     text = "".join(m["content"] for m in messages)
     return text.count("<image>"), text.count("<video>")
@@ -47,6 +56,7 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
     (one entry for an image, one per frame for a video)."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
+    messages = [{**m, "content": valid_text(m["content"])} for m in messages]  # lone surrogates: not a TypeError
     # Every text piece is tokenised separately (as before) but in one batched call: a record's
     # roles, newline and text pieces cost one trip into the tokenizer instead of one each.
     pieces = [(m, PLACEHOLDER.split(m["content"])) for m in messages]
@@ -54,6 +64,10 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
                                                             if p and p not in ("<image>", "<video>"))})
     encoded = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"]))
     enc = encoded.__getitem__
+    # <IMG_CONTEXT> written as text would be a feature slot without a tile (the model's count of
+    # context tokens and tiles would disagree mid-training): skipped, as lvita.data.longvita does
+    if any(specials["img_context"] in encoded[t] for t in texts):
+        raise SampleError("placeholder_mismatch", "the text holds the image context token <IMG_CONTEXT> as text")
     newline = enc("\n")
     ids: list[int] = []
     learn: list[bool] = []
@@ -68,7 +82,10 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
         learned = m["role"] == "assistant"
         for piece in split:
             if piece in ("<image>", "<video>"):
-                for n in next(media):
+                group = next(media, None)
+                if group is None:  # more placeholders than media: a skip, not a StopIteration
+                    raise SampleError("placeholder_mismatch", "more <image>/<video> placeholders than media")
+                for n in group:
                     add([specials["img_start"]] + [specials["img_context"]] * n + [specials["img_end"]], False)
             elif piece:
                 add(enc(piece), learned)

@@ -26,9 +26,9 @@ import torch
 
 from lvita.config.schema import DataConfig
 from lvita.data.input_format import InputFormat
-from lvita.data.media import image_size, normalise
+from lvita.data.media import MediaError, image_size, normalise
 from lvita.data.planned import ImageHeader, PlannedVideo
-from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError
+from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, valid_text
 from lvita.model.presets import llm_config
 
 DEFAULTS = DataConfig()  # training's media and system-prompt defaults
@@ -65,10 +65,11 @@ def check_messages(messages) -> list[dict]:
         raise SampleError("empty_conversation", "messages must be a non-empty JSON list of {role, content}")
     keys = [("role", "content") if isinstance(m, dict) and "role" in m else ("from", "value") for m in messages]
     for i, (m, (rk, ck)) in enumerate(zip(messages, keys)):
-        if not isinstance(m, dict) or m.get(rk) not in ROLE_ALIASES or not isinstance(m.get(ck), str):
+        role = m.get(rk) if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLE_ALIASES or not isinstance(m.get(ck), str):
             raise SampleError("malformed_message", f"message {i} needs 'role' in {sorted(ROLE_ALIASES)} "
                                                    f"and a string 'content'")
-    out = [{"role": ROLE_ALIASES[m[rk]], "content": m[ck]} for m, (rk, ck) in zip(messages, keys)]
+    out = [{"role": ROLE_ALIASES[m[rk]], "content": valid_text(m[ck])} for m, (rk, ck) in zip(messages, keys)]
     if out[-1]["role"] != "user":
         raise SampleError("malformed_message", f"the last message is the {out[-1]['role']}'s; it must be the "
                                                f"user's (the model answers it)")
@@ -88,6 +89,7 @@ def build_prompt(messages, fmt: InputFormat, images=(), videos=(),
     ContextError.
     """
     messages = check_messages(messages)
+    images, videos = media_list(images, "images"), media_list(videos, "videos")
     text = "".join(m["content"] for m in messages)
     n_img, n_vid = text.count("<image>"), text.count("<video>")
     if (n_img, n_vid) != (len(images), len(videos)):
@@ -114,6 +116,17 @@ def build_prompt(messages, fmt: InputFormat, images=(), videos=(),
         tiles.append(normalise(fmt.medium_tiles(m, source, media.min_tiles, window=window)))
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, fmt.tile, fmt.tile)
     return Prompt(ids, pixels, fitted.media)
+
+
+def media_list(given, what: str) -> list:
+    """``images`` / ``videos`` as given -> a list of paths (or video sources); MediaError for anything else."""
+    given = list(given) if isinstance(given, (list, tuple)) else given
+    if not isinstance(given, list):
+        raise MediaError(f"{what} must be a list of paths, got {type(given).__name__}")
+    for k, m in enumerate(given):
+        if not (isinstance(m, (str, Path)) and str(m)) and not (what == "videos" and hasattr(m, "path")):
+            raise MediaError(f"{what}[{k}]: expected a file path, got {type(m).__name__} ({str(m)[:40]!r})")
+    return given
 
 
 @dataclass(frozen=True)
