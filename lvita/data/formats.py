@@ -179,11 +179,12 @@ def _media(raw: dict, plural: str, singular: str) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def normalise(raw, fmt: str = "auto") -> Sample:
-    """A parsed record -> Sample; raises SampleError with a reason for anything unusable."""
+def normalise(raw, schema: str = "auto") -> Sample:
+    """A parsed record -> Sample in its record ``schema`` (RECORD_SCHEMAS; "auto": detected); raises
+    SampleError with a reason for anything unusable."""
     if not isinstance(raw, dict):
         raise SampleError("malformed_json", "a record must be a JSON object")
-    messages = READERS[detect(raw) if fmt == "auto" else fmt](raw)
+    messages = READERS[detect(raw) if schema == "auto" else schema](raw)
     messages = [{**m, "content": valid_text(m["content"])} for m in messages]  # lone surrogates: not a crash
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise SampleError("no_assistant_turn", "no assistant turn to learn from")

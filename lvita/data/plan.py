@@ -88,13 +88,13 @@ class Planner:
         if not isinstance(ref, Embedded):
             return ref
         record = read_at(ref.source, ref.cursor)
-        return _bytes_of(normalise(record.raw, record.fmt), ref)
+        return _bytes_of(normalise(record.raw, record.schema), ref)
 
     def plan(self, record: Record) -> SamplePlan:
         raw = record.raw
         if isinstance(raw, Exception):
             raise SampleError("malformed_json", str(raw))
-        sample = resolve_placeholders(normalise(raw, record.fmt))
+        sample = resolve_placeholders(normalise(raw, record.schema))
         messages, cfg = sample.messages, self.cfg
         if len(sample.images) > cfg.max_images:
             raise SampleError("too_many_images", f"{len(sample.images)} images > data.max_images={cfg.max_images}")

@@ -44,13 +44,13 @@ class Record:
     where: str  # "file:line", "file:record N" or "file:row N", for error messages
     cursor: tuple  # (file index, offset or row, line): read_at(cursor) gives this record again
     base: Path  # relative media paths are relative to this directory
-    fmt: str = "auto"  # record schema (lvita.data.formats)
+    schema: str = "auto"  # record schema (data.sources[].format; lvita.data.formats)
 
 
 class SourceReader:
     def __init__(self, name: str, root: str, paths: list[str], media_root: str | None = None,
-                 fmt: str = "auto", _files=None):
-        self.name, self.fmt = name, fmt
+                 schema: str = "auto", _files=None):
+        self.name, self.schema = name, schema
         self.media_root = None if media_root is None else (
             Path(media_root) if Path(media_root).is_absolute() else Path(root) / media_root)
         self._current: int | None = None  # the one file held open
@@ -67,18 +67,18 @@ class SourceReader:
 
     def reopen(self) -> "SourceReader":
         """A reader of the same files with its own handles (one per decoding thread)."""
-        other = SourceReader(self.name, "", [], None, self.fmt, (self.files, [r.reopen() for r in self.readers]))
+        other = SourceReader(self.name, "", [], None, self.schema, (self.files, [r.reopen() for r in self.readers]))
         other.media_root, other.size = self.media_root, self.size
         return other
 
     def spec(self) -> tuple:
         """What another process needs to open the same source without scanning it again (picklable)."""
-        return self.name, self.files, [len(r) for r in self.readers], self.media_root, self.fmt
+        return self.name, self.files, [len(r) for r in self.readers], self.media_root, self.schema
 
     @classmethod
     def from_spec(cls, spec: tuple) -> "SourceReader":
-        name, files, sizes, media_root, fmt = spec
-        out = cls(name, "", [], None, fmt, (files, [open_file(f, n) for f, n in zip(files, sizes)]))
+        name, files, sizes, media_root, schema = spec
+        out = cls(name, "", [], None, schema, (files, [open_file(f, n) for f, n in zip(files, sizes)]))
         out.media_root, out.size = media_root, sum(sizes)
         return out
 
@@ -97,7 +97,7 @@ class SourceReader:
     def _row(self, i: int, k: int) -> Record:
         r = self._reader(i)
         kind = "row" if r.path.suffix in (".parquet", ".arrow") else "record"
-        return Record(self.name, r.read(k), f"{self.files[i]}:{kind} {k}", (i, k, k), self._base(i), self.fmt)
+        return Record(self.name, r.read(k), f"{self.files[i]}:{kind} {k}", (i, k, k), self._base(i), self.schema)
 
     def scan(self, i: int, start: int, line: int, end: int):
         """Records of file i from row (or byte offset, at line index ``line``) ``start`` up to ``end``."""
@@ -112,7 +112,7 @@ class SourceReader:
             if got is None or got[2] >= end:
                 return
             parsed, where, begin, first, off, line = got
-            yield Record(self.name, parsed, where, (i, begin, first), self._base(i), self.fmt)
+            yield Record(self.name, parsed, where, (i, begin, first), self._base(i), self.schema)
 
     def read(self, cursor: tuple, one_file: bool = False) -> tuple[Record, tuple]:
         """The record at ``cursor`` (or the next one after blank lines) and the cursor after it;
@@ -127,7 +127,7 @@ class SourceReader:
                 got = r.read_line(off, line)
                 if got is not None:
                     parsed, where, start, first, off, line = got
-                    return Record(self.name, parsed, where, (i, start, first), self._base(i), self.fmt), (i, off, line)
+                    return Record(self.name, parsed, where, (i, start, first), self._base(i), self.schema), (i, off, line)
             i, off, line = (i if one_file else (i + 1) % len(self.files)), 0, 0
         raise DataError(f"data source '{self.name}' has no records")
 
