@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.synthetic import tiny_input
 from lvita.config.schema import DataConfig, SourceConfig
-from lvita.data import stream as stream_mod
+from lvita.data import input_format as stream_mod  # the decoders the stream calls (through the input format)
 from lvita.data.media import normalise
 from lvita.data.stream import DataStream, PixelShare, rank_micro_batches
 from lvita.data.tokenizer import load_tokenizer, special_token_ids

@@ -193,7 +193,7 @@ def spec_of(preset: "str | list[str] | ModelSpec", fmt: "str | ModelFormat | Non
     if isinstance(preset, (list, tuple)):
         return spec_of(preset[0], fmt) if len(preset) == 1 else _spec_of_pair(preset, fmt)
     if preset in PRESETS:
-        return _named_spec(preset, fmt or PRESET_FORMATS[preset])
+        return _named_spec(preset, fmt or PRESET_FORMATS.get(preset, INTERNVL))
     return spec_of_config(_read_config(preset), str(preset), fmt)
 
 
@@ -238,7 +238,7 @@ def default_format(preset) -> ModelFormat | None:
     if isinstance(preset, (list, tuple)):  # InternViT + Qwen2: the projector is new
         return LONGVITA if len(preset) != 1 else default_format(preset[0])
     if preset in PRESETS:
-        return PRESET_FORMATS[preset]
+        return PRESET_FORMATS.get(preset, INTERNVL)
     path = Path(preset) / "config.json"
     try:
         model_type = json.loads(path.read_text()).get("model_type")
