@@ -188,7 +188,7 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
     import torch
 
     from lvita.model.longvita import LongVita
-    from lvita.model.presets import context_token_ids, spec_of
+    from lvita.model.presets import spec_of
 
     fmt = InputFormat.load(spec_of("tiny", LONGVITA), tokenizer_dir)
     torch.manual_seed(0)

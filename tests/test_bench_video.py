@@ -194,7 +194,6 @@ def test_frames_are_sampled_inside_the_window(mvbench):
 
 def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
     t = load_tokenizer(tokenizer_dir)
-    sp = special_token_ids(t)
     folder = mvbench / "video" / "tvqa" / "frames_fps3_hq" / "clip1"
     video = Video(folder, 2, 5, fps=3)
     ask = [{"role": "user", "content": "<video>\nWhy?"}]

@@ -144,3 +144,24 @@ def test_the_format_names_appear_only_where_the_formats_are_defined():
             if literal.search(code) and not code.strip().startswith(('"""', "'''")):
                 found.append(f"{path.relative_to(LVITA)}:{n}: {line.strip()}")
     assert not found, "model-format names as string literals:\n" + "\n".join(found)
+
+
+def test_a_medium_repeated_in_a_sample_has_its_header_read_once(fmt, tmp_path, monkeypatch):
+    """Headers are read once per file, in training's planner and in build_prompt (a rank reads only what
+    it needs: the same image three times is one header read, not three)."""
+    import lvita.data.plan as plan_mod
+    import lvita.infer.prompt as prompt_mod
+
+    image = _images(tmp_path, [(640, 480)])[0]
+    for mod in (plan_mod, prompt_mod):
+        calls = []
+        real = mod.image_size
+        monkeypatch.setattr(mod, "image_size", lambda p, real=real: calls.append(p) or real(p))
+        if mod is plan_mod:
+            plan = Planner(DataConfig(seq_length=4096, system_prompt=""), fmt).plan(_record(tmp_path, [image] * 3))
+            assert len(plan.media) == 3
+        else:
+            p = build_prompt([{"role": "user", "content": "<image>" * 3 + "Same?"}], fmt, [image] * 3,
+                             system_prompt=None)
+            assert len(p.media) == 3
+        assert len(calls) == 1, (mod.__name__, calls)

@@ -1,7 +1,6 @@
 """Long-VITA's 17 added tokens: order and ids as the released checkpoints have them (no downloads)."""
 from __future__ import annotations
 
-from lvita.data.input_format import InputFormat
 from lvita.model.formats import INTERNVL, LONGVITA
 from lvita.data.tokenizer import (OFFICIAL_ADDED_TOKENS, QWEN25_OFFICIAL_IDS, load_tokenizer, special_token_ids,
                                   train_demo_tokenizer)
@@ -76,7 +75,7 @@ def test_a_released_directory_whose_tokenizer_lacks_the_official_tokens_loads(tm
 
     _, full_fmt = load_model(full)
     model, fmt = load_model(plain)  # reads the weights after the tokenizer check
-    tok, specials, spec = fmt.tok, fmt.specials, fmt.spec
+    tok, specials = fmt.tok, fmt.specials
     assert specials == full_fmt.specials and tok.get_vocab() == full_fmt.tok.get_vocab()
     assert fmt.context_ids == full_fmt.context_ids
     fp = tokenizer_fingerprint(load_tokenizer(plain, LONGVITA))

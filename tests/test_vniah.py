@@ -18,12 +18,11 @@ from lvita.data.input_format import InputFormat
 from lvita.bench import vniah, vniah_heatmap
 from lvita.bench.vniah_data import load_needles, needle_index, prompt_ids, question_text
 from lvita.ckpt.hf import write_hf_dir
-from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.errors import PathError
 from lvita.infer.decode import generate
 from lvita.infer.prompt import MediaOptions, build_prompt
 from lvita.model.longvita import LongVita
-from lvita.model.presets import context_token_ids, spec_of, tokens_per_tile
+from lvita.model.presets import spec_of
 from tests.layouts import write_video
 from tests.test_generate import _always_b
 
@@ -133,6 +132,9 @@ class _AnswerIds:
 
     def decode(self, *a, **kw):
         return self.tok.decode(*a, **kw)
+
+    def get_vocab(self):
+        return self.tok.get_vocab()
 
 
 def test_teacher_scoring_equals_an_explicit_teacher_forced_forward(tokenizer_dir, haystack, tmp_path):

@@ -46,6 +46,7 @@ from lvita.bench.items import Skip
 from lvita.bench.video_common import read_json_list
 from lvita.data.media import INTERNVL_FRAMES, FrameRule, MediaError, decoded_rgb, uint8_tiles
 from lvita.data.planned import PlannedVideo
+from lvita.data.template import valid_text
 from lvita.errors import PathError, UserError
 
 DECODE_CHUNK = 64  # haystack frames decoded per decord call: bounds the RGB frames held at once
@@ -133,7 +134,8 @@ def load_needles(root) -> tuple[list[Needle], list[Skip]]:
             except MediaError as e:
                 skipped.append(Skip(nid, "bad_image", str(e)))
                 continue
-            needles.append(Needle(nid, name or nid, question, str(answer).strip(), image))
+            # lone surrogates (an emoji cut in half) cleaned here, where the text enters, as lvita.data.formats does
+            needles.append(Needle(nid, name or nid, valid_text(question), valid_text(str(answer).strip()), image))
     return needles, skipped
 
 

@@ -90,7 +90,8 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
     from lvita.config.schema import DataConfig
     from lvita.data.template import template_system_prompt
     from lvita.model.longvita import LongVita
-    from lvita.model.presets import context_token_ids, llm_config, spec_of
+    from lvita.data.input_format import InputFormat
+    from lvita.model.presets import llm_config, spec_of
     from lvita.data.tokenizer import load_tokenizer
     from lvita.ckpt.checkpoint import model_info
     from lvita.ckpt.weights import layer_file
@@ -116,7 +117,7 @@ def from_hf(sources: list[str], out: str, preset=None, tokenizer: str | None = N
     # the model's own default: the released model trained and is evaluated with none
     system = None if released else template_system_prompt(tok, DataConfig.system_prompt)
     if fresh:
-        init = LongVita(spec, context_token_ids(tok.get_vocab(), spec), seed=0).state_dict()
+        init = LongVita(spec, InputFormat.of(spec, tok).context_ids, seed=0).state_dict()
         state.update({k: init[k] for k in fresh})
         log(f"lvita convert: {len(fresh)} projector weights start fresh (none in {', '.join(sources)})")
     n_layers = llm_config(spec).num_hidden_layers

@@ -34,7 +34,7 @@ import torch
 from lvita.data import longvita
 from lvita.data.media import (INTERNVL_FRAMES, LONGVITA_FRAMES, FrameRule, image_tiles, tile_grid,
                               video_frame_count, video_tiles)
-from lvita.data.planned import ImageHeader, Planned, PlannedImage, PlannedVideo
+from lvita.data.planned import ImageHeader, Planned, PlannedImage
 from lvita.data.template import encode_conversation
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.model.formats import INTERNVL, LONGVITA, ModelFormat
@@ -70,6 +70,9 @@ class InputFormat:
     def __init__(self, tok, specials: dict, tile: int, tokens_per_tile: int, spec=None):
         self.tok, self.specials, self.tile, self.tpt = tok, specials, tile, tokens_per_tile
         self.spec = spec  # the model description it was built for (lvita.model.presets.ModelSpec), if any
+        vocab = tok.get_vocab()  # the format's tokens are there: special_token_ids checked them
+        # the ids whose positions take vision features (every one this format writes)
+        self.context_ids: tuple[int, ...] = tuple(int(vocab[t]) for t in self.model_format.context_tokens)
 
     @staticmethod
     def load(spec, tokenizer_path) -> "InputFormat":
@@ -84,12 +87,6 @@ class InputFormat:
         spec = spec_of(spec)
         return INPUT_FORMATS[spec.format](tok, special_token_ids(tok, spec.format), tile_size(spec),
                                           tokens_per_tile(spec), spec)
-
-    @property
-    def context_ids(self) -> tuple[int, ...]:
-        """The ids whose positions take vision features (every one this format writes)."""
-        vocab = self.tok.get_vocab()
-        return tuple(int(vocab[t]) for t in self.model_format.context_tokens)
 
     # -- tiles ------------------------------------------------------------------------------------
     def first_budget(self, n_images: int, min_tiles: int, max_tiles: int) -> int:
@@ -154,9 +151,9 @@ class InputFormat:
         return video_tiles(source, self.tile, m.max_frames, m.fps, keep, m.tiles, frames=self.frames,
                            **(window or {}))
 
-    def frame_tile(self, img, tile: int | None = None):
+    def frame_tile(self, img):
         """One frame image (PIL) -> its tile, as this format's videos are prepared."""
-        return self.frames.tile(img, tile or self.tile)
+        return self.frames.tile(img, self.tile)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tile={self.tile}, tokens_per_tile={self.tpt})"
@@ -193,20 +190,10 @@ class LongVitaInput(InputFormat):
         return max_tiles  # the released layout gives every image max_tiles
 
     def image_tokens(self, m: PlannedImage) -> int:
-        grid = m.cols * m.rows
-        return (self.tpt + 2) * (1 + (grid if grid > 1 else 0)) + (m.rows * len(self.newline) if grid > 1 else 0)
+        return len(longvita.image_run(self.specials, m.cols, m.rows, self.tpt, self.newline))
 
     def encode(self, messages, system_prompt, media):
         return longvita.encode_conversation(messages, self.tok, self.specials, system_prompt, media, self.tpt)
 
 
 INPUT_FORMATS: dict[ModelFormat, type[InputFormat]] = {INTERNVL: InternVLInput, LONGVITA: LongVitaInput}
-
-
-def input_class(fmt: ModelFormat) -> type[InputFormat]:
-    """The input-format class of a model format (its frame rule and tile order need no tokenizer)."""
-    return INPUT_FORMATS[fmt]
-
-
-__all__ = ["Fitted", "ImageHeader", "InputFormat", "InternVLInput", "LongVitaInput", "PlannedImage", "PlannedVideo",
-           "input_class", "tile_budgets"]

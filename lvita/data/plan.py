@@ -108,10 +108,13 @@ class Planner:
         src = lambda p: _bytes_of(sample, p) if isinstance(p, Embedded) else p  # noqa: E731
         # Header reads once per medium: image sizes and video frame counts. The input format then
         # chooses the tile budget (shared out or not, halved while too long: InputFormat.fit).
-        found = [ImageHeader(p, *image_size(src(p))) if is_image else
-                 PlannedVideo(p, cfg.max_frames, cfg.video_fps, self.fmt.video_frames(src(p), cfg.max_frames,
-                                                                                     cfg.video_fps))
-                 for is_image, p in refs]
+        read = {}  # a medium repeated in the record is read once
+        for key in refs:
+            is_image, p = key
+            if key not in read:
+                read[key] = ImageHeader(p, *image_size(src(p))) if is_image else PlannedVideo(
+                    p, cfg.max_frames, cfg.video_fps, self.fmt.video_frames(src(p), cfg.max_frames, cfg.video_fps))
+        found = [read[key] for key in refs]
         L = cfg.seq_length
         fitted = self.fmt.fit(messages, cfg.system_prompt, found, cfg.min_tiles, cfg.max_tiles, L)
         ids, targets, media = fitted.ids, fitted.targets, fitted.media

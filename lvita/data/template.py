@@ -56,7 +56,6 @@ def encode_conversation(messages: list[dict], tok, specials: dict, system_prompt
     (one entry for an image, one per frame for a video)."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    messages = [{**m, "content": valid_text(m["content"])} for m in messages]  # lone surrogates: not a TypeError
     # Every text piece is tokenised separately (as before) but in one batched call: a record's
     # roles, newline and text pieces cost one trip into the tokenizer instead of one each.
     pieces = [(m, PLACEHOLDER.split(m["content"])) for m in messages]

@@ -51,7 +51,7 @@ OFFICIAL_NAMES = {"<vid>": "vid_start", "</vid>": "vid_end", "<VID_CONTEXT>": "v
 # names special_token_ids gives them (longvita: the official order, so Qwen2.5 gets ids 151665-151681)
 FORMAT_TOKENS = {INTERNVL: SPECIAL_TOKENS,
                  LONGVITA: [t for t in SPECIAL_TOKENS if t not in OFFICIAL_ADDED_TOKENS] + OFFICIAL_ADDED_TOKENS}
-FORMAT_NAMES = {INTERNVL: dict(zip(SPECIAL_TOKENS, SPECIAL_NAMES)),
+FORMAT_SPECIAL_NAMES = {INTERNVL: dict(zip(SPECIAL_TOKENS, SPECIAL_NAMES)),
                 LONGVITA: {**dict(zip(SPECIAL_TOKENS, SPECIAL_NAMES)), **OFFICIAL_NAMES}}
 
 CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
@@ -133,4 +133,4 @@ def special_token_ids(tok: Any, fmt: ModelFormat = INTERNVL) -> dict[str, int]:
     if missing:
         raise ValueError(f"tokenizer lacks special tokens {missing}; load it with "
                          f"lvita.data.tokenizer.load_tokenizer(path, {fmt.name.upper()})")
-    return {name: int(vocab[t]) for t, name in FORMAT_NAMES[fmt].items()}
+    return {name: int(vocab[t]) for t, name in FORMAT_SPECIAL_NAMES[fmt].items()}

@@ -97,14 +97,17 @@ def build_prompt(messages, fmt: InputFormat, images=(), videos=(),
                                                   f"{len(images)} images / {len(videos)} videos")
     files = {"<image>": iter(map(Path, images)), "<video>": iter(map(video_source, videos))}
     order = [(ph, next(files[ph])) for ph in PLACEHOLDER.findall(text)]
-    found = [ImageHeader(p, *image_size(p)) if ph == "<image>" else  # headers only; MediaError names the file
-             PlannedVideo(p, media.max_frames, media.video_fps,
-                          fmt.video_frames(p.path, media.max_frames, media.video_fps, p.window))
-             for ph, p in order]
+    read = {}  # headers only, once per file; MediaError names the file
+    for ph, p in order:
+        if (ph, p) not in read:
+            read[ph, p] = ImageHeader(p, *image_size(p)) if ph == "<image>" else PlannedVideo(
+                p, media.max_frames, media.video_fps, fmt.video_frames(p.path, media.max_frames, media.video_fps,
+                                                                       p.window))
+    found = [read[key] for key in order]
     limit = (max_context if max_context is not None else llm_config(fmt.spec).max_position_embeddings) - 1
-    opening = len(fmt.opening())
-    fitted = fmt.fit(messages, system_prompt, found, media.min_tiles, media.max_tiles, limit - opening)
-    ids = fitted.ids + fmt.opening()
+    opening = fmt.opening()
+    fitted = fmt.fit(messages, system_prompt, found, media.min_tiles, media.max_tiles, limit - len(opening))
+    ids = fitted.ids + opening
     if not fitted.fits:
         least = f" even at {media.min_tiles} tile(s) per image" if n_img else ""
         raise ContextError(f"the prompt is {len(ids)} tokens{least}; the context limit is {limit + 1} tokens "

@@ -246,11 +246,3 @@ def default_format(preset) -> ModelFormat | None:
         return None
     return INTERNVL if format_of_model_type(model_type) is INTERNVL else LONGVITA
 
-
-def context_token_ids(vocab: dict, spec: "str | ModelSpec") -> tuple[int, ...]:
-    """The ids of the format's context tokens in a tokenizer's ``get_vocab()``; those the tokenizer
-    lacks are left out (its data then never holds them); ``<IMG_CONTEXT>`` is required."""
-    names = spec_of(spec).format.context_tokens  # the released model: thumbnails, image tiles, video frames
-    if names[0] not in vocab:
-        raise ValueError(f"the tokenizer has no {names[0]} token; load it with lvita.data.tokenizer.load_tokenizer")
-    return tuple(int(vocab[n]) for n in names if n in vocab)

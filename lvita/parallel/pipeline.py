@@ -141,7 +141,7 @@ def build_pipeline(preset, image_token_id, seed: int, num_stages: int,
                    topology=None, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> PipelineModule:
     """The PipelineModule (torch.distributed must be initialised). Loss head is wired in.
     ``preset``: the model's description (lvita.model.presets.ModelSpec) or a preset name;
-    ``image_token_id``: the context placeholder id(s) (lvita.model.presets.context_token_ids).
+    ``image_token_id``: the context placeholder id(s) (lvita.data.input_format.InputFormat.context_ids).
     ``topology``: a DeepSpeed PipeDataParallelTopology (lvita.parallel.topology), else pipe x data.
     ``logits_chunk``: model.logits_chunk, labelled tokens per chunk of the loss's logits."""
     loss = LabelledLoss()

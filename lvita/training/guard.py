@@ -39,7 +39,6 @@ from lvita.errors import UserError
 from lvita.parallel.internals import check_engine, optimizer_kind
 
 
-
 class Diverged(UserError):
     """Training stopped: too many non-finite steps in a row, or weights that are not finite."""
 
