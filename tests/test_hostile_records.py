@@ -200,3 +200,25 @@ def test_one_planner_call_site():
 
     assert inspect.getsource(run).count("Planner(") == 1
     assert plan_record.__module__ == run.__name__
+
+
+@pytest.mark.parametrize("fmt, tiles", [("longvita", (2, 2)), ("internvl", (1, 12))])
+def test_a_short_training_run_on_hostile_data_skips_and_counts(tmp_path, tokenizer_dir, fmt, tiles):
+    """Issue 29's trigger settings (no smaller tile budget: longvita at max_tiles == min_tiles, internvl with
+    13-image records) under `lvita train`: 2 steps finish, every skip is counted under a named reason."""
+    import math
+
+    from tests.conftest import stage_dict, write_stage
+    from tests.distributed import run_world
+    from tests.test_training import _metrics, _train
+
+    pool = write_media(tmp_path / "d", SEED)
+    paths = _check_source(tmp_path / "d", pool, 300, SEED)
+    cfg = stage_dict(tokenizer_dir, tmp_path / "d", tmp_path / "out", iterations=2)
+    cfg["model"]["format"] = fmt
+    cfg["data"].update(seq_length=512, min_tiles=tiles[0], max_tiles=tiles[1], max_images=16, max_skip_fraction=0.95,
+                       prefetch=1, sources=[{"name": "hostile", "paths": paths}])
+    losses = run_world(_train, 1, str(write_stage(tmp_path / "s.json", cfg)), [])[0]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+    skipped = _metrics(tmp_path / "out")[-1]["skipped"]
+    assert skipped.get("too_long_multimodal") and all(r and n > 0 for r, n in skipped.items()), skipped
