@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
         return generate(argv[1:])
     if argv and argv[0] == "eval":
-        from lvita.eval import main as evaluate  # JSONL sets, or --benchmark NAME (lvita.bench)
+        from lvita.eval import main as evaluate  # JSONL sets, or --benchmark NAME (lvita.evaluation)
 
         return evaluate(argv[1:])
     args = ap.parse_args(argv)

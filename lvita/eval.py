@@ -1,5 +1,5 @@
 """Entry point of evaluation: lvita's JSONL sets (:mod:`lvita.infer.eval`) or, with ``--benchmark NAME`` /
-``--score-only``, a published benchmark scored as its leaderboard (:mod:`lvita.bench.command`).
+``--score-only``, a published benchmark scored as its leaderboard (:mod:`lvita.evaluation.command`).
 
     python -m lvita.eval --model DIR --data FILE.jsonl
     python -m lvita.eval --model DIR --benchmark MMStar --data LMUData/MMStar.tsv
@@ -11,10 +11,10 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from lvita.bench.command import wants_benchmark
+    from lvita.evaluation.command import wants_benchmark
 
     if wants_benchmark(argv):
-        from lvita.bench.command import main as benchmark
+        from lvita.evaluation.command import main as benchmark
 
         return benchmark(argv)
     from lvita.infer.eval import main as jsonl

@@ -242,17 +242,17 @@ def test_benchmark_user_errors(capsys, tmp_path):
 
 
 def test_benchmark_bugs_propagate(monkeypatch, tmp_path):
-    import lvita.bench.command
-    import lvita.bench.vniah
+    import lvita.evaluation.command
+    import lvita.evaluation.vniah
     from lvita.eval import main
 
-    monkeypatch.setattr(lvita.bench.command, "load_for_args", _boom(RuntimeError("boom")))
+    monkeypatch.setattr(lvita.evaluation.command, "load_for_args", _boom(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         main(["--model", str(tmp_path), "--benchmark", "MMStar", "--data", str(tmp_path)])
-    monkeypatch.setattr(lvita.bench.command, "score_only", _boom(ValueError("boom")))
+    monkeypatch.setattr(lvita.evaluation.command, "score_only", _boom(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
         main(["--benchmark", "MMStar", "--score-only", str(tmp_path / "p.jsonl")])
-    monkeypatch.setattr(lvita.bench.vniah, "parse_grid", _boom(ValueError("boom")))
+    monkeypatch.setattr(lvita.evaluation.vniah, "parse_grid", _boom(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
         main(["--model", str(tmp_path), "--benchmark", "vniah", "--haystack", "h.mp4", "--needles", "n"])
 

@@ -86,7 +86,7 @@ def test_benchmark_under_the_launcher_ring(setup, tmp_path):
     """``lvita eval --benchmark`` context-parallel (--sp 2 --ring 2): rank 0 decodes the TSV's images, both ranks
     answer, rank 0 alone writes; the same predictions and scores as one process."""
     from lvita import eval as lveval
-    from tests.test_bench_image import b64png, write_tsv
+    from tests.test_eval_image import b64png, write_tsv
 
     _, hf = setup
     opts = {"A": "red", "B": "blue", "C": "green", "D": "pink"}

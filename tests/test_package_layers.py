@@ -11,7 +11,7 @@ LVITA = Path(__file__).resolve().parents[1] / "lvita"
 # training and infer are siblings: neither imports the other. lvita.errors (UserError, run_main) is the
 # lowest layer, a plain module: every module may import it, it imports nothing from lvita.
 LAYERS = {"errors": -1, "model": 0, "parallel": 1, "config": 2, "data": 3, "ckpt": 4, "training": 5, "infer": 5,
-          "demo": 6, "bench": 6}  # bench answers with infer's prompt and decoding; the lvita.eval entry point dispatches
+          "demo": 6, "evaluation": 6}  # evaluation answers with infer's prompt and decoding; the lvita.eval entry point dispatches
 LEAVES = {"errors"}  # layers that are one module, not a package
 ENTRY_POINTS = {"cli", "train", "generate", "eval", "launch"}  # the plain modules at the top
 

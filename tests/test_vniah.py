@@ -1,4 +1,4 @@
-"""V-NIAH (lvita.bench.vniah): the needle lands at the frame each depth asks for, in the pixels the
+"""V-NIAH (lvita.evaluation.vniah): the needle lands at the frame each depth asks for, in the pixels the
 decoder gets; the haystack is the video at 1 fps; prompt ids are lvita.infer.prompt's; the teacher
 scoring gives the verdicts of an explicit teacher-forced forward; the grid, results.json and the
 heatmap are written; a rerun resumes without decoding finished cells; bad input is clear."""
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from lvita.data.input_format import InputFormat
-from lvita.bench import vniah, vniah_heatmap
-from lvita.bench.vniah_data import load_needles, needle_index, prompt_ids, question_text
+from lvita.evaluation import vniah, vniah_heatmap
+from lvita.evaluation.vniah_data import load_needles, needle_index, prompt_ids, question_text
 from lvita.ckpt.hf import write_hf_dir
 from lvita.errors import PathError
 from lvita.infer.decode import generate

@@ -63,7 +63,7 @@ class InputFormat:
     model_format: ClassVar[ModelFormat]
     frames: ClassVar[FrameRule]
     thumbnail_first: ClassVar[bool]  # tile order of a multi-tile image: thumbnail first (else last)
-    # benchmark prompts as released Long-VITA's VLMEvalKit wrapper builds them (lvita.bench.prompts), else
+    # benchmark prompts as released Long-VITA's VLMEvalKit wrapper builds them (lvita.evaluation.prompts), else
     # InternVL's VLMEvalKit layout
     wrapper_prompts: ClassVar[bool]
 

@@ -11,7 +11,7 @@ halve while the prompt is too long), then an open assistant turn. Used by :mod:`
     p.input_ids, p.pixel_values          # ids ending in "<|im_start|>assistant\n", (N, 3, T, T)
 
 A video is a path, or anything with ``.path`` and ``.start`` / ``.end`` seconds (a benchmark's
-``lvita.bench.items.Video``; an optional ``.fps``: a frame folder's recording rate): only frames in
+``lvita.evaluation.items.Video``; an optional ``.fps``: a frame folder's recording rate): only frames in
 that window are sampled (:func:`lvita.data.media.sampled_frames`).
 
 Trade-off: image headers are read first to plan tiles and pixels decoded once the plan fits, so a

@@ -1,6 +1,6 @@
 """V-NIAH inputs: the needles, the haystack's 1-fps frames, where a needle goes, and the prompt's ids.
 
-Owns everything :mod:`lvita.bench.vniah` feeds the model, following LongVA's ``vision_niah/``
+Owns everything :mod:`lvita.evaluation.vniah` feeds the model, following LongVA's ``vision_niah/``
 (repository ``EvolvingLMMs-Lab/LongVA``: ``produce_haystack_embedding.py``, ``eval_vision_niah.py``,
 ``needle_datasets/``), re-implemented on pixels instead of precomputed embeddings:
 
@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lvita.bench.items import Skip
-from lvita.bench.video_common import read_json_list
+from lvita.evaluation.items import Skip
+from lvita.evaluation.video_common import read_json_list
 from lvita.data.media import INTERNVL_FRAMES, FrameRule, MediaError, decoded_rgb, uint8_tiles
 from lvita.data.planned import PlannedVideo
 from lvita.data.template import valid_text

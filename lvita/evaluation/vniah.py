@@ -5,13 +5,13 @@ Owns ``lvita eval --benchmark vniah`` (LongVA's ``vision_niah/eval_vision_niah.p
 
     lvita eval --benchmark vniah --model DIR --haystack movie.mp4 --needles v_niah_needles/ \\
         --frames 200:3000:200 --depths 0:100:20 --out runs/vniah
-    deepspeed --num_gpus 8 --module lvita.bench.vniah --model DIR --haystack movie.mp4 \\
+    deepspeed --num_gpus 8 --module lvita.evaluation.vniah --model DIR --haystack movie.mp4 \\
         --needles v_niah_needles/ --frames 200:3000:200 --depths 0:100:20 --sp 8 --out runs/vniah
 
 For every frame count N of ``--frames`` (a list ``200,400`` or an inclusive range ``200:3000:200``),
 depth d of ``--depths`` (percent, same syntax) and needle, the model sees the haystack's first N
 frames at 1 fps with the needle image as one more frame at index ``floor(d * N / 100)`` (N + 1
-frames), then the needle's question (:mod:`lvita.bench.vniah_data`: the needle-set layouts, the
+frames), then the needle's question (:mod:`lvita.evaluation.vniah_data`: the needle-set layouts, the
 haystack sampling, the prompt). ``--needles DIR``: lmms-lab/v_niah_needles as downloaded (its
 parquet) or LongVA's ``dataset.json`` + ``images/``.
 
@@ -35,7 +35,7 @@ line is redone); ``setup.json``, what the cells depend on (model, haystack, need
 prompt, context limit): a rerun with other values is refused rather than mixed; ``results.json``
 (accuracy per frames x depth, the mean of the grid's cells as LongVA averages them, per needle,
 every cell, skipped needles and cells counted by reason, the options and the exact command) and
-``heatmap.png`` (:mod:`lvita.bench.vniah_heatmap`), both rewritten whole after each frame count.
+``heatmap.png`` (:mod:`lvita.evaluation.vniah_heatmap`), both rewritten whole after each frame count.
 Progress (cells done / total, s/cell, ETA) goes to stderr. With ``--sp`` only rank 0 writes and
 prints; every rank reads cells.jsonl before the first collective, so all skip the same cells.
 
@@ -55,8 +55,8 @@ import sys
 import time
 from pathlib import Path
 
-from lvita.bench import vniah_heatmap
-from lvita.bench.vniah_data import (frames_with_needle, haystack_info, haystack_tiles, load_needles, needle_index,
+from lvita.evaluation import vniah_heatmap
+from lvita.evaluation.vniah_data import (frames_with_needle, haystack_info, haystack_tiles, load_needles, needle_index,
                                     prompt_ids)
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import uint8_tiles

@@ -2,7 +2,7 @@
 
 Owns the command line of published benchmarks: the model options are ``lvita generate``'s
 (:func:`lvita.infer.generate.add_model_args`), plus ``--benchmark`` (a name of
-:mod:`lvita.bench.catalog`), ``--data`` (the benchmark's file or folder), ``--frames N`` (most frames per
+:mod:`lvita.evaluation.catalog`), ``--data`` (the benchmark's file or folder), ``--frames N`` (most frames per
 video, at about ``--video-fps``), ``--subtitles``, ``--out`` (default ``<data dir>/<NAME>-eval``) and
 ``--max-new-tokens`` (default: the benchmark's own). ``--score-only`` rescores a predictions.jsonl
 without loading a model. The entry point :mod:`lvita.eval` sends an ``lvita eval`` with either option
@@ -12,7 +12,7 @@ benchmarks above it.
     lvita eval --model hf/Long-VITA-128K_HF --benchmark MMBench_DEV_EN_V11 --data LMUData/MMBench_DEV_EN_V11.tsv
     lvita eval --benchmark MMBench_DEV_EN_V11 --score-only LMUData/MMBench_DEV_EN_V11-eval/predictions.jsonl
     deepspeed --num_gpus 8 --module lvita.eval --model M --benchmark Video-MME --data DIR --frames 1024 --sp 8
-    lvita eval --model M --benchmark vniah --haystack movie.mp4 --needles v_niah_needles   # lvita.bench.vniah
+    lvita eval --model M --benchmark vniah --haystack movie.mp4 --needles v_niah_needles   # lvita.evaluation.vniah
 
 Bad input (unknown or judge-only benchmark, missing --data, a bad option) exits 2 with one line naming
 it, before the model loads. Trade-off: a benchmark file that is unreadable is found only after the model
@@ -24,9 +24,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvita.bench.catalog import lookup
-from lvita.bench.items import LoadOptions
-from lvita.bench.run import evaluate_benchmark, score_only
+from lvita.evaluation.catalog import lookup
+from lvita.evaluation.items import LoadOptions
+from lvita.evaluation.run import evaluate_benchmark, score_only
 from lvita.errors import PathError, UserError, run_main
 from lvita.infer.generate import add_model_args, load_for_args, options
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if any(a == "--score-only" or a.startswith("--score-only=") for a in argv):
         return rescore(argv)
     if _named(argv, "--benchmark") == "vniah":  # a grid of frame counts x depths, not a list of items
-        from lvita.bench.vniah import main as vniah
+        from lvita.evaluation.vniah import main as vniah
 
         return vniah(argv)
     args = parser().parse_args(argv)

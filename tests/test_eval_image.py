@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from lvita.model.formats import LONGVITA
-from lvita.bench import run as bench_run
+from lvita.evaluation import run as bench_run
 from lvita.data.input_format import InputFormat
 from lvita.ckpt.hf import write_hf_dir
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
-from lvita import eval as lveval  # the entry point: --benchmark goes to lvita.bench.command
-from lvita.bench import command as bench_command
+from lvita import eval as lveval  # the entry point: --benchmark goes to lvita.evaluation.command
+from lvita.evaluation import command as bench_command
 from lvita.infer.prompt import build_prompt
 from tests.test_generate import _always_b
 

@@ -8,9 +8,9 @@ import pytest
 
 from lvita.data.input_format import LongVitaInput
 from lvita.data.input_format import InternVLInput
-from lvita.bench import prompts
-from lvita.bench import vlmevalkit_score as sc
-from lvita.bench.items import Item
+from lvita.evaluation import prompts
+from lvita.evaluation import vlmevalkit_score as sc
+from lvita.evaluation.items import Item
 from lvita.errors import UserError
 
 AB = {"A": "cat", "B": "dog"}

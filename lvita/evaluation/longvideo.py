@@ -9,7 +9,7 @@ judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
   Prompt: the video, the question, ``A. ...`` lines, ``Answer with the option's letter from the
   given choices directly.``, then the wrapper's ``Offer a very short reply.`` (a video model gets
   no subtitles in VLMEvalKit). Score: ``extract_characters_regex`` over A-E
-  (:func:`lvita.bench.video_common.first_letter`); accuracy overall, per duration group, per
+  (:func:`lvita.evaluation.video_common.first_letter`); accuracy overall, per duration group, per
   question category and per category within each duration group.
 - MLVU multiple choice (``vlmeval/dataset/mlvu.py``, ``MLVU_MCQ``): ``--data`` holds ``json/``
   and ``video/`` (or ``MLVU/json``, ``MLVU/video`` as downloaded): ``json/<n>_<task>.json``
@@ -18,7 +18,7 @@ judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
   (8_sub_scene, 9_summary) need a judge model: not read. Prompt: the system text, ``Question:
   ...\\nOptions:\\n(A) ...``, the video, ``\\nOnly give the best option.``; MLVU's type is MCQ to
   the wrapper, so it strips the text and appends ``\\nAnswer with the letter.``. Score:
-  :func:`lvita.bench.video_common.first_word_matches`; accuracy per task, overall and M-Avg, the
+  :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall and M-Avg, the
   mean of the 7 task accuracies (MLVU's definition; VLMEvalKit pools the questions of 6 of them,
   leaving ``order`` out, reported as ``vlmevalkit_m_avg``).
 
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
-from lvita.bench.mvbench import question_block
-from lvita.bench.prompts import longvita_finish
-from lvita.bench.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
+from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
+from lvita.evaluation.mvbench import question_block
+from lvita.evaluation.prompts import longvita_finish
+from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
                                       missing_video, read_json_list)
 from lvita.errors import PathError
 

@@ -16,7 +16,7 @@ pins (37d08c5):
 - prompt (``longvita``): the system text, ``Question: ...\\nOptions:\\n(A) ...``, the video, then
   ``\\nAnswer with the letter.`` (the wrapper removes ``Only give the best option.Best option:(``
   and appends that). ``internvl``: VLMEvalKit's text without the assistant prefill.
-- score: :func:`lvita.bench.video_common.first_word_matches`; accuracy per task, overall (all
+- score: :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall (all
   questions, VLMEvalKit's "overall") and the mean of the task accuracies.
 
 Trade-off: only files are checked at load time; a video decord cannot read fails when answered
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
-from lvita.bench.prompts import longvita_finish
-from lvita.bench.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
+from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
+from lvita.evaluation.prompts import longvita_finish
+from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
                                       read_json_list)
 from lvita.errors import PathError
 

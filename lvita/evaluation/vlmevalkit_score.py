@@ -1,11 +1,11 @@
 """Leaderboard scores of VLMEvalKit's image benchmarks from prediction rows, with exact matching (no judge).
 
-Owns the ``score`` of each :data:`lvita.bench.vlmevalkit.BENCHMARKS` entry: prediction rows
-(:func:`lvita.bench.items.prediction_row`) -> a results dict with ``overall`` and the breakdowns the
+Owns the ``score`` of each :data:`lvita.evaluation.vlmevalkit.BENCHMARKS` entry: prediction rows
+(:func:`lvita.evaluation.items.prediction_row`) -> a results dict with ``overall`` and the breakdowns the
 leaderboard reports. Followed (open-compass/VLMEvalKit):
 
 - multiple choice, ``vlmeval/dataset/utils/multiple_choice.py``: the option is ``can_infer`` (our
-  :mod:`lvita.bench.choice`); no option inferred is wrong (the exact-matching policy's "Z").
+  :mod:`lvita.evaluation.choice`); no option inferred is wrong (the exact-matching policy's "Z").
   ``report_acc``: accuracy overall, per ``split``, ``l2-category`` and ``category``.
 - MMBench, ``mcq_circular_eval``: the copies of a question with rotated options sit at index + k x 1e6; the
   group ``index % 1e6`` counts once, from its main row (index < 1e6), and is right only when every
@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from lvita.bench.choice import can_infer
+from lvita.evaluation.choice import can_infer
 from lvita.errors import UserError
 
 GROUP_OFFSET = 1_000_000  # MMBench's rotated copies: index + k * 1e6

@@ -10,8 +10,8 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   (VLMEvalKit unzips into ``video/``); subtitles ``subtitle/<videoID>.srt`` (or ``subtitles/``).
 - prompt: VLMEvalKit's ``vlmeval/dataset/videomme.py`` (pinned 37d08c5) ``build_prompt`` for a
   video model (the video, then ``FRAMES_TMPL_NOSUB``/``FRAMES_TMPL_SUB``, then ``Question: ...``
-  + the options + ``Answer: ``: :func:`lvita.bench.prompts.videomme_text`), edited as
-  ``VLMEvalKit/long_vita.py`` does for ``longvita`` (:func:`lvita.bench.prompts.longvita_finish`:
+  + the options + ``Answer: ``: :func:`lvita.evaluation.prompts.videomme_text`), edited as
+  ``VLMEvalKit/long_vita.py`` does for ``longvita`` (:func:`lvita.evaluation.prompts.longvita_finish`:
   ``"\\nAnswer: "`` becomes ``"\\n"``, then ``Offer a very short reply.``; no system prompt).
   ``internvl`` gets VLMEvalKit's text unedited.
 - subtitles (``--subtitles``): for every sampled frame, the first cue whose span holds the
@@ -22,7 +22,7 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   picks the lines by its own uniform frames (``int(i * n / (N + 1))``, i = 1..N) while Long-VITA's
   server samples the video itself; here the lines follow the frames actually fed. SRT markup
   (``<i>`` ...) is dropped (pysubs2 would turn it into ASS tags).
-- score: ``extract_characters_regex`` (:func:`lvita.bench.video_common.first_letter`) equal to
+- score: ``extract_characters_regex`` (:func:`lvita.evaluation.video_common.first_letter`) equal to
   the answer; accuracy overall, per duration, domain, sub_category and task_type, and each of
   those within each duration (``get_dimension_rating``).
 
@@ -37,9 +37,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip, Video
-from lvita.bench.prompts import longvita_finish, videomme_text
-from lvita.bench.video_common import Unique, accuracy, breakdown, first_letter, missing_video
+from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
+from lvita.evaluation.prompts import longvita_finish, videomme_text
+from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video
 from lvita.data.media import MediaError, sampled_frames
 from lvita.errors import PathError
 

@@ -1,6 +1,6 @@
 """The V-NIAH heatmap: accuracy per (frame count, needle depth) as a PNG drawn with pillow.
 
-Owns the picture :mod:`lvita.bench.vniah` writes next to results.json. It reads like LongVA's
+Owns the picture :mod:`lvita.evaluation.vniah` writes next to results.json. It reads like LongVA's
 (``vision_niah/eval_vision_niah.py``'s ``plot``: seaborn heatmap, colours #F0496E -> #EBB839 ->
 #9ad5b3 for 0 -> 0.5 -> 1): frame counts across (x axis "frames"), depths down (y axis "depth %", 0
 at the top), each cell coloured red..yellow..green by its accuracy with the value written in it; a

@@ -1,7 +1,7 @@
 """The benchmark driver: load a published benchmark, answer every item greedily, append, score, report.
 
 Owns what ``lvita eval --benchmark NAME --data PATH`` and ``--score-only PREDICTIONS.jsonl`` do (their
-command line: :mod:`lvita.bench.command`). :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
+command line: :mod:`lvita.evaluation.command`). :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
 user text (``bench.prompt`` for the model's format), answers it with :func:`lvita.infer.generate.answer`
 (no system prompt under longvita, as Long-VITA's VLMEvalKit wrapper), and appends one prediction row per
 item to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the item in flight:
@@ -28,8 +28,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lvita.bench.items import Benchmark, LoadOptions, Skip, prediction_row
-from lvita.bench.prompts import postprocess
+from lvita.evaluation.items import Benchmark, LoadOptions, Skip, prediction_row
+from lvita.evaluation.prompts import postprocess
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.template import SampleError

@@ -1,7 +1,7 @@
 """VLMEvalKit's image benchmark TSVs, read as published: MMBench, MMStar, AI2D, MMMU, HallusionBench, OCRBench.
 
 Owns turning one ``<NAME>.tsv`` (the file VLMEvalKit downloads into ``$LMUData``) into
-:class:`lvita.bench.items.Item` s, and the :class:`lvita.bench.items.Benchmark` of each supported name
+:class:`lvita.evaluation.items.Item` s, and the :class:`lvita.evaluation.items.Benchmark` of each supported name
 (:data:`BENCHMARKS`). Followed: ``vlmeval/dataset/image_base.py`` (``ImageBaseDataset.__init__``: rows
 without an image are left out, a cell of at most 64 characters is the index of the row whose image it
 reuses, ``toliststr`` reads a ``[...]`` cell as several images; ``dump_image``), ``vlmeval/smp/vlm.py``
@@ -15,7 +15,7 @@ image and question optional).
 Images are decoded once into ``<work>/images/<index>.png`` (``<index>_<i>.png`` for a list cell), written
 via a temp file and a rename, and reused on a rerun. A bad row (no image, an image cell naming a missing
 row, undecodable base64, no answer, a malformed placeholder or HallusionBench index) is a
-:class:`lvita.bench.items.Skip` with the row's index, never fatal. Trade-off: the TSV is read whole with
+:class:`lvita.evaluation.items.Skip` with the row's index, never fatal. Trade-off: the TSV is read whole with
 pandas (as VLMEvalKit reads it, NaN rules included): MMBench's ~200 MB fits in memory easily.
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from lvita.bench import prompts
-from lvita.bench import vlmevalkit_score as scoring
-from lvita.bench.items import Benchmark, Item, LoadOptions, Skip
+from lvita.evaluation import prompts
+from lvita.evaluation import vlmevalkit_score as scoring
+from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip
 from lvita.errors import PathError
 
 ANSWER_TOKENS = 1024  # long_vita.py asks its server for tokens_to_generate 1024 (greedy ends at EOS)

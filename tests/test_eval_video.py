@@ -1,4 +1,4 @@
-"""The video benchmarks as published (lvita.bench.videomme / mvbench / longvideo): tiny files in each
+"""The video benchmarks as published (lvita.evaluation.videomme / mvbench / longvideo): tiny files in each
 benchmark's own layout, read into items (ids, options, answers, breakdown keys, time windows, the
 Video-MME subtitle lines of the frames the model sees), scored against hand-computed numbers, and
 answered end to end by the tiny model (load -> prompt -> answer -> prediction_row -> score)."""
@@ -16,17 +16,17 @@ from lvita.data.media import INTERNVL_FRAMES
 from lvita.data.media import LONGVITA_FRAMES
 from lvita.data.input_format import InputFormat
 from lvita.data.input_format import InternVLInput, LongVitaInput
-from lvita.bench.items import Item, LoadOptions, Skip, Video, prediction_row
-from lvita.bench.longvideo import LONGVIDEOBENCH, MLVU
-from lvita.bench.mvbench import MVBENCH
-from lvita.bench.video_common import first_letter, first_word_matches
-from lvita.bench.videomme import VIDEO_MME, read_srt, subtitle_lines
+from lvita.evaluation.items import Item, LoadOptions, Skip, Video, prediction_row
+from lvita.evaluation.longvideo import LONGVIDEOBENCH, MLVU
+from lvita.evaluation.mvbench import MVBENCH
+from lvita.evaluation.video_common import first_letter, first_word_matches
+from lvita.evaluation.videomme import VIDEO_MME, read_srt, subtitle_lines
 from lvita.data.media import MediaError, normalise, sampled_frames, video_tiles
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.infer.generate import answer
 from lvita.infer.prompt import MediaOptions, build_prompt
 from tests.layouts import write_video
-from tests.test_bench_image import always_b_hf  # noqa: F401 (a fixture: the tiny model answering "B")
+from tests.test_eval_image import always_b_hf  # noqa: F401 (a fixture: the tiny model answering "B")
 from tests.test_generate import _always_b
 
 SRT = """1

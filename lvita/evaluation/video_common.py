@@ -11,14 +11,14 @@ Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party
 - :func:`first_word_matches`: MVBench's and MLVU's ``check_ans_with_model``: the reply's first
   space-separated word, lower-cased and without dots, is a substring of ``(b)``-style gold (so an
   empty reply counts as right: VLMEvalKit's quirk, kept), or contains it; else
-  :func:`lvita.bench.choice.can_infer` must pick the gold letter.
+  :func:`lvita.evaluation.choice.can_infer` must pick the gold letter.
 
     first_letter("The answer is C.", "ABCD")          # "C"
     first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"})   # True
 
 Predictions are scored as stored: under ``model.format: longvita`` the driver has already kept
 only what follows a reply's last ``Answer:``, as Long-VITA's wrapper does
-(:func:`lvita.bench.prompts.postprocess`).
+(:func:`lvita.evaluation.prompts.postprocess`).
 
 Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
 in its function's docstring.
@@ -30,8 +30,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lvita.bench.choice import can_infer
-from lvita.bench.items import Skip
+from lvita.evaluation.choice import can_infer
+from lvita.evaluation.items import Skip
 from lvita.errors import PathError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -1,10 +1,10 @@
 """The benchmarks ``lvita eval --benchmark NAME`` knows, by VLMEvalKit's names, and those it refuses.
 
-Owns the name -> :class:`lvita.bench.items.Benchmark` table (:data:`BENCHMARKS`) and :data:`UNSUPPORTED`
+Owns the name -> :class:`lvita.evaluation.items.Benchmark` table (:data:`BENCHMARKS`) and :data:`UNSUPPORTED`
 (name -> why: a judge model scores it, or its answers are not published). Adding a benchmark is one
 entry here; its module owns loading, prompt and scoring.
 
-    from lvita.bench.catalog import BENCHMARKS, lookup
+    from lvita.evaluation.catalog import BENCHMARKS, lookup
     bench = lookup("MMBench_DEV_EN")      # KeyError-free: UserError naming the valid names
 
 Trade-off: a plain dict built at import (every loader module is imported, none reads a file until
@@ -12,10 +12,10 @@ Trade-off: a plain dict built at import (every loader module is imported, none r
 """
 from __future__ import annotations
 
-from lvita.bench.items import Benchmark
-from lvita.bench.video import UNSUPPORTED as VIDEO_UNSUPPORTED
-from lvita.bench.video import VIDEO_BENCHMARKS
-from lvita.bench.vlmevalkit import BENCHMARKS as VLMEVALKIT
+from lvita.evaluation.items import Benchmark
+from lvita.evaluation.video import UNSUPPORTED as VIDEO_UNSUPPORTED
+from lvita.evaluation.video import VIDEO_BENCHMARKS
+from lvita.evaluation.vlmevalkit import BENCHMARKS as VLMEVALKIT
 from lvita.errors import UserError
 
 BENCHMARKS: dict[str, Benchmark] = {**VLMEVALKIT, **VIDEO_BENCHMARKS}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from lvita.bench.items import Item
+from lvita.evaluation.items import Item
 
 MCQ_LETTER_DIRECTLY = "Answer with the option's letter from the given choices directly."
 SELECT_FROM_ABOVE = "Please select the correct answer from the options above."
