@@ -1,7 +1,7 @@
-"""Entry point of evaluation: lvita's JSONL sets (:mod:`lvita.infer.eval`) or, with ``--benchmark NAME`` /
-``--score-only``, a published benchmark scored as its leaderboard (:mod:`lvita.evaluation.command`).
+"""Entry point of evaluation (``python -m lvita.eval`` / ``deepspeed --module lvita.eval`` / ``lvita eval``):
+every catalog entry, rescoring and prompt inspection go through :mod:`lvita.evaluation.command`.
 
-    python -m lvita.eval --model DIR --data FILE.jsonl
+    python -m lvita.eval --model DIR --data FILE.jsonl                          # lvita's JSONL set
     python -m lvita.eval --model DIR --benchmark MMStar --data LMUData/MMStar.tsv
     python -m lvita.eval --benchmark MMStar --score-only LMUData/MMStar-eval/predictions.jsonl
     deepspeed --num_gpus N --module lvita.eval --model DIR --data FILE.jsonl --sp N   # context-parallel
@@ -10,16 +10,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    from lvita.evaluation.command import wants_benchmark
+    from lvita.evaluation.command import main as evaluate
 
-    if wants_benchmark(argv):
-        from lvita.evaluation.command import main as benchmark
-
-        return benchmark(argv)
-    from lvita.infer.eval import main as jsonl
-
-    return jsonl(argv)
+    return evaluate(argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def _setup(tokenizer_dir, image):
 
 
 def _cp(rank, tokenizer_dir, image, ring, mode, eval_data):
-    from lvita.infer import eval as lveval
+    from lvita.evaluation import jsonl_set
     from lvita.model.presets import tokens_per_tile
     from lvita.infer.cp_generate import ContextParallel, cp_generate
     from lvita.parallel.topology import build_topology, init_distributed
@@ -44,7 +44,7 @@ def _cp(rank, tokenizer_dir, image, ring, mode, eval_data):
     gen = cp_generate(model, prompt.input_ids, prompt.pixel_values, specials, NEW, keep_logits=True, cp=cp, mode=mode)
     results = None
     if eval_data:
-        results = lveval.evaluate(model, InputFormat.of("tiny", tok), eval_data, write=rank == 0, max_new_tokens=NEW,
+        results = jsonl_set.evaluate(model, InputFormat.of("tiny", tok), eval_data, write=rank == 0, max_new_tokens=NEW,
                                   decode=partial(cp_generate, cp=cp, mode=mode))
     return gen.tokens, torch.stack(gen.logits), results
 
@@ -72,10 +72,10 @@ def test_context_parallel_generation_equals_single_process(tmp_path, tokenizer_d
         torch.testing.assert_close(logits, torch.stack(want.logits), rtol=1e-5, atol=1e-5)
         if data:
             single = [json.loads(x)["prediction"] for x in (tmp_path / "set-eval" / "predictions.jsonl").open()]
-            assert results["scored"] == 2 and len(single) == 2
+            assert results["answered"] == 2 and len(single) == 2
     if data:  # the same set single-process: the same predictions
-        from lvita.infer import eval as lveval
+        from lvita.evaluation import jsonl_set
 
         cp_preds = (tmp_path / "set-eval" / "predictions.jsonl").read_text()
-        lveval.evaluate(model, InputFormat.of("tiny", tok), data, tmp_path / "single", max_new_tokens=NEW)
+        jsonl_set.evaluate(model, InputFormat.of("tiny", tok), data, tmp_path / "single", max_new_tokens=NEW)
         assert (tmp_path / "single" / "predictions.jsonl").read_text() == cp_preds

@@ -217,12 +217,12 @@ def test_eval_user_error(capsys, tmp_path):
 
 
 def test_eval_bug_propagates(monkeypatch, tmp_path):
-    import lvita.infer.eval
+    import lvita.evaluation.command
     from lvita.cli import main as cli
 
     data = tmp_path / "set.jsonl"
     data.write_text("{}\n")
-    monkeypatch.setattr(lvita.infer.eval, "load_for_args", _boom(ValueError("boom")))
+    monkeypatch.setattr(lvita.evaluation.command, "load_for_args", _boom(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
         cli(["eval", "--model", str(tmp_path), "--data", str(data)])
 

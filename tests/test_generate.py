@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lvita.data.input_format import InputFormat
-from lvita.infer import eval as lveval
+from lvita import eval as lveval
+from lvita.evaluation import jsonl_set
 from lvita.infer import generate as lvgen
 from lvita.ckpt.checkpoint import CheckpointError
 from lvita.data.media import MediaError
@@ -145,19 +146,20 @@ def test_eval_accuracy_on_known_answers(tok, image, tmp_path):
            {"id": "mismatch", "images": ["img/a.png"], "messages": items[0]["messages"]},
            {"id": "noref", "messages": [{"role": "user", "content": "Hi?"}]}]
     data = _write_jsonl(tmp_path / "bench.jsonl", items[:2] + bad[:2] + items[2:] + bad[2:])
-    res = lveval.evaluate(model, tiny_input(t), data, log=lambda *a: None, max_new_tokens=6)
+    res = jsonl_set.evaluate(model, tiny_input(t), data, log=lambda *a: None, max_new_tokens=6)
     out = tmp_path / "bench-eval"
     assert res == json.loads((out / "results.json").read_text())
-    assert (res["items"], res["scored"], res["correct"], res["accuracy"]) == (10, 6, 3, 0.5)
-    assert res["categories"] == {"image": {"scored": 3, "correct": 1, "accuracy": round(1 / 3, 6)},
-                                 "text": {"scored": 3, "correct": 2, "accuracy": round(2 / 3, 6)}}
+    assert (res["items"], res["answered"]) == (10, 6)  # 10 lines; 4 skipped (two by the loader, two when asked)
+    assert res["scores"]["overall"] == {"accuracy": 0.5, "correct": 3, "scored": 6}  # when answered
+    assert res["scores"]["category"] == {"image": {"accuracy": round(1 / 3, 6), "correct": 1, "scored": 3},
+                                         "text": {"accuracy": round(2 / 3, 6), "correct": 2, "scored": 3}}
     assert res["skipped"]["by_reason"] == {"malformed_json": 1, "bad_media": 1, "placeholder_mismatch": 1,
                                            "no_assistant_turn": 1}
-    assert [s["line"] for s in res["skipped"]["items"]] == [3, 4, 9, 10]
+    assert {s["id"] for s in res["skipped"]["items"]} == {"line3", "missing", "mismatch", "noref"}
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == [f"q{i}" for i in range(6)]
-    assert [p["correct"] for p in preds] == [i in right for i in range(6)]
-    assert [p["prediction"] for p in preds] == outputs and {p["kind"] for p in preds} == {"short"}
+    assert [jsonl_set.correct(p) for p in preds] == [i in right for i in range(6)]
+    assert [p["prediction"] for p in preds] == outputs and {p["meta"]["kind"] for p in preds} == {"short"}
     assert sorted(x.name for x in out.iterdir()) == ["predictions.jsonl", "results.json"]
 
 
@@ -194,14 +196,16 @@ def test_eval_multiple_choice_from_the_cli(tok, tokenizer_dir, image, tmp_path):
     data = _write_jsonl(tmp_path / "mc.jsonl", items)
     assert lveval.main(["--model", str(hf), "--data", str(data), "--out", str(tmp_path / "res")]) == 0
     res = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert (res["scored"], res["correct"]) == (7, 4)
-    assert {k: (v["scored"], v["correct"]) for k, v in res["categories"].items()} == {"mc": (4, 2), "short": (3, 2)}
+    assert (res["scores"]["overall"]["scored"], res["scores"]["overall"]["correct"]) == (7, 4)
+    assert {k: (v["scored"], v["correct"]) for k, v in res["scores"]["category"].items()} == {"mc": (4, 2),
+                                                                                             "short": (3, 2)}
     assert res["skipped"]["by_reason"] == {"bad_reference": 1}
     preds = [json.loads(x) for x in (tmp_path / "res" / "predictions.jsonl").read_text().splitlines()]
     assert {p["prediction"] for p in preds} == {"B"} and {p["stop"] for p in preds} == {"eos"}
-    assert [p["correct"] for p in preds] == [True, False, True, False, True, True, False]
-    assert lveval.choice_of("The answer is (B).", ["A", "B", "C"]) == "B"
-    assert lveval.choice_of("Blue", ["red", "blue"]) == "B" and lveval.choice_of("green", ["red", "blue"]) is None
+    assert [jsonl_set.correct(p) for p in preds] == [True, False, True, False, True, True, False]
+    abc, colours = jsonl_set.lettered_choices(["A", "B", "C"]), jsonl_set.lettered_choices(["red", "blue"])
+    assert jsonl_set.can_infer("The answer is (B).", abc) == "B"
+    assert jsonl_set.can_infer("blue", colours) == "B" and jsonl_set.can_infer("green", colours) is None
 
 
 def test_errors_are_clear_and_write_nothing(model, tok, image, tmp_path, capsys):

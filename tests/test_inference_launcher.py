@@ -66,7 +66,7 @@ def test_generate_under_the_launcher_ring_recompute(setup, capsys):
 
 
 def test_eval_under_the_launcher_ulysses_cache(setup):
-    from lvita.infer.eval import main
+    from lvita.eval import main
 
     root, hf = setup
     args = ["--model", str(hf), "--data", str(root / "set.jsonl"), "--max-new-tokens", "12"]

@@ -119,7 +119,8 @@ def test_generate_json_gives_the_official_greedy_tokens(released, loaded, capsys
 
 
 def test_eval_runs_the_released_checkpoint(released, tmp_path):
-    from lvita.infer import eval as lveval
+    from lvita import eval as lveval
+    from lvita.evaluation.jsonl_set import correct
 
     from transformers import AutoTokenizer
 
@@ -135,8 +136,8 @@ def test_eval_runs_the_released_checkpoint(released, tmp_path):
                         "--max-new-tokens", str(recipe.MAX_NEW_TOKENS)]) == 0
     preds = {json.loads(line)["id"]: json.loads(line) for line in
              (tmp_path / "res" / "predictions.jsonl").read_text().splitlines()}
-    assert preds["official"]["prediction"] == model_answer and preds["official"]["correct"]
-    assert not preds["other"]["correct"]
+    assert preds["official"]["prediction"] == model_answer and correct(preds["official"])
+    assert not correct(preds["other"])
 
 
 def test_convert_from_hf_then_to_hf_longvita_returns_the_same_tensors(released, tmp_path):

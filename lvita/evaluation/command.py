@@ -1,22 +1,25 @@
-"""``lvita eval --benchmark NAME --data PATH`` and ``lvita eval --benchmark NAME --score-only PREDICTIONS``.
+"""``lvita eval``: one command line for every catalog entry, reading top to bottom.
 
-Owns the command line of published benchmarks: the model options are ``lvita generate``'s
-(:func:`lvita.infer.generate.add_model_args`), plus ``--benchmark`` (a name of
-:mod:`lvita.evaluation.catalog`), ``--data`` (the benchmark's file or folder), ``--frames N`` (most frames per
-video, at about ``--video-fps``), ``--subtitles``, ``--out`` (default ``<data dir>/<NAME>-eval``) and
-``--max-new-tokens`` (default: the benchmark's own). ``--score-only`` rescores a predictions.jsonl
-without loading a model. The entry point :mod:`lvita.eval` sends an ``lvita eval`` with either option
-here and any other to :mod:`lvita.infer.eval` (lvita's JSONL sets), so lvita.infer never imports the
-benchmarks above it.
+Owns the options of evaluation and which of its three modes a command line asks for:
+
+- run (``--model M --data PATH [--benchmark NAME]``): answer every item greedily and score it
+  (:func:`lvita.evaluation.run.evaluate_benchmark`); ``--benchmark`` defaults to ``jsonl``, lvita's own
+  sets; the model options are ``lvita generate``'s (:func:`lvita.infer.generate.add_model_args`);
+- ``--score-only FILE``: rescore predictions without a model (lvita's predictions.jsonl, an
+  ``{"id", "prediction"}`` JSONL or VLMEvalKit's result .xlsx/.tsv/.csv; the last two with ``--data``);
+- ``--show ID [--save FILE.npz]``: one item's prompt as the model receives it (context runs collapsed,
+  as ``lvita data show`` prints training records) and its input ids and pixels, without loading weights.
+
+``--benchmark vniah`` hands the whole command line to V-NIAH's own parser (:mod:`lvita.evaluation.vniah`).
 
     lvita eval --model hf/Long-VITA-128K_HF --benchmark MMBench_DEV_EN_V11 --data LMUData/MMBench_DEV_EN_V11.tsv
-    lvita eval --benchmark MMBench_DEV_EN_V11 --score-only LMUData/MMBench_DEV_EN_V11-eval/predictions.jsonl
+    lvita eval --benchmark MMStar --score-only MyModel_MMStar.xlsx --data LMUData/MMStar.tsv
+    lvita eval --model M --benchmark MVBench --data MVBench --show action_sequence-0 --save item.npz
     deepspeed --num_gpus 8 --module lvita.eval --model M --benchmark Video-MME --data DIR --frames 1024 --sp 8
-    lvita eval --model M --benchmark vniah --haystack movie.mp4 --needles v_niah_needles   # lvita.evaluation.vniah
 
-Bad input (unknown or judge-only benchmark, missing --data, a bad option) exits 2 with one line naming
-it, before the model loads. Trade-off: a benchmark file that is unreadable is found only after the model
-is loaded (loaders are generic); that costs the load time once.
+Bad input (an unknown or judge-only benchmark, a missing file, a bad option) exits 2 with one line naming it,
+before the model loads. Trade-off: an unreadable benchmark file is found after the model is loaded (loaders
+are generic); that costs the load time once.
 """
 from __future__ import annotations
 
@@ -24,25 +27,82 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvita.evaluation.catalog import lookup
-from lvita.evaluation.items import LoadOptions
-from lvita.evaluation.run import evaluate_benchmark, score_only
 from lvita.errors import PathError, UserError, run_main
+from lvita.evaluation.catalog import CATALOG, OwnCommand, listing, lookup
+from lvita.evaluation.items import Benchmark, LoadOptions
+from lvita.evaluation.run import evaluate_benchmark, score_only
 from lvita.infer.generate import add_model_args, load_for_args, options
+
+DEFAULT_BENCHMARK = "jsonl"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lvita eval --benchmark",
-                                 description="A Long-VITA model on a published benchmark, scored as its leaderboard.")
-    add_model_args(ap)
-    ap.add_argument("--benchmark", required=True, metavar="NAME",
-                    help="e.g. MMBench_DEV_EN_V11, MMStar, MMMU_DEV_VAL, HallusionBench, AI2D_TEST, OCRBench")
-    ap.add_argument("--data", required=True, help="the benchmark's file (a VLMEvalKit TSV) or folder")
-    ap.add_argument("--out", help="default: <data dir>/<NAME>-eval")
+    ap = argparse.ArgumentParser(prog="lvita eval", epilog=listing(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="A Long-VITA model on lvita's JSONL sets or a published benchmark, scored "
+                                             "as VLMEvalKit scores it; or rescore predictions; or show one prompt.")
+    add_model_args(ap, model_required=False)
+    ap.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="NAME",
+                    help=f"a catalog name (below; default {DEFAULT_BENCHMARK}: lvita's JSONL set)")
+    ap.add_argument("--data", help="the benchmark's file (a VLMEvalKit TSV, a JSONL set) or folder")
+    ap.add_argument("--out", help="results folder (default: <data dir>/<NAME>-eval; a JSONL set: <data dir>/<stem>-eval)")
     ap.add_argument("--frames", type=int, default=64, help="most frames per video, at about --video-fps (64-4096)")
     ap.add_argument("--subtitles", action="store_true", help="Video-MME's with-subtitles setting")
+    ap.add_argument("--score-only", metavar="FILE",
+                    help="rescore FILE without a model: predictions.jsonl, a JSONL of {id, prediction}, or VLMEvalKit's "
+                         "<model>_<dataset>.xlsx/.tsv/.csv (these two need --data for answers and options)")
+    ap.add_argument("--show", metavar="ID", help="print item ID's prompt as the model receives it and exit (needs "
+                                                 "--model for the tokenizer and format; loads no weights)")
+    ap.add_argument("--save", metavar="FILE.npz", help="with --show: save its input_ids and pixel_values")
     ap.set_defaults(max_new_tokens=None)  # the benchmark's own answer length unless given
     return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    entry = CATALOG.get(_named(argv, "--benchmark") or DEFAULT_BENCHMARK)
+    if isinstance(entry, OwnCommand):  # its own options (a grid, not a list of items), its own --help
+        return entry.main(argv)
+    args = parser().parse_args(argv)
+    return run_main("lvita eval", _main, args, argv)
+
+
+def _main(args, argv: list[str]) -> int:
+    bench = lookup(args.benchmark)
+    if isinstance(bench, OwnCommand):
+        return bench.main(argv)
+    if args.score_only is not None:
+        _exclusive(args, "--score-only", ("show", "save"))
+        score_only(bench, args.score_only, args.out, arguments=argv, data=args.data)
+        return 0
+    if args.save is not None and args.show is None:
+        raise UserError("--save goes with --show ID (the item whose ids and pixels to save)")
+    if args.data is None:
+        raise UserError("--data is required (the benchmark's files), except with --score-only on lvita's predictions")
+    if args.model is None:
+        raise UserError("--model is required (a model directory" + (": its tokenizer and format build the prompt)"
+                                                                    if args.show else ")"))
+    if not Path(args.data).exists():
+        raise PathError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
+    if args.frames < 1:
+        raise UserError("--frames must be at least 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = bench.max_new_tokens
+    args.max_frames = args.frames
+    opts = options(args)
+    out = Path(args.out) if args.out else bench.default_out(args.data)
+    load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
+    if args.show is not None:
+        from lvita.evaluation.show import show_item
+
+        return show_item(args, bench, load_opts, opts)
+    model, fmt, decode, rank = load_for_args(args, opts)
+    if bench.wrapped and not fmt.model_format.default_system_prompt and args.system_prompt is None:
+        opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrappers send no system prompt
+    if args.sp > 1:
+        decode_on_rank0(bench, args.data, load_opts, rank)
+    evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
+                       write=rank == 0, arguments=argv)
+    return 0
 
 
 def decode_on_rank0(bench, data, load_opts: LoadOptions, rank: int) -> None:
@@ -56,52 +116,10 @@ def decode_on_rank0(bench, data, load_opts: LoadOptions, rank: int) -> None:
     dist.barrier()
 
 
-def rescore(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="lvita eval --score-only", description="Rescore a predictions.jsonl.")
-    ap.add_argument("--score-only", required=True, metavar="PREDICTIONS")
-    ap.add_argument("--benchmark", required=True, metavar="NAME")
-    ap.add_argument("--out", help="default: beside PREDICTIONS")
-    args, _ = ap.parse_known_args(argv)  # the run's model options may be repeated; they do not matter here
-    return run_main("lvita eval", _rescore, args, argv)
-
-
-def _rescore(args, argv: list[str]) -> int:
-    score_only(lookup(args.benchmark), args.score_only, args.out, arguments=argv)
-    return 0
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--score-only" or a.startswith("--score-only=") for a in argv):
-        return rescore(argv)
-    if _named(argv, "--benchmark") == "vniah":  # a grid of frame counts x depths, not a list of items
-        from lvita.evaluation.vniah import main as vniah
-
-        return vniah(argv)
-    args = parser().parse_args(argv)
-    return run_main("lvita eval", _main, args, argv)
-
-
-def _main(args, argv: list[str]) -> int:
-    bench = lookup(args.benchmark)
-    if not Path(args.data).exists():
-        raise PathError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
-    if args.frames < 1:
-        raise UserError("--frames must be at least 1")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = bench.max_new_tokens
-    args.max_frames = args.frames
-    opts = options(args)
-    model, fmt, decode, rank = load_for_args(args, opts)
-    if not fmt.model_format.default_system_prompt and args.system_prompt is None:
-        opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrapper sends no system prompt
-    out = Path(args.out) if args.out else Path(args.data).parent / f"{bench.name}-eval"
-    load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
-    if args.sp > 1:
-        decode_on_rank0(bench, args.data, load_opts, rank)
-    evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                       write=rank == 0, arguments=argv)
-    return 0
+def _exclusive(args, given: str, others: tuple[str, ...]) -> None:
+    for other in others:
+        if getattr(args, other) is not None:
+            raise UserError(f"{given} and --{other} do not go together")
 
 
 def _named(argv: list[str], option: str) -> str | None:
@@ -112,8 +130,3 @@ def _named(argv: list[str], option: str) -> str | None:
         if a.startswith(option + "="):
             return a.split("=", 1)[1]
     return None
-
-
-def wants_benchmark(argv: list[str]) -> bool:
-    """Whether an ``lvita eval`` command line is for this module (``--benchmark`` or ``--score-only``)."""
-    return any(a.split("=")[0] in ("--benchmark", "--score-only") for a in argv)

@@ -33,6 +33,8 @@ class Item:
     hint: str | None = None  # MMBench-style context shown before the question
     subtitles: str | None = None  # subtitle lines for the sampled frames (Video-MME with subtitles)
     meta: dict = field(default_factory=dict)  # breakdown keys: category, split, duration, task_type, ...
+    messages: list[dict] | None = None  # the whole conversation before the answer (lvita's JSONL sets), which
+    #                                     the benchmark's prompt returns as is; None: the prompt builds the user's text
 
 
 @dataclass
@@ -55,6 +57,8 @@ class LoadOptions:
     frames: int = 64  # --frames: most frames sampled per video (the paper sweeps 64-4096)
     fps: float = 1.0  # frames per second of video at most
     subtitles: bool = False  # --subtitles: Video-MME's with-subtitles setting
+    media: bool = True  # False: read answers, options and categories only (rescoring): no image is decoded and
+    #                     no video looked for, so an item missing its media is still scored
 
 
 @dataclass
@@ -62,7 +66,13 @@ class Benchmark:
     """One published benchmark: how to read it, ask it and score it."""
     name: str
     load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
-    prompt: Callable[[Item, Any], str]  # (item, the model's InputFormat, or its class) -> the user's text,
-    #                                     with one <image> / <video> placeholder per entry of item.images / videos
+    prompt: Callable[[Item, Any], str | list[dict]]  # (item, the model's InputFormat, or its class) -> the user's
+    #   text with one <image> / <video> placeholder per entry of item.images / videos, or the whole conversation
     score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
     max_new_tokens: int = 32  # greedy answer length the benchmark needs
+    wrapped: bool = True  # asked as the evaluated model's VLMEvalKit wrapper asks (no system prompt under
+    #                       longvita); False: lvita's own set, asked as training encodes it
+
+    def default_out(self, data) -> Path:
+        """``<data dir>/<NAME>-eval``; lvita's own sets are named by their file (``<data dir>/<stem>-eval``)."""
+        return Path(data).parent / f"{self.name if self.wrapped else Path(data).stem}-eval"

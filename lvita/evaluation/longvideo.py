@@ -61,7 +61,7 @@ def load_lvb(path: Path, options: LoadOptions):
                                               f"and correct_choice (an index into them)")
             continue
         video = file.parent / "videos" / rec["video_path"]
-        if skip := missing_video(item_id, video):
+        if skip := missing_video(item_id, video, options.media):
             yield Skip(item_id, skip.reason, f"{where}: {skip.detail}")
             continue
         yield Item(item_id, rec["question"], videos=[Video(video)], choices=lettered(cands), answer="ABCDE"[right],
@@ -121,7 +121,7 @@ def load_mlvu(path: Path, options: LoadOptions):
                                                   f"answer as one candidate's text")
                 continue
             video = base / "video" / stem / rec["video"]
-            if skip := missing_video(item_id, video):
+            if skip := missing_video(item_id, video, options.media):
                 yield Skip(item_id, skip.reason, f"{where}: {skip.detail}")
                 continue
             yield Item(item_id, rec["question"], videos=[Video(video)], choices=choices, answer=letter,

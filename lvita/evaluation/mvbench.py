@@ -100,7 +100,7 @@ def load(path: Path, options: LoadOptions):
                                                   f"{cands}, or the question is not a string")
                 continue
             file_path = root / folder / video
-            if skip := missing_video(item_id, file_path):
+            if skip := missing_video(item_id, file_path, options.media):
                 yield Skip(item_id, skip.reason, f"{where}: {skip.detail}")
                 continue
             clip = Video(file_path, start, end, fps=FRAME_FPS if kind == "frame" else None)

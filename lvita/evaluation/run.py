@@ -29,11 +29,11 @@ from collections import Counter
 from pathlib import Path
 
 from lvita.evaluation.items import Benchmark, LoadOptions, Skip, prediction_row
+from lvita.evaluation.predictions import read_predictions, scoring_rows
 from lvita.evaluation.prompts import postprocess
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.template import SampleError
-from lvita.errors import PathError, UserError
 from lvita.infer.generate import answer
 
 PROGRESS_SECONDS = 5.0
@@ -41,33 +41,6 @@ PROGRESS_SECONDS = 5.0
 
 def stderr(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def read_predictions(path: Path, cut_torn: bool = False) -> list[dict]:
-    """The rows of a predictions.jsonl in file order (first row per id). A last line without its newline
-    is a torn write: dropped (and cut from the file when ``cut_torn``). Any other bad line is a
-    UserError naming the file and line."""
-    path = Path(path)
-    data = path.read_bytes() if path.exists() else b""
-    complete = data[:data.rfind(b"\n") + 1]
-    if cut_torn and len(complete) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    rows, seen = [], set()
-    for lineno, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
-                raise ValueError("a row must be an object with 'id' and 'prediction'")
-        except ValueError as e:
-            raise UserError(f"{path}:{lineno}: not a prediction row ({e}); remove the line or the file "
-                            "to answer that item again") from None
-        if row["id"] not in seen:
-            seen.add(row["id"])
-            rows.append(row)
-    return rows
 
 
 class Progress:
@@ -105,7 +78,7 @@ def _skip_record(skip: Skip) -> dict:
 
 def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadOptions,
                        answer_opts: dict, write: bool = True, log=stderr,
-                       arguments: list[str] | None = None) -> dict:
+                       arguments: list[str] | None = None, wrapper=None, scorer=None) -> dict:
     """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
     all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
     keywords (max_new_tokens, system_prompt, media, max_context, decode); ``fmt``: the model's InputFormat."""
@@ -134,9 +107,9 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
     try:
         for item in pending:
             try:
-                text = bench.prompt(item, fmt)
-                raw, gen = answer(model, fmt, [{"role": "user", "content": text}], item.images, item.videos,
-                                  **answer_opts)
+                asked = bench.prompt(item, fmt) if wrapper is None else bench.prompt(item, fmt, wrapper)
+                messages = asked if isinstance(asked, list) else [{"role": "user", "content": asked}]
+                raw, gen = answer(model, fmt, messages, item.images, item.videos, **answer_opts)
             except (SampleError, MediaError) as e:  # ContextError is a SampleError ("too_long")
                 skipped.append({"id": item.id, "reason": getattr(e, "reason", "bad_media"), "detail": str(e)})
                 log(f"[eval] {bench.name} item {item.id}: skipped ({skipped[-1]['reason']}): {e}")
@@ -156,7 +129,7 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
     rows = read_predictions(preds_path) if write else []
     results = {"benchmark": bench.name, "data": str(data), "items": len(items) + n_loader_skips,
                "answered": len(rows), "answered_this_run": n_written,
-               "scores": bench.score(rows) if write else None,
+               "scores": _score(bench, rows, scorer) if write else None, **_named(wrapper=wrapper, scorer=scorer),
                "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                            "items": skipped},
                "stops": dict(Counter(r.get("stop") for r in rows)), "seconds": round(time.perf_counter() - t0, 2),
@@ -174,15 +147,26 @@ def summary(scores: dict) -> str:
     return json.dumps(overall["accuracy"] if isinstance(overall, dict) and "accuracy" in overall else overall)
 
 
+def _score(bench: Benchmark, rows: list[dict], scorer) -> dict:
+    return bench.score(rows) if scorer is None else bench.score(rows, scorer)
+
+
+def _named(**objects) -> dict:
+    """results.json's record of the wrapper and scorer used: name and where it comes from."""
+    return {k: {"name": v.name, "source": getattr(v, "source", None), "commit": getattr(v, "commit", None)}
+            for k, v in objects.items() if v is not None}
+
+
 def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | None = None,
-               log=stderr) -> dict:
-    """Rescore ``predictions`` (a predictions.jsonl) with ``bench.score``; write results.json into ``out``
-    (default: beside the predictions). A results.json already there keeps its counts, skipped items and
-    options (the run's); ``scores``, ``answered``, ``command`` and ``arguments`` are replaced."""
+               log=stderr, data=None, scorer=None) -> dict:
+    """Rescore ``predictions`` (lvita's predictions.jsonl, an id/prediction JSONL or VLMEvalKit's result
+    .xlsx/.tsv/.csv; the last two need the benchmark's files, ``data``) with ``bench.score``; write
+    results.json into ``out`` (default: beside the predictions). A results.json of the same benchmark already
+    there keeps its counts, skipped items and options (the run's); ``scores``, ``answered``, the scorer,
+    ``command`` and ``arguments`` are replaced."""
     predictions = Path(predictions)
-    if not predictions.is_file():
-        raise PathError(f"--score-only {predictions}: no such file (expected a predictions.jsonl)")
-    rows = read_predictions(predictions)
+    rows, report = scoring_rows(bench, predictions, None if data is None else Path(data),
+                                None if out is None else Path(out) / "work")
     dest = Path(out) if out is not None else predictions.parent
     dest.mkdir(parents=True, exist_ok=True)
     previous = {}
@@ -191,12 +175,15 @@ def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | N
             previous = json.loads((dest / "results.json").read_text())
         except ValueError:
             previous = {}
-        if previous.get("benchmark") != bench.name:
+        if not isinstance(previous, dict) or previous.get("benchmark") != bench.name:
             previous = {}
-    results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": bench.score(rows),
-               "stops": dict(Counter(r.get("stop") for r in rows)), "rescored_from": str(predictions),
+    results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": _score(bench, rows, scorer),
+               **_named(scorer=scorer), "stops": dict(Counter(r.get("stop") for r in rows)),
+               "rescored_from": str(predictions), "prediction_file": report,
                "command": list(sys.argv), "arguments": arguments}
     atomic_write(dest / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows; "
-        f"wrote {dest / 'results.json'}")
+    missing = report.get("unanswered", {}).get("count", 0)
+    log(f"[eval] {bench.name}: overall {summary(results['scores'])} over {len(rows)} rows"
+        + (f" ({missing} items of the benchmark have no prediction)" if missing else "")
+        + f"; wrote {dest / 'results.json'}")
     return results

@@ -98,10 +98,10 @@ def first_dir(root: Path, names: tuple[str, ...], probe) -> Path | None:
     return None
 
 
-def missing_video(item_id: str, path: Path) -> Skip | None:
+def missing_video(item_id: str, path: Path, check: bool = True) -> Skip | None:
     """A Skip when ``path`` is neither a file nor a non-empty folder (decoding errors surface later,
-    as the driver's MediaError)."""
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+    as the driver's MediaError); None without looking when not ``check`` (rescoring needs no video)."""
+    if not check or path.is_file() or (path.is_dir() and any(path.iterdir())):
         return None
     return Skip(item_id, "missing_video", f"{path} is not there (or is an empty folder)")
 

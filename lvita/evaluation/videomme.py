@@ -152,7 +152,7 @@ def load(path: Path, options: LoadOptions):
             continue
         video = next((d for d in ((root / n / f"{vid}.mp4") for n in VIDEO_DIRS) if d.is_file()),
                      root / "video" / f"{vid}.mp4")
-        if skip := missing_video(item_id, video):
+        if skip := missing_video(item_id, video, options.media):
             yield Skip(item_id, skip.reason, f"{where}: {vid}.mp4 is in none of {root}'s "
                                              f"{[n or '.' for n in VIDEO_DIRS]}")
             continue

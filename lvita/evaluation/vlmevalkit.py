@@ -83,14 +83,19 @@ def decode_image(b64: str, path: Path) -> Path:
     return path
 
 
-def row_images(index: str, cell: str, image_map: dict, work: Path) -> list[Path]:
-    """The decoded image files of one row (resolving a reused-image cell); raises ValueError."""
+def image_cells(cell: str, image_map: dict) -> list[str]:
+    """The base64 images of one row (resolving a reused-image cell); raises ValueError / SyntaxError."""
     if len(cell) <= REF_MAX_CHARS:
         source = image_map.get(cell)
         if source is None or len(source) <= REF_MAX_CHARS:
             raise ValueError(f"its image cell {cell!r} names no row with an image")
         cell = source
-    cells = toliststr(cell)
+    return toliststr(cell)
+
+
+def row_images(index: str, cell: str, image_map: dict, work: Path) -> list[Path]:
+    """The decoded image files of one row (resolving a reused-image cell); raises ValueError."""
+    cells = image_cells(cell, image_map)
     names = [f"{index}.png"] if len(cells) == 1 else [f"{index}_{i}.png" for i in range(len(cells))]
     return [decode_image(c, work / "images" / n) for c, n in zip(cells, names)]
 
@@ -115,7 +120,12 @@ def load_tsv(path: Path, opts: LoadOptions, kind: str, dataset: str) -> Iterator
             yield Skip(index, "no_image", f"{where}: empty image cell (VLMEvalKit leaves such rows out)")
             continue
         try:
-            images = row_images(index, image_map[index], image_map, opts.work) if has_image else []
+            if not has_image:
+                images = []
+            elif opts.media:
+                images = row_images(index, image_map[index], image_map, opts.work)
+            else:  # rescoring: the count matters (MMMU's placeholders), not the pixels
+                images = [Path(f"{index}_{i}.png") for i in range(len(image_cells(image_map[index], image_map)))]
         except (ValueError, SyntaxError, binascii.Error, OSError) as e:
             yield Skip(index, "bad_image", f"{where}: {e}")
             continue

@@ -54,21 +54,12 @@ def spec_of_hf_config(raw: dict, where: str):
         raise CheckpointError(f"--model {where}: config.json does not describe a model lvita can build ({e})") from None
 
 
-def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokenizer=None):
-    """-> (LongVita in eval mode without grads, its input format: tokenizer, special ids, model description).
-
-    ``model_dir``: an lvita checkpoint (output_dir, checkpoints/ or global_step<N>; tokenizer from its
-    manifest), a directory in the released Long-VITA layout (``model_type: long_vita``), or an HF
-    InternVL directory as :func:`lvita.ckpt.hf.write_hf_dir` writes it (shapes from config.json);
-    ``tokenizer`` overrides (:class:`lvita.data.input_format.InputFormat`: ``fmt.tok``, ``fmt.specials``,
-    ``fmt.context_ids``, ``fmt.spec``).
-    ``dtype`` None: float32 on CPU, else bfloat16. Not a model: CheckpointError (a
-    UserError) naming the path and what was expected.
-    """
-    from lvita.model.longvita import LongVita
+def load_input_format(model_dir, tokenizer=None):
+    """-> (the model's input format, the directory its weights load from), reading only config.json or the
+    checkpoint's manifest and the tokenizer: what a prompt needs without the model (``lvita eval --show``).
+    Not a model directory: CheckpointError naming the path."""
     from lvita.data.input_format import InputFormat
     from lvita.ckpt.checkpoint import manifest_spec
-    from lvita.ckpt.weights import init_from
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -89,7 +80,25 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokeni
         spec = manifest_spec(found.manifest, f"--model {path}")
         if not tok_path or not Path(tok_path).is_dir():
             raise CheckpointError(f"--model {path}: its tokenizer ({tok_path}) is not there; pass --tokenizer DIR")
-    fmt = InputFormat.load(spec, tok_path)  # longvita: the 17 official added tokens, released ids
+    return InputFormat.load(spec, tok_path), path  # longvita: the 17 official added tokens, released ids
+
+
+def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", tokenizer=None):
+    """-> (LongVita in eval mode without grads, its input format: tokenizer, special ids, model description).
+
+    ``model_dir``: an lvita checkpoint (output_dir, checkpoints/ or global_step<N>; tokenizer from its
+    manifest), a directory in the released Long-VITA layout (``model_type: long_vita``), or an HF
+    InternVL directory as :func:`lvita.ckpt.hf.write_hf_dir` writes it (shapes from config.json);
+    ``tokenizer`` overrides (:class:`lvita.data.input_format.InputFormat`: ``fmt.tok``, ``fmt.specials``,
+    ``fmt.context_ids``, ``fmt.spec``).
+    ``dtype`` None: float32 on CPU, else bfloat16. Not a model: CheckpointError (a
+    UserError) naming the path and what was expected.
+    """
+    from lvita.model.longvita import LongVita
+    from lvita.ckpt.weights import init_from
+
+    fmt, path = load_input_format(model_dir, tokenizer)
+    spec = fmt.spec
     with torch.device(device):
         model = LongVita(spec, fmt.context_ids, seed=0)
     init_from(model, str(path), spec, tokenizer_fingerprint(fmt.tok))
@@ -112,9 +121,10 @@ def answer(model, fmt, messages, images=(), videos=(), max_new_tokens: int = 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
+def add_model_args(ap: argparse.ArgumentParser, model_required: bool = True) -> None:
     """Options shared by ``lvita generate`` and ``lvita eval``; :func:`options` reads them."""
-    ap.add_argument("--model", required=True, help="lvita output_dir / checkpoints / global_step<N>, or HF dir")
+    ap.add_argument("--model", required=model_required,
+                    help="lvita output_dir / checkpoints / global_step<N>, or HF dir")
     ap.add_argument("--tokenizer", help="default: the checkpoint's (manifest) or the HF directory's")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the preset's maximum)")
