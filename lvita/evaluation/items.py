@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
-@dataclass
-class Video:
-    """A video as a benchmark names it: a file or a folder of frames, optionally one time window."""
-    path: Path
-    start: float | None = None  # seconds; None: from the beginning (MVBench's bound)
-    end: float | None = None  # seconds; None: to the end
-    fps: float | None = None  # a frame folder's recording rate (MVBench's 3-fps frame tasks); None: a file's own
+from lvita.data.planned import Video  # noqa: F401 (the one video type; benchmark modules import it from here)
 
 
 @dataclass

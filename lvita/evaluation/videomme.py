@@ -34,7 +34,7 @@ prompt time (video metadata only).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
@@ -54,11 +54,11 @@ _TIME = r"(\d+):(\d+):(\d+)[,.](\d+)"
 _CUE_TIMES = re.compile(_TIME + r"\s*-->\s*" + _TIME)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubtitledVideo(Video):
     """A Video-MME video and what its subtitle lines need: the cues (None: without subtitles; []:
     asked for but no .srt) and the sampling the model will use (--frames, the fps cap)."""
-    cues: list | None = None  # [(start ms, end ms, text)] in file order
+    cues: list | None = field(default=None, compare=False)  # [(start ms, end ms, text)] in file order
     max_frames: int = 64
     sample_fps: float = 1.0
 

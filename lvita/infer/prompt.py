@@ -10,9 +10,9 @@ halve while the prompt is too long), then an open assistant turn. Used by :mod:`
     p = build_prompt([{"role": "user", "content": "<image>\nWhat is this?"}], fmt, ["a.png"])
     p.input_ids, p.pixel_values          # ids ending in "<|im_start|>assistant\n", (N, 3, T, T)
 
-A video is a path, or anything with ``.path`` and ``.start`` / ``.end`` seconds (a benchmark's
-``lvita.evaluation.items.Video``; an optional ``.fps``: a frame folder's recording rate): only frames in
-that window are sampled (:func:`lvita.data.media.sampled_frames`).
+A video is a path or a :class:`lvita.data.planned.Video` (a path with ``.start`` / ``.end`` seconds and an
+optional ``.fps``, a frame folder's recording rate): only frames in that window are sampled
+(:func:`lvita.data.media.sampled_frames`).
 
 Trade-off: image headers are read first to plan tiles and pixels decoded once the plan fits, so a
 too-long prompt fails before any decoding; an unreadable file is a MediaError naming it.
@@ -27,7 +27,7 @@ import torch
 from lvita.config.schema import DataConfig
 from lvita.data.input_format import InputFormat
 from lvita.data.media import MediaError, image_size, normalise
-from lvita.data.planned import ImageHeader, PlannedVideo
+from lvita.data.planned import ImageHeader, PlannedVideo, Video
 from lvita.data.template import PLACEHOLDER, ROLE_ALIASES, SampleError, valid_text
 from lvita.model.presets import llm_config
 
@@ -132,25 +132,10 @@ def media_list(given, what: str) -> list:
     return given
 
 
-@dataclass(frozen=True)
-class VideoSource:
-    """A video to sample: its path and the window arguments of lvita.data.media's video functions."""
-    path: Path
-    start: float | None = None
-    end: float | None = None
-    fps: float | None = None  # a frame folder's recording rate
-
-    @property
-    def window(self) -> dict:
-        return dict(start=self.start, end=self.end, folder_fps=self.fps)
-
-    def __str__(self) -> str:  # the path, as Prompt.media and error messages name a video
-        return str(self.path)
-
-
-def video_source(video) -> VideoSource:
-    """A path, or an object with ``.path`` (and optional ``.start`` / ``.end`` seconds, ``.fps``)."""
+def video_source(video) -> Video:
+    """A path, or an object with ``.path`` (and optional ``.start`` / ``.end`` seconds, ``.fps``) -> a plain
+    :class:`lvita.data.planned.Video` (hashable: headers are read once per distinct video)."""
     if hasattr(video, "path") and not isinstance(video, (str, Path)):
-        return VideoSource(Path(video.path), getattr(video, "start", None), getattr(video, "end", None),
-                           getattr(video, "fps", None))
-    return VideoSource(Path(video))
+        return Video(Path(video.path), getattr(video, "start", None), getattr(video, "end", None),
+                     getattr(video, "fps", None))
+    return Video(Path(video))
