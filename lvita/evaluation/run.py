@@ -1,23 +1,25 @@
-"""The benchmark driver: load a published benchmark, answer every item greedily, append, score, report.
+"""The evaluation driver: load a catalog entry's items, answer each greedily, append, score, report.
 
-Owns what ``lvita eval --benchmark NAME --data PATH`` and ``--score-only PREDICTIONS.jsonl`` do (their
-command line: :mod:`lvita.evaluation.command`). :func:`evaluate_benchmark` reads the items (``bench.load``), builds each
-user text (``bench.prompt`` for the model's format), answers it with :func:`lvita.infer.generate.answer`
-(no system prompt under longvita, as Long-VITA's VLMEvalKit wrapper), and appends one prediction row per
-item to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the item in flight:
+Owns what ``lvita eval --data PATH [--benchmark NAME]`` and ``--score-only FILE`` do (their command line:
+:mod:`lvita.evaluation.command`), for every benchmark of the catalog, lvita's own JSONL sets included.
+:func:`evaluate_benchmark` reads the items (``bench.load``), builds each prompt (``bench.prompt`` for the
+model's format: the user's text as the evaluated model's VLMEvalKit wrapper builds it, or a JSONL set's own
+conversation), answers it with :func:`lvita.infer.generate.answer`, and appends one prediction row per item
+to ``<out>/predictions.jsonl``, flushed, so a killed run loses at most the item in flight:
 
 - resumable: a rerun skips the ids already in predictions.jsonl; a torn last line (a kill mid-write, no
   newline) is cut off and that item answered again;
 - skipped, never fatal: a loader's :class:`Skip`, a prompt or media error (SampleError, MediaError,
   ContextError) is counted by reason in results.json with the id and what was wrong;
 - a progress line (done/total, items/s, ETA) on stderr every ``PROGRESS_SECONDS`` and at the end;
-- results.json (atomically, last): ``scores`` = ``bench.score(rows)`` with every breakdown, counts,
-  skipped items, options, the exact command (``sys.argv``) and ``lvita eval``'s own arguments. With
-  ``write=False`` (ranks other than 0 of a context-parallel run) nothing is written; those ranks read
-  predictions.jsonl to skip the same items.
+- results.json (atomically, last): ``scores`` = ``bench.score(rows, scorer)`` with every breakdown, the
+  scorer and wrapper (name, source, commit), counts, skipped items, options, the exact command
+  (``sys.argv``) and ``lvita eval``'s own arguments. With ``write=False`` (ranks other than 0 of a
+  context-parallel run) nothing is written; those ranks read predictions.jsonl to skip the same items.
 
-:func:`score_only` rescores a predictions.jsonl without a model: the same ``bench.score`` over the same
-rows, so its ``scores`` equal the run's. Trade-off: one item at a time (no batching), and all rows of
+:func:`score_only` rescores without a model: lvita's predictions.jsonl as stored, or an ``{id, prediction}``
+JSONL / VLMEvalKit's result table joined to the benchmark's items (:mod:`lvita.evaluation.predictions`), so
+its ``scores`` equal the run's. Trade-off: one item at a time (no batching), and all rows of
 predictions.jsonl are scored, so reuse an --out folder only for the same benchmark file.
 """
 from __future__ import annotations
