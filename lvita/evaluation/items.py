@@ -1,4 +1,4 @@
-"""What a benchmark loader yields and what a scorer reads back.
+"""What a benchmark loader yields and what a scorer reads back: Item, Skip, Benchmark, prediction rows.
 
 A loader turns a benchmark's published files into :class:`Item` s (one question each); the driver builds
 the prompt, answers it, and appends one prediction row per item to ``predictions.jsonl``
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 
 @dataclass
@@ -62,7 +62,11 @@ class Benchmark:
     """One published benchmark: how to read it, ask it and score it."""
     name: str
     load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
-    prompt: Callable[[Item, Any], str]  # (item, the model's InputFormat, or its class) -> the user's text,
-    #                                     with one <image> / <video> placeholder per entry of item.images / videos
+    # (item, the model's InputFormat or its class, the lvita.evaluation.wrappers.Wrapper whose text to build,
+    # default HF) -> the user's text, with one <image> / <video> placeholder per entry of item.images / videos
+    prompt: Callable[..., str]
     score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
-    max_new_tokens: int = 32  # greedy answer length the benchmark needs
+    # greedy answer length when --max-new-tokens is not given (lvita.evaluation.command reads it); the
+    # wrappers' own lengths: Wrapper.max_new_tokens(bench)
+    max_new_tokens: int = 32
+    video: bool = False  # a video benchmark (the wrappers' video answer length, frame limits)

@@ -33,9 +33,10 @@ from typing import Iterator
 from lvita.evaluation import prompts
 from lvita.evaluation import vlmevalkit_score as scoring
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.errors import PathError
 
-ANSWER_TOKENS = 1024  # long_vita.py asks its server for tokens_to_generate 1024 (greedy ends at EOS)
+ANSWER_TOKENS = HF.image_tokens  # both wrappers allow 1024 new tokens (greedy ends at EOS)
 REF_MAX_CHARS = 64  # ImageBaseDataset: an image cell this short is another row's index
 
 
@@ -151,9 +152,14 @@ def load_tsv(path: Path, opts: LoadOptions, kind: str, dataset: str) -> Iterator
         yield item
 
 
+def prompt(item: Item, fmt, wrapper: Wrapper = HF, *, dataset: str, kind: str) -> str:
+    """The user's text as ``wrapper`` builds it (:func:`lvita.evaluation.prompts.image_prompt`)."""
+    return prompts.image_prompt(item, fmt, dataset, kind, wrapper)
+
+
 def benchmark(name: str, kind: str, score, max_new_tokens: int) -> Benchmark:
     return Benchmark(name=name, load=partial(load_tsv, kind=kind, dataset=name),
-                     prompt=partial(prompts.image_prompt, dataset=name, kind=kind), score=score,
+                     prompt=partial(prompt, dataset=name, kind=kind), score=score,
                      max_new_tokens=max_new_tokens)
 
 
