@@ -29,7 +29,7 @@ by running both wrappers on synthetic items of all 10 benchmarks (``tests/fixtur
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lvita.errors import UserError
 
@@ -46,8 +46,9 @@ class Wrapper:
     max_fps: float  # frames per second of video at most
     image_tokens: int = 1024  # greedy answer length, image benchmarks
     video_tokens: int = 1024  # greedy answer length, video benchmarks
-    # VLMEvalKit's DATASET_TYPE of the name this wrapper is given, where it differs from the benchmark's own
-    dataset_types: dict = field(default_factory=dict)
+    # (dataset, VLMEvalKit's DATASET_TYPE of the name this wrapper is given) where it differs from the
+    # benchmark's own type
+    dataset_types: tuple[tuple[str, str], ...] = ()
 
     def max_new_tokens(self, bench) -> int:
         """The answer length this wrapper allows for ``bench`` (a lvita.evaluation.items.Benchmark)."""
@@ -55,7 +56,7 @@ class Wrapper:
 
     def dataset_type(self, dataset: str, kind: str) -> str:
         """The type ``build_msgs`` sees for ``dataset`` (``kind``: the benchmark's own VLMEvalKit type)."""
-        return self.dataset_types.get(dataset, kind)
+        return dict(self.dataset_types).get(dataset, kind)
 
     def postprocess(self, answer: str) -> str:
         if self.cuts_after_answer and "Answer:" in answer:
@@ -69,7 +70,7 @@ class Wrapper:
 HF = Wrapper("hf", "VLMEvalKit/long_vita_hf.py @ VITA-MLLM/Long-VITA 3389e76", system_text=True,
              cuts_after_answer=False, max_frames=4096, max_fps=1)
 SERVER = Wrapper("server", "VLMEvalKit/long_vita.py @ VITA-MLLM/Long-VITA 3389e76", system_text=False,
-                 cuts_after_answer=True, max_frames=4096, max_fps=1, dataset_types={"MLVU": "MCQ"})
+                 cuts_after_answer=True, max_frames=4096, max_fps=1, dataset_types=(("MLVU", "MCQ"),))
 WRAPPERS = {w.name: w for w in (HF, SERVER)}
 
 
