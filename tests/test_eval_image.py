@@ -183,8 +183,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 
 def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokenizer_dir, tmp_path, monkeypatch):
-    """Under model.format longvita the CLI drops the model's system prompt (Long-VITA's VLMEvalKit wrapper
-    sends none), the user text is the wrapper's, and an answer's text after "Answer:" is the prediction."""
+    """Under model.format longvita the CLI drops the model's system prompt (Long-VITA's VLMEvalKit wrappers
+    send none), the user text is the wrapper's, and the answer is the prediction as generated (the default
+    wrapper, long_vita_hf.py, keeps all of it; the server one would keep what follows "Answer:")."""
     import torch
 
     from lvita.model.longvita import LongVita
@@ -216,9 +217,11 @@ def test_longvita_format_sends_the_wrappers_text_without_a_system_prompt(tokeniz
                      "Answer with the option's letter from the given choices directly.", None)]
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     row = json.loads((tmp_path / "o" / "predictions.jsonl").read_text())
-    assert (row["prediction"], row["raw"]) == ("B", "Let me see. Answer: B")
+    assert row["prediction"] == "Let me see. Answer: B" and "raw" not in row
     assert res["scores"]["overall"]["correct"] == 0 and res["options"]["system_prompt"] is None
-    assert res["options"]["format"] == "longvita" and res["options"]["media"]["max_frames"] == 64
+    assert res["options"]["format"] == "longvita" and res["options"]["media"]["max_frames"] == 4096  # HF's limit
+    assert res["options"]["max_new_tokens"] == 2 and res["wrapper"]["name"] == "hf"
+    assert res["wrapper"]["source"].startswith("VLMEvalKit/long_vita_hf.py")
 
 
 def test_a_bad_line_inside_predictions_is_a_clear_error(tmp_path, capsys):

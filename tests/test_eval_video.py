@@ -21,6 +21,7 @@ from lvita.evaluation.longvideo import LONGVIDEOBENCH, MLVU
 from lvita.evaluation.mvbench import MVBENCH
 from lvita.evaluation.video_common import first_letter, first_word_matches
 from lvita.evaluation.videomme import VIDEO_MME, read_srt, subtitle_lines
+from lvita.evaluation.wrappers import SERVER
 from lvita.data.media import MediaError, normalise, sampled_frames, video_tiles
 from lvita.data.tokenizer import load_tokenizer, special_token_ids
 from lvita.infer.generate import answer
@@ -171,6 +172,8 @@ def test_mvbench_loader_tasks_options_and_windows(mvbench, tmp_path):
     assert (epi.videos[0].start, epi.videos[0].end, epi.videos[0].fps) == (2.0, 5.0, 3)
     assert MVBENCH.prompt(seq, LongVitaInput).endswith(
         "question.\nQuestion: What next?\nOptions:\n(A) sit\n(B) run\n(C) eat<video>\nAnswer with the letter.")
+    assert MVBENCH.prompt(seq, LongVitaInput, SERVER) == (  # long_vita.py: the system text never sent
+        "Question: What next?\nOptions:\n(A) sit\n(B) run\n(C) eat<video>\nAnswer with the letter.")
 
 
 def test_frames_are_sampled_inside_the_window(mvbench):
@@ -256,10 +259,12 @@ def test_mlvu_loader_and_m_avg(tmp_path):
     items, skips = _split(MLVU.load(tmp_path, LoadOptions(work=tmp_path)))  # the folder above MLVU/
     assert [i.id for i in items] == ["plotQA-0", "order-0"] and skips == {"plotQA-1": "bad_record"}
     assert items[0].answer == "B" and items[1].videos[0].path == root / "video" / "5_order" / "o.mp4"
-    assert MLVU.prompt(items[0], LongVitaInput) == (
+    assert MLVU.prompt(items[0], LongVitaInput) == (  # long_vita_hf.py: named MLVU_MCQ, a Video-MCQ
         "Carefully watch this video and pay attention to every detail. Based on your observations, select the "
         "best option that accurately addresses the question.Question: What?\nOptions:\n(A) x\n(B) y<video>\n"
-        "Only give the best option.\nAnswer with the letter.")
+        "Only give the best option.Offer a very short reply.")
+    assert MLVU.prompt(items[0], LongVitaInput, SERVER) == (  # long_vita.py: no system text; MLVU, an MCQ
+        "Question: What?\nOptions:\n(A) x\n(B) y<video>\nOnly give the best option.\nAnswer with the letter.")
     rows = _rows([("B", "B", {"task": "plotQA"}), ("A", "B", {"task": "plotQA"}), ("A", "A", {"task": "plotQA"}),
                   ("A", "A", {"task": "order"})], choices={"A": "x", "B": "y"})
     res = MLVU.score(rows)

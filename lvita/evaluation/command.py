@@ -31,7 +31,9 @@ from lvita.errors import PathError, UserError, run_main
 from lvita.evaluation.catalog import CATALOG, OwnCommand, listing, lookup
 from lvita.evaluation.items import Benchmark, LoadOptions
 from lvita.evaluation.run import evaluate_benchmark, score_only
+from lvita.evaluation.wrappers import HF, WRAPPERS, Wrapper, wrapper_named
 from lvita.infer.generate import add_model_args, load_for_args, options
+from lvita.infer.prompt import DEFAULTS
 
 DEFAULT_BENCHMARK = "jsonl"
 
@@ -45,7 +47,11 @@ def parser() -> argparse.ArgumentParser:
                     help=f"a catalog name (below; default {DEFAULT_BENCHMARK}: lvita's JSONL set)")
     ap.add_argument("--data", help="the benchmark's file (a VLMEvalKit TSV, a JSONL set) or folder")
     ap.add_argument("--out", help="results folder (default: <data dir>/<NAME>-eval; a JSONL set: <data dir>/<stem>-eval)")
-    ap.add_argument("--frames", type=int, default=64, help="most frames per video, at about --video-fps (64-4096)")
+    ap.add_argument("--wrapper", default=HF.name, choices=list(WRAPPERS),
+                    help="whose prompts, answer length and frame limits: " + "; ".join(
+                        f"{w.name}: {w.source}" for w in WRAPPERS.values()) + f" (default {HF.name})")
+    ap.add_argument("--frames", type=int, help="most frames per video, at about --video-fps (default: the "
+                                               f"wrapper's, {HF.max_frames} at {HF.max_fps:g} fps; the paper sweeps 64-4096)")
     ap.add_argument("--subtitles", action="store_true", help="Video-MME's with-subtitles setting")
     ap.add_argument("--score-only", metavar="FILE",
                     help="rescore FILE without a model: predictions.jsonl, a JSONL of {id, prediction}, or VLMEvalKit's "
@@ -53,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--show", metavar="ID", help="print item ID's prompt as the model receives it and exit (needs "
                                                  "--model for the tokenizer and format; loads no weights)")
     ap.add_argument("--save", metavar="FILE.npz", help="with --show: save its input_ids and pixel_values")
-    ap.set_defaults(max_new_tokens=None)  # the benchmark's own answer length unless given
+    ap.set_defaults(max_new_tokens=None, video_fps=None)  # the wrapper's (or the set's) unless given
     return ap
 
 
@@ -83,26 +89,37 @@ def _main(args, argv: list[str]) -> int:
                                                                     if args.show else ")"))
     if not Path(args.data).exists():
         raise PathError(f"--data {args.data}: no such file or folder (the {bench.name} files)")
-    if args.frames < 1:
-        raise UserError("--frames must be at least 1")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = bench.max_new_tokens
-    args.max_frames = args.frames
+    wrapper = wrapper_named(args.wrapper)
+    settings(args, bench, wrapper)
     opts = options(args)
     out = Path(args.out) if args.out else bench.default_out(args.data)
     load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
     if args.show is not None:
         from lvita.evaluation.show import show_item
 
-        return show_item(args, bench, load_opts, opts)
+        return show_item(args, bench, load_opts, opts, wrapper)
     model, fmt, decode, rank = load_for_args(args, opts)
     if bench.wrapped and not fmt.model_format.default_system_prompt and args.system_prompt is None:
         opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrappers send no system prompt
     if args.sp > 1:
         decode_on_rank0(bench, args.data, load_opts, rank)
     evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                       write=rank == 0, arguments=argv)
+                       write=rank == 0, arguments=argv, wrapper=wrapper)
     return 0
+
+
+def settings(args, bench: Benchmark, wrapper: Wrapper) -> None:
+    """Answer length, frames and frame rate not given on the command line: the wrapper's for a published
+    benchmark (Long-VITA's wrappers allow 1024 new tokens and 4096 frames at 1 fps), training's for a JSONL set."""
+    if args.frames is not None and args.frames < 1:
+        raise UserError("--frames must be at least 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = wrapper.max_new_tokens(bench) if bench.wrapped else bench.max_new_tokens
+    if args.frames is None:
+        args.frames = wrapper.max_frames if bench.wrapped else DEFAULTS.max_frames
+    if args.video_fps is None:
+        args.video_fps = wrapper.max_fps if bench.wrapped else DEFAULTS.video_fps
+    args.max_frames = args.frames
 
 
 def decode_on_rank0(bench, data, load_opts: LoadOptions, rank: int) -> None:

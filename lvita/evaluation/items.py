@@ -1,4 +1,4 @@
-"""What a benchmark loader yields and what a scorer reads back.
+"""What a benchmark loader yields and what a scorer reads back: Item, Skip, Benchmark, prediction rows.
 
 A loader turns a benchmark's published files into :class:`Item` s (one question each); the driver builds
 the prompt, answers it, and appends one prediction row per item to ``predictions.jsonl``
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from lvita.data.planned import Video  # noqa: F401 (the one video type; benchmark modules import it from here)
 
@@ -59,12 +59,16 @@ class Benchmark:
     """One published benchmark: how to read it, ask it and score it."""
     name: str
     load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
-    prompt: Callable[[Item, Any], str | list[dict]]  # (item, the model's InputFormat, or its class) -> the user's
-    #   text with one <image> / <video> placeholder per entry of item.images / videos, or the whole conversation
-    score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
-    max_new_tokens: int = 32  # greedy answer length the benchmark needs
-    wrapped: bool = True  # asked as the evaluated model's VLMEvalKit wrapper asks (no system prompt under
-    #                       longvita); False: lvita's own set, asked as training encodes it
+    # (item, the model's InputFormat or its class, the lvita.evaluation.wrappers.Wrapper whose text to build,
+    # default HF) -> the user's text, with one <image> / <video> placeholder per entry of item.images / videos,
+    # or (lvita's JSONL sets) the whole conversation before the answer
+    prompt: Callable[..., str | list[dict]]
+    score: Callable[..., dict]  # (prediction rows (prediction_row), the Scorer) -> results: overall + breakdowns
+    video: bool = False  # a video benchmark (the wrappers' video answer length, frame limits)
+    wrapped: bool = True  # asked as Long-VITA's VLMEvalKit wrapper asks (the wrapper's text, answer length and
+    #                       frame limits; no system prompt under longvita); False: lvita's own set, asked as
+    #                       training encodes it
+    max_new_tokens: int = 64  # the answer length of an unwrapped set (a wrapped one: Wrapper.max_new_tokens)
 
     def default_out(self, data) -> Path:
         """``<data dir>/<NAME>-eval``; lvita's own sets are named by their file (``<data dir>/<stem>-eval``)."""

@@ -1,23 +1,28 @@
 """LongVideoBench and MLVU (multiple choice) as published: :data:`LONGVIDEOBENCH`, :data:`MLVU`.
 
-Owns reading both benchmarks' files, the prompts Long-VITA's VLMEvalKit wrapper sends and their
+Owns reading both benchmarks' files, the prompts Long-VITA's VLMEvalKit wrappers send and their
 judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
 
 - LongVideoBench (``vlmeval/dataset/longvideobench.py``): ``--data`` holds ``lvb_val.json``
   (records ``id, video_id, video_path, question, candidates, correct_choice`` (int),
   ``duration_group`` (15/60/600/3600), ``question_category``) and ``videos/<video_path>``.
   Prompt: the video, the question, ``A. ...`` lines, ``Answer with the option's letter from the
-  given choices directly.``, then the wrapper's ``Offer a very short reply.`` (a video model gets
-  no subtitles in VLMEvalKit). Score: ``extract_characters_regex`` over A-E
-  (:func:`lvita.evaluation.video_common.first_letter`); accuracy overall, per duration group, per
-  question category and per category within each duration group.
+  given choices directly.``, then the wrappers' ``Offer a very short reply.`` (a video model gets
+  no subtitles in VLMEvalKit; its system text is empty: the same text from both wrappers). Score:
+  ``extract_characters_regex`` over A-E (:func:`lvita.evaluation.video_common.first_letter`);
+  accuracy overall, per duration group, per question category and per category within each
+  duration group.
 - MLVU multiple choice (``vlmeval/dataset/mlvu.py``, ``MLVU_MCQ``): ``--data`` holds ``json/``
   and ``video/`` (or ``MLVU/json``, ``MLVU/video`` as downloaded): ``json/<n>_<task>.json``
   (records ``video, question, candidates, answer`` text, ``question_type``) and
   ``video/<n>_<task>/<video>`` for the 7 tasks of :data:`MLVU_TASKS`. The generation tasks
-  (8_sub_scene, 9_summary) need a judge model: not read. Prompt: the system text, ``Question:
-  ...\\nOptions:\\n(A) ...``, the video, ``\\nOnly give the best option.``; MLVU's type is MCQ to
-  the wrapper, so it strips the text and appends ``\\nAnswer with the letter.``. Score:
+  (8_sub_scene, 9_summary) need a judge model: not read. Prompt: VLMEvalKit's messages are the
+  system text (``role='system'``), ``Question: ...\\nOptions:\\n(A) ...``, the video, ``\\nOnly give
+  the best option.``. The HF wrapper (``long_vita_hf.py``) joins them all and, named ``MLVU_MCQ``
+  (VLMEvalKit's ``infer_data`` passes the sub-dataset), of type Video-MCQ, appends ``Offer a very short
+  reply.``; the server wrapper (``long_vita.py``) gets no system text and, named ``MLVU`` (an
+  unannotated type: MCQ), strips the text and appends ``\\nAnswer with the letter.``
+  (:class:`lvita.evaluation.wrappers.Wrapper`). Score:
   :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall and M-Avg, the
   mean of the 7 task accuracies (MLVU's definition; VLMEvalKit pools the questions of 6 of them,
   leaving ``order`` out, reported as ``vlmevalkit_m_avg``).
@@ -32,6 +37,7 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.mvbench import question_block
 from lvita.evaluation.prompts import longvita_finish
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
                                       missing_video, read_json_list)
 from lvita.errors import PathError
@@ -69,10 +75,11 @@ def load_lvb(path: Path, options: LoadOptions):
                          "question_category": str(rec.get("question_category"))})
 
 
-def prompt_lvb(item: Item, fmt) -> str:
+def prompt_lvb(item: Item, fmt, wrapper: Wrapper = HF) -> str:
     opts = "\n".join(f"{k}. {v}" for k, v in item.choices.items())
     text = "<video>" + f"{item.question}\n{opts}\nAnswer with the option's letter from the given choices directly."
-    return longvita_finish(text, "LongVideoBench", "Video-MCQ") if fmt.wrapper_prompts else text
+    return longvita_finish(text, "LongVideoBench", wrapper.dataset_type("LongVideoBench", "Video-MCQ")) \
+        if fmt.wrapper_prompts else text
 
 
 def score_lvb(rows: list[dict]) -> dict:
@@ -85,7 +92,7 @@ def score_lvb(rows: list[dict]) -> dict:
     return out
 
 
-LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, max_new_tokens=32)
+LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, video=True)
 
 # -- MLVU ---------------------------------------------------------------------------------------------
 
@@ -128,9 +135,12 @@ def load_mlvu(path: Path, options: LoadOptions):
                        meta={"task": task, "question_type": str(rec.get("question_type", task))})
 
 
-def prompt_mlvu(item: Item, fmt) -> str:
-    text = MLVU_SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
-    return longvita_finish(text, "MLVU", "MCQ") if fmt.wrapper_prompts else text  # MLVU is an MCQ to the wrapper
+def prompt_mlvu(item: Item, fmt, wrapper: Wrapper = HF) -> str:
+    body = question_block(item) + "<video>" + "\nOnly give the best option."
+    if not fmt.wrapper_prompts:
+        return MLVU_SYSTEM + body
+    text = (MLVU_SYSTEM if wrapper.system_text else "") + body
+    return longvita_finish(text, "MLVU", wrapper.dataset_type("MLVU", "Video-MCQ"))  # MLVU_MCQ's own type
 
 
 def score_mlvu(rows: list[dict]) -> dict:
@@ -147,4 +157,4 @@ def correct_mc(row: dict) -> int:
     return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
 
 
-MLVU = Benchmark("MLVU", load_mlvu, prompt_mlvu, score_mlvu, max_new_tokens=32)
+MLVU = Benchmark("MLVU", load_mlvu, prompt_mlvu, score_mlvu, video=True)

@@ -1,6 +1,6 @@
 """MVBench as published (``OpenGVLab/MVBench``): :data:`MVBENCH`, 20 tasks scored per task.
 
-Owns reading the benchmark's files, the prompt Long-VITA's VLMEvalKit wrapper sends and the
+Owns reading the benchmark's files, the prompt Long-VITA's VLMEvalKit wrappers send and the
 judge-free scoring, following VLMEvalKit's ``vlmeval/dataset/mvbench.py`` at the commit Long-VITA
 pins (37d08c5):
 
@@ -13,9 +13,14 @@ pins (37d08c5):
   bounded one cut to ``start .. min(end, duration)``); here the item's video carries the window
   (and the folder's 3 fps) and lvita.data.media samples inside it by the model format's rule.
 - options ``(A) text`` in candidate order; the answer letter is the answer text's position.
-- prompt (``longvita``): the system text, ``Question: ...\\nOptions:\\n(A) ...``, the video, then
-  ``\\nAnswer with the letter.`` (the wrapper removes ``Only give the best option.Best option:(``
-  and appends that). ``internvl``: VLMEvalKit's text without the assistant prefill.
+- prompt (``longvita``): VLMEvalKit's messages are the system text (``role='system'``), ``Question:
+  ...\\nOptions:\\n(A) ...``, the video, ``\\nOnly give the best option.`` and the assistant prefill
+  ``Best option:(``; ``build_msgs`` removes ``Only give the best option.Best option:(`` and appends
+  ``Answer with the letter.``. The HF wrapper (``long_vita_hf.py``, a local model to VLMEvalKit) joins
+  every message, system text first; the server wrapper (``long_vita.py``) gets none of it
+  (``BaseAPI.generate`` moves it into a system prompt the wrapper never sends):
+  :attr:`lvita.evaluation.wrappers.Wrapper.system_text`. ``internvl``: VLMEvalKit's text without the
+  assistant prefill.
 - score: :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall (all
   questions, VLMEvalKit's "overall") and the mean of the task accuracies.
 
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.prompts import longvita_finish
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
                                       read_json_list)
 from lvita.errors import PathError
@@ -113,11 +119,12 @@ def question_block(item: Item) -> str:
     return "\n".join([f"Question: {item.question}", "Options:"] + [f"({k}) {v}" for k, v in item.choices.items()])
 
 
-def prompt(item: Item, fmt) -> str:
-    text = SYSTEM + question_block(item) + "<video>" + "\nOnly give the best option."
+def prompt(item: Item, fmt, wrapper: Wrapper = HF) -> str:
+    body = question_block(item) + "<video>" + "\nOnly give the best option."
     if fmt.wrapper_prompts:  # the wrapper joins VLMEvalKit's assistant prefill, then drops it with the instruction
-        return longvita_finish(text + "Best option:(", "MVBench", "Video-MCQ")
-    return text
+        text = (SYSTEM if wrapper.system_text else "") + body + "Best option:("
+        return longvita_finish(text, "MVBench", wrapper.dataset_type("MVBench", "Video-MCQ"))
+    return SYSTEM + body
 
 
 def correct(row: dict) -> int:
@@ -132,4 +139,4 @@ def score(rows: list[dict]) -> dict:
     return accuracy(scores) | {"task": tasks, "task_mean": mean}
 
 
-MVBENCH = Benchmark("MVBench", load, prompt, score, max_new_tokens=32)
+MVBENCH = Benchmark("MVBench", load, prompt, score, video=True)

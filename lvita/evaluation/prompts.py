@@ -1,23 +1,28 @@
-"""The user's text for a benchmark question, as the evaluated model's own VLMEvalKit wrapper builds it.
+"""The user's text for a benchmark question, as Long-VITA's VLMEvalKit wrappers build it.
 
 Owns the wording around a question: how options, hints and media placeholders are laid out, and the
-per-dataset instruction appended at the end. Two layouts, chosen by ``model.format``:
+per-dataset instruction appended at the end. What differs between Long-VITA's two wrappers (a dataset's
+system text, the dataset type MLVU is given, answer clean-up) is the :class:`lvita.evaluation.wrappers.Wrapper`
+passed in (default :data:`~lvita.evaluation.wrappers.HF`, ``VLMEvalKit/long_vita_hf.py``). Two layouts,
+chosen by ``model.format``:
 
-- ``longvita``: VITA-MLLM/Long-VITA ``VLMEvalKit/long_vita.py`` (``LongVITAWrapper.build_msgs``), applied to
-  the message list VLMEvalKit's dataset builds (``vlmeval/dataset/image_mcq.py`` ``ImageMCQDataset.build_prompt``,
-  ``MMMUDataset.split_MMMU``, ``image_base.py`` for yes/no and VQA, ``videomme.py`` ``VideoMME.build_prompt``):
+- ``longvita``: the wrappers' shared ``build_msgs`` (same code in ``long_vita_hf.py`` and ``long_vita.py``,
+  VITA-MLLM/Long-VITA 3389e76), applied to the message list VLMEvalKit's dataset builds
+  (``vlmeval/dataset/image_mcq.py`` ``ImageMCQDataset.build_prompt``, ``MMMUDataset.split_MMMU``,
+  ``image_base.py`` for yes/no and VQA, the video datasets' ``build_prompt``; VLMEvalKit 37d08c5):
   images first as ``<image>\\n`` each (MMMU: at its ``<image k>`` placeholders), then
   ``Hint: ..\\nQuestion: ..\\nOptions:\\nA. ..\\n``; VLMEvalKit's "Please select the correct answer from the
   options above." is replaced by the wrapper's instruction ("Answer with the option's letter from the given
   choices directly." for MMMU / MMStar, "Answer with the letter." for other multiple choice, "Answer yes or
   no." for yes/no, OCRBench's "Answer this question using the text in the image directly without any other
   context.", "Offer a very short reply." for video multiple choice). No system prompt (the driver passes
-  none). The wrapper also cuts an answer after its last "Answer:" (:func:`postprocess`).
+  none; the server wrapper also drops a dataset's system text, :attr:`Wrapper.system_text`). The server
+  wrapper cuts an answer after its last "Answer:", the HF one does not (:func:`postprocess`).
 - ``internvl``: lvita's earlier prompt, InternVL's VLMEvalKit one: ``<image>\\n`` per image, hint, question,
   ``A. ..`` lines, then "Answer with the option's letter from the given choices directly." (open questions:
-  "Answer the question using a single word or phrase.").
+  "Answer the question using a single word or phrase."). The wrapper is not read.
 
-    text = image_prompt(item, fmt, "MMBench_DEV_EN")       # fmt: the model's InputFormat
+    text = image_prompt(item, fmt, "MMBench_DEV_EN", "MCQ")     # fmt: the model's InputFormat
     text = video_mcq_prompt("What happens?", {"A": "x", "B": "y"}, fmt, subtitles="line one\\nline two")
 
 Trade-off: the strings are copied verbatim (trailing spaces and all) rather than tidied, so that scores
@@ -28,6 +33,7 @@ from __future__ import annotations
 import re
 
 from lvita.evaluation.items import Item
+from lvita.evaluation.wrappers import HF, Wrapper
 
 MCQ_LETTER_DIRECTLY = "Answer with the option's letter from the given choices directly."
 SELECT_FROM_ABOVE = "Please select the correct answer from the options above."
@@ -41,7 +47,7 @@ VIDEO_MME_SUB = ("\nThese are the frames of a video. This video's subtitles are 
                  "answer to the following multiple-choice question based on the video. Respond with only the "
                  "letter (A, B, C, or D) of the correct option.\n")
 
-# The wrapper's instruction per dataset kind (long_vita.py's if/elif chain, in its order).
+# The wrappers' instruction per dataset kind (build_msgs' if/elif chain, in its order).
 LETTER_DIRECTLY_DATASETS = ("MMMU_DEV_VAL", "MMMU_TEST", "MMStar")
 IMAGE_PLACEHOLDER = re.compile(r"<image (\d)>")  # MMMU: split_MMMU reads one digit then '>'
 
@@ -75,8 +81,8 @@ def interleave_order(text: str, n_images: int) -> list[int] | None:
 
 
 def longvita_finish(text: str, dataset: str, kind: str) -> str:
-    """long_vita.py's per-dataset rewrite of the joined text. ``kind``: VLMEvalKit's DATASET_TYPE
-    ("MCQ", "Y/N", "VQA", "Video-MCQ")."""
+    """The wrappers' ``build_msgs`` rewrite of the joined text. ``kind``: VLMEvalKit's DATASET_TYPE of the
+    name the wrapper is given ("MCQ", "Y/N", "VQA", "Video-MCQ"; :meth:`Wrapper.dataset_type`)."""
     text = text.replace("\nAnswer: ", "\n")
     if dataset == "OCRBench":
         return text + OCR_INSTRUCTION
@@ -103,9 +109,10 @@ def internvl_text(question: str, choices: dict | None, hint: str | None = None) 
     return text + "\n" + SHORT_PHRASE
 
 
-def image_prompt(item: Item, fmt, dataset: str, kind: str) -> str:
+def image_prompt(item: Item, fmt, dataset: str, kind: str, wrapper: Wrapper = HF) -> str:
     """The user's text for an image benchmark item (one ``<image>`` per entry of ``item.images``); ``fmt``:
-    the model's input format (lvita.data.input_format; its class will do: only ``wrapper_prompts`` is read)."""
+    the model's input format (lvita.data.input_format; its class will do: only ``wrapper_prompts`` is read).
+    Image datasets have no system text: both wrappers send the same text."""
     if not fmt.wrapper_prompts:
         text = internvl_text(item.question, item.choices, item.hint)
     elif kind == "Y/N" or kind == "VQA":  # ImageBaseDataset.build_prompt: the question alone
@@ -116,7 +123,7 @@ def image_prompt(item: Item, fmt, dataset: str, kind: str) -> str:
         text = IMAGE_PLACEHOLDER.sub("<image>\n" if fmt.wrapper_prompts else "<image>", text)
     else:
         text = "<image>\n" * len(item.images) + text
-    return longvita_finish(text, dataset, kind) if fmt.wrapper_prompts else text
+    return longvita_finish(text, dataset, wrapper.dataset_type(dataset, kind)) if fmt.wrapper_prompts else text
 
 
 def videomme_text(question: str, choices: dict, subtitles: str | None = None) -> str:
@@ -136,8 +143,7 @@ def video_mcq_prompt(question: str, choices: dict, fmt, subtitles: str | None = 
     return longvita_finish(videomme_text(question, choices, subtitles), dataset, "Video-MCQ")
 
 
-def postprocess(answer: str, fmt) -> str:
-    """long_vita.py's ``generate_inner``: an answer holding "Answer:" keeps what follows its last one."""
-    if fmt.wrapper_prompts and "Answer:" in answer:
-        return answer.split("Answer:")[-1].strip()
-    return answer
+def postprocess(answer: str, fmt, wrapper: Wrapper = HF) -> str:
+    """The answer as the wrapper returns it (:meth:`Wrapper.postprocess`: the server wrapper keeps what
+    follows the last "Answer:", the HF one all); unchanged under ``internvl``."""
+    return wrapper.postprocess(answer) if fmt.wrapper_prompts else answer

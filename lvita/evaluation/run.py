@@ -33,6 +33,7 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, LoadOptions, Skip, prediction_row
 from lvita.evaluation.predictions import read_predictions, scoring_rows
 from lvita.evaluation.prompts import postprocess
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
 from lvita.data.template import SampleError
@@ -80,7 +81,7 @@ def _skip_record(skip: Skip) -> dict:
 
 def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadOptions,
                        answer_opts: dict, write: bool = True, log=stderr,
-                       arguments: list[str] | None = None, wrapper=None, scorer=None) -> dict:
+                       arguments: list[str] | None = None, wrapper: Wrapper = HF, scorer=None) -> dict:
     """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
     all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
     keywords (max_new_tokens, system_prompt, media, max_context, decode); ``fmt``: the model's InputFormat."""
@@ -109,7 +110,7 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
     try:
         for item in pending:
             try:
-                asked = bench.prompt(item, fmt) if wrapper is None else bench.prompt(item, fmt, wrapper)
+                asked = bench.prompt(item, fmt, wrapper)
                 messages = asked if isinstance(asked, list) else [{"role": "user", "content": asked}]
                 raw, gen = answer(model, fmt, messages, item.images, item.videos, **answer_opts)
             except (SampleError, MediaError) as e:  # ContextError is a SampleError ("too_long")
@@ -117,7 +118,7 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
                 log(f"[eval] {bench.name} item {item.id}: skipped ({skipped[-1]['reason']}): {e}")
                 progress.step()
                 continue
-            prediction = postprocess(raw, fmt)
+            prediction = postprocess(raw, fmt, wrapper) if bench.wrapped else raw
             row = prediction_row(item, prediction, stop=gen.stop, **({"raw": raw} if raw != prediction else {}))
             if sink is not None:
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -131,7 +132,7 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
     rows = read_predictions(preds_path) if write else []
     results = {"benchmark": bench.name, "data": str(data), "items": len(items) + n_loader_skips,
                "answered": len(rows), "answered_this_run": n_written,
-               "scores": _score(bench, rows, scorer) if write else None, **_named(wrapper=wrapper, scorer=scorer),
+               "scores": _score(bench, rows, scorer) if write else None, **_named(wrapper=wrapper if bench.wrapped else None, scorer=scorer),
                "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                            "items": skipped},
                "stops": dict(Counter(r.get("stop") for r in rows)), "seconds": round(time.perf_counter() - t0, 2),

@@ -22,17 +22,18 @@ from lvita.infer.generate import load_input_format, model_system_prompt
 from lvita.infer.prompt import build_prompt
 
 
-def show_item(args, bench: Benchmark, load_opts: LoadOptions, opts: dict, log=print) -> int:
+def show_item(args, bench: Benchmark, load_opts: LoadOptions, opts: dict, wrapper, log=print) -> int:
     fmt, _ = load_input_format(args.model, args.tokenizer)
     system_prompt = opts["system_prompt"]
     if args.system_prompt is None:
         system_prompt = None if bench.wrapped and not fmt.model_format.default_system_prompt \
             else model_system_prompt(args.model, fmt.tok)
     item = find_item(bench, Path(args.data), load_opts, args.show)
-    asked = bench.prompt(item, fmt)
+    asked = bench.prompt(item, fmt, wrapper)
     messages = asked if isinstance(asked, list) else [{"role": "user", "content": asked}]
     p = build_prompt(messages, fmt, item.images, item.videos, system_prompt, opts["media"], opts["max_context"])
-    log(f"{bench.name} item {item.id}; model.format {fmt.model_format}; system prompt "
+    log(f"{bench.name} item {item.id}; model.format {fmt.model_format}; "
+        + (f"wrapper {wrapper}; " if bench.wrapped else "") + "system prompt "
         f"{'none' if system_prompt is None else repr(system_prompt)}")
     log(f"{len(p.input_ids)} tokens, {p.pixel_values.shape[0]} tiles; answer at most {opts['max_new_tokens']} new tokens")
     for m in p.media:

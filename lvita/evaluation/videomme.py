@@ -1,7 +1,8 @@
 """Video-MME as published (``lmms-lab/Video-MME``), with and without subtitles: :data:`VIDEO_MME`.
 
-Owns reading the benchmark's files, the prompt Long-VITA's VLMEvalKit wrapper sends, the subtitle
-lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
+Owns reading the benchmark's files, the prompt Long-VITA's VLMEvalKit wrappers send (the same text from
+both: Video-MME has no system text), the subtitle lines of the with-subtitles setting, and the
+leaderboard's judge-free scoring:
 
 - ``videomme/test-00000-of-00001.parquet`` (``--data`` is that file or the folder above
   ``videomme/``): columns ``videoID, duration (short/medium/long), domain, sub_category,
@@ -10,8 +11,8 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   (VLMEvalKit unzips into ``video/``); subtitles ``subtitle/<videoID>.srt`` (or ``subtitles/``).
 - prompt: VLMEvalKit's ``vlmeval/dataset/videomme.py`` (pinned 37d08c5) ``build_prompt`` for a
   video model (the video, then ``FRAMES_TMPL_NOSUB``/``FRAMES_TMPL_SUB``, then ``Question: ...``
-  + the options + ``Answer: ``: :func:`lvita.evaluation.prompts.videomme_text`), edited as
-  ``VLMEvalKit/long_vita.py`` does for ``longvita`` (:func:`lvita.evaluation.prompts.longvita_finish`:
+  + the options + ``Answer: ``: :func:`lvita.evaluation.prompts.videomme_text`), edited as the wrappers'
+  ``build_msgs`` does for ``longvita`` (:func:`lvita.evaluation.prompts.longvita_finish`:
   ``"\\nAnswer: "`` becomes ``"\\n"``, then ``Offer a very short reply.``; no system prompt).
   ``internvl`` gets VLMEvalKit's text unedited.
 - subtitles (``--subtitles``): for every sampled frame, the first cue whose span holds the
@@ -19,8 +20,9 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   make_time), its lines joined by spaces; empty texts dropped, repeats kept, one per line.
   The frames are the ones the model sees (:func:`lvita.data.media.sampled_frames` with the model
   format's rule), so the prompt is built per format (``prompt(item, fmt)``). Departure: VLMEvalKit
-  picks the lines by its own uniform frames (``int(i * n / (N + 1))``, i = 1..N) while Long-VITA's
-  server samples the video itself; here the lines follow the frames actually fed. SRT markup
+  picks the lines by its own uniform frames (``int(i * n / (N + 1))``, i = 1..N, N = run.py's --nframe)
+  while Long-VITA's wrappers sample the video themselves (HF: ``get_external_inputs``; server: the
+  server); here the lines follow the frames actually fed. SRT markup
   (``<i>`` ...) is dropped (pysubs2 would turn it into ASS tags).
 - score: ``extract_characters_regex`` (:func:`lvita.evaluation.video_common.first_letter`) equal to
   the answer; accuracy overall, per duration, domain, sub_category and task_type, and each of
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.prompts import longvita_finish, videomme_text
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video
 from lvita.data.media import MediaError, sampled_frames
 from lvita.errors import PathError
@@ -168,8 +171,8 @@ def load(path: Path, options: LoadOptions):
                    choices=choices, answer=str(rec["answer"]), meta=meta)
 
 
-def prompt(item: Item, fmt) -> str:
-    """VLMEvalKit's Video-MME text (with this format's frames' subtitle lines), as Long-VITA sends it."""
+def prompt(item: Item, fmt, wrapper: Wrapper = HF) -> str:
+    """VLMEvalKit's Video-MME text (with this format's frames' subtitle lines), as both wrappers send it."""
     video = item.videos[0]
     cues = getattr(video, "cues", None)
     if cues is not None:
@@ -179,7 +182,8 @@ def prompt(item: Item, fmt) -> str:
         except MediaError:
             item.subtitles = ""  # the answer step raises the MediaError the driver counts
     text = videomme_text(item.question, item.choices, item.subtitles if cues is not None else None)
-    return longvita_finish(text, "Video-MME", "Video-MCQ") if fmt.wrapper_prompts else text
+    return longvita_finish(text, "Video-MME", wrapper.dataset_type("Video-MME", "Video-MCQ")) \
+        if fmt.wrapper_prompts else text
 
 
 def correct(row: dict) -> int:
@@ -198,4 +202,4 @@ def score(rows: list[dict]) -> dict:
     return out
 
 
-VIDEO_MME = Benchmark("Video-MME", load, prompt, score, max_new_tokens=32)
+VIDEO_MME = Benchmark("Video-MME", load, prompt, score, video=True)

@@ -33,9 +33,9 @@ from typing import Iterator
 from lvita.evaluation import prompts
 from lvita.evaluation import vlmevalkit_score as scoring
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip
+from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.errors import PathError
 
-ANSWER_TOKENS = 1024  # long_vita.py asks its server for tokens_to_generate 1024 (greedy ends at EOS)
 REF_MAX_CHARS = 64  # ImageBaseDataset: an image cell this short is another row's index
 
 
@@ -161,18 +161,22 @@ def load_tsv(path: Path, opts: LoadOptions, kind: str, dataset: str) -> Iterator
         yield item
 
 
-def benchmark(name: str, kind: str, score, max_new_tokens: int) -> Benchmark:
+def prompt(item: Item, fmt, wrapper: Wrapper = HF, *, dataset: str, kind: str) -> str:
+    """The user's text as ``wrapper`` builds it (:func:`lvita.evaluation.prompts.image_prompt`)."""
+    return prompts.image_prompt(item, fmt, dataset, kind, wrapper)
+
+
+def benchmark(name: str, kind: str, score) -> Benchmark:
     return Benchmark(name=name, load=partial(load_tsv, kind=kind, dataset=name),
-                     prompt=partial(prompts.image_prompt, dataset=name, kind=kind), score=score,
-                     max_new_tokens=max_new_tokens)
+                     prompt=partial(prompt, dataset=name, kind=kind), score=score)
 
 
 BENCHMARKS = {
-    **{name: benchmark(name, "MCQ", scoring.circular_score, ANSWER_TOKENS)
+    **{name: benchmark(name, "MCQ", scoring.circular_score)
        for name in ("MMBench_DEV_EN", "MMBench_DEV_CN", "MMBench_DEV_EN_V11", "MMBench_DEV_CN_V11")},
-    "MMStar": benchmark("MMStar", "MCQ", scoring.mcq_score, ANSWER_TOKENS),
-    "AI2D_TEST": benchmark("AI2D_TEST", "MCQ", scoring.mcq_score, ANSWER_TOKENS),
-    "MMMU_DEV_VAL": benchmark("MMMU_DEV_VAL", "MCQ", scoring.mmmu_score, ANSWER_TOKENS),
-    "HallusionBench": benchmark("HallusionBench", "Y/N", scoring.hallusion_score, ANSWER_TOKENS),
-    "OCRBench": benchmark("OCRBench", "VQA", scoring.ocrbench_score, ANSWER_TOKENS),
+    "MMStar": benchmark("MMStar", "MCQ", scoring.mcq_score),
+    "AI2D_TEST": benchmark("AI2D_TEST", "MCQ", scoring.mcq_score),
+    "MMMU_DEV_VAL": benchmark("MMMU_DEV_VAL", "MCQ", scoring.mmmu_score),
+    "HallusionBench": benchmark("HallusionBench", "Y/N", scoring.hallusion_score),
+    "OCRBench": benchmark("OCRBench", "VQA", scoring.ocrbench_score),
 }
