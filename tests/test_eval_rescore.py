@@ -196,3 +196,18 @@ def test_help_shows_benchmark_catalog_and_score_only(capsys):
     text = capsys.readouterr().out
     assert "--benchmark" in text and "--score-only" in text and "--show" in text
     assert all(name in text for name in CATALOG)
+
+
+def test_answer_length_and_frames_are_the_wrappers_unless_given():
+    from lvita.evaluation.wrappers import HF, SERVER
+
+    def resolved(name, wrapper, **given):
+        args = eval_command.parser().parse_args(["--benchmark", name] + sum(([f"--{k}", str(v)] for k, v in given.items()), []))
+        eval_command.settings(args, lookup(name), wrapper)
+        return args.max_new_tokens, args.frames, args.max_frames, args.video_fps
+
+    assert resolved("Video-MME", HF) == (1024, 4096, 4096, 1)  # long_vita_hf.py: 1024 tokens (not 32), 4096 frames
+    assert resolved("MVBench", SERVER) == (1024, 4096, 4096, 1)
+    assert resolved("MMStar", HF) == (1024, 4096, 4096, 1)
+    assert resolved("Video-MME", HF, frames=64, **{"max-new-tokens": 8, "video-fps": 0.5}) == (8, 64, 64, 0.5)
+    assert resolved("jsonl", HF) == (64, 128, 128, 1.0)  # lvita's own sets: training's media defaults (data.*)
