@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from lvita import eval as lveval
+from lvita.errors import UserError
 from lvita.data.input_format import InputFormat
 from lvita.evaluation import command as eval_command
 from lvita.evaluation import run as eval_run
@@ -210,4 +211,7 @@ def test_answer_length_and_frames_are_the_wrappers_unless_given():
     assert resolved("MVBench", SERVER) == (1024, 4096, 4096, 1)
     assert resolved("MMStar", HF) == (1024, 4096, 4096, 1)
     assert resolved("Video-MME", HF, frames=64, **{"max-new-tokens": 8, "video-fps": 0.5}) == (8, 64, 64, 0.5)
+    assert resolved("Video-MME", HF, **{"max-frames": 32}) == (1024, 32, 32, 1)  # the same limit, either name
+    with pytest.raises(UserError, match="--frames 64 and --max-frames 32: one setting"):
+        resolved("Video-MME", HF, frames=64, **{"max-frames": 32})
     assert resolved("jsonl", HF) == (64, 128, 128, 1.0)  # lvita's own sets: training's media defaults (data.*)

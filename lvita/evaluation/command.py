@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--show", metavar="ID", help="print item ID's prompt as the model receives it and exit (needs "
                                                  "--model for the tokenizer and format; loads no weights)")
     ap.add_argument("--save", metavar="FILE.npz", help="with --show: save its input_ids and pixel_values")
-    ap.set_defaults(max_new_tokens=None, video_fps=None)  # the wrapper's (or the set's) unless given
+    ap.set_defaults(max_new_tokens=None, video_fps=None, max_frames=None)  # the wrapper's (or the set's) unless given
     return ap
 
 
@@ -115,8 +115,11 @@ def settings(args, bench: Benchmark, wrapper: Wrapper) -> None:
         raise UserError("--frames must be at least 1")
     if args.max_new_tokens is None:
         args.max_new_tokens = wrapper.max_new_tokens(bench) if bench.wrapped else bench.max_new_tokens
+    if None not in (args.frames, args.max_frames) and args.frames != args.max_frames:
+        raise UserError(f"--frames {args.frames} and --max-frames {args.max_frames}: one setting, two values (--frames "
+                        "and --max-frames name the same limit here)")
     if args.frames is None:
-        args.frames = wrapper.max_frames if bench.wrapped else DEFAULTS.max_frames
+        args.frames = args.max_frames or (wrapper.max_frames if bench.wrapped else DEFAULTS.max_frames)
     if args.video_fps is None:
         args.video_fps = wrapper.max_fps if bench.wrapped else DEFAULTS.video_fps
     args.max_frames = args.frames
