@@ -64,5 +64,6 @@ class Benchmark:
     load: Callable[[Path, LoadOptions], Iterator[Item | Skip]]  # (--data path, options) -> items in file order
     prompt: Callable[[Item, Any], str]  # (item, the model's InputFormat, or its class) -> the user's text,
     #                                     with one <image> / <video> placeholder per entry of item.images / videos
-    score: Callable[[list[dict]], dict]  # prediction rows (prediction_row) -> results: overall + breakdowns
+    score: Callable[..., dict]  # score(rows, scorer=DEFAULT_SCORER): prediction rows (prediction_row) and the
+    #                            lvita.evaluation.scorer.Scorer -> results: overall + breakdowns + "scorer"
     max_new_tokens: int = 32  # greedy answer length the benchmark needs

@@ -32,8 +32,9 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.mvbench import question_block
 from lvita.evaluation.prompts import longvita_finish
-from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
-                                      missing_video, read_json_list)
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
+from lvita.evaluation.video_common import (Unique, accuracy, breakdown, crash_counts, crash_reason, first_letter,
+                                          lettered, missing_video, mlvu_matches, read_back_text, read_json_list)
 from lvita.errors import PathError
 
 # -- LongVideoBench -----------------------------------------------------------------------------------
@@ -75,14 +76,19 @@ def prompt_lvb(item: Item, fmt) -> str:
     return longvita_finish(text, "LongVideoBench", "Video-MCQ") if fmt.wrapper_prompts else text
 
 
-def score_lvb(rows: list[dict]) -> dict:
+def verdicts_lvb(rows: list[dict], scorer: Scorer) -> list[int]:
+    """``extract_characters_regex`` over A-E of ``str(prediction read back)`` equal to the answer."""
+    return [int(first_letter(p, "ABCDE") == r["answer"]) for r, p in zip(rows, read_back_text(rows, scorer))]
+
+
+def score_lvb(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Accuracy overall, per duration group, per question category, and categories per duration group."""
-    scores = [int(first_letter(r.get("prediction", ""), "ABCDE") == r["answer"]) for r in rows]
+    scores = verdicts_lvb(rows, scorer)
     out = accuracy(scores) | {k: breakdown(rows, scores, k) for k in ("duration_group", "question_category")}
     out["per_duration_group"] = {
         d: breakdown(*zip(*[(r, s) for r, s in zip(rows, scores) if r["meta"]["duration_group"] == d]),
                      "question_category") for d in out["duration_group"]}
-    return out
+    return out | {"scorer": scorer.summary()}
 
 
 LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, max_new_tokens=32)
@@ -133,18 +139,27 @@ def prompt_mlvu(item: Item, fmt) -> str:
     return longvita_finish(text, "MLVU", "MCQ") if fmt.wrapper_prompts else text  # MLVU is an MCQ to the wrapper
 
 
-def score_mlvu(rows: list[dict]) -> dict:
-    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's pooled M-Avg."""
-    scores = [correct_mc(r) for r in rows]
+def verdicts_mlvu(rows: list[dict], scorer: Scorer) -> tuple[list[int], list[str | None]]:
+    """Per row: MLVU's own rule (:func:`lvita.evaluation.video_common.mlvu_matches`) on the prediction read
+    back, and why VLMEvalKit's evaluate would crash on it instead (both commits: every row is looped)."""
+    scores, crashes = [], []
+    for r, p in zip(rows, scorer.read_back([r.get("prediction", "") for r in rows])):
+        why = crash_reason(p)
+        scores.append(0 if why else int(mlvu_matches(p, r["answer"], r["choices"], scorer)))
+        crashes.append(why)
+    return scores, crashes
+
+
+def score_mlvu(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
+    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's pooled M-Avg. A
+    prediction VLMEvalKit's evaluate crashes on counts wrong (``crashes_vlmevalkit``)."""
+    scores, crashes = verdicts_mlvu(rows, scorer)
     tasks = breakdown(rows, scores, "task")
     pooled = [s for r, s in zip(rows, scores) if r["meta"]["task"] in VLMEVALKIT_M_AVG]
     return accuracy(scores) | {
         "task": tasks, "m_avg": sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else None,
-        "vlmevalkit_m_avg": accuracy(pooled)["accuracy"]}
-
-
-def correct_mc(row: dict) -> int:
-    return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
+        "vlmevalkit_m_avg": accuracy(pooled)["accuracy"], "scorer": scorer.summary(),
+        "crashes_vlmevalkit": crash_counts(crashes)}
 
 
 MLVU = Benchmark("MLVU", load_mlvu, prompt_mlvu, score_mlvu, max_new_tokens=32)

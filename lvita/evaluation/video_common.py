@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lvita.evaluation.choice import can_infer
 from lvita.evaluation.items import Skip
+from lvita.evaluation.scorer import as_text
 from lvita.errors import PathError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -51,14 +52,51 @@ def first_letter(reply: str, letters: str = "ABCD") -> str:
     return found[0] if found else ""
 
 
-def first_word_matches(reply: str, gold: str, choices: dict) -> bool:
-    """``check_ans_with_model`` without a judge: gold is ``(x) text``; the reply's first word (split
-    on single spaces) lower-cased without dots is in ``(x)``, or contains ``(x)``; else can_infer."""
+def first_word_matches(reply: str, gold: str, choices: dict, scorer) -> bool:
+    """MVBench's ``check_ans_with_model`` without a judge (``dataset/utils/mvbench.py``): gold is ``(x) text``;
+    the reply's first word (split on single spaces; e8e78f0 strips the reply first) lower-cased without
+    dots is in ``(x)``, or contains ``(x)``; else can_infer of the whole reply picks the gold letter."""
     gold_option = f"({gold.lower()})"
-    first = str(reply).lower().split(" ")[0]
+    first = (reply.lower().strip() if scorer.strip_first_word else reply.lower()).split(" ")[0]
     if first.replace(".", "") in gold_option or gold_option in first:
         return True
-    return can_infer(str(reply), choices) == gold
+    return can_infer(reply, choices, scorer) == gold
+
+
+def mlvu_matches(reply: str, gold: str, choices: dict, scorer) -> bool:
+    """MLVU's ``check_ans_with_model`` without a judge (``dataset/utils/mlvu.py`` line 58, both commits): when
+    the reply holds ")", the one character before its first ")" (none when ")" comes first) equals the gold
+    letter, case-sensitively; else can_infer of the whole reply picks the gold letter."""
+    pred = reply
+    if ")" in pred:
+        i = pred.index(")")
+        pred = pred[i - 1:i]  # i == 0: pred[-1:0] is ""
+    if pred == gold:
+        return True
+    return can_infer(reply, choices, scorer) == gold
+
+
+def read_back_text(rows: list[dict], scorer) -> list[str]:
+    """Predictions as Video-MME's and LongVideoBench's evaluate read them: ``str(x)`` of the xlsx value."""
+    return [as_text(p) for p in scorer.read_back([r.get("prediction", "") for r in rows])]
+
+
+def crash_reason(value) -> str | None:
+    """Why VLMEvalKit's MVBench / MLVU evaluate raises TypeError on this read-back prediction
+    (``FAIL_MSG in pred`` on a non-string: ``dataset/mvbench.py`` line 399 at 37d08c5, 414 at e8e78f0;
+    ``dataset/mlvu.py`` line 252 / 254), or None."""
+    if isinstance(value, str):
+        return None
+    return "empty_or_na_prediction" if isinstance(value, float) and value != value else "number_prediction"
+
+
+def crash_counts(crashes: list[str | None]) -> dict[str, int]:
+    """{reason: rows} of the rows VLMEvalKit's evaluate would crash on (scored wrong here)."""
+    out: dict[str, int] = {}
+    for why in crashes:
+        if why:
+            out[why] = out.get(why, 0) + 1
+    return out
 
 
 def lettered(candidates: list) -> dict[str, str]:

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.prompts import longvita_finish, videomme_text
-from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
+from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video, read_back_text
 from lvita.data.media import MediaError, sampled_frames
 from lvita.errors import PathError
 
@@ -182,20 +183,22 @@ def prompt(item: Item, fmt) -> str:
     return longvita_finish(text, "Video-MME", "Video-MCQ") if fmt.wrapper_prompts else text
 
 
-def correct(row: dict) -> int:
-    return int(first_letter(row.get("prediction", "")) == row.get("answer"))
+def verdicts(rows: list[dict], scorer: Scorer) -> list[int]:
+    """``extract_characters_regex(str(prediction read back)) == answer`` (its judge-free fallback,
+    ``extract_option``, finds no options in the question text: it never rescues an answer)."""
+    return [int(first_letter(p) == r.get("answer")) for r, p in zip(rows, read_back_text(rows, scorer))]
 
 
-def score(rows: list[dict]) -> dict:
+def score(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Accuracy overall and per duration, domain, sub_category, task_type, and those per duration."""
-    scores = [correct(r) for r in rows]
+    scores = verdicts(rows, scorer)
     out = accuracy(scores) | {k: breakdown(rows, scores, k) for k in BREAKDOWNS}
     out["per_duration"] = {}
     for d in out["duration"]:
         sub = [(r, s) for r, s in zip(rows, scores) if str(r["meta"].get("duration")) == d]
         rs, ss = [r for r, _ in sub], [s for _, s in sub]
         out["per_duration"][d] = {k: breakdown(rs, ss, k) for k in BREAKDOWNS[1:]}
-    return out
+    return out | {"scorer": scorer.summary()}
 
 
 VIDEO_MME = Benchmark("Video-MME", load, prompt, score, max_new_tokens=32)
