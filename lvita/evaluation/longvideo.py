@@ -1,7 +1,8 @@
 """LongVideoBench and MLVU (multiple choice) as published: :data:`LONGVIDEOBENCH`, :data:`MLVU`.
 
 Owns reading both benchmarks' files, the prompts Long-VITA's VLMEvalKit wrapper sends and their
-judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
+judge-free scoring, following VLMEvalKit at the :class:`lvita.evaluation.scorer.Scorer` 's commit
+(37d08c5, the one Long-VITA pins, by default; e8e78f0), predictions read back as its xlsx gives them:
 
 - LongVideoBench (``vlmeval/dataset/longvideobench.py``): ``--data`` holds ``lvb_val.json``
   (records ``id, video_id, video_path, question, candidates, correct_choice`` (int),
@@ -18,7 +19,10 @@ judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
   (8_sub_scene, 9_summary) need a judge model: not read. Prompt: the system text, ``Question:
   ...\\nOptions:\\n(A) ...``, the video, ``\\nOnly give the best option.``; MLVU's type is MCQ to
   the wrapper, so it strips the text and appends ``\\nAnswer with the letter.``. Score:
-  :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall and M-Avg, the
+  MLVU's own rule (:func:`lvita.evaluation.video_common.mlvu_matches`: the letter before ")",
+  case-sensitive, else can_infer; it was MVBench's first-word rule before the scorers were checked
+  against VLMEvalKit); a prediction that reads back as no text crashes VLMEvalKit's evaluate (both
+  commits): scored wrong, counted in ``crashes_vlmevalkit``. Accuracy per task, overall and M-Avg, the
   mean of the 7 task accuracies (MLVU's definition; VLMEvalKit pools the questions of 6 of them,
   leaving ``order`` out, reported as ``vlmevalkit_m_avg``).
 

@@ -16,8 +16,12 @@ pins (37d08c5):
 - prompt (``longvita``): the system text, ``Question: ...\\nOptions:\\n(A) ...``, the video, then
   ``\\nAnswer with the letter.`` (the wrapper removes ``Only give the best option.Best option:(``
   and appends that). ``internvl``: VLMEvalKit's text without the assistant prefill.
-- score: :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall (all
-  questions, VLMEvalKit's "overall") and the mean of the task accuracies.
+- score (:func:`score`, with the :class:`lvita.evaluation.scorer.Scorer`):
+  :func:`lvita.evaluation.video_common.first_word_matches` on the prediction as VLMEvalKit's xlsx gives
+  it back; accuracy per task, overall (all questions, VLMEvalKit's "overall") and the mean of the task
+  accuracies. A prediction that reads back as no text ("", "None", "N/A": NaN) crashes VLMEvalKit's
+  evaluate at 37d08c5: scored wrong, counted in ``crashes_vlmevalkit``; at e8e78f0 it is left unscored
+  and rated right (``unscored_rated_right``), as VLMEvalKit's own rating does.
 
 Trade-off: only files are checked at load time; a video decord cannot read fails when answered
 (the driver counts that MediaError).

@@ -1,27 +1,34 @@
-"""What the video benchmarks share: VLMEvalKit's two video answer matchers, accuracy breakdowns, and
-finding a benchmark's files.
+"""What the video benchmarks share: VLMEvalKit's video answer matchers, accuracy breakdowns, and finding
+a benchmark's files.
 
-Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party/VLMEvalKit`` at
-37d08c5, judge-free "exact_matching"), re-implemented, not copied:
+Owns the judge-free ("exact_matching") scoring rules of VLMEvalKit, re-implemented, not copied, as the
+:class:`lvita.evaluation.scorer.Scorer` 's commit has them (37d08c5, the one Long-VITA pins, by default;
+e8e78f0 the newest), equal item by item on ``tests/test_scoring_reference.py``:
 
+- predictions are read back as VLMEvalKit's xlsx holds them (:meth:`~lvita.evaluation.scorer.Scorer.read_back`):
+  Video-MME and LongVideoBench take ``str`` of the value (:func:`read_back_text`: "" becomes "nan");
+  MVBench and MLVU test ``FAIL_MSG in pred`` on the raw value and crash (TypeError) on one that is no
+  text (:func:`crash_reason`: the benchmarks score such a row wrong and count it).
 - :func:`first_letter`: Video-MME's and LongVideoBench's ``extract_characters_regex``: strip some
   answer prefixes, then the first capital option letter anywhere in the reply (none: wrong; a
   reply of over 10 words with no such letter: wrong). Their fallback (``extract_option``) finds no
   options in the ``question`` column, so without a judge it never rescues an answer.
-- :func:`first_word_matches`: MVBench's and MLVU's ``check_ans_with_model``: the reply's first
-  space-separated word, lower-cased and without dots, is a substring of ``(b)``-style gold (so an
-  empty reply counts as right: VLMEvalKit's quirk, kept), or contains it; else
+- :func:`first_word_matches`: MVBench's ``check_ans_with_model``: the reply's first space-separated
+  word (e8e78f0: of the stripped reply), lower-cased and without dots, is a substring of ``(b)``-style
+  gold (so a reply opening with a space counts as right at 37d08c5: kept), or contains it; else
   :func:`lvita.evaluation.choice.can_infer` must pick the gold letter.
+- :func:`mlvu_matches`: MLVU's own ``check_ans_with_model``: the character before the reply's first ")"
+  equals the gold letter (case-sensitive), else can_infer.
 
     first_letter("The answer is C.", "ABCD")          # "C"
-    first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"})   # True
+    first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"}, DEFAULT_SCORER)   # True
 
 Predictions are scored as stored: under ``model.format: longvita`` the driver has already kept
 only what follows a reply's last ``Answer:``, as Long-VITA's wrapper does
 (:func:`lvita.evaluation.prompts.postprocess`).
 
 Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
-in its function's docstring.
+in its function's docstring, with VLMEvalKit's file and line.
 """
 from __future__ import annotations
 

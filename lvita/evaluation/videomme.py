@@ -22,8 +22,9 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   picks the lines by its own uniform frames (``int(i * n / (N + 1))``, i = 1..N) while Long-VITA's
   server samples the video itself; here the lines follow the frames actually fed. SRT markup
   (``<i>`` ...) is dropped (pysubs2 would turn it into ASS tags).
-- score: ``extract_characters_regex`` (:func:`lvita.evaluation.video_common.first_letter`) equal to
-  the answer; accuracy overall, per duration, domain, sub_category and task_type, and each of
+- score (with the :class:`lvita.evaluation.scorer.Scorer`): ``extract_characters_regex``
+  (:func:`lvita.evaluation.video_common.first_letter`) of the prediction as VLMEvalKit's xlsx gives it
+  back (``str``: "" is "nan"), equal to the answer (the same at 37d08c5 and e8e78f0); accuracy overall, per duration, domain, sub_category and task_type, and each of
   those within each duration (``get_dimension_rating``).
 
     items = list(VIDEO_MME.load(Path("Video-MME"), LoadOptions(work=out, frames=64, subtitles=True)))

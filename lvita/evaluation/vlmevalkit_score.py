@@ -1,12 +1,18 @@
 """Leaderboard scores of VLMEvalKit's image benchmarks from prediction rows, with exact matching (no judge).
 
 Owns the ``score`` of each :data:`lvita.evaluation.vlmevalkit.BENCHMARKS` entry: prediction rows
-(:func:`lvita.evaluation.items.prediction_row`) -> a results dict with ``overall`` and the breakdowns the
-leaderboard reports. Followed (open-compass/VLMEvalKit):
+(:func:`lvita.evaluation.items.prediction_row`) and a :class:`lvita.evaluation.scorer.Scorer` -> a results
+dict with ``overall``, the breakdowns the leaderboard reports and ``scorer`` (name, commit). Each equals,
+verdict by verdict, that VLMEvalKit commit's ``evaluate()`` (``tests/test_scoring_reference.py``).
+Followed (open-compass/VLMEvalKit, 37d08c5 and e8e78f0):
 
+- every benchmark first reads the predictions back as VLMEvalKit's xlsx holds them
+  (:meth:`lvita.evaluation.scorer.Scorer.read_back`, then ``str``: "" becomes "nan", which holds an option
+  text "a"), as ``evaluate`` does after ``load(eval_file)``.
 - multiple choice, ``vlmeval/dataset/utils/multiple_choice.py``: the option is ``can_infer`` (our
-  :mod:`lvita.evaluation.choice`); no option inferred is wrong (the exact-matching policy's "Z").
-  ``report_acc``: accuracy overall, per ``split``, ``l2-category`` and ``category``.
+  :mod:`lvita.evaluation.choice`, with the scorer's letter rules); no option inferred is wrong (the
+  exact-matching policy's "Z"). ``report_acc``: accuracy overall, per ``split``, ``l2-category`` and
+  ``category`` (its table renames MMBench's l2-categories, ``MMB_abbrs``; here the names stay).
 - MMBench, ``mcq_circular_eval``: the copies of a question with rotated options sit at index + k x 1e6; the
   group ``index % 1e6`` counts once, from its main row (index < 1e6), and is right only when every
   rotation's inferred option is its answer. Also reported: vanilla accuracy on the main rows
@@ -14,17 +20,19 @@ leaderboard reports. Followed (open-compass/VLMEvalKit):
 - MMMU, ``MMMU_preproc``: an open question (no option A) is scored as two options, A = its answer and
   B = "Other Answers", with A the right one; an answer that is no letter counts as A.
 - HallusionBench, ``yorn.py``: ``YOrN_Extraction`` (yes xor no among the words after
-  ``process_punctuation``, else Unknown: wrong); ``Hallusion_rating``: aAcc per question, fAcc per figure
-  (l2-category, set_id, figure_id all right), qAcc per question (l2-category, set_id, question_id all
-  right), in percent, overall and per category and l2-category; ``mean`` of the three is the number the
-  OpenCompass leaderboard shows for HallusionBench (its "Overall").
-- OCRBench, ``utils/ocrbench.py`` ``OCRBench_eval``: right when any acceptable answer is a substring of the
+  ``process_punctuation``, quirks kept: at most 32 periods stripped; at 37d08c5 a period after a digit
+  too; else Unknown: wrong); ``Hallusion_rating``: aAcc per question, fAcc per figure (l2-category,
+  set_id, figure_id all right), qAcc per question (l2-category, set_id, question_id all right), in
+  percent, overall and per category and l2-category; ``mean`` of the three is the number the OpenCompass
+  leaderboard shows for HallusionBench (its "Overall").
+- OCRBench, ``image_vqa.py`` ``OCRBench.evaluate``: right when any acceptable answer is a substring of the
   prediction, both lowercased and stripped (Handwritten Mathematical Expression Recognition: spaces
   removed, case kept); the score is the count of right answers (out of 1000 on the full set), per
   category and in VLMEvalKit's five groups.
 
 Trade-off: rows are scored as stored, so ``--score-only`` gives exactly the run's numbers; a row whose
-``choices`` are missing scores wrong rather than failing.
+``choices`` are missing scores wrong rather than failing; the round trip depends on the whole prediction
+column (pandas' type inference), so scores are computed over all rows at once, as VLMEvalKit does.
 """
 from __future__ import annotations
 
