@@ -36,8 +36,9 @@ NA_STRINGS = frozenset({"", "-1.#IND", "1.#QNAN", "1.#IND", "-1.#QNAN", "#N/A N/
 XLSX_STRING_MAX = 32767  # xlsxwriter worksheet._write_string: longer strings are cut to this
 XLSX_URL_MAX = 2079  # xlsxwriter worksheet._write_url: a longer URL is not written (the cell stays empty)
 _URL = re.compile(r"(ftp|http)s?://|mailto:|(in|ex)ternal:|file://")
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|Inf|INF|infinity|Infinity)")
+_INT = re.compile(r"\s*[+-]?\d+\s*")  # pandas' numeric inference skips surrounding spaces (" 12 " -> 12)
+_FLOAT = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|Inf|INF|infinity|Infinity)\s*")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # xlsxwriter xmlwriter.py re_control_chars_2: written as _xHHHH_
 _BOOLS = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
 NAN = float("nan")
 
@@ -72,8 +73,8 @@ class Scorer:
         if values and all(isinstance(c, int) or _INT.fullmatch(c) or _FLOAT.fullmatch(c) for c in values):
             floats = len(values) < len(cells) or any(isinstance(c, str) and not _INT.fullmatch(c) for c in values)
             return [NAN if c is NAN else (float(c) if floats else int(c)) for c in cells]
-        if values and len(values) == len(cells) and all(isinstance(c, str) and c in _BOOLS for c in values):
-            return [_BOOLS[c] for c in cells]
+        if values and all(isinstance(c, str) and c in _BOOLS for c in values):
+            return [NAN if c is NAN else _BOOLS[c] for c in cells]
         return cells
 
     def _cell(self, text: str):
@@ -84,17 +85,14 @@ class Scorer:
             return 0  # worksheet._write_token_as_string -> _write_formula with cached value 0
         if ":" in text and _URL.match(text) and len(text) > XLSX_URL_MAX:
             return NAN  # _write_url refuses it: nothing written
-        return text[:XLSX_STRING_MAX]
+        # control characters come back as xlsxwriter's _xHHHH_ escapes (openpyxl leaves them): "\r" -> "_x000D_"
+        return _CONTROL.sub(lambda m: f"_x{ord(m[0]):04X}_", text[:XLSX_STRING_MAX])
 
 
 def as_text(value) -> str:
     """``str(x)`` of a value read back (NaN -> "nan", 123.0 -> "123.0"), as the image and Video-MME /
     LongVideoBench evaluations apply it before matching."""
     return "nan" if value is NAN or (isinstance(value, float) and value != value) else str(value)
-
-
-def is_text(value) -> bool:
-    return isinstance(value, str)
 
 
 VLMEVALKIT_37D08C5 = Scorer(
