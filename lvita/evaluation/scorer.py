@@ -49,7 +49,7 @@ class Scorer:
     name: str
     commit: str
     description: str
-    option_last_words: int | None  # can_infer_option: the letter's first occurrence among the last N words; None: anywhere
+    option_last_words: int | None  # can_infer_option: the letter first seen among the last N words (None: anywhere)
     text_length_cutoff: bool  # can_infer_text: no option text in an answer longer than 2 x the options' total length
     verbose_answer: bool  # can_infer_option: "(correct) answer is X" (case-insensitive, A-D) when no letter rule fired
     xlsx_formulas: bool  # xlsxwriter's strings_to_formulas: "=..." and "{=...}" are formulas that read back as 0
@@ -63,8 +63,9 @@ class Scorer:
 
     def read_back(self, predictions: list) -> list:
         """The prediction column as VLMEvalKit holds it after ``dump(data, '<...>.xlsx')`` then ``load``:
-        ``vlmeval/inference.py`` writes ``str(prediction)`` with ``smp/file.py`` ``dump_xlsx``
-        (``to_excel(engine='xlsxwriter')``) and reads it back with ``pd.read_excel``. Each value is a str,
+        ``vlmeval/inference.py`` (line 179 at 37d08c5, 281 at e8e78f0) writes ``str(prediction)`` with
+        ``smp/file.py`` ``dump_xlsx`` (``to_excel(engine='xlsxwriter')``, line 149 / 171; e8e78f0 turns
+        ``strings_to_formulas`` off) and reads it back with ``pd.read_excel`` (line 178 / 269). Each value is a str,
         NAN (an empty or NA-string cell), an int, a float or a bool (pandas' inference over the whole column:
         every non-NA cell a number -> numbers, floats when any is a float or NaN; every cell a bool word ->
         bools)."""

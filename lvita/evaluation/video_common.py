@@ -50,7 +50,8 @@ _PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "Th
 
 
 def first_letter(reply: str, letters: str = "ABCD") -> str:
-    """``extract_characters_regex``: the first of ``letters`` in the reply once answer prefixes are
+    """``extract_characters_regex`` (``dataset/utils/videomme.py`` line 128 at 37d08c5 / 130 at e8e78f0,
+    ``utils/longvideobench.py`` line 58 / 60): the first of ``letters`` in the reply once answer prefixes are
     removed (anywhere: "A man walks" reads as A); "" when none."""
     s = str(reply).strip()
     for prefix in _PREFIXES:
@@ -60,7 +61,8 @@ def first_letter(reply: str, letters: str = "ABCD") -> str:
 
 
 def first_word_matches(reply: str, gold: str, choices: dict, scorer) -> bool:
-    """MVBench's ``check_ans_with_model`` without a judge (``dataset/utils/mvbench.py``): gold is ``(x) text``;
+    """MVBench's ``check_ans_with_model`` without a judge (``dataset/utils/mvbench.py`` line 51 at 37d08c5,
+    54 at e8e78f0, which strips at line 57): gold is ``(x) text``;
     the reply's first word (split on single spaces; e8e78f0 strips the reply first) lower-cased without
     dots is in ``(x)``, or contains ``(x)``; else can_infer of the whole reply picks the gold letter."""
     gold_option = f"({gold.lower()})"

@@ -24,8 +24,9 @@ lines of the with-subtitles setting, and the leaderboard's judge-free scoring:
   (``<i>`` ...) is dropped (pysubs2 would turn it into ASS tags).
 - score (with the :class:`lvita.evaluation.scorer.Scorer`): ``extract_characters_regex``
   (:func:`lvita.evaluation.video_common.first_letter`) of the prediction as VLMEvalKit's xlsx gives it
-  back (``str``: "" is "nan"), equal to the answer (the same at 37d08c5 and e8e78f0); accuracy overall, per duration, domain, sub_category and task_type, and each of
-  those within each duration (``get_dimension_rating``).
+  back (``str``: "" is "nan"), equal to the answer (the same at 37d08c5 and e8e78f0); accuracy
+  overall, per duration, domain, sub_category and task_type, and each of those within each duration
+  (``get_dimension_rating``).
 
     items = list(VIDEO_MME.load(Path("Video-MME"), LoadOptions(work=out, frames=64, subtitles=True)))
 

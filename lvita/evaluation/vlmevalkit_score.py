@@ -67,7 +67,8 @@ def accuracy_report(scored: list[tuple[dict, bool]], metric: str) -> dict:
 
 def mcq_verdicts(rows: list[dict], scorer: Scorer) -> list[bool]:
     """Each row right or not: ``can_infer`` of the prediction as read back from VLMEvalKit's xlsx
-    (``image_mcq.py`` evaluate: ``str(x)`` of each value ``load`` gives) equals the answer."""
+    (``dataset/image_mcq.py`` evaluate, line 232 at 37d08c5 / 293 at e8e78f0: ``str(x)`` of each value
+    ``load`` gives) equals the answer."""
     preds = scorer.read_back([r["prediction"] for r in rows])
     return [bool(r.get("choices")) and can_infer(as_text(p), r["choices"], scorer) == r["answer"]
             for r, p in zip(rows, preds)]
@@ -80,7 +81,8 @@ def mcq_score(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
 
 
 def circular_verdicts(rows: list[dict], scorer: Scorer) -> dict[int, bool]:
-    """MMBench: {main index: every rotation right} (``mcq_circular_eval`` / ``prefetch_circular_group``)."""
+    """MMBench: {main index: every rotation right} (``dataset/utils/multiple_choice.py`` ``mcq_circular_eval``
+    / ``prefetch_circular_group``, lines 373 / 275 at 37d08c5, 511 / 409 at e8e78f0)."""
     if bad := [r["id"] for r in rows if not str(r["id"]).isdigit()]:
         raise UserError(f"MMBench rows are grouped by their integer index (VLMEvalKit's); row id {bad[0]!r} "
                         "is not one")
@@ -134,7 +136,8 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 def process_punctuation(text: str, scorer: Scorer) -> str:
     """``vlmeval/smp/misc.py`` ``process_punctuation`` (37d08c5 line 32, e8e78f0 line 18), quirks kept: its
     last line ``periodStrip.sub('', outText, re.UNICODE)`` passes re.UNICODE (32) as the count, so only the
-    first 32 periods go; 37d08c5's ``(?!<=\d)`` is a lookahead (no lookbehind): a period after a digit goes too."""
+    first 32 periods go (line 47 at 37d08c5, 32 at e8e78f0); 37d08c5's ``(?!<=\d)`` is a lookahead (no
+    lookbehind): a period after a digit goes too, and counts toward the 32."""
     out = text
     for p in _PUNCT:
         if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
@@ -213,7 +216,8 @@ def ocrbench_hit(prediction: str, answers, category: str | None) -> bool:
 
 
 def ocrbench_verdicts(rows: list[dict], scorer: Scorer) -> list[bool]:
-    """``image_vqa.py`` OCRBench.evaluate: ``str(prediction)`` as read back, substring rules of ocrbench_hit."""
+    """``dataset/image_vqa.py`` OCRBench.evaluate (``str(line['prediction'])``, line 171 at 37d08c5 / 528 at
+    e8e78f0) of the prediction as read back, with the substring rules of :func:`ocrbench_hit`."""
     preds = scorer.read_back([r["prediction"] for r in rows])
     return [ocrbench_hit(as_text(p), r["answer"], r["meta"].get("category")) for r, p in zip(rows, preds)]
 
