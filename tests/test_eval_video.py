@@ -274,8 +274,9 @@ def test_mlvu_loader_and_m_avg(tmp_path):
     rows = _rows([("B", "B", {"task": "plotQA"}), ("A", "B", {"task": "plotQA"}), ("A", "A", {"task": "plotQA"}),
                   ("A", "A", {"task": "order"})], choices={"A": "x", "B": "y"})
     res = MLVU.score(rows)
-    # plotQA 2/3, order 1/1: M-Avg the mean of the task accuracies; VLMEvalKit pools 6 tasks (no order)
+    # plotQA 2/3, order 1/1: M-Avg the mean of the task accuracies; VLMEvalKit pools 6 tasks at 37d08c5 (no order)
     assert res["m_avg"] == pytest.approx((2 / 3 + 1) / 2) and res["vlmevalkit_m_avg"] == pytest.approx(2 / 3)
+    assert MLVU.score(rows, scorer=SCORERS["vlmevalkit-e8e78f0"])["vlmevalkit_m_avg"] == 0.75  # e8e78f0 pools order
     assert res["accuracy"] == 0.75
 
 

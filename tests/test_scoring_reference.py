@@ -134,8 +134,10 @@ def check_crashing(doc, rows, scorer, ref):
         mine = {t: [a["correct"], a["count"], f"{a['accuracy'] * 100:.2f}%"] for t, a in res["task"].items()}
         mine["overall"] = [res["correct"], res["count"], f"{res['accuracy'] * 100:.2f}%"]
         assert res["unscored_rated_right"] == sum(v is None for v in ref["verdicts"].values())
-    else:  # MLVU_MCQ get_dimension_rating: {task: [right, total]}
+    else:  # MLVU_MCQ get_dimension_rating: {task: [right, total]}; MLVU.evaluate's M-Avg
         mine = {t: [a["correct"], a["count"]] for t, a in res["task"].items()}
+        assert list(scorer.mlvu_m_avg_tasks) == ref["m_avg_tasks"]
+        assert round(res["vlmevalkit_m_avg"] * 100, 1) == ref["m_avg"]
     assert mine == want
 
 

@@ -24,7 +24,7 @@ judge-free scoring, following VLMEvalKit at the :class:`lvita.evaluation.scorer.
   against VLMEvalKit); a prediction that reads back as no text crashes VLMEvalKit's evaluate (both
   commits): scored wrong, counted in ``crashes_vlmevalkit``. Accuracy per task, overall and M-Avg, the
   mean of the 7 task accuracies (MLVU's definition; VLMEvalKit pools the questions of 6 of them,
-  leaving ``order`` out, reported as ``vlmevalkit_m_avg``).
+  leaving ``order`` out at 37d08c5, all 7 at e8e78f0, reported as ``vlmevalkit_m_avg``).
 
 Trade-off: only files are checked at load time; a video decord cannot read fails when answered
 (the driver counts that MediaError).
@@ -101,7 +101,6 @@ LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, ma
 
 MLVU_TASKS = {"plotQA": "1_plotQA", "needle": "2_needle", "ego": "3_ego", "count": "4_count",
               "order": "5_order", "anomaly_reco": "6_anomaly_reco", "topic_reasoning": "7_topic_reasoning"}
-VLMEVALKIT_M_AVG = ("plotQA", "needle", "ego", "count", "anomaly_reco", "topic_reasoning")
 MLVU_SYSTEM = ("Carefully watch this video and pay attention to every detail. "
                "Based on your observations, select the best option that accurately addresses the question.")
 
@@ -155,11 +154,12 @@ def verdicts_mlvu(rows: list[dict], scorer: Scorer) -> tuple[list[int], list[str
 
 
 def score_mlvu(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
-    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's pooled M-Avg. A
+    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's M-Avg (the questions of
+    ``scorer.mlvu_m_avg_tasks`` pooled; VLMEvalKit prints it in percent, rounded to 0.1). A
     prediction VLMEvalKit's evaluate crashes on counts wrong (``crashes_vlmevalkit``)."""
     scores, crashes = verdicts_mlvu(rows, scorer)
     tasks = breakdown(rows, scores, "task")
-    pooled = [s for r, s in zip(rows, scores) if r["meta"]["task"] in VLMEVALKIT_M_AVG]
+    pooled = [s for r, s in zip(rows, scores) if r["meta"]["task"] in scorer.mlvu_m_avg_tasks]
     return accuracy(scores) | {
         "task": tasks, "m_avg": sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else None,
         "vlmevalkit_m_avg": accuracy(pooled)["accuracy"], "scorer": scorer.summary(),

@@ -13,7 +13,7 @@ a column of predictions before any matching (:meth:`Scorer.read_back`). Two scor
   among the last five words, option text counts only in an answer at most twice the options' length, a
   "the answer is X" pattern rescues verbose answers (``vlmeval/utils/matching_util.py``, since c3371551);
   formulas are written as text; MVBench leaves an empty prediction unscored, and its rating then counts
-  that NaN score as right.
+  that NaN score as right; MLVU's M-Avg pools ``order`` too.
 
     from lvita.evaluation.scorer import DEFAULT_SCORER, scorer_named
     scores = bench.score(rows, scorer=scorer_named("vlmevalkit-e8e78f0"))
@@ -55,6 +55,7 @@ class Scorer:
     xlsx_formulas: bool  # xlsxwriter's strings_to_formulas: "=..." and "{=...}" are formulas that read back as 0
     mvbench_skips_na: bool  # MVBench evaluate loops over non-NaN predictions only (NaN: unscored, rated right)
     strip_first_word: bool  # MVBench check_ans_with_model strips the reply before taking its first word
+    mlvu_m_avg_tasks: tuple[str, ...]  # dataset/mlvu.py MLVU type_data_dict['M-Avg']: the tasks its M-Avg pools
     period_strip: str  # smp/misc.py process_punctuation's periodStrip (37d08c5's "(?!<=\d)" is no lookbehind)
 
     def summary(self) -> dict:
@@ -100,12 +101,16 @@ VLMEVALKIT_37D08C5 = Scorer(
     name="vlmevalkit-37d08c5", commit="37d08c5b1832b6d20110a08008f68a9b45bccc7c",
     description="VLMEvalKit as Long-VITA pins it: option letter anywhere, xlsx formulas, MVBench/MLVU crash on NaN",
     option_last_words=None, text_length_cutoff=False, verbose_answer=False, xlsx_formulas=True,
-    mvbench_skips_na=False, strip_first_word=False, period_strip=r"(?!<=\d)(\.)(?!\d)")
+    mvbench_skips_na=False, strip_first_word=False,
+    mlvu_m_avg_tasks=("plotQA", "needle", "ego", "count", "anomaly_reco", "topic_reasoning"),  # mlvu.py line 27
+    period_strip=r"(?!<=\d)(\.)(?!\d)")
 VLMEVALKIT_E8E78F0 = Scorer(
     name="vlmevalkit-e8e78f0", commit="e8e78f05f3080fe28154f2130321f17951c3be94",
     description="VLMEvalKit of 2026-08-18: letter among the last 5 words, text length cut-off, verbose pattern",
     option_last_words=5, text_length_cutoff=True, verbose_answer=True, xlsx_formulas=False,
-    mvbench_skips_na=True, strip_first_word=True, period_strip=r"(?<!\d)\.(?!\d)")
+    mvbench_skips_na=True, strip_first_word=True,
+    mlvu_m_avg_tasks=("plotQA", "needle", "ego", "count", "anomaly_reco", "topic_reasoning", "order"),  # line 29
+    period_strip=r"(?<!\d)\.(?!\d)")
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in (VLMEVALKIT_37D08C5, VLMEVALKIT_E8E78F0)}
 DEFAULT_SCORER = VLMEVALKIT_37D08C5
