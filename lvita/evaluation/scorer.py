@@ -66,10 +66,10 @@ class Scorer:
         """The prediction column as VLMEvalKit holds it after ``dump(data, '<...>.xlsx')`` then ``load``:
         ``vlmeval/inference.py`` (line 179 at 37d08c5, 281 at e8e78f0) writes ``str(prediction)`` with
         ``smp/file.py`` ``dump_xlsx`` (``to_excel(engine='xlsxwriter')``, line 149 / 171; e8e78f0 turns
-        ``strings_to_formulas`` off) and reads it back with ``pd.read_excel`` (line 178 / 269). Each value is a str,
-        NAN (an empty or NA-string cell), an int, a float or a bool (pandas' inference over the whole column:
-        every non-NA cell a number -> numbers, floats when any is a float or NaN; every cell a bool word ->
-        bools)."""
+        ``strings_to_formulas`` off) and reads it back with ``pd.read_excel`` (line 178 / 269). Each value
+        is a str, NAN (an empty or NA-string cell), an int, a float or a bool (pandas' inference over the
+        whole column: every non-NA cell a number -> numbers, floats when any is a float or NaN; every
+        non-NA cell a bool word -> bools)."""
         cells = [self._cell(str(p)) for p in predictions]
         values = [c for c in cells if c is not NAN]
         if values and all(isinstance(c, int) or _INT.fullmatch(c) or _FLOAT.fullmatch(c) for c in values):
