@@ -166,6 +166,17 @@ def test_the_fixtures_tell_the_scorers_apart():
 
 
 @pytest.mark.parametrize("scorer_name", list(SCORERS))
+def test_every_catalog_benchmark_takes_the_scorer(scorer_name):
+    """What ``lvita eval`` runs: ``bench.score(rows, scorer=...)`` reports the scorer it used."""
+    from lvita.evaluation.catalog import BENCHMARKS as CATALOG
+    for name, bench in CATALOG.items():
+        doc = fixture(next(b for b in BENCHMARKS if name.startswith(b.split("_")[0])))
+        res = bench.score(doc["rows"], scorer=SCORERS[scorer_name])
+        assert res["scorer"] == {"name": scorer_name, "commit": SCORERS[scorer_name].commit}, name
+        assert bench.score(doc["rows"])["scorer"]["name"] == "vlmevalkit-37d08c5", name  # the default
+
+
+@pytest.mark.parametrize("scorer_name", list(SCORERS))
 def test_xlsx_round_trip(scorer_name):
     scorer = SCORERS[scorer_name]
     for key, col in json.loads((FIXTURES / "round_trip.json").read_text())[scorer_name]["columns"].items():
