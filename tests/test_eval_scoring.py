@@ -12,6 +12,7 @@ from lvita.evaluation import prompts
 from lvita.evaluation import vlmevalkit_score as sc
 from lvita.evaluation.items import Item
 from lvita.evaluation.wrappers import SERVER
+from lvita.evaluation.scorer import SCORERS
 from lvita.errors import UserError
 
 AB = {"A": "cat", "B": "dog"}
@@ -21,13 +22,27 @@ def row(id, prediction, answer, choices=AB, **meta):
     return {"id": str(id), "prediction": prediction, "answer": answer, "choices": choices, "meta": dict(meta)}
 
 
-def test_letter_among_the_last_words_not_buried_mid_answer():
+def test_letter_anywhere_at_37d08c5_among_the_last_words_at_e8e78f0():
     rows = [row(1, "The answer is B.", "B"), row(2, "B is the best because it shows more of the picture here", "B"),
             row(3, "I think it is a dog", "B"), row(4, "(A)", "B"), row(5, "A or B", "A")]
-    res = sc.mcq_score(rows)
-    # 1: B among the last 5 words; 2: B is word 1 of 11 and no option text occurs: wrong; 3: option text "dog";
-    # 4: A, wrong; 5: two letters: no option, wrong
-    assert res["overall"] == {"accuracy": 0.4, "correct": 2, "scored": 5}
+    # 1: B; 2: B is word 1 of 11: right at 37d08c5 (a letter anywhere; this test expected "wrong" before the
+    # scorers were checked against VLMEvalKit itself), wrong at e8e78f0 (not among the last 5 words, and the
+    # answer is too long for option text); 3: option text "dog" (e8e78f0: 19 characters > 2 x the options' 6:
+    # no option text read, wrong); 4: A, wrong; 5: two letters: wrong
+    assert sc.mcq_score(rows)["overall"] == {"accuracy": 0.6, "correct": 3, "scored": 5}
+    assert sc.mcq_score(rows, SCORERS["vlmevalkit-e8e78f0"])["overall"] == {"accuracy": 0.2, "correct": 1, "scored": 5}
+    assert sc.mcq_score(rows)["scorer"] == {"name": "vlmevalkit-37d08c5",
+                                            "commit": "37d08c5b1832b6d20110a08008f68a9b45bccc7c"}
+
+
+def test_an_empty_prediction_reads_back_as_nan():
+    """VLMEvalKit's xlsx round trip: "" -> NaN -> "nan", which holds the option text "a"."""
+    rows = [row(1, "", "A", {"A": "a", "B": "dog"}), row(2, "B", "B", {"A": "a", "B": "dog"})]
+    assert sc.mcq_score(rows)["overall"]["correct"] == 2
+
+
+def test_hallusion_strips_only_32_periods():
+    assert sc.yes_or_no("." * 31 + "yes") == "Yes" and sc.yes_or_no("." * 33 + "yes") == "Unknown"
 
 
 def test_circular_group_with_one_wrong_rotation_scores_zero():

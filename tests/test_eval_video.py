@@ -19,7 +19,8 @@ from lvita.data.input_format import InternVLInput, LongVitaInput
 from lvita.evaluation.items import Item, LoadOptions, Skip, Video, prediction_row
 from lvita.evaluation.longvideo import LONGVIDEOBENCH, MLVU
 from lvita.evaluation.mvbench import MVBENCH
-from lvita.evaluation.video_common import first_letter, first_word_matches
+from lvita.evaluation.scorer import DEFAULT_SCORER, SCORERS
+from lvita.evaluation.video_common import first_letter, first_word_matches, mlvu_matches
 from lvita.evaluation.videomme import VIDEO_MME, read_srt, subtitle_lines
 from lvita.evaluation.wrappers import SERVER
 from lvita.data.media import MediaError, normalise, sampled_frames, video_tiles
@@ -210,18 +211,28 @@ def test_the_prompt_feeds_the_window_frames(mvbench, tokenizer_dir, tmp_path):
 
 
 def test_mvbench_and_mlvu_first_word_rule_by_hand():
-    ch = {"A": "sit", "B": "run", "C": "eat"}
-    assert first_word_matches("B", "B", ch) and first_word_matches("(B) run", "B", ch)
-    assert first_word_matches("b.", "B", ch) and not first_word_matches("A", "B", ch)
-    assert first_word_matches("", "B", ch)  # VLMEvalKit's quirk: "" is in "(b)"
-    assert first_word_matches("They run", "B", ch)  # option text
-    assert not first_word_matches("They run or eat", "B", ch)
+    ch, sc = {"A": "sit", "B": "run", "C": "eat"}, DEFAULT_SCORER
+    assert first_word_matches("B", "B", ch, sc) and first_word_matches("(B) run", "B", ch, sc)
+    assert first_word_matches("b.", "B", ch, sc) and not first_word_matches("A", "B", ch, sc)
+    assert first_word_matches("", "B", ch, sc)  # the rule's quirk: "" is in "(b)" (but see the empty row below)
+    assert first_word_matches("They run", "B", ch, sc)  # option text
+    assert not first_word_matches("They run or eat", "B", ch, sc)
+    # MLVU's own rule: the character before the first ")" equals the gold letter, case-sensitively
+    assert mlvu_matches("x (B)", "B", ch, sc) and not mlvu_matches("(b) sit", "B", ch, sc)
+    assert first_word_matches("(b) sit", "B", ch, sc)  # where MVBench's first-word rule says right
     rows = _rows([("B", "B", {"task": "Action Sequence"}), ("A", "C", {"task": "Action Sequence"}),
                   ("A", "(A) sit", {"task": "Episodic Reasoning"})], choices=ch)
     res = MVBENCH.score(rows)
     assert res["task"] == {"Action Sequence": {"accuracy": 0.5, "correct": 1, "count": 2},
                            "Episodic Reasoning": {"accuracy": 1.0, "correct": 1, "count": 1}}
     assert res["accuracy"] == pytest.approx(2 / 3) and res["task_mean"] == 0.75
+    # an empty prediction reads back from VLMEvalKit's xlsx as NaN: at 37d08c5 its evaluate crashes (here:
+    # wrong, counted); at e8e78f0 it is left unscored and its rating counts the NaN score as right
+    rows = _rows([("B", "", {"task": "Action Sequence"}), ("B", "B", {"task": "Action Sequence"})], choices=ch)
+    old, new = (MVBENCH.score(rows, scorer=s) for s in SCORERS.values())
+    assert (old["correct"], old["crashes_vlmevalkit"], old["unscored_rated_right"]) == \
+        (1, {"empty_or_na_prediction": 1}, 0)
+    assert (new["correct"], new["crashes_vlmevalkit"], new["unscored_rated_right"]) == (2, {}, 1)
 
 
 def test_longvideobench_loader_and_score(tmp_path):
@@ -268,8 +279,9 @@ def test_mlvu_loader_and_m_avg(tmp_path):
     rows = _rows([("B", "B", {"task": "plotQA"}), ("A", "B", {"task": "plotQA"}), ("A", "A", {"task": "plotQA"}),
                   ("A", "A", {"task": "order"})], choices={"A": "x", "B": "y"})
     res = MLVU.score(rows)
-    # plotQA 2/3, order 1/1: M-Avg the mean of the task accuracies; VLMEvalKit pools 6 tasks (no order)
+    # plotQA 2/3, order 1/1: M-Avg the mean of the task accuracies; VLMEvalKit pools 6 tasks at 37d08c5 (no order)
     assert res["m_avg"] == pytest.approx((2 / 3 + 1) / 2) and res["vlmevalkit_m_avg"] == pytest.approx(2 / 3)
+    assert MLVU.score(rows, scorer=SCORERS["vlmevalkit-e8e78f0"])["vlmevalkit_m_avg"] == 0.75  # e8e78f0 pools order
     assert res["accuracy"] == 0.75
 
 

@@ -204,8 +204,9 @@ def test_eval_multiple_choice_from_the_cli(tok, tokenizer_dir, image, tmp_path):
     assert {p["prediction"] for p in preds} == {"B"} and {p["stop"] for p in preds} == {"eos"}
     assert [jsonl_set.correct(p) for p in preds] == [True, False, True, False, True, True, False]
     abc, colours = jsonl_set.lettered_choices(["A", "B", "C"]), jsonl_set.lettered_choices(["red", "blue"])
-    assert jsonl_set.can_infer("The answer is (B).", abc) == "B"
-    assert jsonl_set.can_infer("blue", colours) == "B" and jsonl_set.can_infer("green", colours) is None
+    pinned = jsonl_set.DEFAULT_SCORER
+    assert jsonl_set.can_infer("The answer is (B).", abc, pinned) == "B"
+    assert jsonl_set.can_infer("blue", colours, pinned) == "B" and jsonl_set.can_infer("green", colours, pinned) is None
 
 
 def test_errors_are_clear_and_write_nothing(model, tok, image, tmp_path, capsys):

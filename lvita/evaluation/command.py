@@ -31,6 +31,7 @@ from lvita.errors import PathError, UserError, run_main
 from lvita.evaluation.catalog import CATALOG, OwnCommand, listing, lookup
 from lvita.evaluation.items import Benchmark, LoadOptions
 from lvita.evaluation.run import evaluate_benchmark, score_only
+from lvita.evaluation.scorer import DEFAULT_SCORER, SCORERS, scorer_named
 from lvita.evaluation.wrappers import HF, WRAPPERS, Wrapper, wrapper_named
 from lvita.infer.generate import add_model_args, load_for_args, options
 from lvita.infer.prompt import DEFAULTS
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--wrapper", default=HF.name, choices=list(WRAPPERS),
                     help="whose prompts, answer length and frame limits: " + "; ".join(
                         f"{w.name}: {w.source}" for w in WRAPPERS.values()) + f" (default {HF.name})")
+    ap.add_argument("--scorer", default=DEFAULT_SCORER.name, choices=list(SCORERS),
+                    help="whose exact matching: " + "; ".join(f"{s.name}: {s.description}" for s in SCORERS.values())
+                         + f" (default {DEFAULT_SCORER.name}, behind the paper's tables)")
     ap.add_argument("--frames", type=int, help="most frames per video, at about --video-fps (default: the "
                                                f"wrapper's, {HF.max_frames} at {HF.max_fps:g} fps; the paper sweeps 64-4096)")
     ap.add_argument("--subtitles", action="store_true", help="Video-MME's with-subtitles setting")
@@ -78,7 +82,7 @@ def _main(args, argv: list[str]) -> int:
         return bench.main(argv)
     if args.score_only is not None:
         _exclusive(args, "--score-only", ("show", "save"))
-        score_only(bench, args.score_only, args.out, arguments=argv, data=args.data)
+        score_only(bench, args.score_only, args.out, arguments=argv, data=args.data, scorer=scorer_named(args.scorer))
         return 0
     if args.save is not None and args.show is None:
         raise UserError("--save goes with --show ID (the item whose ids and pixels to save)")
@@ -104,7 +108,7 @@ def _main(args, argv: list[str]) -> int:
     if args.sp > 1:
         decode_on_rank0(bench, args.data, load_opts, rank)
     evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),
-                       write=rank == 0, arguments=argv, wrapper=wrapper)
+                       write=rank == 0, arguments=argv, wrapper=wrapper, scorer=scorer_named(args.scorer))
     return 0
 
 

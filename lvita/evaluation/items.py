@@ -63,7 +63,8 @@ class Benchmark:
     # default HF) -> the user's text, with one <image> / <video> placeholder per entry of item.images / videos,
     # or (lvita's JSONL sets) the whole conversation before the answer
     prompt: Callable[..., str | list[dict]]
-    score: Callable[..., dict]  # (prediction rows (prediction_row), the Scorer) -> results: overall + breakdowns
+    score: Callable[..., dict]  # score(rows, scorer=DEFAULT_SCORER): prediction rows (prediction_row) and the
+    #                            lvita.evaluation.scorer.Scorer -> results: overall + breakdowns + "scorer"
     video: bool = False  # a video benchmark (the wrappers' video answer length, frame limits)
     wrapped: bool = True  # asked as Long-VITA's VLMEvalKit wrapper asks (the wrapper's text, answer length and
     #                       frame limits; no system prompt under longvita); False: lvita's own set, asked as

@@ -13,9 +13,9 @@ it is the prompt (system turns and earlier turns included)::
 
 - ``choices`` (a list of 1-26): multiple choice. Options are lettered A, B, ... by position (a list of
   single letters, ``["A", "B", "C"]``, names them itself). The option a text picks is decided by the one
-  answer matcher of the evaluation package, VLMEvalKit's (:func:`lvita.evaluation.choice.can_infer`,
-  by the chosen scorer's rules), for the reference at load time (a reference that picks no option is
-  skipped as ``bad_reference``) and for the prediction when scored.
+  answer matcher of the evaluation package, VLMEvalKit's (:func:`lvita.evaluation.choice.can_infer`): for
+  the reference at load time by the pinned commit's rules (a reference that picks no option is skipped as
+  ``bad_reference``), for the prediction when scored by ``--scorer``'s.
 - otherwise short answer: normalised exact match (lowercase, punctuation and the articles a/an/the
   removed, whitespace collapsed), as SQuAD's.
 - ``category`` (default "default") groups the accuracy.
@@ -38,6 +38,7 @@ from lvita.data.template import SampleError
 from lvita.errors import PathError
 from lvita.evaluation.choice import can_infer
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
 
 MAX_NEW_TOKENS = 64
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -76,7 +77,7 @@ def item_of(raw, base: Path, item_id: str) -> Item:
         if not isinstance(raw_choices, list) or not raw_choices or len(raw_choices) > 26:
             raise SampleError("bad_choices", "'choices' must be a list of 1 to 26 options")
         choices = lettered_choices(raw_choices)
-        answer = can_infer(reference, choices)
+        answer = can_infer(reference, choices, DEFAULT_SCORER)  # the reference: the pinned rules, whatever --scorer
         if answer is None:
             raise SampleError("bad_reference", f"the reference {reference!r} names none of the options "
                                                f"{list(choices)}")
@@ -112,21 +113,23 @@ def prompt(item: Item, fmt, wrapper=None) -> list[dict]:
     return item.messages
 
 
-def correct(row: dict) -> bool:
+def correct(row: dict, scorer: Scorer = DEFAULT_SCORER) -> bool:
     if row.get("choices"):
-        return can_infer(str(row["prediction"]), row["choices"]) == row["answer"]
+        return can_infer(str(row["prediction"]), row["choices"], scorer) == row["answer"]
     return normalise_answer(row["prediction"]) == normalise_answer(row["answer"])
 
 
-def score(rows: list[dict], scorer=None) -> dict:
-    """Accuracy overall and per category."""
-    hits = [correct(r) for r in rows]
+def score(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
+    """Accuracy overall and per category; option letters by ``scorer``'s rules (predictions as stored: lvita's
+    sets do not go through VLMEvalKit's xlsx)."""
+    hits = [correct(r, scorer) for r in rows]
     acc = lambda h: {"accuracy": round(sum(h) / len(h), 6) if h else None,  # noqa: E731
                      "correct": int(sum(h)), "scored": len(h)}
     per = defaultdict(list)
     for r, h in zip(rows, hits):
         per[str((r.get("meta") or {}).get("category", "default"))].append(h)
-    return {"metric": "accuracy", "overall": acc(hits), "category": {k: acc(v) for k, v in sorted(per.items())}}
+    return {"metric": "accuracy", "overall": acc(hits), "category": {k: acc(v) for k, v in sorted(per.items())},
+            "scorer": scorer.summary()}
 
 
 JSONL_SET = Benchmark("jsonl", load, prompt, score, max_new_tokens=MAX_NEW_TOKENS, wrapped=False)

@@ -1,7 +1,8 @@
 """LongVideoBench and MLVU (multiple choice) as published: :data:`LONGVIDEOBENCH`, :data:`MLVU`.
 
 Owns reading both benchmarks' files, the prompts Long-VITA's VLMEvalKit wrappers send and their
-judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
+judge-free scoring, following VLMEvalKit at the :class:`lvita.evaluation.scorer.Scorer` 's commit
+(37d08c5, the one Long-VITA pins, by default; e8e78f0), predictions read back as its xlsx gives them:
 
 - LongVideoBench (``vlmeval/dataset/longvideobench.py``): ``--data`` holds ``lvb_val.json``
   (records ``id, video_id, video_path, question, candidates, correct_choice`` (int),
@@ -23,9 +24,12 @@ judge-free scoring, following VLMEvalKit at the commit Long-VITA pins (37d08c5):
   reply.``; the server wrapper (``long_vita.py``) gets no system text and, named ``MLVU`` (an
   unannotated type: MCQ), strips the text and appends ``\\nAnswer with the letter.``
   (:class:`lvita.evaluation.wrappers.Wrapper`). Score:
-  :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall and M-Avg, the
+  MLVU's own rule (:func:`lvita.evaluation.video_common.mlvu_matches`: the letter before ")",
+  case-sensitive, else can_infer; it was MVBench's first-word rule before the scorers were checked
+  against VLMEvalKit); a prediction that reads back as no text crashes VLMEvalKit's evaluate (both
+  commits): scored wrong, counted in ``crashes_vlmevalkit``. Accuracy per task, overall and M-Avg, the
   mean of the 7 task accuracies (MLVU's definition; VLMEvalKit pools the questions of 6 of them,
-  leaving ``order`` out, reported as ``vlmevalkit_m_avg``).
+  leaving ``order`` out at 37d08c5, all 7 at e8e78f0, reported as ``vlmevalkit_m_avg``).
 
 Trade-off: only files are checked at load time; a video decord cannot read fails when answered
 (the driver counts that MediaError).
@@ -38,8 +42,9 @@ from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.mvbench import question_block
 from lvita.evaluation.prompts import longvita_finish
 from lvita.evaluation.wrappers import HF, Wrapper
-from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_letter, first_word_matches, lettered,
-                                      missing_video, read_json_list)
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
+from lvita.evaluation.video_common import (Unique, accuracy, breakdown, crash_counts, crash_reason, first_letter,
+                                          lettered, missing_video, mlvu_matches, read_back_text, read_json_list)
 from lvita.errors import PathError
 
 # -- LongVideoBench -----------------------------------------------------------------------------------
@@ -82,14 +87,19 @@ def prompt_lvb(item: Item, fmt, wrapper: Wrapper = HF) -> str:
         if fmt.wrapper_prompts else text
 
 
-def score_lvb(rows: list[dict]) -> dict:
+def verdicts_lvb(rows: list[dict], scorer: Scorer) -> list[int]:
+    """``extract_characters_regex`` over A-E of ``str(prediction read back)`` equal to the answer."""
+    return [int(first_letter(p, "ABCDE") == r["answer"]) for r, p in zip(rows, read_back_text(rows, scorer))]
+
+
+def score_lvb(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Accuracy overall, per duration group, per question category, and categories per duration group."""
-    scores = [int(first_letter(r.get("prediction", ""), "ABCDE") == r["answer"]) for r in rows]
+    scores = verdicts_lvb(rows, scorer)
     out = accuracy(scores) | {k: breakdown(rows, scores, k) for k in ("duration_group", "question_category")}
     out["per_duration_group"] = {
         d: breakdown(*zip(*[(r, s) for r, s in zip(rows, scores) if r["meta"]["duration_group"] == d]),
                      "question_category") for d in out["duration_group"]}
-    return out
+    return out | {"scorer": scorer.summary()}
 
 
 LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, video=True)
@@ -98,7 +108,6 @@ LONGVIDEOBENCH = Benchmark("LongVideoBench", load_lvb, prompt_lvb, score_lvb, vi
 
 MLVU_TASKS = {"plotQA": "1_plotQA", "needle": "2_needle", "ego": "3_ego", "count": "4_count",
               "order": "5_order", "anomaly_reco": "6_anomaly_reco", "topic_reasoning": "7_topic_reasoning"}
-VLMEVALKIT_M_AVG = ("plotQA", "needle", "ego", "count", "anomaly_reco", "topic_reasoning")
 MLVU_SYSTEM = ("Carefully watch this video and pay attention to every detail. "
                "Based on your observations, select the best option that accurately addresses the question.")
 
@@ -143,18 +152,28 @@ def prompt_mlvu(item: Item, fmt, wrapper: Wrapper = HF) -> str:
     return longvita_finish(text, "MLVU", wrapper.dataset_type("MLVU", "Video-MCQ"))  # MLVU_MCQ's own type
 
 
-def score_mlvu(rows: list[dict]) -> dict:
-    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's pooled M-Avg."""
-    scores = [correct_mc(r) for r in rows]
+def verdicts_mlvu(rows: list[dict], scorer: Scorer) -> tuple[list[int], list[str | None]]:
+    """Per row: MLVU's own rule (:func:`lvita.evaluation.video_common.mlvu_matches`) on the prediction read
+    back, and why VLMEvalKit's evaluate would crash on it instead (both commits: every row is looped)."""
+    scores, crashes = [], []
+    for r, p in zip(rows, scorer.read_back([r.get("prediction", "") for r in rows])):
+        why = crash_reason(p)
+        scores.append(0 if why else int(mlvu_matches(p, r["answer"], r["choices"], scorer)))
+        crashes.append(why)
+    return scores, crashes
+
+
+def score_mlvu(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
+    """Accuracy per task, overall, M-Avg (mean of task accuracies) and VLMEvalKit's M-Avg (the questions of
+    ``scorer.mlvu_m_avg_tasks`` pooled; VLMEvalKit prints it in percent, rounded to 0.1). A
+    prediction VLMEvalKit's evaluate crashes on counts wrong (``crashes_vlmevalkit``)."""
+    scores, crashes = verdicts_mlvu(rows, scorer)
     tasks = breakdown(rows, scores, "task")
-    pooled = [s for r, s in zip(rows, scores) if r["meta"]["task"] in VLMEVALKIT_M_AVG]
+    pooled = [s for r, s in zip(rows, scores) if r["meta"]["task"] in scorer.mlvu_m_avg_tasks]
     return accuracy(scores) | {
         "task": tasks, "m_avg": sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else None,
-        "vlmevalkit_m_avg": accuracy(pooled)["accuracy"]}
-
-
-def correct_mc(row: dict) -> int:
-    return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
+        "vlmevalkit_m_avg": accuracy(pooled)["accuracy"], "scorer": scorer.summary(),
+        "crashes_vlmevalkit": crash_counts(crashes)}
 
 
 MLVU = Benchmark("MLVU", load_mlvu, prompt_mlvu, score_mlvu, video=True)

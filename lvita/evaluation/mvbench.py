@@ -21,8 +21,12 @@ pins (37d08c5):
   (``BaseAPI.generate`` moves it into a system prompt the wrapper never sends):
   :attr:`lvita.evaluation.wrappers.Wrapper.system_text`. ``internvl``: VLMEvalKit's text without the
   assistant prefill.
-- score: :func:`lvita.evaluation.video_common.first_word_matches`; accuracy per task, overall (all
-  questions, VLMEvalKit's "overall") and the mean of the task accuracies.
+- score (:func:`score`, with the :class:`lvita.evaluation.scorer.Scorer`):
+  :func:`lvita.evaluation.video_common.first_word_matches` on the prediction as VLMEvalKit's xlsx gives
+  it back; accuracy per task, overall (all questions, VLMEvalKit's "overall") and the mean of the task
+  accuracies. A prediction that reads back as no text ("", "None", "N/A": NaN) crashes VLMEvalKit's
+  evaluate at 37d08c5: scored wrong, counted in ``crashes_vlmevalkit``; at e8e78f0 it is left unscored
+  and rated right (``unscored_rated_right``), as VLMEvalKit's own rating does.
 
 Trade-off: only files are checked at load time; a video decord cannot read fails when answered
 (the driver counts that MediaError).
@@ -34,8 +38,9 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.prompts import longvita_finish
 from lvita.evaluation.wrappers import HF, Wrapper
-from lvita.evaluation.video_common import (Unique, accuracy, breakdown, first_word_matches, lettered, missing_video,
-                                      read_json_list)
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
+from lvita.evaluation.video_common import (Unique, accuracy, breakdown, crash_counts, crash_reason,
+                                          first_word_matches, lettered, missing_video, read_json_list)
 from lvita.errors import PathError
 
 FRAME_FPS = 3  # VLMEvalKit's frame_fps: the rate of MVBench's frame-folder tasks (tvqa frames_fps3_hq)
@@ -127,16 +132,32 @@ def prompt(item: Item, fmt, wrapper: Wrapper = HF) -> str:
     return SYSTEM + body
 
 
-def correct(row: dict) -> int:
-    return int(first_word_matches(row.get("prediction", ""), row["answer"], row["choices"]))
+def verdicts(rows: list[dict], scorer: Scorer) -> tuple[list[int | None], list[str | None]]:
+    """Per row: VLMEvalKit's score (1, 0, or None: left unscored) and why its evaluate would crash instead."""
+    scores, crashes = [], []
+    for r, p in zip(rows, scorer.read_back([r.get("prediction", "") for r in rows])):
+        why = crash_reason(p)
+        if why == "empty_or_na_prediction" and scorer.mvbench_skips_na:
+            scores.append(None)  # e8e78f0 mvbench.py line 399: the loop is over data_un (non-NaN predictions)
+            crashes.append(None)
+        else:
+            scores.append(0 if why else int(first_word_matches(p, r["answer"], r["choices"], scorer)))
+            crashes.append(why)
+    return scores, crashes
 
 
-def score(rows: list[dict]) -> dict:
-    """Accuracy per task, overall (every question) and the mean over tasks."""
-    scores = [correct(r) for r in rows]
+def score(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
+    """Accuracy per task, overall (every question) and the mean over tasks. A prediction on which
+    VLMEvalKit's evaluate crashes counts wrong (``crashes_vlmevalkit``); one it leaves unscored counts
+    right, as its ``get_dimension_rating`` (``if item['score']``, utils/mvbench.py line 21 at e8e78f0:
+    NaN is true) rates it (``unscored_rated_right``)."""
+    raw, crashes = verdicts(rows, scorer)
+    scores = [1 if s is None else s for s in raw]
     tasks = breakdown(rows, scores, "task")
     mean = sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else None
-    return accuracy(scores) | {"task": tasks, "task_mean": mean}
+    return accuracy(scores) | {"task": tasks, "task_mean": mean, "scorer": scorer.summary(),
+                               "crashes_vlmevalkit": crash_counts(crashes),
+                               "unscored_rated_right": raw.count(None)}
 
 
 MVBENCH = Benchmark("MVBench", load, prompt, score, video=True)

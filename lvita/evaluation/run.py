@@ -33,6 +33,7 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, LoadOptions, Skip, prediction_row
 from lvita.evaluation.predictions import read_predictions, scoring_rows
 from lvita.evaluation.prompts import postprocess
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
 from lvita.evaluation.wrappers import HF, Wrapper
 from lvita.ckpt.checkpoint import atomic_write
 from lvita.data.media import MediaError
@@ -81,7 +82,7 @@ def _skip_record(skip: Skip) -> dict:
 
 def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadOptions,
                        answer_opts: dict, write: bool = True, log=stderr,
-                       arguments: list[str] | None = None, wrapper: Wrapper = HF, scorer=None) -> dict:
+                       arguments: list[str] | None = None, wrapper: Wrapper = HF, scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Answer every item of ``bench`` read from ``data`` not already in ``<out>/predictions.jsonl``; score
     all rows; write results.json (when ``write``); -> the results dict. ``answer_opts``: answer()'s
     keywords (max_new_tokens, system_prompt, media, max_context, decode); ``fmt``: the model's InputFormat."""
@@ -150,18 +151,18 @@ def summary(scores: dict) -> str:
     return json.dumps(overall["accuracy"] if isinstance(overall, dict) and "accuracy" in overall else overall)
 
 
-def _score(bench: Benchmark, rows: list[dict], scorer) -> dict:
-    return bench.score(rows) if scorer is None else bench.score(rows, scorer)
+def _score(bench: Benchmark, rows: list[dict], scorer: Scorer) -> dict:
+    return bench.score(rows, scorer)
 
 
 def _named(**objects) -> dict:
     """results.json's record of the wrapper and scorer used: name and where it comes from."""
-    return {k: {"name": v.name, "source": getattr(v, "source", None), "commit": getattr(v, "commit", None)}
-            for k, v in objects.items() if v is not None}
+    return {k: {"name": v.name, "source": getattr(v, "source", None), "commit": getattr(v, "commit", None),
+                "description": getattr(v, "description", None)} for k, v in objects.items() if v is not None}
 
 
 def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | None = None,
-               log=stderr, data=None, scorer=None) -> dict:
+               log=stderr, data=None, scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Rescore ``predictions`` (lvita's predictions.jsonl, an id/prediction JSONL or VLMEvalKit's result
     .xlsx/.tsv/.csv; the last two need the benchmark's files, ``data``) with ``bench.score``; write
     results.json into ``out`` (default: beside the predictions). A results.json of the same benchmark already

@@ -1,27 +1,34 @@
-"""What the video benchmarks share: VLMEvalKit's two video answer matchers, accuracy breakdowns, and
-finding a benchmark's files.
+"""What the video benchmarks share: VLMEvalKit's video answer matchers, accuracy breakdowns, and finding
+a benchmark's files.
 
-Owns the scoring rules of VLMEvalKit at the commit Long-VITA pins (``third_party/VLMEvalKit`` at
-37d08c5, judge-free "exact_matching"), re-implemented, not copied:
+Owns the judge-free ("exact_matching") scoring rules of VLMEvalKit, re-implemented, not copied, as the
+:class:`lvita.evaluation.scorer.Scorer` 's commit has them (37d08c5, the one Long-VITA pins, by default;
+e8e78f0 the newest), equal item by item on ``tests/test_scoring_reference.py``:
 
+- predictions are read back as VLMEvalKit's xlsx holds them (:meth:`~lvita.evaluation.scorer.Scorer.read_back`):
+  Video-MME and LongVideoBench take ``str`` of the value (:func:`read_back_text`: "" becomes "nan");
+  MVBench and MLVU test ``FAIL_MSG in pred`` on the raw value and crash (TypeError) on one that is no
+  text (:func:`crash_reason`: the benchmarks score such a row wrong and count it).
 - :func:`first_letter`: Video-MME's and LongVideoBench's ``extract_characters_regex``: strip some
   answer prefixes, then the first capital option letter anywhere in the reply (none: wrong; a
   reply of over 10 words with no such letter: wrong). Their fallback (``extract_option``) finds no
   options in the ``question`` column, so without a judge it never rescues an answer.
-- :func:`first_word_matches`: MVBench's and MLVU's ``check_ans_with_model``: the reply's first
-  space-separated word, lower-cased and without dots, is a substring of ``(b)``-style gold (so an
-  empty reply counts as right: VLMEvalKit's quirk, kept), or contains it; else
+- :func:`first_word_matches`: MVBench's ``check_ans_with_model``: the reply's first space-separated
+  word (e8e78f0: of the stripped reply), lower-cased and without dots, is a substring of ``(b)``-style
+  gold (so a reply opening with a space counts as right at 37d08c5: kept), or contains it; else
   :func:`lvita.evaluation.choice.can_infer` must pick the gold letter.
+- :func:`mlvu_matches`: MLVU's own ``check_ans_with_model``: the character before the reply's first ")"
+  equals the gold letter (case-sensitive), else can_infer.
 
     first_letter("The answer is C.", "ABCD")          # "C"
-    first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"})   # True
+    first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"}, DEFAULT_SCORER)   # True
 
 Predictions are scored as stored: under ``model.format: longvita`` the driver has already kept
 only what follows a reply's last ``Answer:``, as Long-VITA's wrapper does
 (:func:`lvita.evaluation.prompts.postprocess`).
 
 Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
-in its function's docstring.
+in its function's docstring, with VLMEvalKit's file and line.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from pathlib import Path
 
 from lvita.evaluation.choice import can_infer
 from lvita.evaluation.items import Skip
+from lvita.evaluation.scorer import as_text
 from lvita.errors import PathError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -42,7 +50,8 @@ _PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "Th
 
 
 def first_letter(reply: str, letters: str = "ABCD") -> str:
-    """``extract_characters_regex``: the first of ``letters`` in the reply once answer prefixes are
+    """``extract_characters_regex`` (``dataset/utils/videomme.py`` line 128 at 37d08c5 / 130 at e8e78f0,
+    ``utils/longvideobench.py`` line 58 / 60): the first of ``letters`` in the reply once answer prefixes are
     removed (anywhere: "A man walks" reads as A); "" when none."""
     s = str(reply).strip()
     for prefix in _PREFIXES:
@@ -51,14 +60,52 @@ def first_letter(reply: str, letters: str = "ABCD") -> str:
     return found[0] if found else ""
 
 
-def first_word_matches(reply: str, gold: str, choices: dict) -> bool:
-    """``check_ans_with_model`` without a judge: gold is ``(x) text``; the reply's first word (split
-    on single spaces) lower-cased without dots is in ``(x)``, or contains ``(x)``; else can_infer."""
+def first_word_matches(reply: str, gold: str, choices: dict, scorer) -> bool:
+    """MVBench's ``check_ans_with_model`` without a judge (``dataset/utils/mvbench.py`` line 51 at 37d08c5,
+    54 at e8e78f0, which strips at line 57): gold is ``(x) text``;
+    the reply's first word (split on single spaces; e8e78f0 strips the reply first) lower-cased without
+    dots is in ``(x)``, or contains ``(x)``; else can_infer of the whole reply picks the gold letter."""
     gold_option = f"({gold.lower()})"
-    first = str(reply).lower().split(" ")[0]
+    first = (reply.lower().strip() if scorer.strip_first_word else reply.lower()).split(" ")[0]
     if first.replace(".", "") in gold_option or gold_option in first:
         return True
-    return can_infer(str(reply), choices) == gold
+    return can_infer(reply, choices, scorer) == gold
+
+
+def mlvu_matches(reply: str, gold: str, choices: dict, scorer) -> bool:
+    """MLVU's ``check_ans_with_model`` without a judge (``dataset/utils/mlvu.py`` line 58, both commits): when
+    the reply holds ")", the one character before its first ")" (none when ")" comes first) equals the gold
+    letter, case-sensitively; else can_infer of the whole reply picks the gold letter."""
+    pred = reply
+    if ")" in pred:
+        i = pred.index(")")
+        pred = pred[i - 1:i]  # i == 0: pred[-1:0] is ""
+    if pred == gold:
+        return True
+    return can_infer(reply, choices, scorer) == gold
+
+
+def read_back_text(rows: list[dict], scorer) -> list[str]:
+    """Predictions as Video-MME's and LongVideoBench's evaluate read them: ``str(x)`` of the xlsx value."""
+    return [as_text(p) for p in scorer.read_back([r.get("prediction", "") for r in rows])]
+
+
+def crash_reason(value) -> str | None:
+    """Why VLMEvalKit's MVBench / MLVU evaluate raises TypeError on this read-back prediction
+    (``FAIL_MSG in pred`` on a non-string: ``dataset/mvbench.py`` line 399 at 37d08c5, 414 at e8e78f0;
+    ``dataset/mlvu.py`` line 252 / 254), or None."""
+    if isinstance(value, str):
+        return None
+    return "empty_or_na_prediction" if isinstance(value, float) and value != value else "number_prediction"
+
+
+def crash_counts(crashes: list[str | None]) -> dict[str, int]:
+    """{reason: rows} of the rows VLMEvalKit's evaluate would crash on (scored wrong here)."""
+    out: dict[str, int] = {}
+    for why in crashes:
+        if why:
+            out[why] = out.get(why, 0) + 1
+    return out
 
 
 def lettered(candidates: list) -> dict[str, str]:

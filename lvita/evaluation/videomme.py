@@ -24,9 +24,11 @@ leaderboard's judge-free scoring:
   while Long-VITA's wrappers sample the video themselves (HF: ``get_external_inputs``; server: the
   server); here the lines follow the frames actually fed. SRT markup
   (``<i>`` ...) is dropped (pysubs2 would turn it into ASS tags).
-- score: ``extract_characters_regex`` (:func:`lvita.evaluation.video_common.first_letter`) equal to
-  the answer; accuracy overall, per duration, domain, sub_category and task_type, and each of
-  those within each duration (``get_dimension_rating``).
+- score (with the :class:`lvita.evaluation.scorer.Scorer`): ``extract_characters_regex``
+  (:func:`lvita.evaluation.video_common.first_letter`) of the prediction as VLMEvalKit's xlsx gives it
+  back (``str``: "" is "nan"), equal to the answer (the same at 37d08c5 and e8e78f0); accuracy
+  overall, per duration, domain, sub_category and task_type, and each of those within each duration
+  (``get_dimension_rating``).
 
     items = list(VIDEO_MME.load(Path("Video-MME"), LoadOptions(work=out, frames=64, subtitles=True)))
 
@@ -42,7 +44,8 @@ from pathlib import Path
 from lvita.evaluation.items import Benchmark, Item, LoadOptions, Skip, Video
 from lvita.evaluation.prompts import longvita_finish, videomme_text
 from lvita.evaluation.wrappers import HF, Wrapper
-from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video
+from lvita.evaluation.scorer import DEFAULT_SCORER, Scorer
+from lvita.evaluation.video_common import Unique, accuracy, breakdown, first_letter, missing_video, read_back_text
 from lvita.data.media import MediaError, sampled_frames
 from lvita.errors import PathError
 
@@ -186,20 +189,22 @@ def prompt(item: Item, fmt, wrapper: Wrapper = HF) -> str:
         if fmt.wrapper_prompts else text
 
 
-def correct(row: dict) -> int:
-    return int(first_letter(row.get("prediction", "")) == row.get("answer"))
+def verdicts(rows: list[dict], scorer: Scorer) -> list[int]:
+    """``extract_characters_regex(str(prediction read back)) == answer`` (its judge-free fallback,
+    ``extract_option``, finds no options in the question text: it never rescues an answer)."""
+    return [int(first_letter(p) == r.get("answer")) for r, p in zip(rows, read_back_text(rows, scorer))]
 
 
-def score(rows: list[dict]) -> dict:
+def score(rows: list[dict], scorer: Scorer = DEFAULT_SCORER) -> dict:
     """Accuracy overall and per duration, domain, sub_category, task_type, and those per duration."""
-    scores = [correct(r) for r in rows]
+    scores = verdicts(rows, scorer)
     out = accuracy(scores) | {k: breakdown(rows, scores, k) for k in BREAKDOWNS}
     out["per_duration"] = {}
     for d in out["duration"]:
         sub = [(r, s) for r, s in zip(rows, scores) if str(r["meta"].get("duration")) == d]
         rs, ss = [r for r, _ in sub], [s for _, s in sub]
         out["per_duration"][d] = {k: breakdown(rs, ss, k) for k in BREAKDOWNS[1:]}
-    return out
+    return out | {"scorer": scorer.summary()}
 
 
 VIDEO_MME = Benchmark("Video-MME", load, prompt, score, video=True)
