@@ -242,6 +242,10 @@ def test_bad_input_is_clear(tokenizer_dir, haystack, tmp_path, capsys):
     assert vniah.parse_grid("200:1000:200", "frames", True) == [200, 400, 600, 800, 1000]
     assert vniah.parse_grid("0:100:12.5", "depths", False)[:3] == [0, 12.5, 25]
     assert vniah.contains_answer("It is Yellow.", "yellow") and not vniah.contains_answer("Because", "B")
+    # a letter answer is an option letter, not a word: the article "a" is not option A (it was, as a word match)
+    assert not vniah.contains_answer("It is a teddy bear in Times Square.", "A")
+    assert vniah.contains_answer("A. A teddy bear", "A") and vniah.contains_answer("The answer is (C).", "C")
+    assert not vniah.contains_answer("A or B", "A")  # two option letters: no option (VLMEvalKit's rule)
 
 
 def _cp_main(rank, argv):

@@ -59,6 +59,9 @@ from lvita.evaluation import vniah_heatmap
 from lvita.evaluation.vniah_data import (frames_with_needle, haystack_info, haystack_tiles, load_needles, needle_index,
                                     prompt_ids)
 from lvita.ckpt.checkpoint import atomic_write
+from lvita.evaluation.choice import can_infer_option
+from lvita.evaluation.scorer import DEFAULT_SCORER
+from lvita.evaluation.video_common import LETTERS
 from lvita.data.media import uint8_tiles
 from lvita.data.template import SampleError
 from lvita.errors import UserError, run_main
@@ -108,7 +111,14 @@ def normalised(text: str) -> str:
 
 
 def contains_answer(prediction: str, answer: str) -> bool:
-    """``generate`` scoring: the normalised answer occurs in the normalised prediction as whole words."""
+    """``generate`` scoring. An option-letter answer ("B"; three of the five published needles) is matched by
+    the evaluation package's one answer matcher (:func:`lvita.evaluation.choice.can_infer_option`, the pinned
+    scorer's rules: a capital letter standing as a word, and only one option letter), so the article "a" does
+    not read as option A; any other answer: the normalised answer occurs in the normalised prediction as whole
+    words."""
+    if len(answer) == 1 and answer.isalpha():
+        letters = LETTERS[:max(4, LETTERS.index(answer.upper()) + 1)]  # LongVA's needles ask A-D
+        return can_infer_option(str(prediction), letters, DEFAULT_SCORER) == answer.upper()
     a = normalised(answer)
     return bool(a) and f" {a} " in f" {normalised(prediction)} "
 
