@@ -12,7 +12,8 @@
     lvita convert from-hf SRC [SRC2] OUT --preset NAME   weights-only lvita checkpoint from HF directories
     lvita generate --model DIR --prompt TEXT [--image PATH]...   greedy answer (python -m lvita.generate)
     lvita eval --model DIR --data FILE.jsonl                     accuracy on a set (python -m lvita.eval)
-    lvita eval --model DIR --benchmark NAME --data PATH          a published benchmark, leaderboard-scored
+    lvita eval --model DIR --benchmark NAME --data PATH          a published benchmark, scored as VLMEvalKit
+    lvita eval --benchmark NAME --score-only FILE [--data PATH]  rescore predictions (lvita's or VLMEvalKit's)
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def main(argv=None) -> int:
     fh.add_argument("--format", choices=FORMAT_NAMES, help="model.format (default: the preset's own)")
     fh.add_argument("--tokenizer", help="default: the tokenizer in the HF directory")
     for name, text in (("generate", "greedy answer from a model (see python -m lvita.generate --help)"),
-                       ("eval", "accuracy on a JSONL set (python -m lvita.eval --help) or a published benchmark "
-                                "(--benchmark NAME --help)")):
+                       ("eval", "a JSONL set or a published benchmark, answered and scored as VLMEvalKit scores it; "
+                                "--score-only, --show (lvita eval --help lists the catalog)")):
         sub.add_parser(name, help=text)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":  # their own parsers, shared with python -m
