@@ -132,7 +132,7 @@ def test_videomme_score_per_duration_by_hand():
                   ("A", "Answer: D", m("short", "OCR Problems")),  # wrong
                   ("A", "A man is walking", m("medium")),      # the first capital A-D: right
                   ("D", "I would say D", m("medium")),         # "I" is no option letter; D: right
-                  ("B", "reasoning... Answer: B", m("long")),  # Long-VITA keeps what follows "Answer:"
+                  ("B", "reasoning... Answer: B", m("long")),  # the prefix "Answer:" removed, then B: right
                   ("C", "none of them", m("long"))],           # no letter: wrong
                  choices={k: k for k in "ABCD"})
     res = VIDEO_MME.score(rows)

@@ -23,9 +23,9 @@ e8e78f0 the newest), equal item by item on ``tests/test_scoring_reference.py``:
     first_letter("The answer is C.", "ABCD")          # "C"
     first_word_matches("B. a cat", "B", {"A": "dog", "B": "cat"}, DEFAULT_SCORER)   # True
 
-Predictions are scored as stored: under ``model.format: longvita`` the driver has already kept
-only what follows a reply's last ``Answer:``, as Long-VITA's wrapper does
-(:func:`lvita.evaluation.prompts.postprocess`).
+Predictions are scored as stored, after the scorer's xlsx read-back: the driver has already applied
+the wrapper's answer clean-up (``--wrapper server`` keeps what follows a reply's last ``Answer:``, the
+default ``hf`` keeps the reply whole: :func:`lvita.evaluation.prompts.postprocess`).
 
 Trade-off: the quirks are kept on purpose so numbers compare with the leaderboards'; each is named
 in its function's docstring, with VLMEvalKit's file and line.
