@@ -79,7 +79,7 @@ def test_eval_under_the_launcher_ulysses_cache(setup):
 
     assert preds("cp") == preds("ref") and len(preds("ref")) == 2
     assert len({p for _, p, _ in preds("ref")}) == 2  # the answers differ with the question
-    assert json.loads((root / "cp" / "results.json").read_text())["scored"] == 2
+    assert json.loads((root / "cp" / "results.json").read_text())["answered"] == 2
 
 
 def test_benchmark_under_the_launcher_ring(setup, tmp_path):
