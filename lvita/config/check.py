@@ -22,7 +22,9 @@ from lvita.errors import run_main
 
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
-    """Per pipeline stage: layer range, layer names, total and trainable parameters (meta device)."""
+    """Per pipeline stage: layer range, layer names, total and trainable parameters, each parameter's
+    (elements, trainable) and the largest module's own parameters (what ZeRO-3 gathers at once), on the
+    meta device."""
     from lvita.model.longvita import module_of
     from lvita.parallel.pipeline import layer_specs, partition
 
@@ -30,17 +32,21 @@ def stage_table(cfg, num_stages: int) -> list[dict]:
     parts = partition(specs, num_stages, cfg.parallel.partition_method)
     rows = []
     for s in range(num_stages):
-        total = trainable = 0
-        names = []
+        total = trainable = largest = 0
+        names, numels = [], []
         with torch.device("meta"):
             for spec in specs[parts[s]:parts[s + 1]]:
                 names.append(spec.typename.__name__)
-                for name, p in spec.build().named_parameters():
+                built = spec.build()
+                for name, p in built.named_parameters():
+                    train = module_of(name) in cfg.model.trainable
                     total += p.numel()
-                    if module_of(name) in cfg.model.trainable:
-                        trainable += p.numel()
-        rows.append(dict(stage=s, first=parts[s], last=parts[s + 1] - 1, names=names, params=total,
-                         trainable=trainable))
+                    trainable += p.numel() if train else 0
+                    numels.append((p.numel(), train))
+                largest = max([largest] + [sum(p.numel() for p in mod.parameters(recurse=False))
+                                           for mod in built.modules()])
+        rows.append(dict(stage=s, first=int(parts[s]), last=int(parts[s + 1]) - 1, names=names, params=total,
+                         trainable=trainable, numels=numels, largest_module=largest))
     return rows
 
 

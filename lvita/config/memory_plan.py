@@ -2,9 +2,11 @@
 
 Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per stage, in bytes:
 
-- weights (by precision), gradients (bf16 gradients plus DeepSpeed's fp32 accumulation buffer;
-  fp32: one copy), optimizer states (fp32 master + Adam moments, ZeRO-1 sharded over DeepSpeed's
-  data axis = data x sequence ranks; 0 with ``train.optimizer_offload``);
+- weights, gradients, optimizer states and ZeRO's buffers (reduce bucket; under ZeRO-3 the gathered
+  parameters and prefetch) for the engine the run gets: DeepSpeed's pipeline engine (ZeRO 0-1) or, at
+  ``parallel.pipeline == 1`` with ZeRO 2-3 in the DeepSpeed JSON, the plain model under the ZeRO engine;
+  ZeRO shards over DeepSpeed's data axis = data x sequence ranks (:mod:`lvita.config.zero_memory`,
+  with the optimizer and parameter offloads);
 - activations: what autograd keeps per micro-batch (with activation checkpointing each layer's
   input, without it everything :func:`layer_saved` counts), times the micro-batches in flight under
   DeepSpeed's 1F1B schedule on that stage (``min(pipeline - stage, accumulation)``); with
@@ -32,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lvita.config.zero_memory import Zero, engine_of, model_states, zero_of
 from lvita.model.flops import Shapes
 
 GIB = 2**30
@@ -115,6 +118,13 @@ class Plan:
     stages: list[StagePlan]
     micro: Micro
     levers: list[str]
+    engine: str = "pipeline"  # lvita.config.zero_memory.engine_of
+    zero_stage: int = 0
+    shards: int = 1  # DeepSpeed's data-parallel group (data x sequence ranks) that ZeRO shards over
+
+    def engine_text(self) -> str:
+        what = "pipeline engine" if self.engine == "pipeline" else "ZeRO engine (plain model)"
+        return f"{what}, ZeRO-{self.zero_stage} over {self.shards} data x sequence ranks"
 
     @property
     def bound(self) -> StagePlan:
@@ -128,7 +138,8 @@ def levers_of(cfg) -> list[str]:
     m = cfg.model
     return [name for name, on in (("activation checkpointing", m.activation_checkpointing),
                                   ("tiled MLP", m.tiled_mlp), ("activation offload", m.activation_offload),
-                                  ("optimizer offload", cfg.train.optimizer_offload)) if on]
+                                  ("optimizer offload", cfg.train.optimizer_offload),
+                                  ("param offload", getattr(cfg.train, "param_offload", False))) if on]
 
 
 def worst_micro(cfg, layout) -> Micro:
@@ -138,26 +149,23 @@ def worst_micro(cfg, layout) -> Micro:
     return Micro(tokens, tokens, math.ceil(tokens / s.tile_tokens) + layout.micro_batch)
 
 
-def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, attention: str = "flash") -> Plan:
+def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, attention: str = "flash",
+                zero: Zero | None = None) -> Plan:
     """Predicted peak GPU memory per pipeline stage; ``rows``: lvita.config.check.stage_table's (blocks and
-    parameter counts per stage)."""
-    from lvita.config.validate import deepspeed_config
-
+    parameter counts per stage); ``zero``: the ZeRO settings (default: read from ``cfg.deepspeed``)."""
     s, m, t = Shapes.of(cfg.model.spec()), micro or worst_micro(cfg, layout), cfg.train
     e = 2 if cfg.precision == "bf16" else 4
-    ds = deepspeed_config(cfg, layout.micro_batch, max(layout.grad_accum, 1), layout.world // layout.pipeline)
-    zero = ds.get("zero_optimization", {})
-    shards = layout.world // layout.pipeline if zero.get("stage", 0) >= 1 else 1
+    zero = zero or zero_of(cfg)
+    shards = layout.world // layout.pipeline  # DeepSpeed's data axis: data x sequence ranks
+    param_offload = getattr(t, "param_offload", False) and zero.stage == 3
     n_blocks, ckpt = s.layers + 2, cfg.model.activation_checkpointing
     stages = []
     for r in rows:
         blocks = range(r["first"], r["last"] + 1)
         p = StagePlan(r["stage"])
-        trained = r["trainable"] or 1  # a frozen stage trains its one-element placeholder
-        p.parts["weights"] = r["params"] * e
-        p.parts["gradients"] = trained * (e + 4 if e == 2 else 4)
-        states = trained * 12 // shards
-        p.parts["optimizer"] = 0 if t.optimizer_offload else states
+        states, p.host = model_states(r, zero, shards, cfg.precision, t.optimizer_offload, param_offload)
+        buffers = states.pop("zero buffers")
+        p.parts.update(states)
         in_flight = max(1, min(layout.pipeline - r["stage"], layout.grad_accum))
         act = stage_activations(s, blocks, n_blocks, m, e, cfg.model.trainable, ckpt, attention, cfg.model.tiled_mlp)
         p.parts["activations"] = act * in_flight
@@ -166,8 +174,6 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
             moved = len(layers) * m.tokens * s.hidden * e * in_flight - m.tokens * s.hidden * e
             p.parts["activations"] -= moved
             p.host += moved
-        if t.optimizer_offload:
-            p.host += states
         working = 0
         if layers:  # one layer recomputed (if checkpointed), its gradients, the MLP's gradients
             working = (layer_saved(s, m.tokens, e, attention, cfg.model.tiled_mlp) if ckpt else 0)
@@ -187,18 +193,18 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
             comm += in_flight * m.tokens * s.hidden * e  # outputs kept for the next stage's gradients
         if layout.ulysses > 1 and layers:
             comm += 2 * m.tokens * (s.q + 2 * s.kv) * e  # all-to-all send and receive
-        comm += min(int(zero.get("reduce_bucket_size", 5e8)), trained) * 4 if shards > 1 else 0
         p.parts["communication"] = comm
+        p.parts["ZeRO buffers"] = buffers
         p.parts["CUDA context"] = OVERHEAD
         stages.append(p)
-    return Plan(stages, m, levers_of(cfg))
+    return Plan(stages, m, levers_of(cfg), engine_of(cfg, zero), zero.stage, shards)
 
 
 def describe(plan: Plan, gpu_gb: float) -> list[str]:
     """Lines for lvita check: one per stage, then the bound and the verdict."""
     gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
     out = [f"  memory plan per GPU ({plan.micro.tokens:,} local tokens, {plan.micro.tiles:,} tiles at most; "
-           f"levers: {', '.join(plan.levers) or 'none'}), GiB:"]
+           f"levers: {', '.join(plan.levers) or 'none'}; {plan.engine_text()}), GiB:"]
     keys = list(plan.stages[0].parts)
     out.append("    stage " + "".join(f"{k[:11]:>12}" for k in keys) + f"{'total':>9}" + f"{'host':>8}")
     for p in plan.stages:
