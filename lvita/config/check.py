@@ -5,13 +5,12 @@
 Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
 counts per stage (total and trainable), computed on the meta device exactly as the training run
 partitions it, then the memory plan (:mod:`lvita.config.memory_plan`): predicted peak GPU memory per
-stage, the stage that bounds the run and whether it fits; ``--suggest`` searches layouts and
-memory levers that fit. Configuration errors exit with status 2; paths that do not exist yet (data,
+stage, the stage that bounds the run and whether it fits; ``--suggest`` searches engines (pipeline,
+ZeRO-2/3), layouts and memory levers together (:mod:`lvita.config.suggest`), also when the stage's own
+degrees do not divide the world size (then it prints the validation error, the suggestions, and exits 2). Configuration errors exit with status 2; paths that do not exist yet (data,
 tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -63,42 +62,17 @@ def _short(names: list[str]) -> str:
 
 
 def suggest(cfg, world_size: int, gpu_gb: float, limit: int = 8) -> list[str]:
-    """Layouts (pipeline x ulysses x ring) and lever sets that fit ``gpu_gb`` by the memory plan,
-    fewest levers first, then the lowest peak."""
-    from lvita.config.memory_plan import memory_plan
+    """``--suggest``'s lines (lvita.config.suggest): engine, layout and levers searched together."""
+    from lvita.config.suggest import suggest as search
 
-    lever_sets = [{}, {"model.activation_checkpointing": True},
-                  {"model.activation_checkpointing": True, "model.tiled_mlp": True},
-                  {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True},
-                  {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True,
-                   "train.optimizer_offload": True}]
-    found, tables = [], {}
-    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-    for rank, levers in enumerate(lever_sets):
-        for pp in divisors:
-            for seq in (d for d in divisors if world_size % (pp * d) == 0):
-                for ring in (d for d in divisors if seq % d == 0):
-                    trial = copy.deepcopy(cfg)
-                    trial.parallel.pipeline, trial.parallel.ulysses, trial.parallel.ring = pp, seq // ring, ring
-                    if seq > 1:
-                        trial.train.micro_batch = 1
-                    for key, value in {"model.activation_checkpointing": False, "model.tiled_mlp": False,
-                                       "model.activation_offload": False, "train.optimizer_offload": False,
-                                       **levers}.items():
-                        section, name = key.split(".")
-                        setattr(getattr(trial, section), name, value)
-                    try:
-                        layout = validate(trial, world_size)
-                    except ConfigError:
-                        continue
-                    if pp not in tables:
-                        tables[pp] = stage_table(trial, pp)
-                    plan = memory_plan(trial, layout, tables[pp])
-                    if plan.fits(gpu_gb):
-                        found.append((rank, plan.bound.total, pp, seq // ring, ring, layout.data, plan.levers))
-    found.sort()
-    return [f"    pipeline {pp} x ulysses {u} x ring {r} x data {d}: {total / 2**30:,.1f} GiB peak; levers: "
-            f"{', '.join(levers) or 'none'}" for _, total, pp, u, r, d, levers in found[:limit]]
+    tables: dict[int, list[dict]] = {}
+
+    def rows_of(trial, pipeline: int) -> list[dict]:
+        if pipeline not in tables:
+            tables[pipeline] = stage_table(trial, pipeline)
+        return tables[pipeline]
+
+    return search(cfg, world_size, gpu_gb, rows_of, limit)
 
 
 def main(stage: str, world_size: int, overrides: list[str], strict: bool = False, gpu_memory: float = 80.0,
@@ -110,7 +84,16 @@ def main(stage: str, world_size: int, overrides: list[str], strict: bool = False
 def _main(stage: str, world_size: int, overrides: list[str], strict: bool, gpu_memory: float,
           show_suggestions: bool) -> int:
     cfg = load_stage(stage, overrides)
-    layout = validate(cfg, world_size)
+    try:
+        layout = validate(cfg, world_size)
+    except ConfigError as e:
+        if not show_suggestions:
+            raise
+        print(f"{stage}: as written it does not validate at world {world_size}: {e}")
+        print(f"  engines, layouts and levers for {gpu_memory:g} GB GPUs at world {world_size}:")
+        for line in suggest(cfg, world_size, gpu_memory):
+            print(line)
+        return 2
     print(f"{stage}: {cfg.description or cfg.name}")
     print(f"  world {layout.world} = pipeline {layout.pipeline} x data {layout.data} x sequence "
           f"{layout.sequence} (ulysses {layout.ulysses} x ring {layout.ring})")
@@ -135,10 +118,8 @@ def _main(stage: str, world_size: int, overrides: list[str], strict: bool, gpu_m
     for line in describe(plan, gpu_memory):
         print(line)
     if show_suggestions:
-        fitting = suggest(cfg, world_size, gpu_memory)
-        print(f"  layouts and levers that fit {gpu_memory:g} GB GPUs at world {world_size}"
-              + (":" if fitting else ": none (more GPUs, a shorter data.seq_length or a smaller model)"))
-        for line in fitting:
+        print(f"  engines, layouts and levers for {gpu_memory:g} GB GPUs at world {world_size}:")
+        for line in suggest(cfg, world_size, gpu_memory):
             print(line)
     for note in layout.notes:
         print(f"  warning: {note}")

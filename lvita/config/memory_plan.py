@@ -13,8 +13,9 @@ Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per
   ``model.activation_offload`` only the newest layer input stays on the GPU;
 - the largest transient: one layer recomputed and back-propagated at the local sequence length
   (the MLP over one shard of ``hidden`` tokens with ``model.tiled_mlp``), the vision encoder's tiles,
-  or the loss's logits chunk; communication buffers (pipeline sends, Ulysses all-to-all, ZeRO
-  bucket) and a fixed 1.5 GiB for the CUDA context and library workspaces.
+  or the loss's logits chunk; communication buffers (pipeline sends, Ulysses all-to-all, the ring's
+  blocks as lvita's own ring kernel holds them in backward: yunchang's flash-attn ring holds less) and a
+  fixed 1.5 GiB for the CUDA context and library workspaces.
 
 The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and
 InternViT layers (``tests/test_memory_plan.py`` checks them against saved-tensor hooks on the tiny
@@ -193,6 +194,8 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
             comm += in_flight * m.tokens * s.hidden * e  # outputs kept for the next stage's gradients
         if layout.ulysses > 1 and layers:
             comm += 2 * m.tokens * (s.q + 2 * s.kv) * e  # all-to-all send and receive
+        if layout.ring > 1 and layers:  # lvita's ring kernel (KV expanded to the query heads) in backward: the fp32
+            comm += m.tokens * s.q * (4 + 16 + 4 * e)  # dq, travelling + received fp32 dk/dv, sent + received k/v
         p.parts["communication"] = comm
         p.parts["ZeRO buffers"] = buffers
         p.parts["CUDA context"] = OVERHEAD
