@@ -74,6 +74,15 @@ def zero3_config(cfg) -> str | None:
     return None
 
 
+def pipeline_config(cfg) -> str:
+    """The pipeline engine's DeepSpeed JSON: the stage's own when it is ZeRO 0-1, else the shipped ZeRO-1 one."""
+    if zero_of(cfg).stage <= 1:
+        return cfg.deepspeed
+    name = "pipeline_bf16_zero1.json" if cfg.precision == "bf16" else "pipeline_fp32_cpu.json"
+    beside = Path(cfg.deepspeed).parent / name
+    return str(beside if beside.is_file() else REPO_CONFIGS / name)
+
+
 def _set(cfg, key: str, value) -> None:
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)
@@ -100,6 +109,7 @@ def candidates(cfg, world: int, rows_of) -> tuple[list[Candidate], list[str]]:
     -> (candidates, validation errors of the rest)."""
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     engines = [("pipeline (ZeRO-1)", p, None) for p in divisors]
+    pipe_json = pipeline_config(cfg)
     z3_json = zero3_config(cfg)
     if z3_json is not None:
         z3 = zero_of(replace(cfg, deepspeed=z3_json))
@@ -117,10 +127,11 @@ def candidates(cfg, world: int, rows_of) -> tuple[list[Candidate], list[str]]:
                     for key in LEVERS:
                         _set(trial, key, key in levers)
                     sets = [f"parallel.pipeline={pp}", f"parallel.ulysses={seq // ring}", f"parallel.ring={ring}"]
-                    if zero is not None:
-                        trial.deepspeed = z3_json
-                        sets.append(f"deepspeed={z3_json}" + ("" if zero.stage == 3 else " (with zero_optimization.stage 2)"))
-                    layout = _validated(trial, world, zero.stage if zero else 0, cfg.deepspeed, errors)
+                    trial.deepspeed = pipe_json if zero is None else z3_json
+                    if trial.deepspeed != cfg.deepspeed or zero is not None and zero.stage == 2:
+                        sets.append(f"deepspeed={trial.deepspeed}"
+                                    + ("" if zero is None or zero.stage == 3 else " (with zero_optimization.stage 2)"))
+                    layout = _validated(trial, world, zero.stage if zero else 0, pipe_json, errors)
                     if layout is None:
                         continue
                     plan = memory_plan(trial, layout, rows_of(trial, pp), zero=zero)
