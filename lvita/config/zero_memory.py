@@ -32,7 +32,7 @@ Defaults are DeepSpeed 0.19.8's (``deepspeed/runtime/zero/config.py``, ``DeepSpe
 ``reduce_bucket_size`` 5e8, ``stage3_prefetch_bucket_size`` 5e7, ``stage3_max_live_parameters`` 1e9,
 ``stage3_param_persistence_threshold`` 1e5, ``sub_group_size`` 1e9 (tests/test_zero_memory.py reads
 them back from DeepSpeed). The ZeRO-3 partition sizes equal what a real 2-rank ZeRO-3 engine
-allocates (the same test).
+allocates (the same test); the ZeRO-2 figures are read off ``stage_1_and_2.py`` and not yet measured.
 
 Trade-off: the parts are summed as if they all peaked at once (the step's fp32 copies happen when the
 activations are gone), so the plan errs high; allocator fragmentation is left to the plan's margin.
