@@ -15,7 +15,7 @@ from lvita.config.zero_memory import DEFAULTS, Zero, engine_of, model_states
 from tests.conftest import REPO
 from tests.distributed import run_world
 
-DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
       "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_allow_untested_optimizer": True,
       "steps_per_print": 10**9, "gradient_clipping": 1.0,
       # a low threshold so both kinds of parameter (split and persistent) occur in the tiny model
@@ -40,7 +40,7 @@ def _cfg():
                       ["model.format=internvl", 'model.trainable=["projector", "llm"]', "precision=bf16"])
 
 
-def _zero3_rank(rank: int) -> dict:
+def _zero3_rank(rank: int, world: int) -> dict:
     import deepspeed
 
     from lvita.model.longvita import LongVita
@@ -52,7 +52,7 @@ def _zero3_rank(rank: int) -> dict:
     model = LongVita(_cfg().model.spec(), 5)
     freeze(model, ["projector", "llm"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=json.loads(json.dumps(DS)))
+    engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={**json.loads(json.dumps(DS)), "train_batch_size": world})
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, 1000, (1, 128), generator=g)
     ids[0, 4:4 + 16] = 5
@@ -70,20 +70,26 @@ def _zero3_rank(rank: int) -> dict:
             "persistent": sum(p.ds_numel for p in params if p.ds_persist)}
 
 
-def test_zero3_partitions_equal_deepspeeds():
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero3_partitions_equal_deepspeeds(world):
+    """At 3 ranks most of the tiny model's parameters do not split evenly: DeepSpeed pads each one."""
     from lvita.config.check import stage_table
 
     cfg = _cfg()
     (row,) = stage_table(cfg, 1)
     zero = Zero.of(DS)
     assert engine_of(cfg, zero) == "zero"
-    plan, host = model_states(row, zero, 2, "bf16")
-    got = run_world(_zero3_rank, 2)
+    plan, host = model_states(row, zero, world, "bf16")
+    assert world == 2 or sum(n % world != 0 for n, _ in row["numels"]) > len(row["numels"]) // 2
+    got = run_world(_zero3_rank, world, world)
     for rank in got:
         assert rank["persistent"] > 0
         for part in ("weights", "gradients", "optimizer"):
-            # noise: none (element counts); bug: an unsharded part is 2x at 2 ranks
+            # noise: none (element counts); bug: an unsharded part is >= 2x; unpadded pieces at 3 ranks
+            # are 1 element short per parameter (the ratio is logged; an exact count is asserted below)
             assert plan[part] == pytest.approx(rank[part], rel=0.01), (part, plan, rank)
-    off, host = model_states(row, zero, 2, "bf16", optimizer_offload=True, param_offload=True)
+        assert plan["weights"] == rank["weights"] and plan["gradients"] == rank["gradients"]
+        assert plan["optimizer"] == rank["optimizer"]
+    off, host = model_states(row, zero, world, "bf16", optimizer_offload=True, param_offload=True)
     assert off["gradients"] == off["optimizer"] == 0 and off["weights"] < plan["weights"]
     assert host == plan["gradients"] + plan["optimizer"] + plan["weights"] - off["weights"]
