@@ -29,9 +29,10 @@ ZERO3_CPU = str(REPO / "ds_configs" / "zero3_fp32_cpu.json")
 ZERO2_CPU = str(REPO / "ds_configs" / "zero2_fp32_cpu.json")
 
 
-def _zero_loss_and_grads(rank, stage, ulysses, ring, reset):
+def _zero_loss_and_grads(rank, stage, ulysses, ring, reset, reduction="token", levers=False, length=LENGTH):
     """One step of the ZeRO engine on ``packed_batch``: (loss, {plain name: full gradient}) read before the
-    optimizer steps (lr 0)."""
+    optimizer steps (lr 0). ``levers``: activation checkpointing (torch's, every decoder and InternViT layer
+    and the projector) and DeepSpeed's TiledMLP, applied as the trainer applies them."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -43,7 +44,12 @@ def _zero_loss_and_grads(rank, stage, ulysses, ring, reset):
 
     init_distributed()
     topo = build_topology(1, ulysses, ring)
-    module = build_zero_model("tiny", IMG, SEED)
+    module = build_zero_model("tiny", IMG, SEED, checkpoint=levers)
+    if levers:
+        from lvita.config.schema import ModelConfig
+        from lvita.training.levers import apply_levers
+
+        assert apply_levers(module, ModelConfig(tiled_mlp=True, activation_checkpointing=True))
     if topo.sequence > 1:
         set_attention(module, sequence_attention(topo))
     gas = GLOBAL // topo.data
@@ -56,8 +62,8 @@ def _zero_loss_and_grads(rank, stage, ulysses, ring, reset):
     if stage == 3:  # every weight is sharded (persistence threshold 0): rank 0 holds about half of the largest
         w = module.head.lm_head.weight
         assert w.numel() == 0 and 0 < w.ds_tensor.numel() <= w.ds_numel // world + 1, (w.shape, w.ds_numel)
-    batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
-    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1)
+    batch = packed_batch(GLOBAL, length, seed=3, reset=reset)
+    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)
     if topo.sequence > 1:
         micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
     grads = {}
@@ -178,3 +184,42 @@ def test_zero3_trainer_under_the_launcher_matches_the_pipeline_engine_and_resume
     for k in want:
         assert got[k].shape == want[k].shape, k
         assert (got[k] - want[k]).abs().max().item() < 1e-5, k
+
+
+def test_zero3_with_the_memory_levers_and_the_sequence_loss_reduction_matches_the_plain_model():
+    """ZeRO-3 at data parallel 2 with activation checkpointing and TiledMLP (352 tokens over the LLM's hidden
+    160: three shards, recomputed in backward under ZeRO-3's gathering), and with train.loss_reduction
+    "sequence" (one scale per row: the head runs per row)."""
+    from lvita.data.stream import collate
+    from lvita.parallel.pipeline import to_sequential
+    from tests.test_pipeline import _sequence_reference
+
+    model = to_sequential("tiny", IMG, SEED)
+    loss_sum, n = model(*collate(packed_batch(GLOBAL, 352, seed=3)))
+    (loss_sum / n).backward()
+    ref_grads = {name: p.grad for name, p in model.named_parameters()}
+    _check(run_world(_zero_loss_and_grads, 2, 3, 1, 1, True, "token", True, 352), (loss_sum / n).item(), ref_grads)
+    ref_loss, ref_grads = _sequence_reference()
+    _check(run_world(_zero_loss_and_grads, 2, 3, 1, 1, True, "sequence"), ref_loss, ref_grads)
+
+
+def test_zero3_bf16_with_both_offloads_trains_only_the_projector(tmp_path, tokenizer_dir, dataset_dir):
+    """The GPU config (ds_configs/zero3_bf16.json) on CPU, one process, stage 1's freezing (projector only),
+    train.param_offload and train.optimizer_offload (DeepSpeed's CPU Adam): it trains, and the per-block weight
+    files show the projector changed and nothing else did."""
+    from lvita.model.presets import llm_config
+    from lvita.parallel.pipeline import plain_name, to_sequential
+
+    cfg = stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out", iterations=2)
+    cfg.update(precision="bf16", deepspeed=str(REPO / "ds_configs" / "zero3_bf16.json"))
+    cfg["model"]["trainable"] = ["projector"]
+    cfg["train"].update(lr={"projector": 1e-2}, param_offload=True, optimizer_offload=True)
+    losses = run_world(_train, 1, str(write_stage(tmp_path / "s.json", cfg)), [])[0]
+    assert len(losses) == 2 and all(x == x for x in losses), losses
+    n_layers = llm_config("tiny").num_hidden_layers
+    saved = {plain_name(k, n_layers): v for k, v in _layer_states(tmp_path / "out" / "checkpoints" / "global_step2").items()}
+    init = to_sequential("tiny", 5, seed=cfg["seed"]).state_dict()
+    assert saved.keys() == init.keys()
+    # bf16 weights: a frozen weight is its initial value rounded to bf16, exactly; the projector moved by lr 1e-2
+    changed = {k for k, v in init.items() if not torch.equal(saved[k], v.to(torch.bfloat16))}
+    assert changed == {k for k in init if "multi_modal_projector" in k}, sorted(changed)[:5]
