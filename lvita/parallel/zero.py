@@ -24,7 +24,9 @@ groups exist already (lvita.parallel.topology); its TiledMLP and offloaded check
 
 ZeRO-3 gathers a module's weights around that module's forward and backward. The LM head's weight is
 used by the chunked loss, not by ``lm_head``'s own forward: the loss runs inside ``LMHead.forward`` and
-the weight is registered as that module's external parameter (gathered for the head only).
+the weight is registered as that module's external parameter (gathered for the head only). DeepSpeed
+0.19.8 would also register it by itself on first access inside a forward (its ``ZeROOrderedDict``); the
+explicit registration keeps that independent of how the access is traced.
 
 Trade-offs: the model is built whole on every rank before DeepSpeed partitions it (no ``zero.Init``: the
 blocks' seeded initialisation, which the equality with ``to_sequential`` relies on, writes whole
