@@ -101,7 +101,41 @@ def test_deepspeed_json_cross_checked(stage, tmp_path):
     ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     assert "remove the 'optimizer' section" in errors_for(stage, 1, f"deepspeed={ds}")
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    assert "supports ZeRO stage 0 or 1" in errors_for(stage, 1, f"deepspeed={ds}")
+    assert validate(load_stage(stage, [f"deepspeed={ds}"]), 2).pipeline == 1  # ZeRO-2/3: the ZeRO engine
+    msg = errors_for(stage, 2, f"deepspeed={ds}", "parallel.pipeline=2")
+    assert "zero_optimization.stage=2 with parallel.pipeline=2" in msg and "supports ZeRO stage 0 or 1" in msg
+
+
+def test_zero3_and_param_offload(stage, tmp_path):
+    """ZeRO-3 (ds_configs/zero3_*.json) runs at pipeline 1 only; train.param_offload needs ZeRO-3 and is injected
+    as zero_optimization.offload_param (the DeepSpeed file may not set it itself), next to optimizer offload."""
+    from lvita.config.validate import deepspeed_config
+
+    zero3 = f"deepspeed={REPO}/ds_configs/zero3_fp32_cpu.json"
+    cfg = load_stage(stage, [zero3, "train.param_offload=true", "train.optimizer_offload=true"])
+    validate(cfg, 2)
+    zero = deepspeed_config(cfg, 1, 2, 2)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+    msg = errors_for(stage, 2, zero3, "parallel.pipeline=2")
+    assert "zero_optimization.stage=3 with parallel.pipeline=2" in msg and "set parallel.pipeline=1" in msg
+    assert "train.param_offload=true needs ZeRO stage 3" in errors_for(stage, 2, "train.param_offload=true")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    assert "remove zero_optimization.offload_param; set train.param_offload" in errors_for(stage, 2, f"deepspeed={ds}")
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    assert "zero_optimization.stage=4; use 0, 1, 2 or 3" in errors_for(stage, 2, f"deepspeed={ds}")
+    assert load_stage(stage).train.param_offload is False
+
+
+@pytest.mark.parametrize("config", ["zero3_bf16.json", "zero3_fp32_cpu.json", "zero2_fp32_cpu.json"])
+def test_check_with_zero_configs(config, capsys):
+    """`lvita check` (the memory plan included) runs on ZeRO-2/3 configs without crashing."""
+    precision = "fp32" if "fp32" in config else "bf16"
+    assert check(str(REPO / "stages" / "longvita-14b" / "2_general.json"), 8,
+                 [f"deepspeed={REPO}/ds_configs/{config}", "parallel.pipeline=1", f"precision={precision}",
+                  "train.param_offload=true" if "zero3" in config else "train.optimizer_offload=true"]) == 0
+    out = capsys.readouterr().out
+    assert "world 8 = pipeline 1" in out, out
 
 
 @pytest.mark.parametrize("name", ["1_align", "2_general", "3_long_128k", "4_long_1m"])

@@ -97,6 +97,79 @@ def test_every_registered_deepspeed_target_exists_on_real_engines_and_the_patche
             assert r["bad_norm"] == float("inf"), (name, r)
 
 
+class _Pair(torch.nn.Module):
+    """A two-layer model with the ZeRO engine's forward signature (inputs, labels) -> loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, inputs, labels):
+        return ((self.b(self.a(inputs)).float() - labels) ** 2).mean()
+
+
+ZERO_CONFIGS = [("fp32 ZeRO 2", {"zero_optimization": {"stage": 2}}, "zero"),
+                ("fp32 ZeRO 3", {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, "zero3"),
+                ("bf16 ZeRO 3", {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, "zero3")]
+
+
+def _zero_engines(rank):
+    """The ZeRO engine's configurations (DeepSpeedEngine, pipeline 1): as _engines, through ZeroSteps."""
+    import deepspeed
+
+    from lvita.parallel.topology import init_distributed
+    from lvita.parallel.zero import ZeroSteps
+    from lvita.training.guard import NonFiniteGuard
+
+    init_distributed()
+    out = {}
+    for name, extra, _ in ZERO_CONFIGS:
+        torch.manual_seed(0)
+        module = _Pair()
+        cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+               "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True, **extra}
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-3),
+                                               config=cfg)
+        kind = optimizer_kind(engine.optimizer, "test")
+        missing = [f"{k}.{n}" for k in ("ds_engine", kind) for n in TARGETS[k].needs
+                   if not hasattr(engine if k == "ds_engine" else engine.optimizer, n)]
+        steps = ZeroSteps(engine)
+        NonFiniteGuard(engine, 3, losses=steps)
+        dtype = torch.bfloat16 if "bf16" in name else torch.float32
+        loss = float(steps.train_batch(iter([(torch.randn(1, 4, dtype=dtype), torch.randn(1, 1))] * 2)))
+        applied, norm = engine.was_step_applied(), engine.get_global_grad_norm()
+        steps.train_batch(iter([(torch.full((1, 4), float("nan"), dtype=dtype), torch.zeros(1, 1))] * 2))
+        out[name] = {"kind": kind, "missing": missing, "loss": loss, "applied": applied, "norm": norm,
+                     "bad_applied": engine.was_step_applied(), "bad_norm": engine.get_global_grad_norm(),
+                     "skipped": engine.skipped_steps}
+    return out
+
+
+def test_the_zero_engines_targets_exist_and_the_guard_skips_a_non_finite_step():
+    got = run_world(_zero_engines, 1)[0]
+    for name, _, kind in ZERO_CONFIGS:
+        r = got[name]
+        assert (r["kind"], r["missing"]) == (kind, []), (name, r)
+        assert r["applied"] and r["loss"] == r["loss"] and 0 < float(r["norm"]) < float("inf"), (name, r)
+        assert not r["bad_applied"] and r["skipped"] == 1, (name, r)
+        if kind == "zero3":
+            assert r["bad_norm"] == float("inf"), (name, r)
+
+
+def test_the_zero3_guard_replaces_a_method_of_the_class():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    for name in ("_overflow_check_and_loss_scale_update", "_loss_scale_update_and_overflow_cleanup", "step"):
+        assert name in TARGETS["zero3"].needs and inspect.isfunction(getattr(DeepSpeedZeroOptimizer_Stage3, name))
+    # 0.19.8's step asks it for the overflow decision without a scale update, then does the update itself
+    module = inspect.getsource(inspect.getmodule(DeepSpeedZeroOptimizer_Stage3))  # step is wrapped (nvtx)
+    src = module[module.index("    def step(self, closure=None):"):][:3000]
+    assert "self._overflow_check_and_loss_scale_update(update_scale=False)" in src
+    assert "if self._loss_scale_update_and_overflow_cleanup():" in src
+    check(resolve(TARGETS["zero3_api"].cls), "zero3_api", "test")
+
+
 def test_every_registered_target_exists_on_the_installed_classes():
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer

@@ -178,23 +178,27 @@ def _optimizer_states(tag: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(tag.glob("*zero_pp_rank_*_optim_states.pt")):
         state = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for i, s in state["base_optimizer_state"]["state"].items():
+        zero3 = "fp32_flat_groups" in state  # ZeRO-3's layout (the ZeRO engine) vs ZeRO-1/2's
+        base = state["optimizer_state_dict"] if zero3 else state["base_optimizer_state"]
+        for i, s in base["state"].items():
             for k, v in s.items():
                 out[f"{f.name}.{i}.{k}"] = v
-        for i, t in enumerate(state["single_partition_of_fp32_groups"]):
+        for i, t in enumerate(state["fp32_flat_groups" if zero3 else "single_partition_of_fp32_groups"]):
             out[f"{f.name}.fp32.{i}"] = t
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "zero3"])
 def test_divergence_skips_steps_and_stops_with_exit_2(stage, precision):
     """lr 1e4 without clipping: the gradient norm goes inf. Those steps change neither weights nor
     optimizer state, are counted and logged with their samples; after 2 in a row the run exits 2,
     and the last healthy checkpoint survives keep_checkpoints=1. fp32 goes through DeepSpeed's ZeRO-1
-    optimizer, bf16 (the GPU config, here on CPU) through its BF16_Optimizer."""
+    optimizer, bf16 (the GPU config, here on CPU) through its BF16_Optimizer, zero3 (fp32) through the ZeRO engine's
+    DeepSpeedZeroOptimizer_Stage3."""
     root, stage_file = stage
     out = root / f"diverged_{precision}"
-    sets = [] if precision == "fp32" else ["precision=bf16", f"deepspeed={REPO / 'ds_configs' / 'pipeline_bf16_zero1.json'}"]
+    sets = {"fp32": [], "bf16": ["precision=bf16", f"deepspeed={REPO / 'ds_configs' / 'pipeline_bf16_zero1.json'}"],
+            "zero3": [f"deepspeed={REPO / 'ds_configs' / 'zero3_fp32_cpu.json'}"]}[precision]
     proc = _start(stage_file, out, 'train.lr={"vision":1e4,"projector":1e4,"llm":1e4}', "train.grad_clip=0",
                   "train.max_nonfinite_steps=2", "train.save_every=1", "train.keep_checkpoints=1", *sets)
     text = _end(proc, [])

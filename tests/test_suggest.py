@@ -78,7 +78,6 @@ def test_one_node_recipe_plans_under_zero3_and_passes_all_but_the_engine_check(n
     assert plan.bound.total < 0.9 * 80 * 2**30
 
 
-@pytest.mark.xfail(reason="needs the ZeRO engine (branch zero)", strict=True)
 @pytest.mark.parametrize("name", RECIPES)
 def test_one_node_recipe_passes_lvita_check(name, capsys, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -3,7 +3,8 @@
 Owns the layout of ``<output_dir>/checkpoints``::
 
     checkpoints/global_step<N>/      DeepSpeed's files (layer_XX-model_states.pt: one per model block,
-                                     the same at every layout; mp_rank_XX_model_states.pt and
+                                     the same at every layout and engine: the ZeRO-2/3 engine gathers
+                                     and writes them itself; mp_rank_XX_model_states.pt and
                                      zero_pp_rank_*_optim_states.pt: per pipeline stage / ZeRO rank)
                                      + rng_rank<R>.pt (each rank's RNG states)
                                      + lvita_manifest.json (written last: the checkpoint is complete)
@@ -120,11 +121,13 @@ def set_rng_state(state: dict) -> None:
 # -- saving ---------------------------------------------------------------------------------------
 
 def save(engine, output_dir: str | Path, step: int, data_state: dict, config: dict, info: dict,
-         keep: int = 0, log=lambda *a: None, guard: dict | None = None) -> Path:
+         keep: int = 0, log=lambda *a: None, guard: dict | None = None, write_blocks=None) -> Path:
     """Collective: every rank calls it. ``info`` (layout, preset, precision, tokenizer, zero stage)
     goes into the manifest. ``guard``: lvita.training.guard's counters (``streak`` > 0: saved during a run of
     non-finite steps, so not :func:`healthy`). The caller checks the weights are finite first
-    (lvita.training.loop refuses to save weights that are not). Returns the tag directory."""
+    (lvita.training.loop refuses to save weights that are not). ``write_blocks(engine, tag_dir)``: collective,
+    writes the per-block weight files where the engine does not (the ZeRO engine, lvita.parallel.zero).
+    Returns the tag directory."""
     import torch.distributed as dist
 
     from deepspeed.checkpoint.constants import (
@@ -151,6 +154,8 @@ def save(engine, output_dir: str | Path, step: int, data_state: dict, config: di
         "lvita": {"step": step, "data": data_state, "config": config, "guard": guard},
     }
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    if write_blocks is not None:
+        write_blocks(engine, tag_dir)
     if os.environ.get("LVITA_FAULT_KILL_BEFORE_MANIFEST") == tag:  # fault injection for the crash tests
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()

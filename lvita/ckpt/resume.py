@@ -80,6 +80,11 @@ def plan(cfg, now: dict, tokenizer: dict, spec=None) -> ResumePlan | None:
                               f"which DeepSpeed cannot re-shard to pipeline {now['pipeline']}; resume at pipeline "
                               f"{then['pipeline']}, or train with a ZeRO-1 config (ds_configs/pipeline_fp32_cpu.json, "
                               f"pipeline_bf16_zero1.json) so checkpoints move between layouts")
+    if then["zero_stage"] >= 2 and then["deepspeed_data"] != now["deepspeed_data"]:
+        raise CheckpointError(f"resume={found.tag_dir}: saved by the ZeRO-{then['zero_stage']} engine on "
+                              f"{then['deepspeed_data']} ranks; this run has {now['deepspeed_data']}. Resuming a "
+                              f"ZeRO-2/3 checkpoint at another world size is not supported yet: resume on "
+                              f"{then['deepspeed_data']} processes, or start from its weights with model.init_from")
     # ZeRO-0 keeps whole optimizer states per pipeline stage: any data degree loads them as they are
     universal = then["zero_stage"] > 0 and (then["pipeline"], then["deepspeed_data"]) != \
         (now["pipeline"], now["deepspeed_data"])

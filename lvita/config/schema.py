@@ -85,7 +85,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     optimizer_offload: bool = False  # ZeRO-Offload: fp32 master weights and Adam states in host memory
-    param_offload: bool = False  # ZeRO-3: parameters in host memory
+    # ZeRO-3 parameter offload (zero_optimization.offload_param, injected by lvita.config.validate): the bf16/fp32
+    # weights' shards in host memory, fetched for each module's forward and backward. ZeRO stage 3 only
+    param_offload: bool = False
     grad_clip: float = 1.0
     save_every: int = 0  # 0: only at the end
     save_final: bool = True  # false: no checkpoint at the last step (benchmarks, smoke runs); stops still save

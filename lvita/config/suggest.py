@@ -16,9 +16,7 @@ would be, then planned:
 Ranked by the fewest levers, then by :func:`rank` (10% margin kept, no ring, fewest pipeline stages, most
 headroom); the first is proposed with the ``--set`` overrides that give it. When none fits, the closest candidate is shown part by part.
 
-Until the ZeRO engine's validation lands (validate.py refuses ZeRO stage >= 2 for the pipeline engine),
-a ZeRO candidate is validated with the stage's ZeRO-1 JSON for everything but the stage, and planned with
-ZeRO 2/3.
+Every candidate passes the stage's own validation (lvita.config.validate: ZeRO 2/3 only at pipeline 1).
 
 Trade-off: a ladder of lever sets (5-6 per layout) rather than all 32 subsets keeps the search at a
 few hundred plans (seconds) and the proposals monotone: a later lever is only used with the earlier ones.
@@ -88,17 +86,9 @@ def _set(cfg, key: str, value) -> None:
     setattr(getattr(cfg, section), name, value)
 
 
-def _validated(trial, world: int, zero_stage: int, pipeline_json: str, errors: list[str]):
+def _validated(trial, world: int, errors: list[str]):
     try:
         return validate(trial, world)
-    except ConfigError as e:
-        if zero_stage < 2 or "zero_optimization.stage" not in str(e) and "ZeRO stage" not in str(e):
-            errors.append(str(e))
-            return None
-    probe = copy.copy(trial)  # validation that predates the ZeRO engine: everything but the ZeRO stage
-    probe.deepspeed = pipeline_json
-    try:
-        return validate(probe, world)
     except ConfigError as e:
         errors.append(str(e))
         return None
@@ -131,7 +121,7 @@ def candidates(cfg, world: int, rows_of) -> tuple[list[Candidate], list[str]]:
                     if trial.deepspeed != cfg.deepspeed or zero is not None and zero.stage == 2:
                         sets.append(f"deepspeed={trial.deepspeed}"
                                     + ("" if zero is None or zero.stage == 3 else " (with zero_optimization.stage 2)"))
-                    layout = _validated(trial, world, zero.stage if zero else 0, pipe_json, errors)
+                    layout = _validated(trial, world, errors)
                     if layout is None:
                         continue
                     plan = memory_plan(trial, layout, rows_of(trial, pp), zero=zero)

@@ -10,7 +10,9 @@ engine knows only pipe and data axes, so it sees world / pipeline "data" ranks; 
 is cut into micro-batches of ``train.micro_batch`` over the true data-parallel ranks.
 
 Also owns the DeepSpeed JSON: batch sizes, precision, clipping come from the stage file and are
-cross-checked against the DeepSpeed file (equal or absent), never silently duplicated.
+cross-checked against the DeepSpeed file (equal or absent), never silently duplicated; so are the
+offloads (train.optimizer_offload, train.param_offload). Its ZeRO stage picks the engine: 0-1 the
+pipeline engine at any pipeline degree, 2-3 the ZeRO engine (lvita.parallel.zero) at pipeline 1 only.
 """
 from __future__ import annotations
 
@@ -282,16 +284,29 @@ def deepspeed_config(cfg: StageConfig, micro: int, gas: int, ds_data_ranks: int)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
-    if stage >= 2:
-        raise ConfigError(f"{cfg.deepspeed}: zero_optimization.stage={stage}; DeepSpeed's pipeline engine "
-                          f"supports ZeRO stage 0 or 1")
-    if "offload_optimizer" in zero:
-        raise ConfigError(f"{cfg.deepspeed}: remove zero_optimization.offload_optimizer; set train.optimizer_offload "
-                          f"in the stage file (lvita then also uses DeepSpeed's CPU Adam)")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{cfg.deepspeed}: zero_optimization.stage={stage}; use 0, 1, 2 or 3")
+    if stage >= 2 and cfg.parallel.pipeline > 1:
+        raise ConfigError(f"{cfg.deepspeed}: zero_optimization.stage={stage} with parallel.pipeline="
+                          f"{cfg.parallel.pipeline}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1; set "
+                          f"parallel.pipeline=1 (ZeRO-2/3 on the plain model) or use a ZeRO-1 config "
+                          f"(ds_configs/pipeline_*.json)")
+    for key, stage_key in (("offload_optimizer", "train.optimizer_offload"), ("offload_param", "train.param_offload")):
+        if key in zero:
+            raise ConfigError(f"{cfg.deepspeed}: remove zero_optimization.{key}; set {stage_key} in the stage file"
+                              + (" (lvita then also uses DeepSpeed's CPU Adam)" if key == "offload_optimizer" else ""))
     if cfg.train.optimizer_offload:
-        if stage != 1:
-            raise ConfigError(f"train.optimizer_offload=true needs ZeRO stage 1 in {cfg.deepspeed} (it has {stage})")
-        ds["zero_optimization"] = {**zero, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+        if stage < 1:
+            raise ConfigError(f"train.optimizer_offload=true needs ZeRO stage 1, 2 or 3 in {cfg.deepspeed} (it has "
+                              f"{stage})")
+        zero = {**zero, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    if cfg.train.param_offload:
+        if stage != 3:
+            raise ConfigError(f"train.param_offload=true needs ZeRO stage 3 in {cfg.deepspeed} (it has {stage}; "
+                              f"ds_configs/zero3_*.json) and parallel.pipeline=1")
+        zero = {**zero, "offload_param": {"device": "cpu", "pin_memory": True}}
+    if zero:
+        ds["zero_optimization"] = zero
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds

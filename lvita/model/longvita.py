@@ -239,8 +239,12 @@ class LMHead(nn.Module):
             raise ValueError(f"logits_chunk={logits_chunk}: labelled tokens per chunk, or 0 for the full head")
         self.logits_chunk = logits_chunk
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
+        """-> normed hidden; with ``labels``, :meth:`loss_sum` of it (the loss inside the module's own
+        forward, so an engine that gathers a module's weights around its forward, ZeRO-3, has the head's)."""
+        if labels is None:
+            return self.norm(hidden)
+        return self.loss_sum(self.norm(hidden), labels)
 
     def loss_sum(self, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy summed over labelled positions; the head runs on those positions only,

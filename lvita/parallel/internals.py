@@ -11,12 +11,14 @@ DeepSpeed's optimizer classes for the patches in lvita.training.loop (``_one_nor
     kind = optimizer_kind(engine.optimizer, "the non-finite guard")   # "zero" | "bf16" | "plain"
     check(engine, "engine", "the non-finite guard")                    # raises when one is missing
 
-Which optimizer lvita's configurations give (DeepSpeed 0.19.8, PipelineEngine always):
+Which optimizer lvita's configurations give (DeepSpeed 0.19.8): on the PipelineEngine (ZeRO 0/1),
 fp32 or bf16 with bf16 accumulation at ZeRO-1, and ZeRO-Offload -> ``DeepSpeedZeroOptimizer``
 ("zero"); bf16 with fp32 accumulation at ZeRO-1 (the shipped GPU config) or bf16 at ZeRO 0 ->
-``BF16_Optimizer`` ("bf16"); fp32 at ZeRO 0 -> the torch optimizer itself ("plain"). Any other
-class (FP16_Optimizer, ZeRO-3, a wrapper a new DeepSpeed adds) is refused by name: lvita's
-validation never configures one, and patching it by guesswork would switch a fix off silently.
+``BF16_Optimizer`` ("bf16"); fp32 at ZeRO 0 -> the torch optimizer itself ("plain"). On the
+DeepSpeedEngine (pipeline 1, lvita.parallel.zero): ZeRO-2 -> ``DeepSpeedZeroOptimizer`` ("zero", the
+same patches), ZeRO-3 -> ``DeepSpeedZeroOptimizer_Stage3`` ("zero3"). Any other class (FP16_Optimizer, a
+wrapper a new DeepSpeed adds) is refused by name: lvita's validation never configures one, and patching
+it by guesswork would switch a fix off silently.
 
 Trade-offs: a check by name catches an attribute renamed or removed (the usual way internals
 move), not one that keeps its name and changes its meaning; the behaviour tests (the guard's
@@ -52,6 +54,8 @@ class Targets:
 
 
 _ENGINE = "deepspeed.runtime.pipe.engine:PipelineEngine"
+_DS_ENGINE = "deepspeed.runtime.engine:DeepSpeedEngine"
+_ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 _ZERO = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
 _BF16 = "deepspeed.runtime.bf16_optimizer:BF16_Optimizer"
 _TAKE_STEP = "deepspeed.runtime.engine:DeepSpeedEngine._take_model_step"
@@ -68,6 +72,20 @@ TARGETS: dict[str, Targets] = {
         "total_loss": "read by the guard: the last stage's sum of micro-batch losses",
         "is_last_stage": "called by the guard: only the last stage holds the loss",
         "was_step_applied": "called by the guard: whether the optimizer skipped the step",
+    }),
+    # -- DeepSpeed: the engine of the ZeRO-2/3 path (parallel.pipeline 1, lvita.parallel.zero) ------------
+    "ds_engine": Targets(_DS_ENGINE, "deepspeed", {
+        "optimizer": "the object the guard dispatches on (optimizer_kind)",
+        "get_global_grad_norm": "read by the training loop for grad_norm",
+        "was_step_applied": "called by the guard: whether the optimizer skipped the step",
+        "backward": "called by ZeroSteps.train_batch per micro-batch",
+        "step": "called by ZeroSteps.train_batch per micro-batch (steps the optimizer at the boundary)",
+        "gradient_accumulation_steps": "called by ZeroSteps.train_batch: micro-batches per step",
+        "device": "read by ZeroSteps: where micro-batches go",
+    }),
+    "zero3_api": Targets("deepspeed.runtime.zero", "deepspeed", {
+        "register_external_parameter": "called by build_zero_model: the LM head's weight, used by the loss",
+        "GatheredParameters": "used by zero.write_blocks: one block's full weights at a time",
     }),
     "ds_utils": Targets("deepspeed.runtime.utils", "deepspeed", {
         "clip_grad_norm_": "called by loop._keep_fp32_grad_norm",
@@ -90,6 +108,15 @@ TARGETS: dict[str, Targets] = {
     }),
     "zero_offload": Targets(_ZERO, "deepspeed", {
         "local_overflow": "read by the guard under ZeRO-Offload (set while gradients are copied to host)",
+    }),
+    # -- DeepSpeed: ZeRO stage 3 (DeepSpeedEngine only) ----------------------------------------------------
+    "zero3": Targets(_ZERO3, "deepspeed", {
+        "_overflow_check_and_loss_scale_update": "replaced by the guard: its overflow decision (0.19.8 looks at "
+                                                 "gradients under fp16 only; the global norm check follows)",
+        "_loss_scale_update_and_overflow_cleanup": "called by that replacement: the skip (grads zeroed, norm inf)",
+        "overflow": "written by the guard; step() then returns before the weights change",
+        "step": "DeepSpeed's, unchanged",
+        "param_groups": "the optimizer's groups (read by the training loop for the learning rates)",
     }),
     # -- DeepSpeed: BF16_Optimizer (bf16 + fp32 accumulation at ZeRO-1, bf16 at ZeRO 0) -----------------
     "bf16": Targets(_BF16, "deepspeed", {
@@ -178,10 +205,12 @@ def optimizer_kind(opt, what: str) -> str:
     optimizer DeepSpeed steps directly, ZeRO 0 in fp32). Any other class raises, naming it."""
     import torch
 
-    zero, bf16 = resolve(_ZERO), resolve(_BF16)
+    zero, bf16, zero3 = resolve(_ZERO), resolve(_BF16), resolve(_ZERO3)
     base = resolve("deepspeed.runtime.base_optimizer:DeepSpeedOptimizer")
     if isinstance(opt, zero):
         kind = "zero"
+    elif isinstance(opt, zero3):
+        kind = "zero3"
     elif isinstance(opt, bf16):
         kind = "bf16"
     elif isinstance(opt, torch.optim.Optimizer) and not isinstance(opt, base):
@@ -190,19 +219,27 @@ def optimizer_kind(opt, what: str) -> str:
         cls = type(opt)
         raise UnsupportedInternals(
             f"{what}: engine.optimizer is {cls.__module__}.{cls.__qualname__}, not one of the optimizers lvita "
-            f"patches (DeepSpeedZeroOptimizer at ZeRO 1/2, BF16_Optimizer, a torch optimizer at ZeRO 0) under "
+            f"patches (DeepSpeedZeroOptimizer at ZeRO 1/2, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer, a torch "
+            f"optimizer at ZeRO 0) under "
             f"deepspeed {installed('deepspeed')}; lvita is tested with deepspeed {TESTED['deepspeed']} and "
-            f"configurations from lvita.config.validate (bf16 or fp32, ZeRO 0 or 1, no fp16)")
+            f"configurations from lvita.config.validate (bf16 or fp32, ZeRO 0-3, no fp16)")
     check(opt, kind, what)
     if kind == "zero" and opt.cpu_offload:
         check(opt, "zero_offload", what)
     return kind
 
 
-def check_engine(engine, what: str) -> None:
-    """The engine is DeepSpeed's PipelineEngine (every lvita run builds one) with the targets checked."""
-    if not isinstance(engine, resolve(_ENGINE)):
-        cls = type(engine)
-        raise UnsupportedInternals(f"{what}: the engine is {cls.__module__}.{cls.__qualname__}, not DeepSpeed's "
-                                   f"PipelineEngine (lvita builds its model as a PipelineModule)")
-    check(engine, "engine", what)
+def check_engine(engine, what: str, pipeline: bool | None = None) -> None:
+    """The engine is DeepSpeed's PipelineEngine (``pipeline`` True or None) or, at pipeline 1 under ZeRO-2/3,
+    its DeepSpeedEngine (``pipeline`` False or None), with the targets checked."""
+    if pipeline is not False and isinstance(engine, resolve(_ENGINE)):
+        check(engine, "engine", what)
+        return
+    if pipeline is not True and isinstance(engine, resolve(_DS_ENGINE)) and not isinstance(engine, resolve(_ENGINE)):
+        check(engine, "ds_engine", what)
+        return
+    cls = type(engine)
+    want = {True: "PipelineEngine", False: "DeepSpeedEngine (ZeRO-2/3 at pipeline 1)",
+            None: "PipelineEngine or DeepSpeedEngine"}[pipeline]
+    raise UnsupportedInternals(f"{what}: the engine is {cls.__module__}.{cls.__qualname__}, not DeepSpeed's {want} "
+                               f"(lvita builds a PipelineModule, or at ZeRO-2/3 the plain model: lvita.parallel.zero)")

@@ -23,6 +23,13 @@ applies. DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeR
 GPU config) and plain optimizers (ZeRO 0) get their ``step`` wrapped instead: it returns early with
 ``overflow`` set, and the engine then zeroes the gradients and leaves the schedule alone.
 
+On the ZeRO engine (pipeline 1, lvita.parallel.zero): ZeRO-2 is the same DeepSpeedZeroOptimizer path as
+ZeRO-1 (its gradient partitions are in ``averaged_gradients`` at the check too). ZeRO-3's optimizer looks
+at gradients only under fp16 (``_overflow_check_and_loss_scale_update``), then skips a step whose global
+gradient norm is inf/NaN in every precision; the guard replaces that first check with its own decision
+on the loss (ORed over the world), and the norm check that follows still catches non-finite gradients,
+through the same skip path (gradients zeroed, norm inf, weights and schedule unchanged).
+
 Trade-offs: a skipped step does not advance the LR schedule (as DeepSpeed's fp16 overflow and
 Megatron do), so the schedule follows the applied steps; the data stream advances regardless (the
 bad batch is not retried). Resume stays exact: the schedule position is restored from the step
@@ -66,13 +73,17 @@ def _device():
 
 
 def weights_finite(engine) -> bool:
-    """Collective: every weight of every rank's module is finite."""
-    return not _world_any(_any_nonfinite(p.detach() for p in engine.module.parameters()), _device())
+    """Collective: every weight of every rank's module is finite (under ZeRO-3 its own shard of each)."""
+    return not _world_any(_any_nonfinite(getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters()),
+                          _device())
 
 
 class NonFiniteGuard:
-    def __init__(self, engine, max_in_row: int):
+    def __init__(self, engine, max_in_row: int, losses=None):
+        """``losses``: what holds this rank's step loss (``total_loss``, ``is_last_stage()``): the pipeline
+        engine itself (default) or lvita.parallel.zero.ZeroSteps."""
         self.max_in_row = max_in_row
+        self._losses = losses if losses is not None else engine
         self.total = 0  # non-finite steps in this stage, resumes included
         self.streak = 0  # of them in a row, up to the last step
         self.first_of_streak: int | None = None
@@ -81,8 +92,9 @@ class NonFiniteGuard:
     # -- the hook -----------------------------------------------------------------------------------
 
     def _local_bad(self, engine, grads) -> bool:
-        loss = engine.total_loss  # the pipeline's last stage sums micro-batch losses (None elsewhere)
-        if engine.is_last_stage() and torch.is_tensor(loss) and not bool(torch.isfinite(loss).all()):
+        src = self._losses
+        loss = src.total_loss  # the pipeline's last stage sums micro-batch losses (None elsewhere)
+        if src.is_last_stage() and torch.is_tensor(loss) and not bool(torch.isfinite(loss).all()):
             return True
         return _any_nonfinite(grads)
 
@@ -106,6 +118,14 @@ class NonFiniteGuard:
 
             opt.check_grad_overflow = True
             opt.check_overflow = check_overflow
+        elif kind == "zero3":  # DeepSpeedEngine at ZeRO-3: the loss here, gradients by DeepSpeed's norm check
+            def overflow_check(update_scale=True):
+                opt.overflow = _world_any(self._local_bad(engine, []), dev)
+                if not update_scale:
+                    return opt.overflow
+                return opt._loss_scale_update_and_overflow_cleanup()
+
+            opt._overflow_check_and_loss_scale_update = overflow_check
         else:  # "bf16": DeepSpeed's BF16_Optimizer (bf16 + fp32 accumulation + ZeRO-1); "plain": ZeRO 0, fp32
             inner = opt.step
             params = [p for g in opt.param_groups for p in g["params"]]

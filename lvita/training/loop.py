@@ -1,11 +1,13 @@
-"""Train one Long-VITA stage with DeepSpeed's pipeline engine.
+"""Train one Long-VITA stage with DeepSpeed: its pipeline engine, or at pipeline 1 under ZeRO-2/3 its ZeRO engine.
 
     deepspeed --num_gpus 8 --module lvita.train --stage stages/longvita-14b/2_general.json
     deepspeed --hostfile hostfiles/8x8.txt --module lvita.train --stage FILE --set train.lr.llm=2e-5
     python -m lvita.train --stage stages/demo/1_align.json          # one process, no launcher
 
 Reads top to bottom: config -> validation (before anything heavy) -> process groups ->
-tokenizer -> PipelineModule -> freezing and per-module optimizer -> DeepSpeed engine ->
+tokenizer -> PipelineModule (or, when the DeepSpeed config's ZeRO stage is 2 or 3, the plain model:
+lvita.parallel.zero; ZeRO 0/1 stays on the pipeline engine at every pipeline degree, so its checkpoints
+keep resuming) -> freezing and per-module optimizer -> DeepSpeed engine ->
 optional weights of the previous stage -> packed data stream -> the step loop with metrics and
 checkpoints. Each step consumes one global batch; the loss is the token-weighted mean over it, or under
 train.loss_reduction "sequence" the mean of its packed sequences' token means.
@@ -52,7 +54,7 @@ def _keep_fp32_grad_norm(engine) -> None:
     (lvita.parallel.internals: "engine", "ds_utils")."""
     from lvita.parallel.internals import check, check_engine, resolve
 
-    check_engine(engine, "keeping the fp32 gradient norm")
+    check_engine(engine, "keeping the fp32 gradient norm", pipeline=True)
     check(resolve("deepspeed.runtime.utils"), "ds_utils", "keeping the fp32 gradient norm")
     from deepspeed.runtime.utils import clip_grad_norm_
 
@@ -158,6 +160,7 @@ def run(cfg) -> list[float]:
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
+    from lvita.parallel.zero import ZeroSteps, build_zero_model, write_blocks
     from lvita.parallel.hybrid import sequence_attention
     from lvita.parallel.sequence import shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
@@ -180,10 +183,12 @@ def run(cfg) -> list[float]:
         raise ConfigError(f"model.tokenizer {cfg.model.tokenizer} has {len(tok)} tokens but model.preset "
                           f"{cfg.model.preset} has a vocabulary of {vocab}; use the model's own tokenizer")
     ds_cfg = deepspeed_config(cfg, layout.micro_batch, layout.grad_accum, world // layout.pipeline)
+    zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    on_zero = zero_stage >= 2  # validation: pipeline 1 then
     info = {"name": cfg.name, **checkpoint.model_info(spec), "precision": cfg.precision,
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
             "system_prompt": cfg.data.system_prompt,  # what inference and HF exports default to
-            "layout": resume.layout_info(layout, world, ds_cfg.get("zero_optimization", {}).get("stage", 0))}
+            "layout": resume.layout_info(layout, world, zero_stage)}
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     for note in layout.notes:
@@ -207,9 +212,14 @@ def run(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     t_build = time.perf_counter()
     with cuda or contextlib.nullcontext():  # random init on the GPU: seconds, not tens of seconds on the host
-        module = build_pipeline(spec, context, cfg.seed, layout.pipeline, cfg.parallel.partition_method,
-                                cfg.model.activation_checkpointing, topo.deepspeed, logits_chunk=cfg.model.logits_chunk)
-    log(f"[{cfg.name}] built and initialised the model on {cuda or 'cpu'} in {time.perf_counter() - t_build:.1f}s")
+        if on_zero:
+            module = build_zero_model(spec, context, cfg.seed, cfg.model.activation_checkpointing, cfg.model.logits_chunk)
+        else:
+            module = build_pipeline(spec, context, cfg.seed, layout.pipeline, cfg.parallel.partition_method,
+                                    cfg.model.activation_checkpointing, topo.deepspeed,
+                                    logits_chunk=cfg.model.logits_chunk)
+    log(f"[{cfg.name}] built and initialised the model on {cuda or 'cpu'} in {time.perf_counter() - t_build:.1f}s"
+        + (f"; ZeRO-{zero_stage} engine (plain model, no pipeline)" if on_zero else ""))
     if layout.sequence > 1:
         set_attention(module, sequence_attention(topo))
     for line in apply_levers(module, cfg.model):
@@ -223,9 +233,13 @@ def run(cfg) -> list[float]:
         groups = [module.add_frozen_stage_placeholder()]
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(groups, cfg.train),
                                            lr_scheduler=scheduler_factory(cfg.train), config=ds_cfg)
-    _keep_fp32_grad_norm(engine)
-    _one_norm_reduction(engine)
-    guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
+    if on_zero:
+        steps = ZeroSteps(engine)
+    else:
+        _keep_fp32_grad_norm(engine)
+        _one_norm_reduction(engine)
+        steps = engine
+    guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps, losses=steps)
     log(f"[{cfg.name}] trainable parameters on rank 0's stage: {trainable}")
 
     # Decode only what this rank consumes: pixels on pipeline stage 0 only, its sequence shard's tiles.
@@ -259,7 +273,8 @@ def run(cfg) -> list[float]:
             raise Diverged(f"step {step}: the weights are not finite; not saving them (the newest healthy checkpoint "
                            f"in {ckpts} is {checkpoint.last_healthy(ckpts)})")
         path = checkpoint.save(engine, cfg.output_dir, step, stream.state_dict(), cfg.to_dict(), info,
-                               cfg.train.keep_checkpoints, log, guard=guard.state_dict())
+                               cfg.train.keep_checkpoints, log, guard=guard.state_dict(),
+                               write_blocks=write_blocks if on_zero else None)
         stopper.saved(time.perf_counter() - t_save)
         log(f"[{cfg.name}] saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
         return path
@@ -281,7 +296,7 @@ def run(cfg) -> list[float]:
         data_wait = time.perf_counter() - t0
         lrs = {g.get("module", str(i)): g["lr"] / g.get("lr_scale", 1.0)  # the module's rate (vision: before decay)
                for i, g in enumerate(engine.optimizer.param_groups)}
-        loss = float(engine.train_batch(data_iter=pixels_to_device(micro, device)))
+        loss = float(steps.train_batch(data_iter=pixels_to_device(micro, device)))
         step_time = time.perf_counter() - t0
         losses.append(loss)
         check_memory_cap(cfg.train.memory_cap_gb)
