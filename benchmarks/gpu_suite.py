@@ -9,6 +9,9 @@ Steps, each inside what is left of the deadline ($BUDGET_S, default 560 s, from 
   b. the peer (plain transformers, same Qwen2 shapes) from 8K, doubling until out of memory;
   c. one lvita.train step at 512K with the first lever set the memory plan says fits the cap (else
      256K; a length whose estimated time does not fit what is left is not started);
+  e. the ZeRO-3 engine at pipeline 1 (issue 31): one lvita.train step at the longest length of
+     ``zero3_long`` whose plan fits the cap with the ZeRO-3 lever sets (optimizer, then parameter offload)
+     and whose estimated time fits what is left: plan vs measured peak;
   d. the CUDA correctness tests by node id, then the lever smoke runs of tests/test_gpu.py.
 Every trial is capped at $MEMORY_CAP_GB GiB (default 80: the goals are for 80 GB GPUs), writes no
 checkpoint, runs in its own process group (benchmarks/trials.py) and its row goes to $OUT at once.
@@ -51,9 +54,10 @@ CUDA_TESTS = ["tests/test_varlen.py::test_each_available_kernel_equals_reference
               "tests/test_rank_decode.py::test_pixels_to_device_copies_uint8_tiles_ahead_to_cuda"]
 LEVER_SMOKES = ["tests/test_gpu.py::test_one_training_step_per_lever"]
 REAL = dict(preset="longvita-1.5b", precision="bf16", mfu_length=32768, peer_start=8192, peer_max=262144,
-            long=[524288, 262144], trial_timeout=240, oom_peer_at=None, long_timeout=None)
+            long=[524288, 262144], trial_timeout=240, oom_peer_at=None, long_timeout=None,
+            zero3_long=[1048576, 524288, 262144, 131072])
 DRY = dict(preset="tiny", precision="fp32", mfu_length=256, peer_start=128, peer_max=512,
-           long=[1024, 512], trial_timeout=120, oom_peer_at=256, long_timeout=4)
+           long=[1024, 512], trial_timeout=120, oom_peer_at=256, long_timeout=4, zero3_long=[512, 256])
 PLAN_MARGIN = 0.9  # step c takes a lever set whose plan is within 90% of the cap (the plan's goal: 15% of measured)
 CPU_ADAM = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); print('cpu_adam built')"
 
@@ -110,14 +114,15 @@ def _estimate_s(p, length: int, tflops: float | None) -> float:
     return 45 + flops / ((tflops or 400) * 1e12)
 
 
-def long_choice(p, root: Path, seconds: float, tflops: float | None) -> tuple[int, str] | None:
-    """Step c's (length, lever set): the first length of ``p.long`` whose estimated time fits
-    ``seconds`` (not checked when ``tflops`` is None), with the first lever set whose memory plan is
-    within ``PLAN_MARGIN`` of the cap."""
-    for length in p.long:
+def long_choice(p, root: Path, seconds: float, tflops: float | None, lengths=None,
+                lever_sets=None) -> tuple[int, str] | None:
+    """Step c's (length, lever set): the first length of ``lengths`` (``p.long``) whose estimated time fits
+    ``seconds`` (not checked when ``tflops`` is None), with the first lever set of ``lever_sets``
+    (``lc.LEVERS``) whose memory plan is within ``PLAN_MARGIN`` of the cap."""
+    for length in lengths or p.long:
         if tflops and _estimate_s(p, length, tflops) > seconds:
             continue
-        for lever, levers in lc.LEVERS.items():
+        for lever, levers in (lever_sets or lc.LEVERS).items():
             path = root / "plan.json"
             path.write_text(json.dumps(lc.stage(p, root, length, levers)))
             if p.memory_cap_gb is None or lc.plan_gb(path) <= PLAN_MARGIN * p.memory_cap_gb:
@@ -175,6 +180,20 @@ def run(s: Suite, root: Path) -> None:
             one = argparse.Namespace(**{**vars(p), "steps": 1})
             timeout = p.long_timeout or max(s.left() - 20, 1)  # worth more than step d: it may use d's reserve
             row = s.trial(lambda log: lc.lvita_trial(one, root, length, lever, log, timeout), f"c lvita {lever} {length}")
+            s.longest[f"lvita {lever}"] = (length if row["ok"] else None, f"one trial at {length}: {row['status']}")
+        s.summary()
+
+        s.step("e. ZeRO-3 at pipeline 1: the longest length the plan and the time left allow")
+        choice = long_choice(p, root, s.left() - reserve, tflops, p.zero3_long, lc.ZERO3_LEVERS)
+        if choice is None:
+            s.record({"step": "e", "who": "lvita zero3", "status": "skipped", "ok": False,
+                      "error": f"no length of {p.zero3_long} fits the cap by the plan and the {s.left() - reserve:.0f}s "
+                               f"left"})
+        else:
+            length, lever = choice
+            one = argparse.Namespace(**{**vars(p), "steps": 1})
+            timeout = max(min(s.left() - reserve, p.trial_timeout if s.dry else s.left()), 1)
+            row = s.trial(lambda log: lc.lvita_trial(one, root, length, lever, log, timeout), f"e lvita {lever} {length}")
             s.longest[f"lvita {lever}"] = (length if row["ok"] else None, f"one trial at {length}: {row['status']}")
         s.summary()
 

@@ -43,6 +43,10 @@ LEVERS = {"ckpt": {"model.activation_checkpointing": True},
           "offload": {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True},
           "optim": {"model.activation_checkpointing": True, "model.tiled_mlp": True, "model.activation_offload": True,
                     "train.optimizer_offload": True}}
+# ZeRO-3 at pipeline 1 (the engine of issue 31): on one GPU only offload shrinks the weights' share, so
+# the sets start from every activation lever and add the optimizer's, then the parameters' offload
+ZERO3_LEVERS = {"z3-optim": {**LEVERS["optim"], "deepspeed": "zero3"},
+                "z3-param": {**LEVERS["optim"], "train.param_offload": True, "deepspeed": "zero3"}}
 FIGURES = ("tokens_per_sec", "tflops_per_gpu", "mfu", "step_time_s", "peak_memory_gb", "peak_reserved_gb")
 
 
@@ -67,6 +71,10 @@ def stage(args, root: Path, length: int, levers: dict) -> dict:
                     "sources": [{"name": "long", "paths": ["long.jsonl"]}]},
            "resume": "none"}
     for key, value in levers.items():
+        if key == "deepspeed":  # the ZeRO-3 engine: the shipped ZeRO-3 config of the precision
+            cfg["deepspeed"] = str(REPO / "ds_configs" / ("zero3_bf16.json" if args.precision == "bf16"
+                                                          else "zero3_fp32_cpu.json"))
+            continue
         section, name = key.split(".")
         cfg[section][name] = value
     return cfg
@@ -78,7 +86,7 @@ def lvita_trial(args, root: Path, length: int, lever: str, log: Path, timeout: f
     shutil.rmtree(root / "out", ignore_errors=True)
     make_data(root, root / "tokenizer", length)
     path = root / "stage.json"
-    path.write_text(json.dumps(stage(args, root, length, LEVERS[lever])))
+    path.write_text(json.dumps(stage(args, root, length, {**LEVERS, **ZERO3_LEVERS}[lever])))
     t = run_trial([sys.executable, "-m", "lvita.train", "--stage", str(path)], timeout or args.trial_timeout, log)
     metrics = root / "out" / "metrics.jsonl"
     lines = metrics.read_text().strip().splitlines() if metrics.is_file() else []

@@ -49,7 +49,7 @@ def test_dry_run_goes_through_every_step_and_failure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert OUT_FILES <= {p.name for p in out.iterdir()} and len(list(out.iterdir())) <= 8  # the device returns 8
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    by_step = {s: [r for r in rows if r["step"] == s] for s in "abcd"}
+    by_step = {s: [r for r in rows if r["step"] == s] for s in "abcde"}
 
     (a,) = by_step["a"]
     assert a["status"] == "ok" and a["tokens_per_sec"] > 0 and a["peak_memory_gb"] > 0 and a["plan_gb"] > 0
@@ -58,6 +58,9 @@ def test_dry_run_goes_through_every_step_and_failure(tmp_path):
     assert by_step["b"][0]["tokens_per_sec"] > 0
     (c,) = by_step["c"]
     assert (c["length"], c["status"]) == (1024, "timeout") and c["wall_s"] < 30
+    (e,) = by_step["e"]  # the ZeRO-3 engine at pipeline 1, parameter and optimizer offload, plan beside the peak
+    assert (e["who"], e["length"], e["status"]) == ("lvita z3-optim", 512, "ok"), e
+    assert e["peak_memory_gb"] > 0 and e["plan_gb"] > 0
     (d,) = by_step["d"]
     assert d["status"] == "ok" and re.fullmatch(r"\d+ skipped in [\d.]+s", d["summary"]), d  # all skip on CPU
 
@@ -65,7 +68,7 @@ def test_dry_run_goes_through_every_step_and_failure(tmp_path):
     assert "| transformers | 128 | out of memory at 256 |" in summary
     assert "| lvita ckpt | none | one trial at 1024: timeout |" in summary
     steps = [line.split()[1] for line in (out / "steps.txt").read_text().splitlines()]
-    assert steps == ["cpu-adam", "a.", "b.", "c.", "d.", "done"]
+    assert steps == ["cpu-adam", "a.", "b.", "c.", "e.", "d.", "done"]
     assert "===== c lvita ckpt 1024: timeout" in (out / "trials.log").read_text()
     assert "python" in (out / "gpu.txt").read_text()
     # nothing a trial wrote or started outlives the suite (the trials' stage files, data and output lived
