@@ -184,6 +184,16 @@ def test_zero3_trainer_under_the_launcher_matches_the_pipeline_engine_and_resume
     for k in want:
         assert got[k].shape == want[k].shape, k
         assert (got[k] - want[k]).abs().max().item() < 1e-5, k
+    # lvita convert to-hf reads the ZeRO-3 checkpoint as it reads the pipeline's (same tolerance as above)
+    from safetensors.torch import load_file
+
+    from lvita.ckpt.convert import to_hf
+
+    exported = [load_file(next(to_hf(str(run), str(tmp_path / f"hf-{run.name}"), log=lambda *a: None)
+                               .glob("*.safetensors"))) for run in (tmp_path / "pipe", out)]
+    assert exported[0].keys() == exported[1].keys() and len(exported[0]) > 50
+    for k in exported[0]:
+        assert (exported[0][k] - exported[1][k]).abs().max().item() < 1e-5, k
 
 
 def test_zero3_with_the_memory_levers_and_the_sequence_loss_reduction_matches_the_plain_model():
