@@ -113,3 +113,23 @@ def init_from(module, spec: str | list[str], preset, tokenizer: dict) -> str:
     for b, m in blocks.items():
         load_block(m, per_block.get(b, {}), " + ".join(map(str, paths)), optional if b == 0 else ())
     return " + ".join(map(str, paths)) + (f" ({len(fresh)} projector weights start fresh)" if fresh else "")
+
+
+def write_blocks(engine, tag_dir: Path) -> None:
+    """Collective: write ``layer_XX-model_states.pt`` (one file per model block, the pipeline's layout-free
+    weight files) from global rank 0, gathering each block's ZeRO-3 shards in turn."""
+    import torch.distributed as dist
+
+    from lvita.parallel.internals import check, resolve
+
+    zero = resolve("deepspeed.runtime.zero")
+    check(zero, "zero3_api", "saving the per-block weights")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for b, block in local_blocks(engine.module).items():
+        with zero.GatheredParameters(list(block.parameters()), modifier_rank=None):
+            if rank == 0:
+                state = {k: v.detach().clone().cpu() for k, v in block.state_dict().items()}
+                path = layer_file(Path(tag_dir), b)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(state, tmp)
+                tmp.replace(path)

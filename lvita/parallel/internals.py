@@ -85,7 +85,7 @@ TARGETS: dict[str, Targets] = {
     }),
     "zero3_api": Targets("deepspeed.runtime.zero", "deepspeed", {
         "register_external_parameter": "called by build_zero_model: the LM head's weight, used by the loss",
-        "GatheredParameters": "used by zero.write_blocks: one block's full weights at a time",
+        "GatheredParameters": "used by lvita.ckpt.weights.write_blocks: one block's full weights at a time",
     }),
     "ds_utils": Targets("deepspeed.runtime.utils", "deepspeed", {
         "clip_grad_norm_": "called by loop._keep_fp32_grad_norm",

@@ -3,9 +3,9 @@
 
 Owns :class:`ZeroModel` (the plain :class:`~lvita.model.longvita.LongVita`, the very weights
 ``to_sequential`` gives, whose forward takes the pipeline's micro-batch tuples and returns the same
-scaled loss as lvita.parallel.pipeline.LabelledLoss), :func:`build_zero_model`, :class:`ZeroSteps`
-(``train_batch`` over a step's micro-batches, as the pipeline engine's) and :func:`write_blocks` (the
-per-block weight files every lvita checkpoint carries, gathered from the ZeRO-3 shards).
+scaled loss as lvita.parallel.pipeline.LabelledLoss), :func:`build_zero_model` and :class:`ZeroSteps`
+(``train_batch`` over a step's micro-batches, as the pipeline engine's); the per-block weight files every
+lvita checkpoint carries are gathered from the ZeRO-3 shards by :func:`lvita.ckpt.weights.write_blocks`.
 
     module = build_zero_model(spec, context_ids, seed)           # then freeze, param groups, levers as usual
     engine, *_ = deepspeed.initialize(model=module, optimizer=..., config=ds_cfg)   # ZeRO stage 2/3
@@ -35,7 +35,6 @@ at save time to write the layout-free per-block files (one block's weights at a 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -117,22 +116,3 @@ class ZeroSteps:
             dist.all_reduce(mean)
             mean = mean / dist.get_world_size()
         return mean
-
-
-def write_blocks(engine, tag_dir: Path) -> None:
-    """Collective: write ``layer_XX-model_states.pt`` (one file per model block, the pipeline's layout-free
-    weight files) from global rank 0, gathering each block's ZeRO-3 shards in turn."""
-    from lvita.ckpt.weights import layer_file, local_blocks
-    from lvita.parallel.internals import check, resolve
-
-    zero = resolve("deepspeed.runtime.zero")
-    check(zero, "zero3_api", "saving the per-block weights")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    for b, block in local_blocks(engine.module).items():
-        with zero.GatheredParameters(list(block.parameters()), modifier_rank=None):
-            if rank == 0:
-                state = {k: v.detach().clone().cpu() for k, v in block.state_dict().items()}
-                path = layer_file(Path(tag_dir), b)
-                tmp = path.with_name(path.name + ".tmp")
-                torch.save(state, tmp)
-                tmp.replace(path)

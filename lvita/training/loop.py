@@ -160,7 +160,8 @@ def run(cfg) -> list[float]:
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
     from lvita.model.attention import set_attention
     from lvita.parallel.pipeline import build_pipeline
-    from lvita.parallel.zero import ZeroSteps, build_zero_model, write_blocks
+    from lvita.ckpt.weights import write_blocks
+    from lvita.parallel.zero import ZeroSteps, build_zero_model
     from lvita.parallel.hybrid import sequence_attention
     from lvita.parallel.sequence import shard_micro_batch
     from lvita.parallel.topology import build_topology, init_distributed
