@@ -111,3 +111,27 @@ def test_zero3_checkpoint_resumes_at_another_world_size_or_zero2(runs, name, wor
     """Through the same universal copy: ZeRO-3 on 2 ranks -> ZeRO-3 on 1 (once refused), and -> the ZeRO-2
     engine at data parallel 2 (the ZeRO-1/2 loader under plain names). Tolerance as above."""
     assert _resume(runs, "zero3", f"to_{name}", world, sets) == pytest.approx(runs[2][2:], rel=1e-5)
+
+
+def test_a_universal_copy_from_before_cross_engine_names_is_converted_again(runs):
+    """A copy made by an lvita before universal_format 2 (no aliases) would fail the other engine's load:
+    to_universal replaces it instead of returning the cached copy."""
+    import json
+
+    from lvita.ckpt.resume import UNIVERSAL_FORMAT, to_universal, universal_ready
+
+    root = runs[0]
+    _copy_tag(root / "pipe", "global_step2", root / "old_copy")
+    out = to_universal(root / "old_copy" / "checkpoints" / "global_step2", log=lambda *a: None)
+    manifest = json.loads((out / "lvita_manifest.json").read_text())
+    assert manifest["universal_format"] == UNIVERSAL_FORMAT
+    assert (out / "zero" / "layers.0.layer.mlp.up_proj.weight" / "exp_avg.pt").is_file()  # the plain name
+    assert (out / "zero" / "1.layer.mlp.up_proj.weight" / "exp_avg.pt").is_file()  # the pipeline's own
+    del manifest["universal_format"]  # as an older lvita wrote it
+    (out / "lvita_manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "zero" / "layers.0.layer.mlp.up_proj.weight")
+    assert not universal_ready(out)
+    said = []
+    assert to_universal(root / "old_copy" / "checkpoints" / "global_step2", log=said.append) == out
+    assert universal_ready(out) and "predates cross-engine" in said[0]
+    assert (out / "zero" / "layers.0.layer.mlp.up_proj.weight" / "exp_avg.pt").is_file()

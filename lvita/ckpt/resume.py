@@ -111,14 +111,29 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / "universal" / tag_dir.name
 
 
+UNIVERSAL_FORMAT = 2  # 2: per-parameter folders under both engines' names (_for_both_engines)
+
+
+def universal_ready(out: Path) -> bool:
+    """A finished universal copy of the current format (an older one is converted again)."""
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("universal_format") == UNIVERSAL_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> Path:
     """Convert a complete checkpoint once (cached: returns the existing copy). Not collective."""
     tag_dir = Path(tag_dir)
     found = locate(tag_dir, "checkpoint")
     tag_dir = found.tag_dir
     out = universal_dir(tag_dir)
-    if (out / MANIFEST).is_file():
+    if universal_ready(out):
         return out
+    if out.exists():  # made by an lvita before universal_format 2: loadable by its own engine only
+        log(f"[checkpoint] {out} predates cross-engine universal copies; converting again")
+        (out / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(out)
     if found.manifest["layout"]["zero_stage"] == 0:
         raise CheckpointError(f"{tag_dir}: saved with ZeRO stage 0; DeepSpeed's universal conversion needs the ZeRO "
                               f"optimizer files of stage 1 or more")
@@ -138,7 +153,7 @@ def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> 
         n_layers = len(list(tag_dir.glob("layer_*-model_states.pt"))) - 2  # embedding, decoder layers, head
         _for_both_engines(tmp, n_layers)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir),
+        manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir), "universal_format": UNIVERSAL_FORMAT,
                     "conversion_s": round(time.perf_counter() - t0, 2)}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
     log(f"[checkpoint] universal checkpoint ready in {time.perf_counter() - t0:.1f}s: {out}")
@@ -274,7 +289,8 @@ def _add_placeholder_state(zero: Path) -> None:
 
 
 def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -> Path:
-    """Rank 0 converts; the others wait for ``universal/<tag>/lvita_manifest.json`` (or the error)."""
+    """Rank 0 converts; the others wait for ``universal/<tag>/lvita_manifest.json`` of the current
+    ``universal_format`` (or the error)."""
     out = universal_dir(tag_dir)
     failed = out.with_name(f"{out.name}.failed")
     if rank == 0:
@@ -286,7 +302,7 @@ def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -
             failed.write_text(str(e))
             raise
     t0 = time.perf_counter()
-    while not (out / MANIFEST).is_file():
+    while not universal_ready(out):
         if failed.is_file():
             raise CheckpointError(f"rank 0 could not convert {tag_dir} to universal: {failed.read_text()}")
         time.sleep(poll_s)
