@@ -169,8 +169,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # -- one universal copy for both engines ---------------------------------------------------------------
 # DeepSpeed's universal format keys each parameter's fp32 weight and Adam moments by the saving engine's
-# parameter name. The pipeline engine's PipelineModule names a parameter by its block ("3.self_attn.q_proj.
-# weight": block 3 = decoder layer 2), the ZeRO engine's plain model by its module ("layers.2.self_attn...").
+# parameter name. The pipeline engine's PipelineModule names a parameter by its block ("3.layer.self_attn.
+# q_proj.weight": block 3 = decoder layer 2), the ZeRO engine's plain model by its module
+# ("layers.2.layer.self_attn.q_proj.weight").
 # Loading under the wrong names finds no folder (or, worse, another parameter's), so every folder is also
 # written under the other engine's name (hard links), and the small files both loaders read are given in
 # both engines' forms. Pure name maps below; tests/test_cross_engine_resume.py checks them both ways.
