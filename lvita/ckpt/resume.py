@@ -4,18 +4,32 @@ Owns the decision ``resume`` (stage key; ``auto`` | a path | ``none``) leads to:
 
 - ``auto``: the newest complete checkpoint in ``<output_dir>/checkpoints``, or a fresh start;
 - a path: an output_dir, a ``checkpoints/`` directory or one ``global_step<N>`` in it;
-- the same pipeline degree and DeepSpeed data-parallel degree (world / pipeline) as the saved run:
-  DeepSpeed loads its own files; otherwise (ZeRO >= 1) the checkpoint is converted once with
-  DeepSpeed's ``ds_to_universal`` into ``checkpoints/universal/<tag>`` and loaded with
-  ``load_universal``. Global rank 0 converts; the other ranks wait for the finished copy (polling
-  the file system, so a long conversion meets no collective timeout).
+- the same engine, pipeline degree and DeepSpeed data-parallel degree (world / pipeline) as the saved
+  run: DeepSpeed loads its own files; otherwise (ZeRO >= 1 on both sides) the checkpoint is converted once
+  with DeepSpeed's ``ds_to_universal`` into ``checkpoints/universal/<tag>`` and loaded with
+  ``load_universal``. Global rank 0 converts; the other ranks wait for the finished copy (polling the file
+  system, so a long conversion meets no collective timeout).
 
     lvita ckpt to-universal runs/stage2/checkpoints/global_step500     # the same conversion by hand
+
+Across engines: the pipeline engine (ZeRO-1, any pipeline degree) and the ZeRO engine (pipeline 1, ZeRO-2
+or 3, any data x sequence degree) resume each other's checkpoints, and a ZeRO-2/3 checkpoint resumes at
+another world size, all through the universal copy (tests/test_cross_engine_resume.py: pipeline 2 ->
+ZeRO-3 at Ulysses 2 and back, ZeRO-3 on 2 ranks -> 1 rank and -> ZeRO-2, losses equal the uninterrupted
+run's). DeepSpeed's universal format keys each parameter's fp32 weight and Adam moments by the saving
+engine's parameter name, and the two engines name parameters differently (PipelineModule: ``3.layer.mlp...``
+by block; plain model: ``layers.2.layer.mlp...``), so the copy is made loadable by both
+(:func:`_for_both_engines`): every parameter folder also under the other engine's name (hard links,
+:func:`pipeline_to_plain` / :func:`plain_to_pipeline`), a ``step.pt`` per folder and ``{"param", "cat_dim"}``
+tensors for the ZeRO-1/2 loader (``ds_to_universal`` writes neither for ZeRO-3 files), ``zero/
+optimizer_state.pt`` with both loaders' keys, and the model-states file (lvita's client state) under
+both engines' names. After a universal load under ZeRO-3, :func:`_untie_zero3_steps` gives each
+sub-group its own Adam step tensor (DeepSpeed 0.19.8 shares one, counting one step per sub-group).
 
 Model weights are stored per block (``layer_XX-model_states.pt``), which is layout-free, so the
 universal copy hard-links them; DeepSpeed's tool re-shards the fp32 weights and Adam moments.
 Trade-off: a ZeRO-0 checkpoint has no ZeRO optimizer files for the tool to read, so it resumes only
-at its own pipeline degree (use a ZeRO-1 DeepSpeed config to move between layouts).
+at its own pipeline degree and stage (use a ZeRO-1 DeepSpeed config to move between layouts and engines).
 """
 from __future__ import annotations
 
@@ -72,23 +86,22 @@ def plan(cfg, now: dict, tokenizer: dict, spec=None) -> ResumePlan | None:
                               f"from it with model.init_from and resume=auto")
     check_fits(found, "resume", spec or cfg.model.spec(), tokenizer, cfg.precision)
     then = found.manifest["layout"]
-    if then["zero_stage"] != now["zero_stage"]:
+    if then["zero_stage"] != now["zero_stage"] and 0 in (then["zero_stage"], now["zero_stage"]):
         raise CheckpointError(f"resume={found.tag_dir}: saved with ZeRO stage {then['zero_stage']}, this run uses "
-                              f"{now['zero_stage']} ({cfg.deepspeed}); use a DeepSpeed config with the same stage")
+                              f"{now['zero_stage']} ({cfg.deepspeed}); a ZeRO-0 checkpoint has no ZeRO optimizer "
+                              f"files to convert: use a DeepSpeed config with the same stage, or train with ZeRO-1 "
+                              f"or more so checkpoints move between stages and engines")
     if then["zero_stage"] == 0 and then["pipeline"] != now["pipeline"]:
         raise CheckpointError(f"resume={found.tag_dir}: saved at pipeline {then['pipeline']} with ZeRO stage 0, "
                               f"which DeepSpeed cannot re-shard to pipeline {now['pipeline']}; resume at pipeline "
                               f"{then['pipeline']}, or train with a ZeRO-1 config (ds_configs/pipeline_fp32_cpu.json, "
                               f"pipeline_bf16_zero1.json) so checkpoints move between layouts")
-    if then["zero_stage"] >= 2 and then["deepspeed_data"] != now["deepspeed_data"]:
-        raise CheckpointError(f"resume={found.tag_dir}: saved by the ZeRO-{then['zero_stage']} engine on "
-                              f"{then['deepspeed_data']} ranks; this run has {now['deepspeed_data']}. Resuming a "
-                              f"ZeRO-2/3 checkpoint at another world size is not supported yet: resume on "
-                              f"{then['deepspeed_data']} processes, or start from its weights with model.init_from")
-    # ZeRO-0 keeps whole optimizer states per pipeline stage: any data degree loads them as they are
-    universal = then["zero_stage"] > 0 and (then["pipeline"], then["deepspeed_data"]) != \
-        (now["pipeline"], now["deepspeed_data"])
-    same_ranks = all(then[k] == now[k] for k in ("pipeline", "data", "ulysses", "ring", "world"))
+    # ZeRO-0 keeps whole optimizer states per pipeline stage: any data degree loads them as they are.
+    # Another ZeRO stage (the other engine: pipeline at ZeRO-1 <-> ZeRO-2/3 at pipeline 1) or another
+    # layout: through the universal copy, whose per-parameter folders carry both engines' names.
+    universal = then["zero_stage"] > 0 and (then["pipeline"], then["deepspeed_data"], then["zero_stage"]) != \
+        (now["pipeline"], now["deepspeed_data"], now["zero_stage"])
+    same_ranks = all(then[k] == now[k] for k in ("pipeline", "data", "ulysses", "ring", "world", "zero_stage"))
     return ResumePlan(found, universal, same_ranks)
 
 
@@ -98,14 +111,29 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / "universal" / tag_dir.name
 
 
+UNIVERSAL_FORMAT = 2  # 2: per-parameter folders under both engines' names (_for_both_engines)
+
+
+def universal_ready(out: Path) -> bool:
+    """A finished universal copy of the current format (an older one is converted again)."""
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("universal_format") == UNIVERSAL_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> Path:
     """Convert a complete checkpoint once (cached: returns the existing copy). Not collective."""
     tag_dir = Path(tag_dir)
     found = locate(tag_dir, "checkpoint")
     tag_dir = found.tag_dir
     out = universal_dir(tag_dir)
-    if (out / MANIFEST).is_file():
+    if universal_ready(out):
         return out
+    if out.exists():  # made by an lvita before universal_format 2: loadable by its own engine only
+        log(f"[checkpoint] {out} predates cross-engine universal copies; converting again")
+        (out / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(out)
     if found.manifest["layout"]["zero_stage"] == 0:
         raise CheckpointError(f"{tag_dir}: saved with ZeRO stage 0; DeepSpeed's universal conversion needs the ZeRO "
                               f"optimizer files of stage 1 or more")
@@ -119,18 +147,130 @@ def to_universal(tag_dir: str | Path, log=print, workers: int | None = None) -> 
         if proc.returncode != 0:
             raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
                                   f"{proc.stderr[-3000:]}")
-        _add_placeholder_state(tmp / "zero")
         for layer in sorted(tag_dir.glob("layer_*-model_states.pt")):  # per-block weights are layout-free
-            try:
-                os.link(layer, tmp / layer.name)
-            except OSError:
-                shutil.copy2(layer, tmp / layer.name)
+            (tmp / layer.name).unlink(missing_ok=True)  # ds_to_universal copies them from ZeRO-3 checkpoints
+            _link_or_copy(layer, tmp / layer.name)
+        n_layers = len(list(tag_dir.glob("layer_*-model_states.pt"))) - 2  # embedding, decoder layers, head
+        _for_both_engines(tmp, n_layers)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir),
+        manifest = {**found.manifest, "files": files, "universal_of": str(tag_dir), "universal_format": UNIVERSAL_FORMAT,
                     "conversion_s": round(time.perf_counter() - t0, 2)}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
     log(f"[checkpoint] universal checkpoint ready in {time.perf_counter() - t0:.1f}s: {out}")
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# -- one universal copy for both engines ---------------------------------------------------------------
+# DeepSpeed's universal format keys each parameter's fp32 weight and Adam moments by the saving engine's
+# parameter name. The pipeline engine's PipelineModule names a parameter by its block ("3.layer.self_attn.
+# q_proj.weight": block 3 = decoder layer 2), the ZeRO engine's plain model by its module
+# ("layers.2.layer.self_attn.q_proj.weight").
+# Loading under the wrong names finds no folder (or, worse, another parameter's), so every folder is also
+# written under the other engine's name (hard links), and the small files both loaders read are given in
+# both engines' forms. Pure name maps below; tests/test_cross_engine_resume.py checks them both ways.
+
+def pipeline_to_plain(name: str, n_layers: int) -> str | None:
+    """A PipelineModule parameter name -> the plain model's (lvita.parallel.zero.ZeroModel), or None when
+    the name is not a block's (the frozen stage's placeholder). Blocks: 0 embedding, 1..n_layers decoder
+    layers, n_layers + 1 head (lvita.parallel.pipeline.layer_specs)."""
+    block, _, rest = name.partition(".")
+    if not block.isdigit() or not rest:
+        return None
+    b = int(block)
+    if b == 0:
+        return f"embed.{rest}"
+    if b == n_layers + 1:
+        return f"head.{rest}"
+    if 1 <= b <= n_layers:
+        return f"layers.{b - 1}.{rest}"
+    return None
+
+
+def plain_to_pipeline(name: str, n_layers: int) -> str | None:
+    """The inverse of :func:`pipeline_to_plain`; None for a name that is no block's."""
+    first, _, rest = name.partition(".")
+    if first == "embed" and rest:
+        return f"0.{rest}"
+    if first == "head" and rest:
+        return f"{n_layers + 1}.{rest}"
+    if first == "layers":
+        idx, _, key = rest.partition(".")
+        if idx.isdigit() and key and int(idx) < n_layers:
+            return f"{int(idx) + 1}.{key}"
+    return None
+
+
+def other_engine_name(name: str, n_layers: int) -> str | None:
+    return pipeline_to_plain(name, n_layers) if name.split(".", 1)[0].isdigit() else plain_to_pipeline(name, n_layers)
+
+
+MODEL_STATES = {"pipeline": "mp_rank_00_model_states.pt",  # what each engine's loader reads (DeepSpeed 0.19.8,
+                "zero3": "zero_pp_rank_0_mp_rank_00_model_states.pt"}  # universal: pp/dp rank 0's file)
+
+
+def _for_both_engines(out: Path, n_layers: int) -> None:
+    """Make the universal copy ``out`` loadable by the pipeline engine (ZeRO-1), the ZeRO-2 and the ZeRO-3
+    engine, whichever saved it: per-parameter folders under both names, a ``step.pt`` per folder (the
+    ZeRO-1/2 loader reads it; ds_to_universal writes none for ZeRO-3 files), ``zero/optimizer_state.pt``
+    in both loaders' forms, and the model-states file (client state) under both engines' names."""
+    import torch
+
+    zero = out / "zero"
+    opt_path = zero / "optimizer_state.pt"
+    opt = torch.load(opt_path, map_location="cpu", weights_only=False)
+    steps = sorted(zero.glob("*/step.pt"))
+    if steps:  # saved at ZeRO-1/2: one Adam step count for every parameter
+        step = torch.load(steps[0], map_location="cpu", weights_only=False)
+    else:  # saved at ZeRO-3: the base optimizer's state of sub-group 0
+        step = opt["optimizer_state_dict"]["state"][0]["step"]
+    # the ZeRO-3 loader reads the step here; the ZeRO-1/2 loader reads param_groups and ds_version
+    opt.pop("fp32_flat_groups", None)  # rank 0's weights, read by neither loader
+    base = opt.setdefault("optimizer_state_dict", {})
+    base["state"] = {0: {"step": step}}  # a ZeRO-3 source's rank-0 moments are in the folders already
+    base.setdefault("param_groups", opt.get("param_groups", []))
+    opt.setdefault("param_groups", base["param_groups"])
+    if "ds_version" not in opt:
+        from deepspeed import __version__
+
+        opt["ds_version"] = __version__
+    torch.save(opt, opt_path)
+    folders = [d for d in sorted(zero.iterdir()) if d.is_dir()]
+    shapes = {}
+    for f in MODEL_STATES.values():
+        if (out / f).is_file():
+            for group in torch.load(out / f, map_location="cpu", weights_only=False).get("param_shapes") or []:
+                shapes.update(group)
+    for d in folders:
+        if not (d / "step.pt").is_file():
+            torch.save(step, d / "step.pt")
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):  # ZeRO-3's conversion writes bare flat tensors; the
+            f = d / f"{key}.pt"  # ZeRO-1/2 loader reads {"param": tensor of the parameter's shape, "cat_dim"}
+            t = torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+            if torch.is_tensor(t):
+                torch.save({"param": t.reshape(shapes[d.name]) if d.name in shapes else t, "cat_dim": 0}, f)
+    _add_placeholder_state(zero)
+    for d in folders:
+        alias = other_engine_name(d.name, n_layers)
+        if alias is None or (zero / alias).exists():
+            continue
+        (zero / alias).mkdir()
+        for f in d.iterdir():
+            _link_or_copy(f, zero / alias / f.name)
+    have = [out / f for f in MODEL_STATES.values() if (out / f).is_file()]
+    if not have:
+        raise CheckpointError(f"{out}: DeepSpeed's conversion wrote no {' or '.join(MODEL_STATES.values())}")
+    for f in MODEL_STATES.values():
+        if not (out / f).is_file():  # the other engine's name; its universal loader reads it as the only file
+            sd = torch.load(have[0], map_location="cpu", weights_only=False)
+            sd["mp_world_size"] = 1  # (DeepSpeed checks it against the files it found: pipeline 2 saved 2)
+            torch.save(sd, out / f)
 
 
 def _add_placeholder_state(zero: Path) -> None:
@@ -150,7 +290,8 @@ def _add_placeholder_state(zero: Path) -> None:
 
 
 def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -> Path:
-    """Rank 0 converts; the others wait for ``universal/<tag>/lvita_manifest.json`` (or the error)."""
+    """Rank 0 converts; the others wait for ``universal/<tag>/lvita_manifest.json`` of the current
+    ``universal_format`` (or the error)."""
     out = universal_dir(tag_dir)
     failed = out.with_name(f"{out.name}.failed")
     if rank == 0:
@@ -162,13 +303,28 @@ def ensure_universal(tag_dir: Path, rank: int, log=print, poll_s: float = 2.0) -
             failed.write_text(str(e))
             raise
     t0 = time.perf_counter()
-    while not (out / MANIFEST).is_file():
+    while not universal_ready(out):
         if failed.is_file():
             raise CheckpointError(f"rank 0 could not convert {tag_dir} to universal: {failed.read_text()}")
         time.sleep(poll_s)
         if time.perf_counter() - t0 > 24 * 3600:
             raise CheckpointError(f"waited a day for rank 0 to convert {tag_dir}; giving up")
     return out
+
+
+def _untie_zero3_steps(optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal loader (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+    gives every sub-group's Adam state the same ``step`` tensor; torch's Adam increments it in place once per
+    sub-group, so after one step each group's bias correction counts several steps (next losses off by ~2e-3
+    in tests/test_cross_engine_resume.py). One tensor per state, as after a native load."""
+    from lvita.parallel.internals import check, resolve
+
+    if not isinstance(optimizer, resolve("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3")):
+        return
+    check(optimizer, "zero3_universal", "resuming from a universal checkpoint under ZeRO-3")
+    for state in optimizer.optimizer.state.values():
+        if "step" in state and hasattr(state["step"], "clone"):
+            state["step"] = state["step"].clone()
 
 
 def load(engine, plan_: ResumePlan, rank: int) -> dict:
@@ -185,6 +341,8 @@ def load(engine, plan_: ResumePlan, rank: int) -> dict:
                                           load_lr_scheduler_states=False)
     if path is None or not client or "lvita" not in client:
         raise CheckpointError(f"resume={found.tag_dir}: DeepSpeed loaded nothing from {load_dir}/{found.tag}")
+    if plan_.universal:
+        _untie_zero3_steps(engine.optimizer)
     for group, saved in zip(engine.optimizer.param_groups, settings):
         group.update(saved)
     state = client["lvita"]

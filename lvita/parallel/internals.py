@@ -118,6 +118,12 @@ TARGETS: dict[str, Targets] = {
         "step": "DeepSpeed's, unchanged",
         "param_groups": "the optimizer's groups (read by the training loop for the learning rates)",
     }),
+    "zero3_universal": Targets(_ZERO3, "deepspeed", {
+        "optimizer": "its base torch optimizer, whose per-sub-group Adam ``step`` tensors lvita.ckpt.resume unties "
+                     "after a universal load (0.19.8's loader assigns one tensor to every sub-group)",
+        "load_hp_checkpoint_state_from_checkpoint_dir_stage3": "loads the universal copy (fp32 weights, Adam "
+                     "moments by parameter name; the step from zero/optimizer_state.pt's optimizer_state_dict)",
+    }),
     # -- DeepSpeed: BF16_Optimizer (bf16 + fp32 accumulation at ZeRO-1, bf16 at ZeRO 0) -----------------
     "bf16": Targets(_BF16, "deepspeed", {
         "step": "wrapped by the guard: returns early with overflow set on a non-finite step",
