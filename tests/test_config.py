@@ -222,3 +222,25 @@ def test_issue_24_keys_are_checked_with_their_fix(stage):
                                          "model.init_from=runs/previous"]), 1)
     assert [m for m in layout.missing if "model.init_from" in m] == \
         ["model.init_from: runs/previous (the previous stage's output_dir or an HF model directory)"]
+
+
+def test_init_from_without_weights_is_flagged_and_strict_fails(stage, tmp_path, capsys):
+    """A directory named by model.init_from that holds no weights (a previous stage that has not saved yet, a
+    typo'd folder) is listed to fill in, and ``lvita check --strict`` fails on it; one with weights is fine."""
+    empty = tmp_path / "previous"
+    (empty / "logs").mkdir(parents=True)
+    layout = validate(load_stage(stage, [f"model.init_from={empty}"]), 1)
+    assert [m for m in layout.missing if "init_from" in m] == [
+        f"model.init_from: {empty} exists but holds no weights (no *.safetensors, pytorch_model*.bin or checkpoint "
+        "layer_*-model_states.pt): has the previous stage saved?"]
+    assert check(str(stage), 1, [f"model.init_from={empty}"], strict=True) == 2
+    printed = capsys.readouterr()
+    assert "holds no weights" in printed.out + printed.err
+    tag = empty / "checkpoints" / "global_step5"  # an lvita output_dir once its first checkpoint is written
+    tag.mkdir(parents=True)
+    (tag / "layer_00-model_states.pt").write_bytes(b"x")
+    assert not [m for m in validate(load_stage(stage, [f"model.init_from={empty}"]), 1).missing if "init_from" in m]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert not [m for m in validate(load_stage(stage, [f"model.init_from={hf}"]), 1).missing if "init_from" in m]

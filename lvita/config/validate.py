@@ -50,6 +50,20 @@ def _exists(path: str | None) -> bool:
     return path is not None and Path(path).exists()
 
 
+# what model.init_from can load: an HF directory's weights, or an lvita checkpoint's per-block files (in the
+# output_dir's checkpoints/<tag>/, a checkpoints/ directory's <tag>/, or the tag itself)
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "layer_*-model_states.pt")
+
+
+def holds_weights(path: Path, depth: int = 2) -> bool:
+    """Whether a directory has weight files at most ``depth`` folders down (a file path: itself)."""
+    if path.is_file():
+        return True
+    if any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        return True
+    return depth > 0 and any(holds_weights(d, depth - 1) for d in sorted(path.iterdir()) if d.is_dir())
+
+
 def validate(cfg: StageConfig, world_size: int) -> Layout:
     errors: list[str] = []
     missing: list[str] = []
@@ -157,6 +171,9 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
     for path in [m.init_from] if isinstance(m.init_from, str) else m.init_from or []:
         if not _exists(path):
             missing.append(f"model.init_from: {path} (the previous stage's output_dir or an HF model directory)")
+        elif not holds_weights(Path(path)):
+            missing.append(f"model.init_from: {path} exists but holds no weights (no *.safetensors, "
+                           f"pytorch_model*.bin or checkpoint layer_*-model_states.pt): has the previous stage saved?")
     if isinstance(m.init_from, list) and len(m.init_from) != 2:
         err(f"model.init_from={m.init_from}: a list must hold two HF directories, [InternViT, Qwen2]")
     random_frozen(m, err, missing)
