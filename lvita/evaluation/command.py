@@ -103,8 +103,8 @@ def _main(args, argv: list[str]) -> int:
 
         return show_item(args, bench, load_opts, opts, wrapper)
     model, fmt, decode, rank = load_for_args(args, opts)
-    if bench.wrapped and not fmt.model_format.default_system_prompt and args.system_prompt is None:
-        opts["system_prompt"] = None  # Long-VITA's VLMEvalKit wrappers send no system prompt
+    if args.system_prompt is None:
+        opts["system_prompt"] = bench.system_prompt(fmt, opts["system_prompt"])
     if args.sp > 1:
         decode_on_rank0(bench, args.data, load_opts, rank)
     evaluate_benchmark(model, fmt, bench, args.data, out, load_opts, dict(opts, decode=decode),

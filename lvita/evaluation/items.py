@@ -71,6 +71,11 @@ class Benchmark:
     #                       training encodes it
     max_new_tokens: int = 64  # the answer length of an unwrapped set (a wrapped one: Wrapper.max_new_tokens)
 
+    def system_prompt(self, fmt, model_prompt: str | None) -> str | None:
+        """The system prompt an item is asked with when --system-prompt is not given: none for a wrapped benchmark
+        under a format without a default one (Long-VITA's VLMEvalKit wrappers send none), else the model's."""
+        return None if self.wrapped and not fmt.model_format.default_system_prompt else model_prompt
+
     def default_out(self, data) -> Path:
         """``<data dir>/<NAME>-eval``; lvita's own sets are named by their file (``<data dir>/<stem>-eval``)."""
         return Path(data).parent / f"{self.name if self.wrapped else Path(data).stem}-eval"

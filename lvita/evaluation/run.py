@@ -133,7 +133,8 @@ def evaluate_benchmark(model, fmt, bench: Benchmark, data, out, load_opts: LoadO
     rows = read_predictions(preds_path) if write else []
     results = {"benchmark": bench.name, "data": str(data), "items": len(items) + n_loader_skips,
                "answered": len(rows), "answered_this_run": n_written,
-               "scores": _score(bench, rows, scorer) if write else None, **_named(wrapper=wrapper if bench.wrapped else None, scorer=scorer),
+               "scores": bench.score(rows, scorer) if write else None,
+               **_provenance(wrapper=wrapper if bench.wrapped else None, scorer=scorer),
                "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                            "items": skipped},
                "stops": dict(Counter(r.get("stop") for r in rows)), "seconds": round(time.perf_counter() - t0, 2),
@@ -151,11 +152,7 @@ def summary(scores: dict) -> str:
     return json.dumps(overall["accuracy"] if isinstance(overall, dict) and "accuracy" in overall else overall)
 
 
-def _score(bench: Benchmark, rows: list[dict], scorer: Scorer) -> dict:
-    return bench.score(rows, scorer)
-
-
-def _named(**objects) -> dict:
+def _provenance(**objects) -> dict:
     """results.json's record of the wrapper and scorer used: name and where it comes from."""
     return {k: {"name": v.name, "source": getattr(v, "source", None), "commit": getattr(v, "commit", None),
                 "description": getattr(v, "description", None)} for k, v in objects.items() if v is not None}
@@ -181,8 +178,8 @@ def score_only(bench: Benchmark, predictions, out=None, arguments: list[str] | N
             previous = {}
         if not isinstance(previous, dict) or previous.get("benchmark") != bench.name:
             previous = {}
-    results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": _score(bench, rows, scorer),
-               **_named(scorer=scorer), "stops": dict(Counter(r.get("stop") for r in rows)),
+    results = {**previous, "benchmark": bench.name, "answered": len(rows), "scores": bench.score(rows, scorer),
+               **_provenance(scorer=scorer), "stops": dict(Counter(r.get("stop") for r in rows)),
                "rescored_from": str(predictions), "prediction_file": report,
                "command": list(sys.argv), "arguments": arguments}
     atomic_write(dest / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")

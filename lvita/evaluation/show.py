@@ -26,8 +26,7 @@ def show_item(args, bench: Benchmark, load_opts: LoadOptions, opts: dict, wrappe
     fmt, _ = load_input_format(args.model, args.tokenizer)
     system_prompt = opts["system_prompt"]
     if args.system_prompt is None:
-        system_prompt = None if bench.wrapped and not fmt.model_format.default_system_prompt \
-            else model_system_prompt(args.model, fmt.tok)
+        system_prompt = bench.system_prompt(fmt, model_system_prompt(args.model, fmt.tok))
     item = find_item(bench, Path(args.data), load_opts, args.show)
     asked = bench.prompt(item, fmt, wrapper)
     messages = asked if isinstance(asked, list) else [{"role": "user", "content": asked}]
