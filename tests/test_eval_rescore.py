@@ -5,6 +5,7 @@ help lists the catalog. The model is stubbed where only the driver is under test
 from __future__ import annotations
 
 import json
+import os
 import random
 from types import SimpleNamespace
 
@@ -215,3 +216,38 @@ def test_answer_length_and_frames_are_the_wrappers_unless_given():
     with pytest.raises(UserError, match="--frames 64 and --max-frames 32: one setting"):
         resolved("Video-MME", HF, frames=64, **{"max-frames": 32})
     assert resolved("jsonl", HF) == (64, 128, 128, 1.0)  # lvita's own sets: training's media defaults (data.*)
+
+
+def test_hostile_prediction_files_end_in_a_score_or_one_error_line(tmp_path, capsys):
+    """Seeded hostile prediction files (random bytes under every suffix, odd index / prediction cells, rows of
+    the wrong JSON type, a torn quote) given to --score-only: exit 0 with a results.json, or exit 2 with one
+    error line; never a traceback."""
+    data = write_tsv(tmp_path / "MMStar.tsv", [{"index": i, "image": b64png("red"), "question": "q", "A": "a",
+                                                "B": "b", "answer": "A", "category": "c"} for i in range(3)])
+    rng = random.Random(int(os.environ.get("LVITA_HOSTILE_SEED", "5")))
+    rows = [{"id": 1, "prediction": None}, {"index": "2", "prediction": 3}, [1], "x", {"id": [1], "prediction": "A"},
+            {"id": 0, "prediction": "A"}, {"id": {"a": 1}, "prediction": ["A"]}, {"prediction": "B"}]
+    outcomes = set()
+    for k in range(40):
+        ext = rng.choice([".xlsx", ".tsv", ".csv", ".jsonl"])
+        path, kind = tmp_path / f"f{k}{ext}", rng.randrange(4)
+        if kind == 0:
+            path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(300))))
+        elif kind == 1:
+            sep = "," if ext == ".csv" else "\t"
+            path.write_text("index" + sep + "prediction\n" + "\n".join(
+                rng.choice(["0", "1", "x", "", " 2", "1e3", "nan"]) + sep + rng.choice(["A", "", "B c", '"'])
+                for _ in range(5)))
+        elif kind == 2:
+            path.write_text("".join(json.dumps(rng.choice(rows)) + "\n" for _ in range(4)))
+        else:
+            path.write_text('index,prediction\n0,A\n1,"B\n')
+        out = tmp_path / f"o{k}"
+        rc = lveval.main(["--benchmark", "MMStar", "--score-only", str(path), "--data", str(data), "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        if rc == 2:
+            assert len(err) == 1 and err[0].startswith("lvita eval: error: "), err
+        else:
+            assert rc == 0 and (out / "results.json").is_file()
+        outcomes.add(rc)
+    assert outcomes == {0, 2}  # the generator reaches both ends
