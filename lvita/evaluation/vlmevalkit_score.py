@@ -134,7 +134,7 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def process_punctuation(text: str, scorer: Scorer) -> str:
-    """``vlmeval/smp/misc.py`` ``process_punctuation`` (37d08c5 line 32, e8e78f0 line 18), quirks kept: its
+    r"""``vlmeval/smp/misc.py`` ``process_punctuation`` (37d08c5 line 32, e8e78f0 line 18), quirks kept: its
     last line ``periodStrip.sub('', outText, re.UNICODE)`` passes re.UNICODE (32) as the count, so only the
     first 32 periods go (line 47 at 37d08c5, 32 at e8e78f0); 37d08c5's ``(?!<=\d)`` is a lookahead (no
     lookbehind): a period after a digit goes too, and counts toward the 32."""
