@@ -75,7 +75,7 @@ def test_batch_arithmetic(stage):
 
 def test_missing_files(stage, tmp_path):
     msg = errors_for(stage, 1, f"deepspeed={tmp_path}/nope.json")
-    assert "nope.json': file not found; point it at one of ds_configs/*.json" in msg
+    assert "nope.json': file not found (relative to the working directory); point it at a DeepSpeed JSON or name a shipped one: pipeline_bf16_zero1, pipeline_fp32_cpu" in msg
     layout = validate(load_stage(stage, [f"model.tokenizer={tmp_path}/none", "data.root=/nonexistent"]), 1)
     assert any("model.tokenizer" in m for m in layout.missing)
     assert any("captions" in m and "/nonexistent/captions.jsonl" in m for m in layout.missing)

@@ -237,8 +237,8 @@ def test_benchmark_user_errors(capsys, tmp_path):
     assert main(["--benchmark", "MMStar", "--score-only", str(tmp_path / "predictions.jsonl")]) == 2
     _one_error_line(capsys, "lvita eval", "predictions.jsonl")
     assert main(["--model", str(tmp_path), "--benchmark", "vniah", "--haystack", str(tmp_path / "h.mp4"),
-                 "--needles", str(tmp_path), "--frames", "abc"]) == 2
-    _one_error_line(capsys, "lvita eval --benchmark vniah", "--frames 'abc'")
+                 "--needles", str(tmp_path), "--haystack-frames", "abc"]) == 2
+    _one_error_line(capsys, "lvita eval --benchmark vniah", "--haystack-frames 'abc'")
 
 
 def test_benchmark_bugs_propagate(monkeypatch, tmp_path):

@@ -336,7 +336,7 @@ def test_lvita_eval_runs_every_video_layout_end_to_end(videomme, mvbench, always
     }
     for name, (data, want, skipped) in cases.items():
         out = tmp_path / f"{name}-eval"
-        assert lveval.main(["--model", str(always_b_hf), "--benchmark", name, "--data", str(data), "--frames", "4",
+        assert lveval.main(["--model", str(always_b_hf), "--benchmark", name, "--data", str(data), "--max-frames", "4",
                             "--subtitles", "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
         results = json.loads((out / "results.json").read_text())
         assert {k: results["scores"][k] for k in want} == want, (name, results["scores"])

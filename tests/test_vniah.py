@@ -182,7 +182,7 @@ def test_cli_writes_grid_and_heatmap_and_a_rerun_resumes(tokenizer_dir, haystack
     out = tmp_path / "res"
     # 18 tokens a frame: 6 frames + the needle + text are 189 tokens (+ 1 answer token) <= 200; 10 frames: 261
     argv = ["--benchmark", "vniah", "--model", str(hf), "--haystack", str(haystack), "--needles", str(needles),
-            "--frames", "2,6,10", "--depths", "0,50,100", "--max-context", "200", "--out", str(out)]
+            "--haystack-frames", "2,6,10", "--depths", "0,50,100", "--max-context", "200", "--out", str(out)]
     counted = []
     monkeypatch.setattr(vniah, "generate", lambda *a: counted.append(1) or generate(*a))
     from lvita import eval as lveval  # the command users type: lvita eval --benchmark vniah ...
@@ -234,8 +234,8 @@ def test_bad_input_is_clear(tokenizer_dir, haystack, tmp_path, capsys):
     got, skipped = load_needles(needles)
     assert len(got) == 1 and [(s.id, s.reason) for s in skipped] == [("1", "bad_needle")]
     base = ["--model", str(tmp_path / "nomodel"), "--haystack", str(haystack), "--needles", str(needles)]
-    assert vniah.main(base + ["--frames", "200"]) == 2  # refused before any model is loaded
-    assert "12 frames at 1 fps (24 frames at 2 fps), --frames asks for 200" in capsys.readouterr().err
+    assert vniah.main(base + ["--haystack-frames", "200"]) == 2  # refused before any model is loaded
+    assert "12 frames at 1 fps (24 frames at 2 fps), --haystack-frames asks for 200" in capsys.readouterr().err
     assert vniah.main(base + ["--depths", "0,120"]) == 2 and "percents in 0..100" in capsys.readouterr().err
     with pytest.raises(PathError, match="no \\*.parquet"):
         load_needles(tmp_path)
@@ -260,7 +260,7 @@ def test_context_parallel_run_gives_the_single_process_cells(tokenizer_dir, hays
         model.head.lm_head.weight[[sp["im_end"], sp["endoftext"]]] = 0
     hf = write_hf_dir(model.state_dict(), "tiny", tokenizer_dir, tmp_path / "hf", sp["img_context"])
     needles = _longva_needles(tmp_path / "needles", ["red", "blue"], [RED, (0, 0, 255)])
-    base = ["--model", str(hf), "--haystack", str(haystack), "--needles", str(needles), "--frames", "2,5",
+    base = ["--model", str(hf), "--haystack", str(haystack), "--needles", str(needles), "--haystack-frames", "2,5",
             "--depths", "50", "--scoring", "generate", "--max-new-tokens", "3", "--device", "cpu"]
     assert vniah.main(base + ["--out", str(tmp_path / "single")]) == 0
     assert run_world(_cp_main, 2, base + ["--out", str(tmp_path / "cp"), "--sp", "2"]) == [0, 0]

@@ -152,7 +152,7 @@ def _main(args) -> int:
     if args.cmd == "ckpt":
         to_universal(args.dir)
     elif args.convert_cmd == "to-hf":
-        to_hf(args.ckpt, args.out, args.tokenizer, layout=args.layout)
+        to_hf(args.ckpt, args.out, args.tokenizer, layout=args.format)
     else:
         *sources, out = args.paths
         if not 1 <= len(sources) <= 2:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lvita.config.shipped import find_ds_config, find_stage
 from lvita.errors import ConfigError  # noqa: F401 - defined there (the model presets raise it too), used here
 
 
@@ -279,9 +280,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
     """Read a stage JSON, apply ``--set`` overrides, and return the typed config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"stage file {path} not found; pass one of stages/*/*.json")
+    path = find_stage(path)  # a file, or a shipped stage by name (lvita.config.shipped)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -297,6 +296,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.source_file = str(path)
+    cfg.deepspeed = find_ds_config(cfg.deepspeed)  # a file there, else the shipped config of that name
     fmt = resolve_model_format(cfg.model, str(path))
     if fmt is not None and not fmt.default_system_prompt and "system_prompt" not in (raw.get("data") or {}):
         cfg.data.system_prompt = ""  # released Long-VITA trains with no default system prompt

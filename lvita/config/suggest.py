@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lvita.config.memory_plan import GIB, Plan, memory_plan
 from lvita.config.schema import ConfigError
+from lvita.config.shipped import DS_CONFIGS
 from lvita.config.validate import validate
 from lvita.config.zero_memory import zero_of
 
@@ -36,7 +37,6 @@ LEVERS = ("model.activation_checkpointing", "model.tiled_mlp", "model.activation
           "train.optimizer_offload", "train.param_offload")
 ZERO3_JSON = "zero3_bf16.json"
 MARGIN = 0.1  # memory_plan's docstring: treat a plan within ~10% of the GPU's size as not fitting
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Candidate:
 def zero3_config(cfg) -> str | None:
     """The ZeRO-3 DeepSpeed JSON to propose for the stage's precision: beside the stage's own, else the
     repository's (bf16: zero3_bf16.json; fp32: a zero3*fp32*.json if one is shipped); None: none."""
-    for folder in (Path(cfg.deepspeed).parent, REPO_CONFIGS):
+    for folder in (Path(cfg.deepspeed).parent, DS_CONFIGS):
         names = [ZERO3_JSON] if cfg.precision == "bf16" else sorted(p.name for p in folder.glob("zero3*fp32*.json"))
         if names and (folder / names[0]).is_file():
             return str(folder / names[0])
@@ -78,7 +78,7 @@ def pipeline_config(cfg) -> str:
         return cfg.deepspeed
     name = "pipeline_bf16_zero1.json" if cfg.precision == "bf16" else "pipeline_fp32_cpu.json"
     beside = Path(cfg.deepspeed).parent / name
-    return str(beside if beside.is_file() else REPO_CONFIGS / name)
+    return str(beside if beside.is_file() else DS_CONFIGS / name)
 
 
 def _set(cfg, key: str, value) -> None:

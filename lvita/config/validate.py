@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lvita.config.schema import MODULES, RECORD_SCHEMAS, ConfigError, StageConfig, parse_duration
+from lvita.config.shipped import ds_config_names
 from lvita.model.attention import packed_kernels
 from lvita.model.presets import PRESETS, llm_config
 
@@ -157,7 +158,8 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         err(f"train.adam_betas={t.adam_betas}: two numbers, e.g. [0.9, 0.999]")
 
     if not Path(cfg.deepspeed).is_file():
-        err(f"deepspeed='{cfg.deepspeed}': file not found; point it at one of ds_configs/*.json")
+        err(f"deepspeed='{cfg.deepspeed}': file not found (relative to the working directory); point it at a "
+            f"DeepSpeed JSON or name a shipped one: {', '.join(ds_config_names())}")
     else:
         try:
             deepspeed_config(cfg, micro=t.micro_batch, gas=max(gas, 1), ds_data_ranks=world_size // p.pipeline)

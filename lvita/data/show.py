@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lvita.config.shipped import add_stage_arguments
 from lvita.errors import PathError
 
 IGNORE = -100  # lvita.data.template.IGNORE; this module stays light to import (the CLI's parser imports it)
@@ -30,13 +31,12 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ trained ⟧
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--stage", required=True)
+    add_stage_arguments(p)
     p.add_argument("--source", help="the source to read (default: every source, for --id)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", help="the record whose 'id' field is this")
     which.add_argument("--index", type=int, help="the record at this position of the source (from 0)")
     p.add_argument("--save", metavar="FILE.npz", help="write input_ids, labels, position_ids, pixel_values")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
 def _records(reader):

@@ -1,12 +1,14 @@
 """``lvita demo``: the four-stage curriculum on the tiny model, on this machine, with no downloads.
 
-    lvita demo [--out demo_out] [--nproc 2]
+    lvita demo [--out demo_out] [--world-size 2] [--stages N] [--set KEY=VALUE]...
 
 Trains a tokenizer on text shipped in the package, generates a small multi-source dataset
-(images, multi-image, comics, videos, short and long text), then runs ``stages/demo/*.json``
-in order through the ``deepspeed`` launcher with ``--nproc`` processes (CPU and gloo when there
-is no GPU), each stage initialised from the previous stage's last checkpoint. Prints where the
-TensorBoard logs and checkpoints are and each stage's first and last loss.
+(images, multi-image, comics, videos, short and long text), then runs the shipped stages
+``demo/*`` (``stages/demo/*.json``; the first ``--stages`` of them) in order through the ``deepspeed``
+launcher with ``--world-size`` processes (CPU and gloo when there is no GPU), each stage initialised from
+the previous stage's last checkpoint, ``--set`` overrides applied to every stage. Runs from any
+directory (an installed wheel carries the stage files). Prints where the TensorBoard logs and
+checkpoints are and each stage's first and last loss.
 
 The launcher output of each stage goes to ``<out>/<stage>/launcher.log``; the terminal shows
 only lvita's own progress lines (and any error).
@@ -20,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from lvita.errors import PathError
+from lvita.config.shipped import STAGES as SHIPPED_STAGES
+from lvita.errors import ConfigError, PathError
 from lvita.training.loop import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-STAGES = REPO / "stages" / "demo"
+STAGES = SHIPPED_STAGES / "demo"
 
 
 def prepare(out: Path) -> tuple[Path, Path]:
@@ -54,7 +56,7 @@ def _run_stage(stage: Path, out: Path, nproc: int, overrides: list[str]) -> int:
     for o in [f"output_dir={stage_out}", *overrides]:
         cmd += ["--set", o]
     with open(stage_out / "launcher.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             if line.startswith(f"[{stage.stem}]") or line.startswith("[data]") or "error" in line.lower():
@@ -67,19 +69,31 @@ def _first_last(metrics: Path) -> tuple[float, float]:
     return losses[0], losses[-1]
 
 
-def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False) -> int:
-    """``lvita demo`` (the CLI reports a UserError, such as no stages/demo here, as one line, exit 2)."""
+def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False, stages: int | None = None,
+         sets: list[str] | None = None) -> int:
+    """``lvita demo`` (the CLI reports a UserError, such as a broken install, as one line, exit 2)."""
     out = Path(out).resolve()
     if not STAGES.is_dir():
-        raise PathError(f"{STAGES} not found; run the demo from a clone of the repository (pip install -e .)")
+        raise PathError(f"{STAGES} not found: this lvita was installed without its stage files; reinstall it "
+                        f"(pip install lvita, or pip install -e . in a clone)")
+    files = sorted(STAGES.glob("*.json"))
+    if stages is not None and not 1 <= stages <= len(files):
+        raise ConfigError(f"--stages {stages}: between 1 and {len(files)} (the demo's stages)")
+    files = files[:stages]
+    if nproc < 1:
+        raise ConfigError(f"--world-size {nproc}: at least 1 process")
+    for item in sets or []:  # checked here, once, rather than failing inside the launcher's first stage
+        from lvita.config.schema import apply_override
+
+        apply_override({}, item)
     start = time.time()
     tok_dir, data_dir = prepare(out)
     if data_only:
         return 0
     summary, prev = [], None
-    for stage in sorted(STAGES.glob("*.json")):
+    for stage in files:
         overrides = [f"data.root={data_dir}", f"model.tokenizer={tok_dir}",
-                     f"model.init_from={json.dumps(str(out / prev / 'checkpoints')) if prev else 'null'}"]
+                     f"model.init_from={json.dumps(str(out / prev / 'checkpoints')) if prev else 'null'}", *(sets or [])]
         shutil.rmtree(out / stage.stem, ignore_errors=True)  # a fresh run of every stage, not a resume
         t = time.time()
         print(f"[demo] stage {stage.stem}: {json.loads(stage.read_text()).get('description', '')}", flush=True)
@@ -91,7 +105,7 @@ def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False) -> int:
         first, last = _first_last(out / stage.stem / "metrics.jsonl")
         summary.append((stage.stem, first, last, time.time() - t))
         prev = stage.stem
-    print(f"\n[demo] four stages done in {time.time() - start:.0f}s")
+    print(f"\n[demo] {len(files)} stage{'s' * (len(files) > 1)} done in {time.time() - start:.0f}s")
     print(f"[demo] TensorBoard: tensorboard --logdir {out}")
     for name, first, last, secs in summary:
         print(f"[demo]   {name:10s} loss {first:.3f} -> {last:.3f}  ({secs:.0f}s)  checkpoints: {out / name / 'checkpoints'}")

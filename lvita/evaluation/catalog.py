@@ -40,7 +40,7 @@ def _vniah(argv: list[str]) -> int:
 
 
 VNIAH = OwnCommand("vniah", _vniah, "video needle-in-a-haystack grid (LongVA's V-NIAH): --haystack, --needles, "
-                                    "--frames, --depths; see lvita eval --benchmark vniah --help")
+                                    "--haystack-frames, --depths; see lvita eval --benchmark vniah --help")
 CATALOG: dict[str, Benchmark | OwnCommand] = {JSONL_SET.name: JSONL_SET, **VLMEVALKIT, **VIDEO_BENCHMARKS,
                                               VNIAH.name: VNIAH}
 

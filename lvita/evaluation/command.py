@@ -15,7 +15,7 @@ Owns the options of evaluation and which of its three modes a command line asks 
     lvita eval --model hf/Long-VITA-128K_HF --benchmark MMBench_DEV_EN_V11 --data LMUData/MMBench_DEV_EN_V11.tsv
     lvita eval --benchmark MMStar --score-only MyModel_MMStar.xlsx --data LMUData/MMStar.tsv
     lvita eval --model M --benchmark MVBench --data MVBench --show action_sequence-0 --save item.npz
-    deepspeed --num_gpus 8 --module lvita.eval --model M --benchmark Video-MME --data DIR --frames 1024 --sp 8
+    deepspeed --num_gpus 8 --module lvita.eval --model M --benchmark Video-MME --data DIR --max-frames 1024 --sp 8
 
 Bad input (an unknown or judge-only benchmark, a missing file, a bad option) exits 2 with one line naming it,
 before the model loads. Trade-off: an unreadable benchmark file is found after the model is loaded (loaders
@@ -54,8 +54,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--scorer", default=DEFAULT_SCORER.name, choices=list(SCORERS),
                     help="whose exact matching: " + "; ".join(f"{s.name}: {s.description}" for s in SCORERS.values())
                          + f" (default {DEFAULT_SCORER.name}, behind the paper's tables)")
-    ap.add_argument("--frames", type=int, help="most frames per video, at about --video-fps (default: the "
-                                               f"wrapper's, {HF.max_frames} at {HF.max_fps:g} fps; the paper sweeps 64-4096)")
     ap.add_argument("--subtitles", action="store_true", help="Video-MME's with-subtitles setting")
     ap.add_argument("--score-only", metavar="FILE",
                     help="rescore FILE without a model: predictions.jsonl, a JSONL of {id, prediction}, or VLMEvalKit's "
@@ -97,7 +95,7 @@ def _main(args, argv: list[str]) -> int:
     settings(args, bench, wrapper)
     opts = options(args)
     out = Path(args.out) if args.out else bench.default_out(args.data)
-    load_opts = LoadOptions(work=out / "work", frames=args.frames, fps=args.video_fps, subtitles=args.subtitles)
+    load_opts = LoadOptions(work=out / "work", frames=args.max_frames, fps=args.video_fps, subtitles=args.subtitles)
     if args.show is not None:
         from lvita.evaluation.show import show_item
 
@@ -115,18 +113,14 @@ def _main(args, argv: list[str]) -> int:
 def settings(args, bench: Benchmark, wrapper: Wrapper) -> None:
     """Answer length, frames and frame rate not given on the command line: the wrapper's for a published
     benchmark (Long-VITA's wrappers allow 1024 new tokens and 4096 frames at 1 fps), training's for a JSONL set."""
-    if args.frames is not None and args.frames < 1:
-        raise UserError("--frames must be at least 1")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError("--max-frames must be at least 1")
     if args.max_new_tokens is None:
         args.max_new_tokens = wrapper.max_new_tokens(bench) if bench.wrapped else bench.max_new_tokens
-    if None not in (args.frames, args.max_frames) and args.frames != args.max_frames:
-        raise UserError(f"--frames {args.frames} and --max-frames {args.max_frames}: one setting, two values (--frames "
-                        "and --max-frames name the same limit here)")
-    if args.frames is None:
-        args.frames = args.max_frames or (wrapper.max_frames if bench.wrapped else DEFAULTS.max_frames)
+    if args.max_frames is None:
+        args.max_frames = wrapper.max_frames if bench.wrapped else DEFAULTS.max_frames
     if args.video_fps is None:
         args.video_fps = wrapper.max_fps if bench.wrapped else DEFAULTS.video_fps
-    args.max_frames = args.frames
 
 
 def decode_on_rank0(bench, data, load_opts: LoadOptions, rank: int) -> None:

@@ -47,7 +47,7 @@ def prediction_row(item: Item, prediction: str, **extra) -> dict:
 class LoadOptions:
     """What a loader needs beyond the benchmark's path (from ``lvita eval``'s options)."""
     work: Path  # a folder the loader may write into (images decoded from base64 cells), under --out
-    frames: int = 64  # --frames: most frames sampled per video (the paper sweeps 64-4096)
+    frames: int = 64  # --max-frames: most frames sampled per video (the paper sweeps 64-4096)
     fps: float = 1.0  # frames per second of video at most
     subtitles: bool = False  # --subtitles: Video-MME's with-subtitles setting
     media: bool = True  # False: read answers, options and categories only (rescoring): no image is decoded and

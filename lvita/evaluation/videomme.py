@@ -63,7 +63,7 @@ _CUE_TIMES = re.compile(_TIME + r"\s*-->\s*" + _TIME)
 @dataclass(frozen=True)
 class SubtitledVideo(Video):
     """A Video-MME video and what its subtitle lines need: the cues (None: without subtitles; []:
-    asked for but no .srt) and the sampling the model will use (--frames, the fps cap)."""
+    asked for but no .srt) and the sampling the model will use (--max-frames, the fps cap)."""
     cues: list | None = field(default=None, compare=False)  # [(start ms, end ms, text)] in file order
     max_frames: int = 64
     sample_fps: float = 1.0

@@ -4,11 +4,11 @@ Owns ``lvita eval --benchmark vniah`` (LongVA's ``vision_niah/eval_vision_niah.p
 ``EvolvingLMMs-Lab/LongVA``, re-implemented on lvita's model, prompts and decoders)::
 
     lvita eval --benchmark vniah --model DIR --haystack movie.mp4 --needles v_niah_needles/ \\
-        --frames 200:3000:200 --depths 0:100:20 --out runs/vniah
+        --haystack-frames 200:3000:200 --depths 0:100:20 --out runs/vniah
     deepspeed --num_gpus 8 --module lvita.evaluation.vniah --model DIR --haystack movie.mp4 \\
-        --needles v_niah_needles/ --frames 200:3000:200 --depths 0:100:20 --sp 8 --out runs/vniah
+        --needles v_niah_needles/ --haystack-frames 200:3000:200 --depths 0:100:20 --sp 8 --out runs/vniah
 
-For every frame count N of ``--frames`` (a list ``200,400`` or an inclusive range ``200:3000:200``),
+For every frame count N of ``--haystack-frames`` (a list ``200,400`` or an inclusive range ``200:3000:200``),
 depth d of ``--depths`` (percent, same syntax) and needle, the model sees the haystack's first N
 frames at 1 fps with the needle image as one more frame at index ``floor(d * N / 100)`` (N + 1
 frames), then the needle's question (:mod:`lvita.evaluation.vniah_data`: the needle-set layouts, the
@@ -78,7 +78,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--haystack", required=True, help="the haystack video (read at 1 fps) or a folder of 1-fps frames")
     ap.add_argument("--needles", required=True,
                     help="lmms-lab/v_niah_needles as downloaded (parquet) or LongVA's dataset.json + images/")
-    ap.add_argument("--frames", default="200:3000:200", help="frame counts: 200,400,... or START:STOP:STEP (inclusive)")
+    ap.add_argument("--haystack-frames", default="200:3000:200", metavar="COUNTS",
+                    help="the grid's haystack lengths in 1-fps frames: 200,400,... or START:STOP:STEP (inclusive)")
     ap.add_argument("--depths", default="0:100:20", help="needle depths in percent: 0,50,100 or START:STOP:STEP")
     ap.add_argument("--scoring", choices=("teacher", "generate"), default="teacher",
                     help="teacher: LongVA's (every answer token the argmax); generate: free answer contains it")
@@ -99,9 +100,9 @@ def parse_grid(text: str, what: str, integer: bool) -> list:
     except ValueError:
         raise UserError(f"--{what} {text!r}: expected numbers like 0,50,100 or START:STOP:STEP") from None
     values = sorted({int(v) if float(v).is_integer() else round(v, 6) for v in values})
-    low = 1 if what == "frames" else 0
+    low = 1 if what == "haystack-frames" else 0
     if not values or values[0] < low or (what == "depths" and values[-1] > 100):
-        raise UserError(f"--{what} {text!r}: " + ("frame counts must be at least 1" if what == "frames"
+        raise UserError(f"--{what} {text!r}: " + ("frame counts must be at least 1" if what == "haystack-frames"
                                                    else "depths are percents in 0..100"))
     return values
 
@@ -278,22 +279,26 @@ def write_results(out: Path, results: dict) -> None:
     atomic_write(out / "results.json", json.dumps(dict(results, heatmap="heatmap.png"), indent=1) + "\n")
 
 
-def main(argv=None) -> int:
-    """``lvita eval --benchmark vniah ...`` (``--benchmark vniah`` may be left in ``argv``)."""
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lvita eval --benchmark vniah", description="Video needle-in-a-haystack.")
     add_model_args(ap)
     add_arguments(ap)
     ap.add_argument("--benchmark", choices=("vniah",), default="vniah", help=argparse.SUPPRESS)
     ap.set_defaults(max_new_tokens=32)
+    return ap
+
+
+def main(argv=None) -> int:
+    """``lvita eval --benchmark vniah ...`` (``--benchmark vniah`` may be left in ``argv``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     return run_main("lvita eval --benchmark vniah", _main, args, argv)
 
 
 def _main(args, argv: list[str]) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank0 else None
-    frames = parse_grid(args.frames, "frames", integer=True)
+    frames = parse_grid(args.haystack_frames, "haystack-frames", integer=True)
     depths = parse_grid(args.depths, "depths", integer=False)
     opts = options(args)
     needles, skipped = load_needles(args.needles)

@@ -16,7 +16,7 @@ Owns everything :mod:`lvita.evaluation.vniah` feeds the model, following LongVA'
   ``0, r, 2r, ...`` with ``r = round(native fps)`` (one per second), the first N of them; or a folder
   of frame images, each one second (natural-sorted under ``model.format: longvita`` as
   :mod:`lvita.data.longvita` reads folders, else by name). Like LongVA (which asserts), a haystack
-  with fewer 1-fps frames than the largest ``--frames`` is refused: no uniform resampling, so the
+  with fewer 1-fps frames than the largest ``--haystack-frames`` is refused: no uniform resampling, so the
   frames before a needle are the same seconds of video at every frame count.
 - **Frames** are one tile each, made as training makes video frames: padded to a square with the
   mean colour then resized (``longvita``, :func:`lvita.data.longvita.pad_to_square`), or resized
@@ -176,8 +176,8 @@ def haystack_info(path, count: int, frames: FrameRule = INTERNVL_FRAMES) -> dict
     if about["frames_at_1fps"] < count:
         held = (f"{about['frames']} frames at {about['native_fps']:g} fps" if about["kind"] == "video"
                 else "frame images")
-        raise UserError(f"--haystack {path}: {about['frames_at_1fps']} frames at 1 fps ({held}), --frames asks "
-                        f"for {count}: use a longer video or smaller --frames (LongVA refuses it too)")
+        raise UserError(f"--haystack {path}: {about['frames_at_1fps']} frames at 1 fps ({held}), --haystack-frames "
+                        f"asks for {count}: use a longer video or smaller --haystack-frames (LongVA refuses it too)")
     return about
 
 

@@ -126,17 +126,24 @@ def add_model_args(ap: argparse.ArgumentParser, model_required: bool = True) -> 
     ap.add_argument("--model", required=model_required,
                     help="lvita output_dir / checkpoints / global_step<N>, or HF dir")
     ap.add_argument("--tokenizer", help="default: the checkpoint's (manifest) or the HF directory's")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most tokens generated per answer (default 256; lvita eval: the --wrapper's or the set's)")
     ap.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the preset's maximum)")
     ap.add_argument("--system-prompt", help="default: the one the model trained with (the stage's data.system_prompt "
                                             "in a checkpoint's manifest, an HF directory's chat template); '' for none")
-    for name, default in (("min-tiles", DEFAULTS.min_tiles), ("max-tiles", DEFAULTS.max_tiles),
-                          ("max-frames", DEFAULTS.max_frames), ("video-fps", DEFAULTS.video_fps)):
-        ap.add_argument(f"--{name}", type=type(default), default=default, help=f"as data.{name.replace('-', '_')}")
+    for name, default, what in (("min-tiles", DEFAULTS.min_tiles, "fewest tiles per image"),
+                                ("max-tiles", DEFAULTS.max_tiles, "most tiles per image"),
+                                ("max-frames", DEFAULTS.max_frames, "most frames sampled per video"),
+                                ("video-fps", DEFAULTS.video_fps, "frames per second sampled, at most")):
+        ap.add_argument(f"--{name}", type=type(default), default=default,
+                        help=f"{what}, as the stage key data.{name.replace('-', '_')} (default {default}; lvita eval on "
+                             f"a published benchmark: the --wrapper's)")
     ap.add_argument("--vision-chunk", type=int, default=64, metavar="TILES",
                     help="tiles (images' tiles, video frames) the vision encoder runs at once: bounds its memory at "
                          "thousands of frames (0: all at once)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda when available, else cpu); under the launcher each rank "
+                         "uses its local GPU")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--sp", type=int, default=1, help="context-parallel degree (under the deepspeed launcher)")
     ap.add_argument("--ring", type=int, default=1, help="of --sp, the zigzag ring degree (the rest is Ulysses)")
@@ -190,17 +197,23 @@ def load_for_args(args, opts: dict):
     return model, fmt, decode, rank
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lvita generate", description="Greedy answer from a Long-VITA model.")
     add_model_args(ap)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the user's message; one <image>/<video> per file is prepended if absent")
     src.add_argument("--messages", help="JSON file: a list of {role, content} ending with the user's turn")
-    ap.add_argument("--image", action="append", default=[], metavar="PATH")
-    ap.add_argument("--video", action="append", default=[], metavar="PATH")
+    ap.add_argument("--image", action="append", default=[], metavar="PATH",
+                    help="an image file; repeat for several, in the order of the prompt's <image> places")
+    ap.add_argument("--video", action="append", default=[], metavar="PATH",
+                    help="a video file; repeat for several, in the order of the prompt's <video> places")
     ap.add_argument("--json", action="store_true",
                     help='print one JSON line {"tokens": [generated ids], "text": the decoded answer}')
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     return run_main("lvita generate", _main, args)
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from lvita.config.shipped import add_stage_arguments
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lvita.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", required=True, help="stage JSON file (stages/*/*.json)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a stage key by dotted path; VALUE is JSON when it parses")
+    add_stage_arguments(ap)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
