@@ -126,7 +126,8 @@ def test_broken_links_long_readme_and_orphans_are_caught(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(readme.read_text() + "line\n" * MAX_README_LINES)
     found = problems(tmp_path)
-    assert found[0].startswith("README.md: ") and found[0].endswith(f"more than {MAX_README_LINES}: move sections to docs/")
+    assert found[0].startswith("README.md: ")
+    assert found[0].endswith(f"more than {MAX_README_LINES}: move sections to docs/")
     assert "README.md: link 'docs/cluster.md#running-under-a-scheduler': no heading #running-under-a-scheduler " \
            "in docs/cluster.md" in found
     assert "docs/stage_keys.md: link 'cluster.md#running-under-a-scheduler': no heading " \
