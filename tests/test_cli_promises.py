@@ -1,7 +1,8 @@
-"""README promises of the command line and stage keys that nothing else checks: ``lvita check
---strict`` fails on paths that do not exist (and only then), ``parallel.partition_method`` ``uniform``
-and ``type:REGEX`` decide the pipeline stages (in ``lvita check``'s table, and handed to DeepSpeed's
-PipelineModule), and ``lvita generate --messages`` answers a multi-turn conversation from a JSON file."""
+"""Documented promises (docs/training.md, docs/stage_keys.md, docs/evaluation.md) of the command line and
+stage keys that nothing else checks: ``lvita check --strict`` fails on paths that do not exist (and only
+then), ``parallel.partition_method`` ``uniform`` and ``type:REGEX`` decide the pipeline stages (in ``lvita
+check``'s table, and handed to DeepSpeed's PipelineModule), and ``lvita generate --messages`` answers a
+multi-turn conversation from a JSON file."""
 from __future__ import annotations
 
 import json

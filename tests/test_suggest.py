@@ -42,7 +42,7 @@ def test_suggest_says_in_numbers_why_nothing_fits(capsys):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_one_node_recipe_is_its_stage_but_for_the_layout(name):
-    """The curriculum settings (README tables, tests/test_stage_tables.py) reach the one-node variants unchanged."""
+    """The curriculum settings (docs/curriculum.md, tests/test_stage_tables.py) reach the one-node variants unchanged."""
     def flat(d, prefix=""):
         for k, v in d.items():
             key = f"{prefix}{k}"
