@@ -111,6 +111,8 @@ def test_lvita_help_shows_the_synopsis():
     (["demo", "--stages", "0"], "--stages 0: between 1 and 4"),
     (["demo", "--world-size", "0"], "--world-size 0: at least 1 process"),
     (["demo", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+    (["eval", "--benchmark", "MMStar", "--score-only", "p.jsonl", "--model", "m"], "--score-only and --model do not go"),
+    (["eval", "--benchmark", "MMStar", "--score-only", "p.jsonl", "--show", "3"], "--score-only and --show do not go"),
 ])
 def test_conflicting_or_wrong_options_are_one_error_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

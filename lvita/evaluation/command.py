@@ -79,7 +79,7 @@ def _main(args, argv: list[str]) -> int:
     if isinstance(bench, OwnCommand):
         return bench.main(argv)
     if args.score_only is not None:
-        _exclusive(args, "--score-only", ("show", "save"))
+        _exclusive(args, "--score-only", ("show", "save", "model"))
         score_only(bench, args.score_only, args.out, arguments=argv, data=args.data, scorer=scorer_named(args.scorer))
         return 0
     if args.save is not None and args.show is None:
