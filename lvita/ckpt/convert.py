@@ -69,8 +69,9 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
     if layout is LONGVITA:
         path = write_released_dir(plain, spec, tok_path, out)
         log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}) in "
-            f"{time.perf_counter() - t0:.1f}s; load it with the official LongVITAForCausalLM "
-            f"(github.com/VITA-MLLM/Long-VITA, long_vita/models/long_vita_qwen2_intern) or lvita generate --model")
+            f"{time.perf_counter() - t0:.1f}s; load it with AutoModelForCausalLM.from_pretrained(DIR, "
+            f"trust_remote_code=True) (its modelling code is in the directory), as the official tools do, or "
+            f"lvita generate --model")
         return path
     system = saved_system_prompt(found.manifest)
     path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok, spec.format)["img_context"],
