@@ -181,3 +181,18 @@ def test_a_fine_tuned_export_gives_lvitas_logits(exported, dataset_dir, tmp_path
     torch.testing.assert_close(torch.tensor(got["last_row"]), ours[-1], rtol=0, atol=ATOL)
     moved = (torch.tensor(got["logits_at_ids"]) - torch.tensor(EXPECTED["logits_at_ids"])).abs().max()
     assert moved > 100 * ATOL, f"training moved the logits by only {moved}"  # the test sees the tuned weights
+
+
+def test_a_14b_checkpoint_saved_with_the_old_positions_still_fits(tmp_path):
+    """longvita-14b's max_position_embeddings moved 1,048,576 -> 1,310,720 (and max_window_layers 70 came
+    in): neither decides a tensor, so checkpoints saved before still resume; a shape change is refused."""
+    from lvita.ckpt.checkpoint import CheckpointError, Found, check_fits, model_info
+    from lvita.model.presets import spec_of
+
+    info = model_info(spec_of("longvita-14b"))
+    llm = {k: v for k, v in info["model"]["llm"].items() if k != "max_window_layers"}
+    old = dict(info, model={"vision": info["model"]["vision"], "llm": dict(llm, max_position_embeddings=1 << 20)})
+    check_fits(Found(tmp_path, old), "model.init_from", "longvita-14b", {})
+    wider = dict(old, model={"vision": old["model"]["vision"], "llm": dict(old["model"]["llm"], hidden_size=5121)})
+    with pytest.raises(CheckpointError, match="saved for model.preset='longvita-14b'"):
+        check_fits(Found(tmp_path, wider), "model.init_from", "longvita-14b", {})
