@@ -155,6 +155,7 @@ class InternVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutputWithPooling:
         if pixel_values.dim() != 4:
-            raise ValueError(f"InternViT: pixel_values must be (tiles, channels, height, width), got {tuple(pixel_values.shape)}")
+            raise ValueError(f"InternViT: pixel_values must be (tiles, channels, height, width), "
+                             f"got {tuple(pixel_values.shape)}")
         hidden = self.encoder(self.embeddings(pixel_values))
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=hidden[:, 0])

@@ -119,7 +119,8 @@ class LongVITAModel(Qwen2Model):
         if images is None or _cached_tokens(cache) > 0:
             return inputs_embeds
         if image_indices is None:
-            raise ValueError("LongVITA: images need image_indices (2, tiles, tokens): batch row and position of each token")
+            raise ValueError("LongVITA: images need image_indices (2, tiles, tokens): the batch row and position "
+                             "of each context token")
         feats = self.image_features(images).to(inputs_embeds.dtype)
         rows, positions = image_indices.to(inputs_embeds.device).unbind(0)
         if rows.numel() != feats.shape[0] * feats.shape[1]:
