@@ -5,7 +5,7 @@ A tiny checkpoint in the released layout is written from the official key list
 with the fixture recipe's weights; ``make_model_fixtures.py`` ran the official model on the same
 weights and recorded its logits and greedy tokens. Here lvita loads that directory as a user would
 (``lvita generate|eval --model``, ``lvita convert from-hf``, ``model.init_from`` at pipeline 2) and
-must give the same numbers; ``from-hf`` then ``to-hf --layout longvita`` must return the same tensors.
+must give the same numbers; ``from-hf`` then ``to-hf --format longvita`` must return the same tensors.
 """
 from __future__ import annotations
 
@@ -156,9 +156,9 @@ def test_convert_from_hf_then_to_hf_longvita_returns_the_same_tensors(released, 
     with pytest.raises(CheckpointError, match=r"is in the longvita format \(model_type long_vita\) but model.format "
                                               r"is 'internvl'"):
         read_hf([released], spec_of(str(released), "internvl"))
-    with pytest.raises(CheckpointError, match=r"--layout internvl: .* holds a model.format='longvita' model"):
-        to_hf(str(lvita_dir), str(tmp_path / "internvl"), layout="internvl", log=lambda *a: None)
-    out = to_hf(str(lvita_dir), str(tmp_path / "back"), layout="longvita", log=lambda *a: None)
+    with pytest.raises(CheckpointError, match=r"--format internvl: .* holds a model.format='longvita' model"):
+        to_hf(str(lvita_dir), str(tmp_path / "internvl"), fmt="internvl", log=lambda *a: None)
+    out = to_hf(str(lvita_dir), str(tmp_path / "back"), fmt="longvita", log=lambda *a: None)
     original, back = load_file(str(released / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert sorted(back) == sorted(original) == sorted(KEYS)
     for k in original:

@@ -105,5 +105,5 @@ def test_convert_from_a_released_directory_keeps_the_vocabulary_a_longvita_stage
     stage_vocab = tokenizer_fingerprint(load_tokenizer(plain, LONGVITA))
     assert found.manifest["tokenizer"] == stage_vocab
     check_fits(found, "model.init_from", found.manifest["preset"], stage_vocab)
-    back = to_hf(str(out), str(tmp_path / "back"), layout="longvita", log=lambda *a: None)
+    back = to_hf(str(out), str(tmp_path / "back"), fmt="longvita", log=lambda *a: None)
     assert load_tokenizer(back).convert_tokens_to_ids("<video>") == load_tokenizer(plain, LONGVITA).convert_tokens_to_ids("<video>")

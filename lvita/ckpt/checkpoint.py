@@ -303,11 +303,13 @@ def check_fits(found: Found, what: str, preset, tokenizer: dict, precision: str 
     """The checkpoint was made for this model (shapes and format) and vocabulary (and precision, for a
     resume). ``preset``: the model's description (ModelSpec) or a preset name. Manifests from before
     lvita recorded ``format`` are InternVL-format (the only projector lvita had)."""
-    from lvita.model.presets import spec_of
+    from lvita.model.presets import NOT_SHAPES, spec_of
 
     spec = spec_of(preset)
     m, where = found.manifest, f"{what}={found.tag_dir}"
-    same_shapes = m["model"] == {"vision": spec.vision, "llm": spec.llm} if "model" in m else m.get("preset") == spec.name
+    shapes = lambda v, llm: {"vision": v, "llm": {k: x for k, x in llm.items() if k not in NOT_SHAPES}}  # noqa: E731
+    same_shapes = (shapes(m["model"]["vision"], m["model"]["llm"]) == shapes(spec.vision, spec.llm) if "model" in m
+                   else m.get("preset") == spec.name)
     if not same_shapes:
         raise CheckpointError(f"{where}: saved for model.preset={m.get('preset')!r} but this stage has "
                               f"model.preset={spec.name!r}; set model.preset={m.get('preset')!r} or use another checkpoint")

@@ -1,14 +1,14 @@
 """``lvita convert``: checkpoints to and from Hugging Face, and ``lvita ckpt to-universal``.
 
     lvita convert to-hf runs/stage4 export/long-vita-hf        # newest checkpoint of a run, any layout
-    lvita convert to-hf runs/stage4 export/long-vita --layout longvita
+    lvita convert to-hf runs/stage4 export/long-vita --format longvita
     lvita convert from-hf hf/Long-VITA-16K_HF lvita_init                # shapes from its config.json
     lvita convert from-hf hf/InternViT-300M-448px hf/Qwen2.5-14B-Instruct lvita_init --preset longvita-14b
     lvita ckpt to-universal runs/stage2/checkpoints/global_step500
 
 ``to-hf`` writes, from the per-block weight files of a checkpoint with the run's tokenizer, either
-the released Long-VITA layout (``--layout longvita``, :mod:`lvita.ckpt.released`) or a
-transformers-native ``InternVLForConditionalGeneration`` directory (``--layout internvl``,
+the released Long-VITA layout (``--format longvita``, :mod:`lvita.ckpt.released`) or a
+transformers-native ``InternVLForConditionalGeneration`` directory (``--format internvl``,
 :mod:`lvita.ckpt.hf`); the default is the checkpoint's own ``model.format``, the only one its
 projector fits. ``from-hf`` takes the shapes from the source's config.json unless ``--preset``.
 ``from-hf`` writes a weights-only lvita checkpoint (``OUT/checkpoints/global_step0``, the per-block
@@ -45,8 +45,8 @@ def _tokenizer_for(found, tokenizer: str | None, fmt: ModelFormat):
     return path, tok
 
 
-def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: "str | ModelFormat | None" = None) -> Path:
-    """Export a checkpoint in an export layout, named by its model format (``--layout``): LONGVITA the
+def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, fmt: "str | ModelFormat | None" = None) -> Path:
+    """Export a checkpoint in an export layout, named by its model format (``--format``): LONGVITA the
     released Long-VITA layout, INTERNVL transformers' InternVLForConditionalGeneration; None: the
     checkpoint's own format (the only one its projector fits)."""
     from lvita.ckpt import hf
@@ -57,20 +57,21 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, layout: 
     found = locate(ckpt, "checkpoint")
     spec = manifest_spec(found.manifest, found.tag_dir)
     try:
-        layout = model_format(layout or spec.format)
+        layout = model_format(fmt or spec.format)
     except ValueError as e:
-        raise CheckpointError(f"--layout: {e}") from None
+        raise CheckpointError(f"--format: {e}") from None
     if layout is not spec.format:
-        raise CheckpointError(f"--layout {layout}: {found.tag_dir} holds a model.format='{spec.format}' model, whose "
-                              f"projector has no place in the {layout} layout; use --layout {spec.format}")
+        raise CheckpointError(f"--format {layout}: {found.tag_dir} holds a model.format='{spec.format}' model, whose "
+                              f"projector has no place in the {layout} layout; use --format {spec.format}")
     tok_path, tok = _tokenizer_for(found, tokenizer, spec.format)
     t0 = time.perf_counter()
     plain = checkpoint_plain_state(found.tag_dir, spec.llm["num_hidden_layers"])
     if layout is LONGVITA:
         path = write_released_dir(plain, spec, tok_path, out)
         log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}) in "
-            f"{time.perf_counter() - t0:.1f}s; load it with the official LongVITAForCausalLM "
-            f"(github.com/VITA-MLLM/Long-VITA, long_vita/models/long_vita_qwen2_intern) or lvita generate --model")
+            f"{time.perf_counter() - t0:.1f}s; load it with AutoModelForCausalLM.from_pretrained(DIR, "
+            f"trust_remote_code=True) (its modelling code is in the directory), as the official tools do, or "
+            f"lvita generate --model")
         return path
     system = saved_system_prompt(found.manifest)
     path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok, spec.format)["img_context"],
@@ -152,7 +153,7 @@ def _main(args) -> int:
     if args.cmd == "ckpt":
         to_universal(args.dir)
     elif args.convert_cmd == "to-hf":
-        to_hf(args.ckpt, args.out, args.tokenizer, layout=args.format)
+        to_hf(args.ckpt, args.out, args.tokenizer, fmt=args.format)
     else:
         *sources, out = args.paths
         if not 1 <= len(sources) <= 2:

@@ -186,7 +186,7 @@ def write_hf_dir(plain: dict, preset: str, tokenizer_dir: str | Path, out_dir: s
     preset = spec_of(preset)
     if preset.format is not INTERNVL:
         raise CheckpointError(f"write_hf_dir: InternVLForConditionalGeneration has InternVL's projector, but the model is "
-                              f"in model.format='{preset.format}'; export it with --layout {preset.format}")
+                              f"in model.format='{preset.format}'; export it with --format {preset.format}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PathError(f"write_hf_dir: {out} exists and is not an empty directory; choose a new out_dir")

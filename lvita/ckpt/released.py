@@ -1,7 +1,7 @@
 """The released Long-VITA layout (``VITA-MLLM/Long-VITA-*_HF``), in and out of lvita's plain state dict.
 
 Owns the key mapping, as pure functions over state dicts, and the writer of ``lvita convert to-hf
---layout longvita``. The layout is the official ``LongVITAForCausalLM`` (repository
+--format longvita``. The layout is the official ``LongVITAForCausalLM`` (repository
 ``VITA-MLLM/Long-VITA``, ``long_vita/models/long_vita_qwen2_intern/``):
 
 - ``model.vision_model.*``: OpenGVLab's InternViT (``embeddings.class_embedding``,
@@ -21,19 +21,29 @@ Owns the key mapping, as pure functions over state dicts, and the writer of ``lv
 Reading a released directory for a rank is :mod:`lvita.ckpt.hf_read`'s (``released_key_to_plain``
 is the shared rule; it reads a third of a fused qkv by rows without loading the rest).
 
-Trade-off: the official modelling code is not bundled (it lives in the official repository); the
-directory loads in it with ``LongVITAForCausalLM.from_pretrained`` after importing that package.
+The export also carries lvita's own modelling code for ``long_vita`` (``lvita/ckpt/remote_code/``:
+``configuration_long_vita.py``, ``modeling_long_vita.py`` and the InternViT pair, self-contained,
+torch + transformers only) named by ``auto_map`` in config.json, so it loads as the released
+``*_HF`` directories do: ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``
+(transformers 4.49 and 5.x), ``generate(inputs=ids, images=..., image_indices=...)``.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from lvita.model.formats import LONGVITA
 
+REMOTE_CODE = Path(__file__).resolve().parent / "remote_code"  # package data, copied into every export
+# config.json's auto_map, as the official classes register themselves (LongVITAConfig.register_for_auto_class...)
+AUTO_MAP = {"AutoConfig": "configuration_long_vita.LongVITAConfig", "AutoModel": "modeling_long_vita.LongVITAModel",
+            "AutoModelForCausalLM": "modeling_long_vita.LongVITAForCausalLM"}
+VISUAL_AUTO_MAP = {"AutoConfig": "configuration_intern_vit.InternVisionConfig",
+                   "AutoModel": "modeling_intern_vit.InternVisionModel"}
 VISION, PROJECTOR = "embed.vision.vision_tower.", "embed.vision.multi_modal_projector."
 # OpenGVLab InternViT tail -> transformers tail (lvita's), as transformers' InternVL conversion does it
 _VIT_RULES = [(r"\.layers\.", ".layer."), (r"class_embedding", "cls_token"),
@@ -105,7 +115,7 @@ def to_released_state(plain: dict) -> dict:
             out[new] = v
     if unknown:
         raise ValueError(f"to_released_state: keys with no place in the released layout: {sorted(unknown)[:4]} "
-                         f"(an InternVL-format model's projector? export it with --layout internvl)")
+                         f"(an InternVL-format model's projector? export it with --format internvl)")
     for k, parts in fused.items():
         if sorted(parts) != [0, 1, 2]:
             raise ValueError(f"to_released_state: {k} needs q, k and v; got {sorted(parts)}")
@@ -132,8 +142,11 @@ def from_released_state(released: dict) -> dict:
     return out
 
 
-def released_config(spec, specials: dict | None = None) -> dict:
-    """config.json as released (``config_14B.json``'s fields) for the model described by ``spec``."""
+def released_config(spec, specials: dict | None = None, dtype: str = "bfloat16") -> dict:
+    """config.json as released (``config_14B.json``'s fields, ``auto_map`` naming the bundled code) for
+    the model described by ``spec``; ``dtype``: the weights' (``torch_dtype``, at both levels).
+    ``max_window_layers``: the spec's (Qwen2.5-14B's 70 in ``longvita-14b``, a directory's own), else
+    the layer count; it only matters with sliding windows, which Long-VITA leaves off."""
     from lvita.model.presets import llm_config, spec_of, vision_config
 
     spec = spec_of(spec)
@@ -145,16 +158,32 @@ def released_config(spec, specials: dict | None = None) -> dict:
               "layer_norm_eps": vc.layer_norm_eps, "model_type": "intern_vit_6b", "norm_type": vc.norm_type,
               "num_attention_heads": vc.num_attention_heads, "num_channels": 3,
               "num_hidden_layers": vc.num_hidden_layers, "patch_size": vc.patch_size[0],
-              "qk_normalization": bool(vc.use_qk_norm), "qkv_bias": bool(vc.attention_bias), "use_flash_attn": True}
-    return {"visual": visual, "architectures": ["LongVITAForCausalLM"], "attention_dropout": 0.0,
+              "qk_normalization": bool(vc.use_qk_norm), "qkv_bias": bool(vc.attention_bias), "torch_dtype": dtype,
+              "use_flash_attn": True, "auto_map": dict(VISUAL_AUTO_MAP)}
+    return {"visual": visual, "architectures": ["LongVITAForCausalLM"], "auto_map": dict(AUTO_MAP),
+            "attention_dropout": 0.0,
             "bos_token_id": specials.get("endoftext"), "eos_token_id": specials.get("im_end"), "hidden_act": "silu",
             "hidden_size": lc.hidden_size, "initializer_range": 0.02, "intermediate_size": lc.intermediate_size,
-            "max_position_embeddings": lc.max_position_embeddings, "max_window_layers": lc.num_hidden_layers,
+            "max_position_embeddings": lc.max_position_embeddings,
+            "max_window_layers": spec.llm.get("max_window_layers", lc.num_hidden_layers),
             "model_type": "long_vita", "num_attention_heads": lc.num_attention_heads,
             "num_hidden_layers": lc.num_hidden_layers, "num_key_value_heads": lc.num_key_value_heads,
             "rms_norm_eps": lc.rms_norm_eps, "rope_theta": float(lc.rope_parameters["rope_theta"]),
-            "sliding_window": lc.max_position_embeddings, "tie_word_embeddings": False, "use_cache": True,
-            "use_sliding_window": False, "vocab_size": lc.vocab_size}
+            "sliding_window": lc.max_position_embeddings, "tie_word_embeddings": False, "torch_dtype": dtype,
+            "use_cache": True, "use_sliding_window": False, "vocab_size": lc.vocab_size}
+
+
+def remote_code_files() -> list[Path]:
+    """The modelling files an export carries (``lvita/ckpt/remote_code/*.py``, installed as package data)."""
+    files = sorted(REMOTE_CODE.glob("*.py"))
+    names = {f.name for f in files}
+    need = {m.split(".")[0] + ".py" for m in [*AUTO_MAP.values(), *VISUAL_AUTO_MAP.values()]}
+    if not need <= names:
+        from lvita.ckpt.checkpoint import CheckpointError
+
+        raise CheckpointError(f"lvita's modelling code for the export is incomplete: {sorted(need - names)} missing "
+                              f"from {REMOTE_CODE} (a broken install? reinstall lvita)")
+    return files
 
 
 def generation_config(specials: dict) -> dict:
@@ -192,7 +221,7 @@ def _save_shards(state: dict, out: Path, max_shard_bytes: int) -> None:
 def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: str | Path,
                        max_shard_bytes: int = 5 << 30) -> Path:
     """Write ``out_dir`` in the released layout: config.json, safetensors, the tokenizer with the 17
-    official added tokens, generation_config.json. Refuses a non-empty ``out_dir`` (PathError)
+    official added tokens, generation_config.json and the modelling code config.json's ``auto_map`` names. Refuses a non-empty ``out_dir`` (PathError)
     and a state dict that does not fit ``spec`` or is not in the longvita format (CheckpointError)."""
     from lvita.ckpt.checkpoint import CheckpointError, staged_dir
     from lvita.ckpt.hf import _ROTARY, _mismatch
@@ -205,8 +234,8 @@ def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PathError(f"write_released_dir: {out} exists and is not an empty directory; choose a new out_dir")
     if spec.format is not LONGVITA:
-        raise CheckpointError(f"--layout {LONGVITA} writes the released architecture, but the checkpoint's model.format "
-                              f"is '{spec.format}' (another projector); export it with --layout {spec.format}")
+        raise CheckpointError(f"--format {LONGVITA} writes the released architecture, but the checkpoint's model.format "
+                              f"is '{spec.format}' (another projector); export it with --format {spec.format}")
     problems = _mismatch(spec, {k: v.shape for k, v in plain.items() if not _ROTARY.search(k)})
     if problems:
         raise CheckpointError(f"write_released_dir: the state dict does not fit {spec.name} ({spec.format}): "
@@ -220,9 +249,10 @@ def write_released_dir(plain: dict, spec, tokenizer_dir: str | Path, out_dir: st
     released = to_released_state(plain)
     with staged_dir(out) as tmp:
         _save_shards(released, tmp, max_shard_bytes)
-        cfg = released_config(spec, specials)
-        cfg["torch_dtype"] = str(next(iter(released.values())).dtype).replace("torch.", "")
+        cfg = released_config(spec, specials, str(next(iter(released.values())).dtype).replace("torch.", ""))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for code in remote_code_files():
+            shutil.copyfile(code, tmp / code.name)
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(specials), indent=2) + "\n")
         tok.save_pretrained(str(tmp))
         _portable_tokenizer_config(tmp / "tokenizer_config.json")

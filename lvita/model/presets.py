@@ -64,8 +64,11 @@ PRESETS: dict[str, dict] = {
         vision=INTERNVIT_300M,
         llm=dict(
             hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-            num_key_value_heads=8, vocab_size=152064, max_position_embeddings=1 << 20,
-            rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+            num_key_value_heads=8, vocab_size=152064, rms_norm_eps=1e-6,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+            # as the official config_14B.json (Long-VITA@3389e76): 1,310,720 positions (1.25 x 2^20);
+            # max_window_layers 70 is Qwen2.5-14B's value, kept there (no sliding window is used)
+            max_position_embeddings=1_310_720, max_window_layers=70,
         ),
     ),
 }
@@ -116,7 +119,9 @@ def _vision_from_internvit(raw: dict) -> dict:
 
 
 _LLM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "vocab_size", "max_position_embeddings", "rms_norm_eps")
+             "vocab_size", "max_position_embeddings", "rms_norm_eps", "max_window_layers")
+# llm keys that decide no tensor's shape or value: a checkpoint fits a spec that differs only in them
+NOT_SHAPES = ("max_position_embeddings", "max_window_layers")
 
 
 def _llm_from_qwen2(raw: dict) -> dict:
