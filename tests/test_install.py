@@ -85,6 +85,10 @@ def test_the_wheel_carries_the_shipped_files_and_runs_from_an_empty_directory(in
     for name in repo_stages:
         assert (shipped / f"{name}.json").read_bytes() == (REPO / "stages" / f"{name}.json").read_bytes(), name
 
+    # the modelling code that `to-hf --format longvita` copies into an export (package data too)
+    code = sorted(p.name for p in (Path(where[0]).parent / "ckpt" / "remote_code").glob("*.py"))
+    assert code == sorted(p.name for p in (REPO / "lvita" / "ckpt" / "remote_code").glob("*.py")) and len(code) >= 4
+
     # lvita demo, first stage, two steps: tokenizer, data, the deepspeed launcher, a checkpoint
     lvita = python.parent / "lvita"
     text = _run([lvita, "demo", "--stages", "1", "--world-size", "1", "--set", "train.iterations=2"], work, env)
