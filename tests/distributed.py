@@ -21,12 +21,35 @@ from __future__ import annotations
 import glob
 import io
 import os
+import random
+import socket
+import time
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-from lvita.training.loop import free_port
+
+# Rendezvous ports: a band per xdist worker below Linux's ephemeral range (32768-60999). A port from
+# bind(0) is an ephemeral one: between the pick and the rendezvous's bind, another test's gloo connection
+# or the other worker's pick may take it (EADDRINUSE, seen with concurrent launcher runs). In a band of
+# its own, below the ephemeral range, only this worker picks and nothing connects from it.
+PORT_BAND = 1500
+
+
+def free_port() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = 20000 + (int(worker) % 8 if worker.isdigit() else 0) * PORT_BAND
+    rng = random.Random(os.getpid() * 1_000_003 + time.monotonic_ns())
+    for _ in range(100):
+        port = rng.randrange(low, low + PORT_BAND)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or a listener of an earlier test in TIME_WAIT
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BAND - 1} after 100 tries")
 
 # torch CPU threads per test process: 1 (two xdist workers on two cores); LVITA_TEST_THREADS=2 reruns the
 # suite with other reduction splits, to find tolerances that hold on one machine only (tests/README.md)
