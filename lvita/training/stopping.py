@@ -50,6 +50,32 @@ import psutil
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 REASONS = {1: "signal", 2: "launcher gone", 3: "time limit"}
 LAUNCH_MODULE = "deepspeed.launcher.launch"
+RECORD_ENV = "LVITA_STOP_RECORD"  # a folder lvita.launch makes: each rank of its node records its clean stop there
+
+
+def record_stop(step: int, reason: str, tag_dir) -> None:
+    """After a stop's save and the run's closing, just before the rank exits 0: note it in the
+    folder ``LVITA_STOP_RECORD`` names (set by lvita.launch; nothing without it). lvita.launch reads
+    these notes when DeepSpeed's launcher exits non-zero after a signal (its own SIGTERM handler
+    exits 1 once the ranks are gone): a note from every rank of the node, for one complete
+    checkpoint, turns that status into 0."""
+    folder = os.environ.get(RECORD_ENV)
+    if not folder:
+        return
+    import json
+
+    note = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "local_size": int(os.environ.get("LOCAL_SIZE", "1")), "pid": os.getpid(), "step": step,
+            "reason": reason, "checkpoint": str(tag_dir)}
+    path = os.path.join(folder, f"rank{note['rank']}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(note, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # lvita.launch is gone with its folder: it then reports nothing anyway
+        os.write(2, f"lvita.train: could not record the stop in {folder}: {e}\n".encode())
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return psutil.Process(pid).cmdline()
