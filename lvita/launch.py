@@ -5,7 +5,8 @@
 Runs DeepSpeed's own runner (``deepspeed.launcher.runner.main``) in this process with three changes:
 
 - SIGTERM and SIGUSR1 to this process are passed on to the training ranks (the processes below
-  DeepSpeed's ``launch``) instead of ending the runner. The ranks finish their step, save and exit 0
+  DeepSpeed's ``launch``) instead of ending the runner; SIGINT (Ctrl-C) is passed on as SIGTERM
+  (the terminal's Ctrl-C reaches the ranks themselves, and a rank quits at once on its second SIGINT). The ranks finish their step, save and exit 0
   (lvita.training.stopping), so ``launch`` and this process exit 0 once the checkpoint is complete:
   a batch script that ``wait``s for it waits for the save.
 - When DeepSpeed's ``launch`` exits non-zero, the ranks' own word decides: each rank of this node
@@ -86,12 +87,14 @@ def _forward(signum, frame) -> None:
         ranks = [p for p in psutil.Process().children(recursive=True) if p.pid not in launchers]
     except psutil.Error:
         ranks = []
-    for p in ranks:
+    passed = signal.SIGTERM if signum == signal.SIGINT else signum  # a rank quits at its 2nd SIGINT: Ctrl-C
+    for p in ranks:  # reached the ranks too (one process group); this one only asks them to stop
         try:
-            p.send_signal(signum)
+            p.send_signal(passed)
         except psutil.Error:
             pass
-    os.write(2, f"lvita.launch: {signal.Signals(signum).name}: passed to {len(ranks)} training processes; "
+    os.write(2, f"lvita.launch: {signal.Signals(signum).name}: passed to {len(ranks)} training processes"
+                f"{' as SIGTERM' if passed != signum else ''}; "
                 f"they finish their step, save and exit\n".encode())
 
 

@@ -318,9 +318,9 @@ def test_stop_keys_are_checked(stage, tmp_path):
 def test_stopper_in_one_process():
     """``lvita.train`` run directly: a signal is a stop at the next agreement, repeats are harmless,
     a stopping process ignores further signals; the time limit counts the longest step and save."""
-    from lvita.training.stopping import Stopper
+    from lvita.training.stopping import SIGNALS, Stopper
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
         s = Stopper()
         assert s.agree(0.1) == (None, False)
@@ -328,7 +328,7 @@ def test_stopper_in_one_process():
         assert s.agree(0.1, skipped=True) == ("signal SIGUSR1", True)
         os.kill(os.getpid(), signal.SIGTERM)  # while stopping: noted, nothing else
         s.close()
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGUSR1)
+        assert {signal.getsignal(sig) for sig in SIGNALS} == {signal.SIG_IGN}
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         t = Stopper(time_limit_s=time.time() - Stopper(install=False).started + 30)
@@ -381,3 +381,61 @@ def test_sigterm_after_a_rank_died_exits_at_once(sibling):
             p.kill()
         proc.kill()
         proc.wait()
+
+
+def test_ctrl_c_stops_once_and_quits_the_second_time():
+    """The first SIGINT (Ctrl-C reaches every process of the terminal's group) is a stop request like
+    SIGTERM; the second ends the rank at once, even while it is blocked in a collective."""
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_RANK, "alive"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "blocked"
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        sibling = psutil.Process(proc.pid).children()
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 128 + signal.SIGINT and time.time() - t0 < 10
+        for p in sibling:  # it holds the stderr pipe open
+            p.kill()
+        err = proc.stderr.read()
+        assert "SIGINT: stopping after this step with a checkpoint" in err and "SIGINT again: exiting at once" in err
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        proc.kill()
+        proc.wait()
+
+
+def test_launch_reports_0_only_on_every_ranks_clean_stop(tmp_path):
+    """lvita.launch's rule for a non-zero launcher status: exit 0 only with a note from every rank of
+    the node, all for one checkpoint whose manifest checks out, and no noted rank exiting non-zero."""
+    from lvita.launch import clean_stop
+    from lvita.ckpt.checkpoint import MANIFEST
+
+    tag = tmp_path / "checkpoints" / "global_step4"
+    tag.mkdir(parents=True)
+    (tag / "w.pt").write_bytes(b"1234")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+
+    def note(rank, checkpoint=tag, size=2):
+        (notes / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "local_rank": rank, "local_size": size, "pid": 100 + rank, "step": 4,
+            "reason": "signal SIGTERM", "checkpoint": str(checkpoint)}))
+
+    assert clean_stop(notes, {}) == (False, "no rank noted a completed stop")
+    note(0)
+    assert clean_stop(notes, {}) == (False, "1 of 2 ranks of this node noted a completed stop")
+    note(1, tmp_path / "checkpoints" / "global_step3")
+    assert not clean_stop(notes, {})[0]
+    note(1)
+    ok, found = clean_stop(notes, {})
+    assert not ok and "incomplete" in found  # no manifest: the save did not finish
+    (tag / MANIFEST).write_text(json.dumps({"files": {"w.pt": 4}}))
+    assert clean_stop(notes, {100: 0}) == (True, f"all 2 ranks of this node saved {tag} (stopped on signal SIGTERM) "
+                                                 f"and exited")
+    assert clean_stop(notes, {101: 1}) == (False, "ranks exited non-zero after their stop: {1: 1}")
+    (tag / "w.pt").write_bytes(b"12")
+    assert not clean_stop(notes, {})[0]  # truncated

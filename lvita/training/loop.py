@@ -265,7 +265,7 @@ def run(cfg) -> list[float]:
             log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name, resume_step=start)
     peak = peak_tflops(cfg.train.peak_tflops)  # None on CPU / unknown GPUs: MFU not reported
-    stopper = Stopper(parse_duration(cfg.train.time_limit), log)  # SIGTERM/SIGUSR1, launcher gone, time limit
+    stopper = Stopper(parse_duration(cfg.train.time_limit), log)  # SIGTERM/SIGUSR1/SIGINT, launcher gone, time limit
 
     def save(step):
         t_save = time.perf_counter()
