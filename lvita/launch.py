@@ -81,6 +81,9 @@ def _note_ranks(launch: subprocess.Popen) -> None:
 
 
 def _forward(signum, frame) -> None:
+    if not _launchers:  # nothing started yet, nothing to save: end here, as without this handler
+        os.write(2, f"lvita.launch: {signal.Signals(signum).name} before the launch: exiting\n".encode())
+        raise SystemExit(128 + signum)
     _signalled.append(signal.Signals(signum).name)
     launchers = {p.pid for p in _launchers}
     try:
@@ -93,6 +96,14 @@ def _forward(signum, frame) -> None:
             p.send_signal(passed)
         except psutil.Error:
             pass
+    if not ranks:  # launch has not started them yet: nothing to save, end the start (launch exits 1)
+        os.write(2, f"lvita.launch: {signal.Signals(signum).name} before the ranks started: ending the "
+                    f"launch\n".encode())
+        try:
+            _launchers[0].send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+        return
     os.write(2, f"lvita.launch: {signal.Signals(signum).name}: passed to {len(ranks)} training processes"
                 f"{' as SIGTERM' if passed != signum else ''}; "
                 f"they finish their step, save and exit\n".encode())
