@@ -6,7 +6,8 @@ Runs DeepSpeed's own runner (``deepspeed.launcher.runner.main``) in this process
 
 - SIGTERM and SIGUSR1 to this process are passed on to the training ranks (the processes below
   DeepSpeed's ``launch``) instead of ending the runner; SIGINT (Ctrl-C) is passed on as SIGTERM
-  (the terminal's Ctrl-C reaches the ranks themselves, and a rank quits at once on its second SIGINT). The ranks finish their step, save and exit 0
+  (the terminal's Ctrl-C reaches the ranks themselves, and a rank quits at once on its second SIGINT).
+  A signal before the ranks exist ends the start instead (nothing to save; a non-zero status). The ranks finish their step, save and exit 0
   (lvita.training.stopping), so ``launch`` and this process exit 0 once the checkpoint is complete:
   a batch script that ``wait``s for it waits for the save.
 - When DeepSpeed's ``launch`` exits non-zero, the ranks' own word decides: each rank of this node
