@@ -150,7 +150,7 @@ def run(cfg) -> list[float]:
     from lvita.ckpt import checkpoint, resume, weights
     from lvita.training.guard import Diverged, NonFiniteGuard, weights_finite
     from lvita.config.schema import parse_duration
-    from lvita.training.stopping import Stopper, say
+    from lvita.training.stopping import Stopper, record_stop, say
     from lvita.ckpt.checkpoint import tokenizer_fingerprint
     from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
@@ -265,7 +265,7 @@ def run(cfg) -> list[float]:
             log(f"[{cfg.name}] nothing to do: the checkpoint is at step {start} of {cfg.train.iterations}")
     monitor = Monitor(cfg.output_dir, rank == 0, cfg.train.iterations, cfg.name, resume_step=start)
     peak = peak_tflops(cfg.train.peak_tflops)  # None on CPU / unknown GPUs: MFU not reported
-    stopper = Stopper(parse_duration(cfg.train.time_limit), log)  # SIGTERM/SIGUSR1, launcher gone, time limit
+    stopper = Stopper(parse_duration(cfg.train.time_limit), log)  # SIGTERM/SIGUSR1/SIGINT, launcher gone, time limit
 
     def save(step):
         t_save = time.perf_counter()
@@ -285,7 +285,7 @@ def run(cfg) -> list[float]:
         monitor.close()
         stream.close()
 
-    losses = []
+    losses, stopped = [], None
     for step in range(start + 1, cfg.train.iterations + 1):
         t0 = time.perf_counter()
         batch = stream.next_global_batch(agree=agree_on_failures)
@@ -327,8 +327,11 @@ def run(cfg) -> list[float]:
             path = saved or save(step)
             if rank == 0:
                 say(stopper.message(reason, step, cfg.train.iterations, path))
+            stopped = (step, reason, path)
             break
     finish()
+    if stopped:
+        record_stop(*stopped)  # for lvita.launch: this rank saved and closed cleanly (exit 0 follows)
     return losses
 
 

@@ -5,7 +5,7 @@ Owns *when* every rank stops early and that they all stop at the same step. lvit
 must call (one all-reduce MAX of two integers over the world: the stop reason, and whether any
 rank's optimizer skipped the step, for lvita.training.guard):
 
-    stopper = Stopper(time_limit_s, log)          # installs SIGTERM/SIGUSR1 handlers in this rank
+    stopper = Stopper(time_limit_s, log)          # installs SIGTERM/SIGUSR1/SIGINT handlers in this rank
     for step in ...:
         engine.train_batch(...)
         reason, skipped = stopper.agree(step_time, skipped)  # the same on every rank
@@ -14,8 +14,9 @@ rank's optimizer skipped the step, for lvita.training.guard):
 
 A rank asks to stop when
 
-- it receives SIGTERM (what Slurm, Kubernetes and most schedulers send before taking the machines)
-  or SIGUSR1 (Slurm's ``--signal=USR1@<seconds>`` ahead of the time limit);
+- it receives SIGTERM (what Slurm, Kubernetes and most schedulers send before taking the machines),
+  SIGUSR1 (Slurm's ``--signal=USR1@<seconds>`` ahead of the time limit) or SIGINT (Ctrl-C; a second
+  SIGINT ends the process at once without saving, even inside a collective);
 - its DeepSpeed launcher went away: DeepSpeed's runner (``deepspeed ...``) installs no signal
   handler for a local run, so a SIGTERM ends it at once and leaves its ``launch`` child and the ranks
   running with parent 1. Each rank therefore remembers its parent (``launch``) and that process's
@@ -38,6 +39,10 @@ since it is DeepSpeed's code; ``python -m lvita.launch`` (a drop-in for ``deepsp
 signal to the ranks instead and exits 0 after their save. The time limit is counted from this
 process's start, so each requeued run gets the whole allocation again; it never stops a run before
 its first step, so every requeue makes progress.
+
+After the stop's save and the run's closing each rank notes its clean stop for ``python -m
+lvita.launch`` (:func:`record_stop`): DeepSpeed's ``launch`` exits 1 when it is signalled too
+(``scancel``), and those notes let the wrapper report the clean save as exit 0 all the same.
 """
 from __future__ import annotations
 
@@ -47,9 +52,35 @@ import time
 
 import psutil
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C (a second one quits at once)
 REASONS = {1: "signal", 2: "launcher gone", 3: "time limit"}
 LAUNCH_MODULE = "deepspeed.launcher.launch"
+RECORD_ENV = "LVITA_STOP_RECORD"  # a folder lvita.launch makes: each rank of its node records its clean stop there
+
+
+def record_stop(step: int, reason: str, tag_dir) -> None:
+    """After a stop's save and the run's closing, just before the rank exits 0: note it in the
+    folder ``LVITA_STOP_RECORD`` names (set by lvita.launch; nothing without it). lvita.launch reads
+    these notes when DeepSpeed's launcher exits non-zero after a signal (its own SIGTERM handler
+    exits 1 once the ranks are gone): a note from every rank of the node, for one complete
+    checkpoint, turns that status into 0."""
+    folder = os.environ.get(RECORD_ENV)
+    if not folder:
+        return
+    import json
+
+    note = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "local_size": int(os.environ.get("LOCAL_SIZE", "1")), "pid": os.getpid(), "step": step,
+            "reason": reason, "checkpoint": str(tag_dir)}
+    path = os.path.join(folder, f"rank{note['rank']}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(note, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # lvita.launch is gone with its folder: it then reports nothing anyway
+        os.write(2, f"lvita.train: could not record the stop in {folder}: {e}\n".encode())
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return psutil.Process(pid).cmdline()
@@ -83,6 +114,7 @@ class Stopper:
             except (psutil.Error, OSError):
                 self.grandparent = -1  # launch is already gone
         self._wakeup = None
+        self._sigints = 0  # counted by the watching thread: the second Ctrl-C ends the process
         if install:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -128,6 +160,15 @@ class Stopper:
                     r.close()
                     return
                 hit = [b for b in data if b in SIGNALS]
+                for _ in range(hit.count(signal.SIGINT)):
+                    self._sigints += 1
+                    if self._sigints == 1 and os.environ.get("RANK", "0") in ("", "0"):
+                        os.write(2, b"lvita.train: SIGINT: stopping after this step with a checkpoint; "
+                                    b"Ctrl-C again quits at once without saving\n")
+                    if self._sigints == 2:
+                        os.write(2, f"lvita.train: SIGINT again: exiting at once without saving (pid "
+                                    f"{os.getpid()})\n".encode())
+                        os._exit(128 + signal.SIGINT)
                 if hit and not self.stopping and self.sibling_lost():
                     os.write(2, f"lvita.train: {signal.Signals(hit[0]).name} after another rank of this node died; "
                                 f"exiting at once (pid {os.getpid()})\n".encode())
@@ -198,7 +239,7 @@ class Stopper:
 
     def close(self) -> None:
         """Put the previous handlers back, unless the run is stopping: then the process ignores
-        SIGTERM/SIGUSR1 until it exits (the scheduler repeating itself must not turn the clean exit
+        SIGTERM/SIGUSR1/SIGINT until it exits (the scheduler repeating itself must not turn the clean exit
         into death by signal; Python keeps an ignored signal ignored through its shutdown, where it
         would reset a Python handler to the default)."""
         if self.stopping and self._previous:
