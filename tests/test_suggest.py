@@ -76,6 +76,17 @@ def test_one_node_recipe_plans_under_zero3_and_passes_all_but_the_engine_check(n
     plan = memory_plan(cfg, layout, stage_table(cfg, 1))
     assert (plan.engine, plan.zero_stage, plan.shards) == ("zero", 3, 8)
     assert plan.bound.total < 0.9 * 80 * 2**30
+    # the start-up: every parameter in fp32 on each GPU before DeepSpeed partitions it (15,083.5M x 4 bytes =
+    # 56.2 GiB, plus the CUDA context): under 80 GB, so the plan fits; 3_long_128k trains in less (52 GiB), so
+    # on a GPU between the two the build, not training, is what does not fit, and the plan must say so
+    from lvita.config.memory_plan import OVERHEAD
+
+    assert plan.startup == sum(r["params"] for r in stage_table(cfg, 1)) * 4 + OVERHEAD
+    assert 56 * 2**30 < plan.startup - OVERHEAD < 57 * 2**30 and plan.fits(80)
+    assert plan.peak == max(plan.bound.total, plan.startup)
+    if name == "3_long_128k":
+        between = (plan.bound.total + plan.startup) / 2 / 2**30
+        assert plan.bound.total < plan.startup and not plan.fits(between)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -84,3 +95,4 @@ def test_one_node_recipe_passes_lvita_check(name, capsys, monkeypatch):
     assert check(str(ONE_NODE / f"{name}.json"), 8, [], gpu_memory=80) == 0
     out = capsys.readouterr().out
     assert "ZeRO-3 over 8 data x sequence ranks" in out and ": fits 80 GB GPUs" in out, out
+    assert "start-up: the ZeRO engine builds the whole model in fp32 on each GPU before partitioning it" in out

@@ -122,6 +122,9 @@ class Plan:
     engine: str = "pipeline"  # lvita.config.zero_memory.engine_of
     zero_stage: int = 0
     shards: int = 1  # DeepSpeed's data-parallel group (data x sequence ranks) that ZeRO shards over
+    # the ZeRO engine builds the whole model in fp32 on each GPU before DeepSpeed partitions it (no zero.Init:
+    # lvita.parallel.zero): a start-up peak of every parameter x 4 bytes plus the CUDA context; 0 on the pipeline
+    startup: int = 0
 
     def engine_text(self) -> str:
         what = "pipeline engine" if self.engine == "pipeline" else "ZeRO engine (plain model)"
@@ -131,8 +134,13 @@ class Plan:
     def bound(self) -> StagePlan:
         return max(self.stages, key=lambda p: p.total)
 
+    @property
+    def peak(self) -> int:
+        """The run's peak GPU memory: the bounding stage's, or the ZeRO engine's start-up when higher."""
+        return max(self.bound.total, self.startup)
+
     def fits(self, gpu_gb: float) -> bool:
-        return self.bound.total <= gpu_gb * GIB
+        return self.peak <= gpu_gb * GIB
 
 
 def levers_of(cfg) -> list[str]:
@@ -200,7 +208,9 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
         p.parts["ZeRO buffers"] = buffers
         p.parts["CUDA context"] = OVERHEAD
         stages.append(p)
-    return Plan(stages, m, levers_of(cfg), engine_of(cfg, zero), zero.stage, shards)
+    engine = engine_of(cfg, zero)
+    startup = 0 if engine == "pipeline" else sum(r["params"] for r in rows) * 4 + OVERHEAD
+    return Plan(stages, m, levers_of(cfg), engine, zero.stage, shards, startup)
 
 
 def describe(plan: Plan, gpu_gb: float) -> list[str]:
@@ -215,6 +225,11 @@ def describe(plan: Plan, gpu_gb: float) -> list[str]:
                    + f"{gib(p.host):>8}")
     b = plan.bound
     verdict = "fits" if plan.fits(gpu_gb) else "does NOT fit"
-    out.append(f"  stage {b.stage} bounds the run at {gib(b.total)} GiB: {verdict} {gpu_gb:g} GB GPUs"
+    if plan.startup:
+        out.append(f"  start-up: the ZeRO engine builds the whole model in fp32 on each GPU before partitioning it: "
+                   f"{gib(plan.startup)} GiB with the CUDA context"
+                   + (f" (more than the {gib(b.total)} GiB of training)" if plan.startup > b.total else ""))
+    what = f"stage {b.stage} bounds the run" if plan.peak == b.total else "the start-up bounds the run"
+    out.append(f"  {what} at {gib(plan.peak)} GiB: {verdict} {gpu_gb:g} GB GPUs"
                + ("" if plan.fits(gpu_gb) else " (lvita check --suggest lists layouts and levers that do)"))
     return out

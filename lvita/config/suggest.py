@@ -52,7 +52,7 @@ class Candidate:
 
     @property
     def peak(self) -> int:
-        return self.plan.bound.total
+        return self.plan.peak
 
     def line(self, gpu_gb: float) -> str:
         head = gpu_gb * GIB - self.peak
