@@ -119,7 +119,11 @@ def find_parquet(path: Path) -> Path:
 
 
 def _options(raw) -> dict[str, str] | None:
-    opts = list(raw) if raw is not None and not isinstance(raw, str) else None
+    """``['A. ...', 'B. ...', ...]`` (a list, or the array parquet gives) -> {letter: text}; None for
+    anything else (a missing cell reads as NaN, a float)."""
+    if isinstance(raw, (str, bytes, dict)) or not hasattr(raw, "__iter__"):
+        return None
+    opts = list(raw)
     if not opts:
         return None
     out = {}
@@ -152,7 +156,7 @@ def load(path: Path, options: LoadOptions):
             yield dup
             continue
         choices = _options(rec["options"])
-        if choices is None or rec["answer"] not in choices:
+        if choices is None or not isinstance(rec["answer"], str) or rec["answer"] not in choices:
             yield Skip(item_id, "bad_record", f"{where}: options must be ['A. ...', 'B. ...', ...] and answer one "
                                               f"of their letters; got {rec['options']!r}, {rec['answer']!r}")
             continue
