@@ -246,16 +246,19 @@ class LMHead(nn.Module):
             return self.norm(hidden)
         return self.loss_sum(self.norm(hidden), labels)
 
-    def loss_sum(self, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_sum(self, normed: torch.Tensor, labels: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy summed over labelled positions; the head runs on those positions only,
         ``logits_chunk`` of them at a time (forward and backward).
 
-        normed (B, S, hidden), labels (B, S) -> (loss sum (fp32 scalar), labelled count).
+        normed (B, S, hidden), labels (B, S) -> (loss sum (fp32 scalar), labelled count). ``weight``: the
+        head's weight as the caller holds it (a view of ``lm_head.weight``; default the weight itself).
         """
+        weight = self.lm_head.weight if weight is None else weight
         keep = labels != IGNORE_INDEX
         if self.logits_chunk == 0:
-            return full_cross_entropy_sum(normed, self.lm_head.weight, labels), keep.sum()
-        loss = chunked_cross_entropy_sum(normed[keep], self.lm_head.weight, labels[keep], self.logits_chunk)
+            return full_cross_entropy_sum(normed, weight, labels), keep.sum()
+        loss = chunked_cross_entropy_sum(normed[keep], weight, labels[keep], self.logits_chunk)
         return loss, keep.sum()
 
 

@@ -6,9 +6,9 @@ Owns the layer list and the tuple protocol between pipeline stages (gpt-neox sty
                                    [, feature_index (k,) for sequence-parallel shards])
     EmbedPipe         -> (hidden (B,S,D), position_ids)   vision + projector + embeddings + splice
     DecoderLayerPipe  -> (hidden (B,S,D), position_ids)   one per Qwen2 layer
-    HeadPipe          -> normed hidden (B,S,D)
-    loss (last stage): LabelledLoss(normed, (labels (B,S), loss_scale ())) runs the LM head on
-                       labelled positions only, ``logits_chunk`` at a time (model.logits_chunk).
+    HeadPipe          -> (normed hidden (B,S,D), the LM head's weight through a view (V,D))
+    loss (last stage): LabelledLoss((normed, weight), (labels (B,S), loss_scale ())) runs the LM head
+                       on labelled positions only, ``logits_chunk`` at a time (model.logits_chunk).
 
 The vision encoder sits in the first layer spec, so DeepSpeed's ``parameters`` partitioning
 counts its weights on stage 0. Every block is seeded ``seed + index`` (``seed_layers``), which is
@@ -46,11 +46,19 @@ class DecoderLayerPipe(DecoderLayer):
 
 
 class HeadPipe(LMHead):
-    """The plain head; its ``loss_sum`` (chunked logits) is what :class:`LabelledLoss` calls."""
+    """The plain head; its ``loss_sum`` (chunked logits) is what :class:`LabelledLoss` calls.
+
+    Its outputs carry the LM head's weight as a view made in this forward, and the loss uses that view:
+    DeepSpeed clears the low-precision gradients (BF16_Optimizer.backward_prologue) when the first
+    gradient reaches a forward output, and the loss runs outside the module (DeepSpeed's ``loss_fn``), so
+    a weight read there directly would get its gradient before that clear, and lose it: under
+    bf16 the head did not train (tests/test_pipeline.py). Through the view, the gradient reaches an
+    output first and the weight after the clear."""
 
     def forward(self, inputs):
         hidden, _ = inputs
-        return super().forward(hidden)
+        weight = self.lm_head.weight
+        return super().forward(hidden), weight.view(weight.shape)
 
 
 class LabelledLoss:
@@ -68,11 +76,13 @@ class LabelledLoss:
     def __init__(self):
         self.head: LMHead | None = None
 
-    def __call__(self, normed: torch.Tensor, labels) -> torch.Tensor:
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels) -> torch.Tensor:
+        normed, weight = outputs  # HeadPipe's: (B, S[/sp], D), the head's weight (V, D) through a view
         targets, scale = labels  # (B, S[/sp]); () one scale for the micro-batch, or (B,) one per row
         if scale.ndim == 0:
-            return self.head.loss_sum(normed, targets)[0] * scale
-        return sum(self.head.loss_sum(normed[b:b + 1], targets[b:b + 1])[0] * scale[b] for b in range(len(scale)))
+            return self.head.loss_sum(normed, targets, weight)[0] * scale
+        return sum(self.head.loss_sum(normed[b:b + 1], targets[b:b + 1], weight)[0] * scale[b]
+                   for b in range(len(scale)))
 
 
 class LongVitaPipeline(PipelineModule):
