@@ -37,6 +37,15 @@ import torch.multiprocessing as mp
 PORT_BAND = 1500
 
 
+def wait_for_file(proc, path, seconds: float) -> bool:
+    """Poll until ``path`` exists, ``proc`` (a Popen) exits or ``seconds`` pass; True while ``proc`` still
+    runs (the crash tests kill it then: a process that already exited, or a deadline, kills nothing)."""
+    deadline = time.time() + seconds
+    while not path.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return proc.poll() is None
+
+
 def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     low = 20000 + (int(worker) % 8 if worker.isdigit() else 0) * PORT_BAND

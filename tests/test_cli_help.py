@@ -33,23 +33,7 @@ def all_parsers():
     yield "lvita generate", generate.parser()
     yield "lvita eval", eval_command.parser()
     yield "lvita eval --benchmark vniah", vniah.parser()
-    yield "python -m lvita.train", _train_parser()
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    captured = {}
-    real = argparse.ArgumentParser.parse_args
-
-    def grab(self, args=None, namespace=None):
-        captured["ap"] = self
-        return real(self, ["--stage", "x"], namespace)
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        loop.parse_args([])
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    return captured["ap"]
+    yield "python -m lvita.train", loop.parser()
 
 
 def _options(ap):

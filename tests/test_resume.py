@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import THREADS, run_world
+from tests.distributed import THREADS, run_world, wait_for_file
 from tests.test_training import _metrics, _train
 
 
@@ -97,10 +96,7 @@ def test_sigkill_while_training_and_while_saving(tmp_path, tokenizer_dir, datase
     out = tmp_path / "killed"
     proc = _start(stage, out)
     done = out / "checkpoints" / "global_step2" / "lvita_manifest.json"
-    deadline = time.time() + 300
-    while not done.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    alive = proc.poll() is None  # the loop may have ended on an exit or on the deadline: then nothing is killed
+    alive = wait_for_file(proc, done, 300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert alive and done.is_file(), f"exit code {proc.returncode}, global_step2 complete: {done.is_file()}"

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from lvita.ckpt.checkpoint import complete_tags
 from lvita.data.stream import rank_micro_batches
 from lvita.model.presets import tokens_per_tile
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import free_port, run_world
+from tests.distributed import free_port, run_world, wait_for_file
 from tests.synthetic import IMG, packed_batch
 from tests.test_pipeline import GLOBAL, LENGTH, SEED, _check, _pipeline_loss_and_grads, _reference_for
 from tests.test_training import _layer_states, _metrics, _train
@@ -147,10 +146,7 @@ def test_zero3_trainer_under_the_launcher_matches_the_pipeline_engine_and_resume
     out = tmp_path / "zero3"
     proc = _launch(stage, out)
     done = out / "checkpoints" / "global_step2" / "lvita_manifest.json"
-    deadline = time.time() + 400
-    while not done.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    alive = proc.poll() is None
+    alive = wait_for_file(proc, done, 400)
     os.killpg(proc.pid, signal.SIGKILL)
     text, _ = proc.communicate(timeout=60)
     assert alive and done.is_file(), text[-4000:]

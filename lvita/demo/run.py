@@ -82,9 +82,9 @@ def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False, stages:
     files = files[:stages]
     if nproc < 1:
         raise ConfigError(f"--world-size {nproc}: at least 1 process")
-    for item in sets or []:  # checked here, once, rather than failing inside the launcher's first stage
-        from lvita.config.schema import apply_override
+    from lvita.config.schema import apply_override
 
+    for item in sets or []:  # checked here, once, rather than failing inside the launcher's first stage
         apply_override({}, item)
     start = time.time()
     tok_dir, data_dir = prepare(out)

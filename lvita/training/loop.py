@@ -28,11 +28,15 @@ import torch
 from lvita.config.shipped import add_stage_arguments
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lvita.train", description=__doc__.split("\n\n")[0])
     add_stage_arguments(ap)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def free_port() -> int:
