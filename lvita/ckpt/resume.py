@@ -85,6 +85,7 @@ def plan(cfg, now: dict, tokenizer: dict, spec=None) -> ResumePlan | None:
         raise CheckpointError(f"resume={found.tag_dir}: holds weights only (made by lvita convert from-hf); start "
                               f"from it with model.init_from and resume=auto")
     check_fits(found, "resume", spec or cfg.model.spec(), tokenizer, cfg.precision)
+    _same_adapters(found, cfg.model.lora)
     then = found.manifest["layout"]
     if then["zero_stage"] != now["zero_stage"] and 0 in (then["zero_stage"], now["zero_stage"]):
         raise CheckpointError(f"resume={found.tag_dir}: saved with ZeRO stage {then['zero_stage']}, this run uses "
@@ -103,6 +104,25 @@ def plan(cfg, now: dict, tokenizer: dict, spec=None) -> ResumePlan | None:
         (now["pipeline"], now["deepspeed_data"], now["zero_stage"])
     same_ranks = all(then[k] == now[k] for k in ("pipeline", "data", "ulysses", "ring", "world", "zero_stage"))
     return ResumePlan(found, universal, same_ranks)
+
+
+def _same_adapters(found: Found, lora) -> None:
+    """A resume continues the same parameters: LoRA adapters of the same rank, scale and targets, or none."""
+    import dataclasses
+
+    shape = lambda d: None if not d else {k: d[k] for k in ("rank", "alpha", "llm", "vision", "projector")}  # noqa
+    saved, now = shape(found.manifest.get("lora")), shape(None if lora is None else dataclasses.asdict(lora))
+    if saved == now:
+        return
+    if saved is None:
+        raise CheckpointError(f"resume={found.tag_dir}: saved by full fine-tuning but this stage sets model.lora; to "
+                              f"add adapters start a new stage from it with model.init_from (and a new output_dir)")
+    if now is None:
+        raise CheckpointError(f"resume={found.tag_dir}: saved with LoRA adapters ({saved}) but this stage has no "
+                              f"model.lora; set the same model.lora, or start a new stage from it with model.init_from "
+                              f"(the adapters are merged in)")
+    raise CheckpointError(f"resume={found.tag_dir}: saved with model.lora {saved}, this stage has {now}; resume "
+                          f"with the same adapters, or start a new stage from it with model.init_from")
 
 
 # -- universal conversion ---------------------------------------------------------------------------

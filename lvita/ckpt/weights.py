@@ -17,6 +17,7 @@ copies from them; optimizer and LR schedule start fresh (that is what a new stag
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,13 +26,38 @@ from torch import nn
 from lvita.ckpt.checkpoint import CheckpointError, check_fits, locate
 from lvita.model.formats import INTERNVL, ModelFormat
 from lvita.model.longvita import block_of, by_block, plain_key
+from lvita.model.lora import has_adapters, merged
 
 
 def layer_file(tag_dir: Path, block: int) -> Path:
     return tag_dir / f"layer_{block:02d}-model_states.pt"
 
 
-def read_block(tag_dir: Path, block: int) -> dict[str, torch.Tensor]:
+def read_block(tag_dir: Path, block: int, merge: bool = True) -> dict[str, torch.Tensor]:
+    """Block ``block``'s weights in a checkpoint, plain names. A LoRA run's adapters (model.lora) are merged
+    into their weights (``W + alpha / rank * B @ A``, lvita.model.lora.merged) unless ``merge`` is false
+    (PEFT's names then: ``...q_proj.base_layer.weight``, ``...q_proj.lora_A.default.weight``)."""
+    state = _read_block(tag_dir, block)
+    if merge and has_adapters(state):
+        state = merged(state, lora_scaling(tag_dir))
+    return state
+
+
+def lora_scaling(tag_dir: Path) -> float:
+    """alpha / rank of the LoRA run that saved ``tag_dir`` (its manifest's ``lora``)."""
+    from lvita.ckpt.checkpoint import MANIFEST
+
+    try:
+        lora = json.loads((Path(tag_dir) / MANIFEST).read_text()).get("lora")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} cannot be read ({e})") from None
+    if not lora:
+        raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} records no model.lora (rank, "
+                              f"alpha): the adapters' scale is unknown")
+    return float(lora["alpha"]) / int(lora["rank"])
+
+
+def _read_block(tag_dir: Path, block: int) -> dict[str, torch.Tensor]:
     path = layer_file(tag_dir, block)
     if not path.is_file():
         raise CheckpointError(f"{tag_dir}: missing {path.name} (model block {block}); the checkpoint is damaged "
@@ -42,9 +68,11 @@ def read_block(tag_dir: Path, block: int) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged") from None
 
 
-def checkpoint_plain_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    """All blocks of a checkpoint as one plain state dict (for export)."""
-    return {plain_key(b, k, n_layers): v for b in range(n_layers + 2) for k, v in read_block(tag_dir, b).items()}
+def checkpoint_plain_state(tag_dir: Path, n_layers: int, merge: bool = True) -> dict[str, torch.Tensor]:
+    """All blocks of a checkpoint as one plain state dict (for export); LoRA adapters merged unless ``merge``
+    is false (:func:`read_block`)."""
+    return {plain_key(b, k, n_layers): v for b in range(n_layers + 2)
+            for k, v in read_block(tag_dir, b, merge).items()}
 
 
 def local_blocks(module) -> dict[int, nn.Module]:

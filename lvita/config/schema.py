@@ -32,6 +32,23 @@ MODULES = ("vision", "projector", "llm")
 # layout, or InternVL's projector and layout, the transformers-native export); parsed there
 
 
+LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """``model.lora``: low-rank adapters (PEFT's LoRA, lvita.model.lora) on the named linear layers of each module;
+    the adapted weights stay frozen in the run's precision (no fp32 master, no optimizer state)."""
+    rank: int = 16
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout); 0 keeps every layout's losses equal
+    # linear layers adapted, per module, by name ("q_proj"; within the projector its path, "mlp.0" or "linear_1")
+    # or "all" (every linear of the module but the LM head); []: that module gets no adapters
+    llm: list[str] = field(default_factory=lambda: list(LLM_LINEARS))
+    vision: list[str] = field(default_factory=list)
+    projector: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ModelConfig:
     # a name in lvita/model/presets.py, a model directory whose config.json gives the shapes (the released
@@ -45,7 +62,10 @@ class ModelConfig:
     # previous stage's output_dir / checkpoints / tag (any layout), an InternVL HF directory, or
     # [InternViT HF dir, Qwen2 HF dir] (the projector then starts fresh)
     init_from: str | list[str] | None = None
-    trainable: list[str] = field(default_factory=lambda: list(MODULES))
+    # modules trained in full (fp32 master weights and Adam states for each of their parameters). null (the
+    # default): every module, or under model.lora none (only the adapters train)
+    trainable: list[str] | None = None
+    lora: LoraConfig | None = None  # null: full fine-tuning of model.trainable; an object: LoRA adapters train too
     # a module that neither trains nor loads weights (init_from) stays random for the whole stage: an error
     # (lvita.training.loop) unless this is true (the demo's tiny models, smoke tests)
     allow_random_frozen: bool = False
@@ -58,6 +78,10 @@ class ModelConfig:
     tiled_mlp: bool = False
     # ... and the checkpointed layer inputs wait in host memory (DeepSpeed's cpu_checkpointing)
     activation_offload: bool = False
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = [] if self.lora is not None else list(MODULES)
 
     def spec(self):
         """The model's description (shapes + format, lvita.model.presets.ModelSpec); build it once per

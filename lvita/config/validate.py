@@ -81,11 +81,14 @@ def validate(cfg: StageConfig, world_size: int) -> Layout:
         raise ConfigError(_fmt(cfg, errors))
     lcfg = llm_config(spec)
     bad = [x for x in m.trainable if x not in MODULES]
-    if bad or not m.trainable:
-        err(f"model.trainable={m.trainable}: a non-empty subset of {list(MODULES)}")
+    if bad or (not m.trainable and m.lora is None):
+        err(f"model.trainable={m.trainable}: a non-empty subset of {list(MODULES)}"
+            + (f" (or [] with model.lora)" if bad else ", or [] with model.lora (only adapters train)"))
     for x in m.trainable:
         if x in MODULES and x not in t.lr:
             err(f"train.lr has no rate for trainable module '{x}'; add \"{x}\": <lr> to train.lr")
+    for line in _lora_errors(m, t, spec):
+        err(line)
     for x in t.lr:
         if x not in MODULES:
             err(f"train.lr.{x}: unknown module; use {list(MODULES)}")
@@ -329,3 +332,40 @@ def deepspeed_config(cfg: StageConfig, micro: int, gas: int, ds_data_ranks: int)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def _lora_errors(m, t, spec) -> list[str]:
+    """``model.lora``: sane numbers, targets that name linear layers, no module both adapted and fully trained,
+    a learning rate for every adapted module (its adapters train at ``train.lr.<module>``)."""
+    lora = m.lora
+    if lora is None:
+        return []
+    from lvita.model.lora import adapted_groups, check_targets
+
+    out = []
+    if lora.rank < 1:
+        out.append(f"model.lora.rank={lora.rank}: the adapters' rank, at least 1 (8-64 is usual)")
+    if lora.alpha <= 0:
+        out.append(f"model.lora.alpha={lora.alpha}: the adapters' scale is alpha / rank; use a positive number")
+    if not 0 <= lora.dropout < 1:
+        out.append(f"model.lora.dropout={lora.dropout}: a probability in [0, 1)")
+    groups = adapted_groups(lora)
+    if not groups:
+        out.append("model.lora names no linear layer (llm, vision and projector are all []); set model.lora.llm, "
+                   "or model.lora=null for full fine-tuning")
+    for g in groups:
+        if g in m.trainable:
+            out.append(f"model.lora.{g} adapts the {g}, which model.trainable={m.trainable} also trains in full; "
+                       f"drop '{g}' from model.trainable (its adapters train) or set model.lora.{g}=[]")
+        if g not in t.lr:
+            out.append(f"train.lr has no rate for the {g}'s adapters; add \"{g}\": <lr> to train.lr (1e-4 is usual)")
+    try:
+        import torch
+
+        from lvita.model.longvita import build_blocks
+
+        with torch.device("meta"):
+            check_targets(build_blocks(spec, 0, 0), lora)
+    except ConfigError as e:
+        out.append(str(e))
+    return out

@@ -46,7 +46,7 @@ def _tiled_forward(self: Qwen2MLP, x: torch.Tensor) -> torch.Tensor:
     shards = max(1, math.ceil(x.shape[-2] / x.shape[-1]))
     if shards == 1 or not torch.is_grad_enabled():
         return _mlp(self, x)
-    weights = [self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight]
+    weights = list(self.parameters())  # the trainable ones (TiledMLP filters): base weights or LoRA adapters
     return TiledMLP.apply(_mlp, self, x, shards, weights)
 
 

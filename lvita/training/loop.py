@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -159,6 +160,7 @@ def run(cfg) -> list[float]:
     from lvita.data.stream import DataStream, PixelShare, own_rows, rank_micro_batches
     from lvita.model.flops import peak_tflops, step_flops
     from lvita.training.levers import apply_levers
+    from lvita.model.lora import add_adapters, adapted_groups
     from lvita.model.presets import llm_config
     from lvita.training.monitor import Monitor, cap_memory, check_memory_cap, peak_memory_gb, peak_reserved_gb
     from lvita.training.optim import build_optimizer, freeze, param_groups, scheduler_factory
@@ -193,7 +195,8 @@ def run(cfg) -> list[float]:
     info = {"name": cfg.name, **checkpoint.model_info(spec), "precision": cfg.precision,
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
             "system_prompt": cfg.data.system_prompt,  # what inference and HF exports default to
-            "layout": resume.layout_info(layout, world, zero_stage)}
+            "layout": resume.layout_info(layout, world, zero_stage),
+            "lora": None if cfg.model.lora is None else dataclasses.asdict(cfg.model.lora)}
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     for note in layout.notes:
@@ -232,7 +235,11 @@ def run(cfg) -> list[float]:
     if cfg.model.init_from and not plan:
         where = weights.init_from(module, cfg.model.init_from, spec, info["tokenizer"])
         log(f"[{cfg.name}] initialised weights from {where}")
-    trainable = freeze(module, cfg.model.trainable)
+    if cfg.model.lora is not None:  # after the base weights are in: the adapters start at zero output
+        n = add_adapters(weights.local_blocks(module), cfg.model.lora, cfg.seed)
+        log(f"[{cfg.name}] LoRA: rank {cfg.model.lora.rank}, alpha {cfg.model.lora.alpha:g} on {n} linear layers of "
+            f"rank 0's stage; {', '.join(adapted_groups(cfg.model.lora))} frozen but for the adapters")
+    trainable = freeze(module, cfg.model.trainable, cfg.model.lora)
     groups = param_groups(module, cfg.train)
     if not groups:
         groups = [module.add_frozen_stage_placeholder()]

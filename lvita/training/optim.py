@@ -1,7 +1,8 @@
 """Freezing, per-module parameter groups, AdamW and the warmup + cosine schedule.
 
 Owns which weights train and how fast. ``freeze`` leaves ``requires_grad`` only on the modules a
-stage trains (``model.trainable``: vision / projector / llm); ``param_groups`` splits the rest
+stage trains (``model.trainable``: vision / projector / llm) and on LoRA adapters (``model.lora``, which train
+at their module's rate); ``param_groups`` splits the rest
 by module and by decay (no weight decay on biases and norms), each group carrying its module's
 learning rate from ``train.lr`` (for the vision encoder, times a per-layer multiplier under
 ``train.vision_lr_decay``, Long-VITA stage 2's layer-wise decay). The schedule multiplies every group's base rate by the same
@@ -18,14 +19,16 @@ from torch import nn
 
 from lvita.config.schema import TrainConfig
 from lvita.model.longvita import module_of
+from lvita.model.lora import trains
 
 
-def freeze(model: nn.Module, trainable: list[str]) -> dict[str, int]:
-    """Set requires_grad by module; returns trainable parameter counts per module."""
+def freeze(model: nn.Module, trainable: list[str], lora=None) -> dict[str, int]:
+    """Set requires_grad by module (and under ``model.lora`` on every adapter, lvita.model.lora.trains);
+    returns trainable parameter counts per module (adapters count with the module they adapt)."""
     counts = {"vision": 0, "projector": 0, "llm": 0}
     for name, p in model.named_parameters():
         mod = module_of(name)
-        p.requires_grad_(mod in trainable)
+        p.requires_grad_(trains(name, trainable, lora))
         if p.requires_grad:
             counts[mod] += p.numel()
     return counts
