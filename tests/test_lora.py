@@ -1,0 +1,270 @@
+"""LoRA (model.lora, lvita.model.lora): PEFT's layer against a hand computation, the merge as a pure function,
+and the adapted model's loss and adapter gradients at pipeline 2, data parallel 2 (pipeline engine), Ulysses 2,
+ring 2 and Ulysses x ring with the memory levers (ZeRO-3 engine) against the single-process model; frozen
+weights get no gradient. The trainer's LoRA runs (resume, universal, exports) are tested in test_lora_resume.py
+and test_lora_export.py."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from lvita.config.schema import LoraConfig
+from lvita.data.stream import collate, rank_micro_batches
+from lvita.model.lora import add_adapters, adapter_state, check_targets, is_adapter, merged, scaling, trains
+from lvita.model.presets import llm_config, tokens_per_tile
+from tests.distributed import run_world
+from tests.synthetic import IMG, packed_batch
+from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check
+from tests.tolerances import assert_near, within
+
+LORA = LoraConfig(rank=4, alpha=8.0, llm=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+                  projector=["all"])
+TRAINABLE: list[str] = []  # only adapters train
+
+
+def test_lora_layer_equals_the_hand_computation():
+    """y = x W^T + b + (alpha / r) (x A^T) B^T and its gradients written out by hand. fp32 over sums of 3-7
+    terms: noise ~1e-7 relative; a bug (scale r / alpha or 1, A and B swapped, dropout on) moves y by O(1)."""
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5)
+    block = nn.Module()
+    block.mlp = nn.Module()
+    block.mlp.down_proj = base  # a name the llm's targets match
+    w, b = base.weight.detach().clone(), base.bias.detach().clone()
+    lora = LoraConfig(rank=3, alpha=6.0, llm=["down_proj"])
+    assert add_adapters({1: block}, lora, seed=0) == 1
+    layer = block.mlp.down_proj
+    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert bb.abs().max() == 0  # PEFT starts B at zero: the adapted model starts equal to the base
+    with torch.no_grad():
+        bb.copy_(torch.randn_like(bb))
+    x = torch.randn(2, 6, 7, requires_grad=True)
+    g = torch.randn(2, 6, 5)
+    y = layer(x)
+    s = 6.0 / 3
+    ref = x.detach() @ w.T + b + s * (x.detach() @ a.detach().T) @ bb.detach().T
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    (y * g).sum().backward()
+    xf, gf = x.detach().reshape(-1, 7), g.reshape(-1, 5)
+    grad_b = s * gf.T @ (xf @ a.detach().T)  # (out, r)
+    grad_a = s * (gf @ bb.detach()).T @ xf  # (r, in)
+    grad_x = gf @ w + s * (gf @ bb.detach()) @ a.detach()
+    torch.testing.assert_close(bb.grad, grad_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad, grad_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.reshape(-1, 7), grad_x, rtol=1e-5, atol=1e-6)
+    assert layer.base_layer.weight.grad is None  # PEFT's injection freezes the block; freeze() then sets every flag
+    assert scaling(lora) == s
+
+
+def _reference_model(reset: bool = True):
+    from lvita.ckpt.weights import local_blocks
+    from lvita.parallel.pipeline import to_sequential
+    from lvita.training.optim import freeze
+
+    model = to_sequential("tiny", IMG, SEED)
+    add_adapters(local_blocks(model), LORA, SEED)
+    _perturb(local_blocks(model))
+    freeze(model, TRAINABLE, LORA)
+    return model
+
+
+def _perturb(blocks: dict) -> None:
+    """Every lora_B from zero to seeded values named by (block, parameter): the same in every layout, and
+    gradients reach lora_A (with B = 0 they would be 0 and any A-side bug would pass)."""
+    for b, block in blocks.items():
+        for name, p in block.named_parameters():
+            if ".lora_B." in name:
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{b}.{name}".encode()))
+                with torch.no_grad():
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _reference(reset: bool = True, reduction: str = "token", length: int = LENGTH):
+    model = _reference_model()
+    if reduction == "token":
+        ids, pos, pix, tgt = collate(packed_batch(GLOBAL, length, seed=3, reset=reset))
+        loss_sum, n = model(ids, pos, pix, tgt)
+        loss = loss_sum / n
+    else:
+        loss = torch.stack([(lambda s, n: s / n)(*model(*collate([row])))
+                            for row in packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)]).mean()
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_only_adapters_and_trainable_modules_train():
+    model = _reference_model()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(is_adapter(n) for n in names)
+    adapted = {n.split(".lora_")[0] for n in names}
+    # 4 layers x 5 projections + the projector's two linears (internvl: linear_1, linear_2)
+    assert len(adapted) == 4 * 5 + 2, sorted(adapted)
+    assert not any(".k_proj" in n or ".up_proj" in n or "lm_head" in n for n in names)
+    assert trains("layers.0.layer.mlp.up_proj.weight", ["llm"], None)
+    assert not trains("layers.0.layer.self_attn.q_proj.base_layer.weight", ["llm"], LORA)
+
+
+def test_merge_is_w_plus_scaled_b_a_and_gives_the_unmerged_model():
+    """merged(): the plain model loaded with the merged state gives the adapted model's loss; and each merged
+    weight is W + alpha/r B A exactly as written. fp32: noise ~1e-6 relative on the loss; a merge without the
+    scale (or with r/alpha) moves the loss by ~1e-3 at these adapter sizes (0.05 x randn B)."""
+    from lvita.parallel.pipeline import to_sequential
+
+    model = _reference_model()
+    state = model.state_dict()
+    plain = merged(state, scaling(LORA))
+    assert not any(is_adapter(k) or ".base_layer." in k for k in plain)
+    key = "layers.1.layer.self_attn.q_proj.weight"
+    a, b = adapter_state(state)[key]
+    w = state["layers.1.layer.self_attn.q_proj.base_layer.weight"]
+    torch.testing.assert_close(plain[key], w + 2.0 * b @ a, rtol=0, atol=1e-7)
+    base = to_sequential("tiny", IMG, SEED)
+    base.load_state_dict(plain)
+    ids, pos, pix, tgt = collate(packed_batch(GLOBAL, LENGTH, seed=3))
+    with torch.no_grad():
+        got = (lambda s, n: s / n)(*base(ids, pos, pix, tgt)).item()
+        want = (lambda s, n: s / n)(*model(ids, pos, pix, tgt)).item()
+        unscaled = merged(state, 1.0)
+        base.load_state_dict(unscaled)
+        wrong = (lambda s, n: s / n)(*base(ids, pos, pix, tgt)).item()
+    assert within(abs(got - want), 1e-6 * abs(want)), (got, want)
+    assert abs(wrong - want) > 100 * 1e-6 * abs(want), (wrong, want)  # the check above can fail
+
+
+def test_unknown_target_names_the_valid_ones():
+    from lvita.errors import ConfigError
+    from lvita.model.longvita import build_blocks
+
+    with torch.device("meta"):
+        blocks = build_blocks("tiny", IMG, 0)
+    with pytest.raises(ConfigError, match=r"model.lora.llm: .*'qkv'.*valid: .*down_proj.*q_proj"):
+        check_targets(blocks, LoraConfig(llm=["qkv"]))
+    with pytest.raises(ConfigError, match=r"model.lora.projector: .*valid: linear_1, linear_2"):
+        check_targets(blocks, LoraConfig(llm=[], projector=["mlp.0"]))
+    assert check_targets(blocks, LORA) == {"vision": 0, "projector": 2, "llm": 20}
+
+
+# -- the engines against the single-process model ------------------------------------------------------------
+
+def _pipeline_lora(rank, pp, ulysses, ring, reset, reduction="token"):
+    """One step of the pipeline engine with adapters: (loss, {plain name: gradient}) of every trained parameter."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from lvita.ckpt.weights import local_blocks
+    from lvita.model.attention import set_attention
+    from lvita.parallel.hybrid import sequence_attention
+    from lvita.parallel.pipeline import build_pipeline, plain_name
+    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.topology import build_topology, init_distributed
+    from lvita.training.optim import freeze
+
+    init_distributed()
+    topo = build_topology(pp, ulysses, ring)
+    module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
+    if topo.sequence > 1:
+        set_attention(module, sequence_attention(topo))
+    add_adapters(local_blocks(module), LORA, SEED)
+    _perturb(local_blocks(module))
+    freeze(module, TRAINABLE, LORA)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    opt = GradCapture(trained)
+    width = dist.get_world_size() // pp
+    gas = GLOBAL // topo.data
+    cfg = {"train_batch_size": gas * width, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
+           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
+    batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
+    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)
+    if topo.sequence > 1:
+        micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
+    loss = engine.train_batch(iter(micro))
+    n_layers = llm_config("tiny").num_hidden_layers
+    frozen_grads = [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert not frozen_grads, frozen_grads
+    return float(loss), {plain_name(n, n_layers): opt.grads[id(p)] for n, p in module.named_parameters()
+                         if id(p) in opt.grads}
+
+
+def _zero3_lora(rank, ulysses, ring, reset, levers=False, length=LENGTH):
+    """One step of the ZeRO-3 engine with adapters (and with ``levers``: activation checkpointing + tiled MLP)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from lvita.ckpt.weights import local_blocks
+    from lvita.config.schema import ModelConfig
+    from lvita.model.attention import set_attention
+    from lvita.parallel.hybrid import sequence_attention
+    from lvita.parallel.sequence import shard_micro_batch
+    from lvita.parallel.topology import build_topology, init_distributed
+    from lvita.parallel.zero import ZeroSteps, build_zero_model
+    from lvita.training.levers import apply_levers
+    from lvita.training.optim import freeze
+
+    init_distributed()
+    topo = build_topology(1, ulysses, ring)
+    module = build_zero_model("tiny", IMG, SEED, checkpoint=levers)
+    if levers:
+        assert apply_levers(module, ModelConfig(tiled_mlp=True, activation_checkpointing=True))
+    if topo.sequence > 1:
+        set_attention(module, sequence_attention(topo))
+    add_adapters(local_blocks(module), LORA, SEED)
+    _perturb(local_blocks(module))
+    freeze(module, TRAINABLE, LORA)
+    gas = GLOBAL // topo.data
+    world = topo.data * topo.sequence
+    cfg = {"train_batch_size": gas * world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+    trained = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(trained, lr=0.0), config=cfg)
+    batch = packed_batch(GLOBAL, length, seed=3, reset=reset)
+    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, "token")
+    if topo.sequence > 1:
+        micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
+    grads = {}
+
+    def capture():  # collective: every rank gathers the trained gradients in the same order
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                grads[name] = safe_get_full_grad(p).detach().clone().float().reshape(p.ds_shape)
+
+    loss = ZeroSteps(engine).train_batch(iter(micro), before_step=capture)
+    return float(loss), grads
+
+
+# Tolerance: tests/test_pipeline.py's RTOL (1e-5 of each tensor's largest entry). Noise: the same fp32 sums in
+# another order (micro-batches, stages, ranks, shards), ~1e-7..1e-6; bug: an unscaled sequence or data rank halves
+# every adapter gradient (0.5), adapters seeded per rank instead of per block change them by O(1), a lost
+# micro-batch by ~1/GLOBAL.
+
+def test_lora_pipeline_2_matches_the_plain_model():
+    ref_loss, ref_grads = _reference()
+    _check(run_world(_pipeline_lora, 2, 2, 1, 1, True), ref_loss, ref_grads)
+
+
+def test_lora_data_parallel_2_matches_the_plain_model_with_the_sequence_reduction():
+    ref_loss, ref_grads = _reference(reduction="sequence")
+    _check(run_world(_pipeline_lora, 2, 1, 1, 1, True, "sequence"), ref_loss, ref_grads)
+
+
+def test_lora_ulysses_2_under_zero3_matches_the_plain_model():
+    ref_loss, ref_grads = _reference()
+    _check(run_world(_zero3_lora, 2, 2, 1, True), ref_loss, ref_grads)
+
+
+def test_lora_ring_2_with_checkpointing_and_tiled_mlp_under_zero3_matches_the_plain_model():
+    """672 tokens a sequence: 336 local tokens per ring rank, 3 TiledMLP shards of the tiny model's hidden 160 (ZeRO-3
+    must hold each adapter's gradient until the last shard: passing TiledMLP the frozen base weights instead of
+    the adapters loses all but one shard's gradient)."""
+    long = 4 * 168
+    ref_loss, ref_grads = _reference(reset=False, length=long)
+    _check(run_world(_zero3_lora, 2, 1, 2, False, True, long), ref_loss, ref_grads)
+
+
+def test_lora_pipeline_2_x_ulysses_2_matches_the_plain_model():
+    ref_loss, ref_grads = _reference()
+    _check(run_world(_pipeline_lora, 4, 2, 2, 1, True), ref_loss, ref_grads)
