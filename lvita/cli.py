@@ -7,6 +7,7 @@
     lvita data preview|stats|check|show --stage FILE|NAME ...   the packed data, without training
     lvita ckpt to-universal DIR                          DeepSpeed universal copy (to resume at another layout)
     lvita convert to-hf CKPT OUT [--format F] [--tokenizer DIR]   the released Long-VITA or an InternVL directory
+    lvita convert to-hf CKPT OUT --adapter-only|--base-only      a LoRA run's PEFT adapter files / their base model
     lvita convert from-hf SRC [SRC2] OUT [--preset NAME] [--format F]   lvita weights from HF directories
     lvita generate --model DIR --prompt TEXT [--image PATH]...   greedy answer (python -m lvita.generate)
     lvita eval --model DIR [--benchmark NAME] --data PATH        a JSONL set or a published benchmark
@@ -85,6 +86,13 @@ def parser() -> argparse.ArgumentParser:
     th.add_argument("out", help="the directory to write (must not exist)")
     th.add_argument("--format", choices=FORMAT_NAMES, help=fmt_help + " (default: the checkpoint's model.format)")
     th.add_argument("--tokenizer", help="default: the tokenizer the run trained with (from its manifest)")
+    th.add_argument("--adapter-only", action="store_true",
+                    help="a LoRA checkpoint's adapters as PEFT files (adapter_config.json, adapter_model.safetensors; "
+                         "modules trained whole as modules_to_save) for PeftModel.from_pretrained on the --base-only "
+                         "export; default: the model with the adapters merged")
+    th.add_argument("--base-only", action="store_true",
+                    help="a LoRA checkpoint without its adapters (the base weights, trained modules as trained): "
+                         "the model --adapter-only's files apply to")
     fh = cvsub.add_parser("from-hf", help="a released Long-VITA or InternVL dir, or an InternViT dir and a Qwen2 dir "
                                           "-> lvita weights")
     fh.add_argument("paths", nargs="+", metavar="SRC [SRC2] OUT",

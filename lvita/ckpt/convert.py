@@ -2,6 +2,8 @@
 
     lvita convert to-hf runs/stage4 export/long-vita-hf        # newest checkpoint of a run, any layout
     lvita convert to-hf runs/stage4 export/long-vita --format longvita
+    lvita convert to-hf runs/lora export/lora-adapter --adapter-only   # PEFT adapter files (a LoRA run)
+    lvita convert to-hf runs/lora export/lora-base --base-only         # the base they apply to
     lvita convert from-hf hf/Long-VITA-16K_HF lvita_init                # shapes from its config.json
     lvita convert from-hf hf/InternViT-300M-448px hf/Qwen2.5-14B-Instruct lvita_init --preset longvita-14b
     lvita ckpt to-universal runs/stage2/checkpoints/global_step500
@@ -10,7 +12,9 @@
 the released Long-VITA layout (``--format longvita``, :mod:`lvita.ckpt.released`) or a
 transformers-native ``InternVLForConditionalGeneration`` directory (``--format internvl``,
 :mod:`lvita.ckpt.hf`); the default is the checkpoint's own ``model.format``, the only one its
-projector fits. ``from-hf`` takes the shapes from the source's config.json unless ``--preset``.
+projector fits. A LoRA checkpoint exports merged, or as PEFT adapter files plus their base
+(``--adapter-only`` / ``--base-only``, :mod:`lvita.ckpt.adapter_export`). ``from-hf`` takes the shapes
+from the source's config.json unless ``--preset``.
 ``from-hf`` writes a weights-only lvita checkpoint (``OUT/checkpoints/global_step0``, the per-block
 files plus a manifest) and the tokenizer in ``OUT/tokenizer``; point ``model.init_from`` at OUT and
 ``model.tokenizer`` at ``OUT/tokenizer`` (``model.init_from`` also reads HF directories directly;
@@ -45,14 +49,19 @@ def _tokenizer_for(found, tokenizer: str | None, fmt: ModelFormat):
     return path, tok
 
 
-def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, fmt: "str | ModelFormat | None" = None) -> Path:
+def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, fmt: "str | ModelFormat | None" = None,
+          adapter_only: bool = False, base_only: bool = False) -> Path:
     """Export a checkpoint in an export layout, named by its model format (``--format``): LONGVITA the
     released Long-VITA layout, INTERNVL transformers' InternVLForConditionalGeneration; None: the
-    checkpoint's own format (the only one its projector fits)."""
+    checkpoint's own format (the only one its projector fits). A LoRA checkpoint exports merged
+    (W + alpha/rank B@A); ``adapter_only``: its adapters as PEFT files, ``base_only``: the model they apply
+    to, adapters left out (:mod:`lvita.ckpt.adapter_export`)."""
     from lvita.ckpt import hf
+    from lvita.ckpt.adapter_export import run_lora, write_adapter_dir
     from lvita.ckpt.released import write_released_dir
     from lvita.data.tokenizer import special_token_ids
     from lvita.ckpt.weights import checkpoint_plain_state
+    from lvita.model.lora import base_state
 
     found = locate(ckpt, "checkpoint")
     spec = manifest_spec(found.manifest, found.tag_dir)
@@ -63,20 +72,31 @@ def to_hf(ckpt: str, out: str, tokenizer: str | None = None, log=print, fmt: "st
     if layout is not spec.format:
         raise CheckpointError(f"--format {layout}: {found.tag_dir} holds a model.format='{spec.format}' model, whose "
                               f"projector has no place in the {layout} layout; use --format {spec.format}")
+    if adapter_only and base_only:
+        raise CheckpointError("--adapter-only and --base-only: choose one (run the export twice for both)")
+    if adapter_only:
+        return write_adapter_dir(found, spec, out, log)
     tok_path, tok = _tokenizer_for(found, tokenizer, spec.format)
     t0 = time.perf_counter()
-    plain = checkpoint_plain_state(found.tag_dir, spec.llm["num_hidden_layers"])
+    n_layers = spec.llm["num_hidden_layers"]
+    if base_only:
+        run_lora(found, "--base-only")
+        plain = base_state(checkpoint_plain_state(found.tag_dir, n_layers, merge=False))
+    else:
+        plain = checkpoint_plain_state(found.tag_dir, n_layers)
+    what = (" (LoRA adapters left out: the base of --adapter-only)" if base_only
+            else " (LoRA adapters merged)" if found.manifest.get("lora") else "")
     if layout is LONGVITA:
         path = write_released_dir(plain, spec, tok_path, out)
-        log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}) in "
-            f"{time.perf_counter() - t0:.1f}s; load it with AutoModelForCausalLM.from_pretrained(DIR, "
+        log(f"lvita convert: wrote {path} in the released Long-VITA layout from {found.tag_dir} ({spec.name}){what} "
+            f"in {time.perf_counter() - t0:.1f}s; load it with AutoModelForCausalLM.from_pretrained(DIR, "
             f"trust_remote_code=True) (its modelling code is in the directory), as the official tools do, or "
             f"lvita generate --model")
         return path
     system = saved_system_prompt(found.manifest)
     path = hf.write_hf_dir(plain, spec, tok_path, out, special_token_ids(tok, spec.format)["img_context"],
                            system_prompt=system)
-    log(f"lvita convert: wrote {path} from {found.tag_dir} ({spec.name}) in {time.perf_counter() - t0:.1f}s; its chat "
+    log(f"lvita convert: wrote {path} from {found.tag_dir} ({spec.name}){what} in {time.perf_counter() - t0:.1f}s; its chat "
         f"template adds the system prompt {system!r} when a conversation has none, as training did")
     return path
 
@@ -153,7 +173,8 @@ def _main(args) -> int:
     if args.cmd == "ckpt":
         to_universal(args.dir)
     elif args.convert_cmd == "to-hf":
-        to_hf(args.ckpt, args.out, args.tokenizer, fmt=args.format)
+        to_hf(args.ckpt, args.out, args.tokenizer, fmt=args.format, adapter_only=args.adapter_only,
+              base_only=args.base_only)
     else:
         *sources, out = args.paths
         if not 1 <= len(sources) <= 2:

@@ -4,8 +4,8 @@ Owns the key mapping between :class:`lvita.model.longvita.LongVita`'s ``state_di
 "plain" dict) and ``InternVLForConditionalGeneration``'s, as pure functions (litgpt style), plus
 a directory writer and reader:
 
-- ``to_hf_state(plain)`` / ``from_hf_state(hf)``: renames only, no copies. ``embed.vision.*`` <->
-  ``model.{vision_tower,multi_modal_projector}.*``, ``embed.embed_tokens`` <->
+- ``to_hf_state(plain)`` / ``from_hf_state(hf)``: renames only, no copies (``plain_key_to_hf``: one key).
+  ``embed.vision.*`` <-> ``model.{vision_tower,multi_modal_projector}.*``, ``embed.embed_tokens`` <->
   ``model.language_model.embed_tokens``, ``layers.N.layer.*`` <-> ``model.language_model.layers.N.*``,
   ``head.norm`` <-> ``model.language_model.norm``, ``head.lm_head`` <-> ``lm_head``. Rotary
   ``inv_freq`` buffers are non-persistent on both sides and are dropped if present (rebuilt from
@@ -111,11 +111,16 @@ def _map(state: dict, rename, what: str) -> dict:
     return out
 
 
+def plain_key_to_hf(key: str) -> str | None:
+    """One plain key -> its ``InternVLForConditionalGeneration`` key (None: no place there); the rule of
+    :func:`to_hf_state`, also what names an adapted linear in an adapter export (lvita.ckpt.adapter_export)."""
+    return _rename(key, _PREFIXES, _PLAIN_LAYER, "model.language_model.layers.{}.{}")
+
+
 def to_hf_state(plain: dict) -> dict:
     """Plain state dict -> ``InternVLForConditionalGeneration`` state dict (same tensors, renamed)."""
     _check_complete(plain, "to_hf_state")
-    return _map(plain, lambda k: _rename(k, _PREFIXES, _PLAIN_LAYER, "model.language_model.layers.{}.{}"),
-                "to_hf_state")
+    return _map(plain, plain_key_to_hf, "to_hf_state")
 
 
 def _hf_key_to_plain(key: str) -> str | None:

@@ -17,7 +17,7 @@ so a pipeline rank builds adapters only for the blocks it owns (the ZeRO engine'
   checkpoint's per-block files keep those names (DeepSpeed resumes them as they are);
   :func:`merged` turns such a state dict into plain names with ``W + alpha / rank * B @ A`` (what every
   reader of weights sees: init_from, export, generate, eval), :func:`adapter_state` takes the adapters
-  alone (the adapter-only export).
+  alone and :func:`base_state` the base weights alone (the adapter-only export and its base).
 
     from lvita.model.lora import add_adapters
     add_adapters({i: block for i, block in enumerate(blocks)}, cfg.model.lora, seed=42)
@@ -138,11 +138,7 @@ def merged(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tens
     (computed in fp32, stored in W's dtype). A state dict without adapters comes back unchanged."""
     if not has_adapters(state):
         return state
-    out = {}
-    for key, value in state.items():
-        if is_adapter(key):
-            continue
-        out[key.replace(".base_layer.", ".").removeprefix("base_layer.")] = value
+    out = base_state(state)
     for key in state:
         m = _A.match(key)
         if not m:
@@ -154,6 +150,13 @@ def merged(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tens
         w = out[w_key]
         out[w_key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
     return out
+
+
+def base_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with PEFT's LoRA names -> plain names with the adapters left out (the base weights as they
+    are: what an adapter export applies to)."""
+    return {key.replace(".base_layer.", ".").removeprefix("base_layer."): value
+            for key, value in state.items() if not is_adapter(key)}
 
 
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
