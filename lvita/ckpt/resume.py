@@ -125,6 +125,24 @@ def _same_adapters(found: Found, lora) -> None:
                           f"with the same adapters, or start a new stage from it with model.init_from")
 
 
+def load_base_weights(module, plan_: ResumePlan) -> str:
+    """On a resume, before adapters and DeepSpeed: every local block's weights from the checkpoint's per-block
+    files, LoRA adapters left out (``...base_layer.weight`` back to the plain name). DeepSpeed then loads what
+    it trains. Needed for the weights no optimizer holds (a LoRA run's base, modules outside model.trainable):
+    a universal load restores only the optimizer's parameters (DeepSpeed 0.19.8 skips the module states
+    there), so they kept the seeded initialisation, not the init_from weights they were trained on (a LoRA
+    run resumed at another layout lost its base: loss 7.67 instead of 6.92, tests/test_lora_resume.py)."""
+    from lvita.ckpt.weights import layer_file, load_block, local_blocks, read_block
+    from lvita.model.lora import is_adapter
+
+    tag_dir = plan_.found.tag_dir
+    for b, m in local_blocks(module).items():
+        state = {k.replace(".base_layer.", "."): v for k, v in read_block(tag_dir, b, merge=False).items()
+                 if not is_adapter(k)}
+        load_block(m, state, str(layer_file(tag_dir, b)))
+    return str(tag_dir)
+
+
 # -- universal conversion ---------------------------------------------------------------------------
 
 def universal_dir(tag_dir: Path) -> Path:
