@@ -5,8 +5,8 @@ init_from checkpoint's while the adapters train.
 The stage: the tiny preset initialised from a full fine-tuning checkpoint, ``trainable: []``, rank-4 adapters on
 every LLM linear (train.lr.llm their rate), fp32 on CPU at pipeline 2 (ZeRO-1, 2 processes). Only adapters are
 in the optimizer: the universal copy holds no folder for a frozen weight, so the new layout's frozen weights come
-from the per-block model files (DeepSpeed's module load) and its adapters' fp32 weights and Adam moments from the
-universal folders.
+from the per-block model files (lvita.ckpt.resume.load_base_weights) and its adapters' fp32 weights and Adam moments
+from the universal folders; the new layout's own checkpoints then resume natively (DeepSpeed's module load).
 
 Noise and bug sizes: the same layout repeats the same arithmetic (bit-identical, tests/test_resume.py; 1e-6), another
 engine and layout sums in another order (measured here: ZeRO-3 Ulysses 2 6.9e-8 and 1.4e-7 relative on steps 3-4,
@@ -148,6 +148,11 @@ def test_lora_checkpoint_resumes_at_another_layout_through_universal(runs, name,
     root = runs[0]
     losses, out = _resume_from(runs, name, sets)
     assert losses == pytest.approx(runs[3][2:], rel=1e-5)
+    # the new layout's own step-3 checkpoint resumes there natively (DeepSpeed's files, no universal copy)
+    again = root / f"{name}_again"
+    shutil.copytree(out / "checkpoints" / "global_step3", again / "checkpoints" / "global_step3")
+    assert run_world(_train, 2, str(runs[1]), [*sets, f"output_dir={again}"])[0] == pytest.approx(losses[1:], rel=1e-6)
+    assert not (again / "checkpoints" / "universal").exists()
     universal = out / "checkpoints" / "universal" / "global_step2" / "zero"
     folders = [d.name for d in universal.iterdir() if d.is_dir()]
     assert folders and all(".lora_" in f or f == "frozen_stage_placeholder" for f in folders), folders
