@@ -92,7 +92,7 @@ def test_lvita_help_shows_the_synopsis():
     (["stages", "demo/2_general"], "did you mean `lvita stages copy demo/2_general`"),
     (["stages", "copy"], "name the shipped stage"),
     (["stages", "copy", "no/such"], "no shipped stage of that name"),
-    (["demo", "--stages", "0"], "--stages 0: between 1 and 4"),
+    (["demo", "--stages", "0"], "--stages 0: between 1 and 5"),
     (["demo", "--world-size", "0"], "--world-size 0: at least 1 process"),
     (["demo", "--set", "train.nope=1"], "unknown key 'train.nope'"),
     (["eval", "--benchmark", "MMStar", "--score-only", "p.jsonl", "--model", "m"], "--score-only and --model do not go"),

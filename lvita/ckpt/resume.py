@@ -27,7 +27,8 @@ both engines' names. After a universal load under ZeRO-3, :func:`_untie_zero3_st
 sub-group its own Adam step tensor (DeepSpeed 0.19.8 shares one, counting one step per sub-group).
 
 Model weights are stored per block (``layer_XX-model_states.pt``), which is layout-free, so the
-universal copy hard-links them; DeepSpeed's tool re-shards the fp32 weights and Adam moments.
+universal copy hard-links them; DeepSpeed's tool re-shards the fp32 weights and Adam moments. Weights in no
+optimizer (frozen modules, a LoRA run's base) are read from the block files (:func:`load_base_weights`).
 Trade-off: a ZeRO-0 checkpoint has no ZeRO optimizer files for the tool to read, so it resumes only
 at its own pipeline degree and stage (use a ZeRO-1 DeepSpeed config to move between layouts and engines).
 """
@@ -123,6 +124,21 @@ def _same_adapters(found: Found, lora) -> None:
                               f"(the adapters are merged in)")
     raise CheckpointError(f"resume={found.tag_dir}: saved with model.lora {saved}, this stage has {now}; resume "
                           f"with the same adapters, or start a new stage from it with model.init_from")
+
+
+def load_base_weights(module, plan_: ResumePlan) -> None:
+    """Before a universal load (and adapters, DeepSpeed): every local block's weights from the per-block files,
+    adapters left out (``...base_layer.weight`` -> plain name). A universal load restores only the optimizer's
+    parameters, so weights in no optimizer (a LoRA base, frozen modules) kept the seeded init, not init_from's
+    (a LoRA run at another layout: step-3 loss 7.67, not 6.92; tests/test_lora_resume.py)."""
+    from lvita.ckpt.weights import layer_file, load_block, local_blocks, read_block
+    from lvita.model.lora import is_adapter
+
+    tag_dir = plan_.found.tag_dir
+    for b, m in local_blocks(module).items():
+        state = {k.replace(".base_layer.", "."): v for k, v in read_block(tag_dir, b, merge=False).items()
+                 if not is_adapter(k)}
+        load_block(m, state, str(layer_file(tag_dir, b)))
 
 
 # -- universal conversion ---------------------------------------------------------------------------

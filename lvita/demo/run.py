@@ -1,4 +1,4 @@
-"""``lvita demo``: the four-stage curriculum on the tiny model, on this machine, with no downloads.
+"""``lvita demo``: the four-stage curriculum and a LoRA fine-tune on the tiny model, on this machine, no downloads.
 
     lvita demo [--out demo_out] [--world-size 2] [--stages N] [--set KEY=VALUE]...
 
@@ -8,7 +8,8 @@ Trains a tokenizer on text shipped in the package, generates a small multi-sourc
 launcher with ``--world-size`` processes (CPU and gloo when there is no GPU), each stage initialised from
 the previous stage's last checkpoint, ``--set`` overrides applied to every stage. Runs from any
 directory (an installed wheel carries the stage files). Prints where the TensorBoard logs and
-checkpoints are and each stage's first and last loss.
+checkpoints are and each stage's first and last loss. After a LoRA stage (``demo/5_lora``: adapters on stage 4's
+LLM) the model is exported with the adapters merged and answers a question (:mod:`lvita.demo.lora`).
 
 The launcher output of each stage goes to ``<out>/<stage>/launcher.log``; the terminal shows
 only lvita's own progress lines (and any error).
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from lvita.config.shipped import STAGES as SHIPPED_STAGES
+from lvita.demo.lora import QUESTION, export_and_answer, is_lora_stage
 from lvita.errors import ConfigError, PathError
 from lvita.training.loop import free_port
 
@@ -90,7 +92,7 @@ def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False, stages:
     tok_dir, data_dir = prepare(out)
     if data_only:
         return 0
-    summary, prev = [], None
+    summary, answers, prev = [], [], None
     for stage in files:
         overrides = [f"data.root={data_dir}", f"model.tokenizer={tok_dir}",
                      f"model.init_from={json.dumps(str(out / prev / 'checkpoints')) if prev else 'null'}", *(sets or [])]
@@ -103,10 +105,15 @@ def main(out: str = "demo_out", nproc: int = 2, data_only: bool = False, stages:
                   file=sys.stderr)
             return rc
         first, last = _first_last(out / stage.stem / "metrics.jsonl")
+        if is_lora_stage(stage):
+            export, text = export_and_answer(out / stage.stem, log=lambda m: print(f"[demo] {m}", flush=True))
+            answers.append((export, text))
         summary.append((stage.stem, first, last, time.time() - t))
         prev = stage.stem
     print(f"\n[demo] {len(files)} stage{'s' * (len(files) > 1)} done in {time.time() - start:.0f}s")
     print(f"[demo] TensorBoard: tensorboard --logdir {out}")
     for name, first, last, secs in summary:
         print(f"[demo]   {name:10s} loss {first:.3f} -> {last:.3f}  ({secs:.0f}s)  checkpoints: {out / name / 'checkpoints'}")
+    for export, text in answers:
+        print(f"[demo] merged LoRA export {export} answers {QUESTION!r}: {text!r}")
     return 0

@@ -235,6 +235,8 @@ def run(cfg) -> list[float]:
     if cfg.model.init_from and not plan:
         where = weights.init_from(module, cfg.model.init_from, spec, info["tokenizer"])
         log(f"[{cfg.name}] initialised weights from {where}")
+    if plan and plan.universal:  # frozen weights are in no optimizer: a universal load would not restore them
+        resume.load_base_weights(module, plan)
     if cfg.model.lora is not None:  # after the base weights are in: the adapters start at zero output
         n = add_adapters(weights.local_blocks(module), cfg.model.lora, cfg.seed)
         log(f"[{cfg.name}] LoRA: rank {cfg.model.lora.rank}, alpha {cfg.model.lora.alpha:g} on {n} linear layers of "
