@@ -132,13 +132,11 @@ def load_base_weights(module, plan_: ResumePlan) -> None:
     parameters, so weights in no optimizer (a LoRA base, frozen modules) kept the seeded init, not init_from's
     (a LoRA run at another layout: step-3 loss 7.67, not 6.92; tests/test_lora_resume.py)."""
     from lvita.ckpt.weights import layer_file, load_block, local_blocks, read_block
-    from lvita.model.lora import is_adapter
+    from lvita.model.lora import base_state
 
     tag_dir = plan_.found.tag_dir
     for b, m in local_blocks(module).items():
-        state = {k.replace(".base_layer.", "."): v for k, v in read_block(tag_dir, b, merge=False).items()
-                 if not is_adapter(k)}
-        load_block(m, state, str(layer_file(tag_dir, b)))
+        load_block(m, base_state(read_block(tag_dir, b, merge=False)), str(layer_file(tag_dir, b)))
 
 
 # -- universal conversion ---------------------------------------------------------------------------
