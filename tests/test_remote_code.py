@@ -112,6 +112,22 @@ def test_export_carries_self_contained_code_named_by_auto_map(exported):
     assert '"lvita.ckpt" = ["remote_code/*.py"]' in package_data  # installed with the package, not just the repo
 
 
+def test_lvita_reads_the_exports_tokenizer_without_asking_to_run_its_code(exported, monkeypatch):
+    """The export's config.json names its modelling code (auto_map): transformers' AutoTokenizer, left to decide,
+    asks "Do you wish to run the custom code? [y/N]" on the terminal (input(), 15 s), so `lvita generate --model
+    <export>` and the demo waited on the user. lvita's tokenizer loader never runs a directory's code."""
+    import builtins
+
+    from lvita.data.tokenizer import load_tokenizer
+    from lvita.model.formats import LONGVITA
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "n")
+    tok = load_tokenizer(exported, LONGVITA)
+    assert not asked, asked[0][0][:200]
+    assert len(tok) > 0
+
+
 def test_export_loads_with_trust_remote_code_and_gives_the_official_numbers(exported, tmp_path):
     _assert_official(load_remote(sys.executable, exported, tmp_path / "modules"))
 

@@ -116,7 +116,18 @@ def load_tokenizer(path: str | Path, fmt: ModelFormat = INTERNVL) -> Any:
         raise _no_tokenizer_error(path, "it is a file, not a directory")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise _no_tokenizer_error(path, f"none of {', '.join(_TOKENIZER_FILES)}")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # never the directory's own code: an lvita export in the released layout (and the released checkpoints) carry
+    # auto_map for the model, which would make transformers ask "run the custom code? [y/N]" on the terminal
+    # (and transformers' "a model of type long_vita to instantiate a model of type ''" warning is about the model's
+    # config.json, not the tokenizer: silenced for this call)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
     vocab = tok.get_vocab()
     missing = [t for t in required_tokens(fmt) if t not in vocab]
     if missing:
