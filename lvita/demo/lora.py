@@ -6,11 +6,9 @@ answer a question.
 The export is ``lvita convert to-hf``'s (:func:`lvita.ckpt.convert.to_hf`, the checkpoint's own model.format):
 the readers of a LoRA checkpoint merge ``W + alpha / rank * B @ A`` (lvita.ckpt.weights.read_block), so the
 export is a plain model that loads anywhere the other stages' exports do. The answer is greedy decoding
-(:func:`lvita.infer.generate.answer`) of the checkpoint, which loads with the same merge, so it is the export's
-answer too (tests/test_demo.py checks the export's weights against the checkpoint's merged ones). Trade-offs:
-not decoded from the export itself, whose tokenizer load (transformers' AutoTokenizer beside the export's remote
-code) asks on the terminal whether to trust that code; the export is written next to the stage's checkpoints
-and replaced on every demo run (a few MB for the tiny model).
+(:func:`lvita.infer.generate.answer`) of the export itself, as ``lvita generate --model demo_out/5_lora/export``
+gives it (tests/test_demo.py checks the export's weights against the checkpoint's merged ones). Trade-off: the
+export is written next to the stage's checkpoints and replaced on every demo run (a few MB for the tiny model).
 """
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ def export_and_answer(stage_out: str | Path, question: str = QUESTION, max_new_t
     export = stage_out / "export"
     shutil.rmtree(export, ignore_errors=True)
     to_hf(str(stage_out / "checkpoints"), str(export), log=log)
-    model, fmt = load_model(stage_out / "checkpoints")
+    model, fmt = load_model(export)
     text, _ = answer(model, fmt, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens,
-                     system_prompt=model_system_prompt(stage_out / "checkpoints", fmt.tok))
+                     system_prompt=model_system_prompt(export, fmt.tok))
     return export, text
