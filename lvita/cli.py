@@ -1,6 +1,6 @@
 """The ``lvita`` command: one parser per subcommand, every option with its help.
 
-    lvita demo [--out DIR] [--world-size N] [--stages N] [--set KEY=VALUE]...   the tiny four-stage run (CPU)
+    lvita demo [--out DIR] [--world-size N] [--stages N] [--set KEY=VALUE]...   the tiny five-stage run (CPU)
     lvita stages [copy NAME [DEST]]                      the shipped stage files by name; copy one out to edit
     lvita check --stage FILE|NAME --world-size N [--set KEY=VALUE]... [--strict] [--gpu-memory GB] [--suggest]
     lvita train --stage FILE|NAME [--set KEY=VALUE]...   one process (deepspeed --module lvita.train for more)
@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lvita", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Long-VITA trained stage by stage with DeepSpeed.\n\n" + synopsis)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
-    d = sub.add_parser("demo", help="train the four demo stages on a tiny model (CPU is fine, no downloads)")
+    d = sub.add_parser("demo", help="train the five demo stages on a tiny model: the curriculum's four, then LoRA (CPU is fine, no downloads)")
     d.add_argument("--out", default="demo_out", help="where tokenizer, data, logs and checkpoints go (demo_out)")
     d.add_argument("--world-size", type=int, default=2, metavar="N",
                    help="processes the deepspeed launcher starts, one per GPU or CPU process (2)")
