@@ -36,13 +36,10 @@ import math
 from dataclasses import dataclass, field
 
 from lvita.config.zero_memory import Zero, engine_of, model_states, zero_of
-from lvita.model.flops import Shapes
+from lvita.model.flops import Shapes, linear_widths, llm_adapted
 
 GIB = 2**30
 OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
-
-
-LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -61,8 +58,7 @@ def adapted_of(trainable, lora) -> "Adapted | None":
         return None
     if lora is None:
         return Adapted()
-    wanted = set(LLM_LINEARS) if "all" in lora.llm else {t.rsplit(".", 1)[-1] for t in lora.llm}
-    return Adapted(frozenset(wanted & set(LLM_LINEARS)), int(lora.rank), float(lora.dropout))
+    return Adapted(llm_adapted(lora), int(lora.rank), float(lora.dropout))
 
 
 def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_mlp: bool = False,
@@ -96,8 +92,7 @@ def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_
         mlp = e * s.hidden if tiled_mlp else 4 * s.inter * e
         return tokens * (2 * norm + attn + s.q * e + mlp)
     a, r = adapted.linears, adapted.rank
-    width = {"q_proj": s.hidden, "k_proj": s.hidden, "v_proj": s.hidden, "o_proj": s.q, "gate_proj": s.hidden,
-             "up_proj": s.hidden, "down_proj": s.inter}
+    width = {n: w[0] for n, w in linear_widths(s).items()}  # input widths
 
     def kept(names, masks=True):  # dropout: its own dropped input (and mask when its input carries gradients)
         if adapted.dropout:
@@ -109,7 +104,7 @@ def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_
     attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads if attention == "flash" else 4 * s.q * e + 4 * s.heads
     if tiled_mlp:  # TiledMLP keeps its input and recomputes the MLP (adapters included) in backward
         norms -= kept({"gate_proj", "up_proj"})
-        return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + len(a - set(LLM_LINEARS[4:])) * r * e)
+        return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + len(a - {"gate_proj", "up_proj", "down_proj"}) * r * e)
     mlp = 3 * s.inter * e + kept({"down_proj"})
     return tokens * (norms + attn + kept({"o_proj"}) + mlp + len(a) * r * e)
 
