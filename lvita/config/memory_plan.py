@@ -18,8 +18,9 @@ Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per
   fixed 1.5 GiB for the CUDA context and library workspaces.
 
 The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and
-InternViT layers (``tests/test_memory_plan.py`` checks them against saved-tensor hooks on the tiny
-model at three lengths and two layouts); attention is counted as the kernel saves it: flash
+InternViT layers, trained or frozen with PEFT's LoRA adapters (``model.lora``: gradients still flow
+through the frozen layers to reach the adapters, :func:`layer_saved`) (``tests/test_memory_plan.py``
+checks them against saved-tensor hooks on the tiny model at several lengths and layouts); attention is counted as the kernel saves it: flash
 attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads
 repeated on CPU. Worst cases are assumed where the data decides: every local token labelled, image
 tokens filling the local sequence.
