@@ -4,8 +4,10 @@
 
 Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
 counts per stage (total and trainable), computed on the meta device exactly as the training run
-partitions it, then the memory plan (:mod:`lvita.config.memory_plan`): predicted peak GPU memory per
-stage, the stage that bounds the run and whether it fits; ``--suggest`` searches engines (pipeline,
+partitions it (under ``model.lora`` with the trainer's own adapter injection, and a LoRA line: rank,
+alpha, adapted linears, adapter and frozen parameters), then the memory plan
+(:mod:`lvita.config.memory_plan`): predicted peak GPU memory per stage, the stage that bounds the run
+and whether it fits; ``--suggest`` searches engines (pipeline,
 ZeRO-2/3), layouts and memory levers together (:mod:`lvita.config.suggest`), also when the stage's own
 degrees do not divide the world size (then it prints the validation error, the suggestions, and exits 2). Configuration errors exit with status 2; paths that do not exist yet (data,
 tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
