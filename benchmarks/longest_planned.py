@@ -6,14 +6,15 @@
     python benchmarks/longest_planned.py --presets longvita-14b --modes lora  # the LoRA table alone
 
 For each preset and GPU count it takes stage 4 (``stages/longvita-14b/4_long_1m.json``: projector and LLM
-train, vision tower frozen, bf16, positions not reset) with ``model.preset`` and ``data.seq_length``
-changed (mode ``full``; mode ``lora``: the same with ``model.trainable=[]`` and ``model.lora`` rank 16, alpha
-32 on the LLM's seven projections, everything else frozen), and asks ``lvita check --suggest``'s search (:mod:`lvita.config.suggest`: pipeline engine at
-every degree, ZeRO-2/3 at pipeline 1, every ulysses x ring that validates, the lever ladder) whether any
-candidate fits: peak GPU memory within ``(1 - MARGIN)`` of ``--gpu-memory`` (the plan's 10% margin) and
-host memory per node (GPUs per node x the plan's host bytes per GPU) within ``--host-gb``. The length
-doubles from 8K until nothing fits, then is bisected to ``--step`` tokens. For the longest length it
-reports the candidate :func:`lvita.config.suggest.rank` puts first (fewest levers, then headroom).
+train, vision tower frozen, bf16, positions not reset) with ``model.preset`` and ``data.seq_length`` changed
+(mode ``full``; mode ``lora``: the same with ``model.trainable=[]`` and ``model.lora`` rank 16, alpha 32 on
+the LLM's seven projections, everything else frozen), and asks ``lvita check --suggest``'s search
+(:mod:`lvita.config.suggest`: pipeline engine at every degree, ZeRO-2/3 at pipeline 1, every ulysses x ring
+that validates, the lever ladder) whether any candidate fits: peak GPU memory within ``(1 - MARGIN)`` of
+``--gpu-memory`` (the plan's 10% margin) and host memory per node (GPUs per node x the plan's host bytes per
+GPU) within ``--host-gb``. The length doubles from 8K until nothing fits, then is bisected to ``--step``
+tokens. For the longest length it reports the candidate :func:`lvita.config.suggest.rank` puts first (fewest
+levers, then headroom).
 
 Plans only (meta device, no GPU): a few minutes per preset and mode on 2 CPU cores. Trade-off: these are the
 plan's numbers, not measurements (benchmarks/longest_context.py measures one GPU when one is lent); the

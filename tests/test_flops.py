@@ -58,7 +58,8 @@ def test_matmuls_equal_what_autograd_runs(trainable):
 
 
 @pytest.mark.parametrize("trainable,lora", [
-    ([], dict(rank=16)), ([], dict(rank=4, llm=["q_proj", "down_proj"])), (["projector"], dict(rank=8, llm=["o_proj"]))],
+    ([], dict(rank=16)), ([], dict(rank=4, llm=["q_proj", "down_proj"])),
+    (["projector"], dict(rank=8, llm=["o_proj"]))],
     ids=["lora-all7", "lora-q-down", "lora-o+projector"])
 def test_lora_matmuls_equal_what_autograd_runs(trainable, lora):
     """Under LoRA the frozen base weights get no weight gradient, input gradients still flow through every

@@ -25,7 +25,8 @@ from lvita.errors import run_main
 def stage_table(cfg, num_stages: int) -> list[dict]:
     """Per pipeline stage: layer range, layer names, total and trainable parameters, each parameter's
     (elements, trainable), the largest module's own parameters (what ZeRO-3 gathers at once) and its
-    trainable ones (the largest fresh gradient ZeRO 2-3 reduce at once), on the meta device. Under ``model.lora`` the blocks get their adapters by :func:`lvita.model.lora.add_adapters`
+    trainable ones (the largest fresh gradient ZeRO 2-3 reduce at once), on the meta device. Under
+    ``model.lora`` the blocks get their adapters by :func:`lvita.model.lora.add_adapters`
     (the trainer's own injection) and a parameter trains by :func:`lvita.model.lora.trains`, so the counts
     are the run's; ``adapters`` and ``adapted`` count the adapter parameters and the adapted linears."""
     from lvita.model.lora import add_adapters, is_adapter, trains

@@ -17,13 +17,13 @@ Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per
   blocks as lvita's own ring kernel holds them in backward: yunchang's flash-attn ring holds less) and a
   fixed 1.5 GiB for the CUDA context and library workspaces.
 
-The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and
-InternViT layers, trained or frozen with PEFT's LoRA adapters (``model.lora``: gradients still flow
-through the frozen layers to reach the adapters, :func:`layer_saved`) (``tests/test_memory_plan.py``
-checks them against saved-tensor hooks on the tiny model at several lengths and layouts); attention is counted as the kernel saves it: flash
-attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads
-repeated on CPU. Worst cases are assumed where the data decides: every local token labelled, image
-tokens filling the local sequence.
+The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and InternViT layers,
+trained or frozen with PEFT's LoRA adapters (``model.lora``: gradients still flow through the frozen layers to
+reach the adapters, :func:`layer_saved`) (``tests/test_memory_plan.py`` checks them against saved-tensor hooks
+on the tiny model at several lengths and layouts); attention is counted as the kernel saves it: flash
+attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads repeated on CPU.
+Worst cases are assumed where the data decides: every local token labelled, image tokens filling the local
+sequence.
 
     plan = memory_plan(cfg, layout)          # cfg: StageConfig, layout: lvita.config.validate.Layout
     plan.bound.total / 2**30, plan.fits(80)
@@ -105,7 +105,8 @@ def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_
     attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads if attention == "flash" else 4 * s.q * e + 4 * s.heads
     if tiled_mlp:  # TiledMLP keeps its input and recomputes the MLP (adapters included) in backward
         norms -= kept({"gate_proj", "up_proj"})
-        return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + len(a - {"gate_proj", "up_proj", "down_proj"}) * r * e)
+        outside = len(a - {"gate_proj", "up_proj", "down_proj"})  # adapters whose lora_A output stays
+        return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + outside * r * e)
     mlp = 3 * s.inter * e + kept({"down_proj"})
     return tokens * (norms + attn + kept({"o_proj"}) + mlp + len(a) * r * e)
 

@@ -10,11 +10,11 @@ progress line. Counted as the model computes, not as a 6N rule of thumb:
   tokens plus CLS) and the projector per tile;
 - the LM head on labelled positions only (the logits-masked head computes nothing else).
 
-Backward counts what autograd runs: a matmul costs its forward again for the input gradient when
-anything before it trains, and again for the weight gradient when its weights train (attention:
-twice its forward when gradients flow through it); frozen weights, LoRA's base weights included, get
-no weight gradient, and LoRA's adapters are counted as :func:`sequence_flops` says. Recomputation (activation checkpointing, the
-chunked head's backward, tiled MLP) is not model work and is not counted, as in Megatron's MFU.
+Backward counts what autograd runs: a matmul costs its forward again for the input gradient when anything
+before it trains, and again for the weight gradient when its weights train (attention: twice its forward when
+gradients flow through it); frozen weights, LoRA's base weights included, get no weight gradient, and LoRA's
+adapters are counted as :func:`sequence_flops` says. Recomputation (activation checkpointing, the chunked
+head's backward, tiled MLP) is not model work and is not counted, as in Megatron's MFU.
 
     flops = step_flops(cfg.model.preset, cfg.model.trainable, batch, cfg.model.lora)   # batch: PackedSequences
     tflops = flops / step_time / world / 1e12; mfu = tflops / peak_tflops(cfg.train.peak_tflops)
