@@ -3,17 +3,20 @@
     python benchmarks/longest_planned.py                                  # print the page
     python benchmarks/longest_planned.py --write docs/longest_sequence.md # regenerate it
     python benchmarks/longest_planned.py --presets longvita-1.5b --gpus 1 2 --gpu-memory 141
+    python benchmarks/longest_planned.py --presets longvita-14b --modes lora  # the LoRA table alone
 
 For each preset and GPU count it takes stage 4 (``stages/longvita-14b/4_long_1m.json``: projector and LLM
-train, vision tower frozen, bf16, positions not reset) with ``model.preset`` and ``data.seq_length``
-changed, and asks ``lvita check --suggest``'s search (:mod:`lvita.config.suggest`: pipeline engine at
-every degree, ZeRO-2/3 at pipeline 1, every ulysses x ring that validates, the lever ladder) whether any
-candidate fits: peak GPU memory within ``(1 - MARGIN)`` of ``--gpu-memory`` (the plan's 10% margin) and
-host memory per node (GPUs per node x the plan's host bytes per GPU) within ``--host-gb``. The length
-doubles from 8K until nothing fits, then is bisected to ``--step`` tokens. For the longest length it
-reports the candidate :func:`lvita.config.suggest.rank` puts first (fewest levers, then headroom).
+train, vision tower frozen, bf16, positions not reset) with ``model.preset`` and ``data.seq_length`` changed
+(mode ``full``; mode ``lora``: the same with ``model.trainable=[]`` and ``model.lora`` rank 16, alpha 32 on
+the LLM's seven projections, everything else frozen), and asks ``lvita check --suggest``'s search
+(:mod:`lvita.config.suggest`: pipeline engine at every degree, ZeRO-2/3 at pipeline 1, every ulysses x ring
+that validates, the lever ladder) whether any candidate fits: peak GPU memory within ``(1 - MARGIN)`` of
+``--gpu-memory`` (the plan's 10% margin) and host memory per node (GPUs per node x the plan's host bytes per
+GPU) within ``--host-gb``. The length doubles from 8K until nothing fits, then is bisected to ``--step``
+tokens. For the longest length it reports the candidate :func:`lvita.config.suggest.rank` puts first (fewest
+levers, then headroom).
 
-Plans only (meta device, no GPU): about a minute per preset on 2 CPU cores. Trade-off: these are the
+Plans only (meta device, no GPU): a few minutes per preset and mode on 2 CPU cores. Trade-off: these are the
 plan's numbers, not measurements (benchmarks/longest_context.py measures one GPU when one is lent); the
 plan errs high (tests/test_memory_plan.py, tests/test_zero_memory.py).
 """
@@ -32,12 +35,18 @@ from lvita.config.suggest import MARGIN, candidates, rank  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "longvita-14b" / "4_long_1m.json"
+# per mode: the overrides of stage 4, and the heading of its table
+MODES = {
+    "full": ([], "full fine-tuning (stage 4: projector and LLM train, vision tower frozen)"),
+    "lora": (["model.trainable=[]", 'model.lora={"rank": 16, "alpha": 32}', 'train.lr={"llm": 0.0001}'],
+             "LoRA (rank 16, alpha 32 on the LLM's q, k, v, o, gate, up and down projections; everything else frozen)"),
+}
 
 
-def best(preset: str, gpus: int, length: int, gpu_gb: float, host_gb: float, tables: dict):
+def best(preset: str, gpus: int, length: int, gpu_gb: float, host_gb: float, tables: dict, mode: str = "full"):
     """The first-ranked candidate that fits at ``length`` tokens, or None."""
     cfg = load_stage(STAGE, [f"model.preset={preset}", f"data.seq_length={length}",
-                             f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json"])
+                             f"deepspeed={REPO}/ds_configs/pipeline_bf16_zero1.json", *MODES[mode][0]])
 
     def rows_of(trial, pipeline):
         from lvita.config.check import stage_table
@@ -52,65 +61,90 @@ def best(preset: str, gpus: int, length: int, gpu_gb: float, host_gb: float, tab
     return min(ok, key=lambda c: rank(c, gpu_gb)) if ok else None
 
 
-def longest(preset: str, gpus: int, gpu_gb: float, host_gb: float, step: int):
+def longest(preset: str, gpus: int, gpu_gb: float, host_gb: float, step: int, mode: str = "full"):
     tables: dict = {}
     lo, hi, lo_best = 0, None, None
     length = step
     while hi is None:  # double until nothing fits
-        c = best(preset, gpus, length, gpu_gb, host_gb, tables)
+        c = best(preset, gpus, length, gpu_gb, host_gb, tables, mode)
         if c is None:
             hi = length
         else:
             lo, lo_best, length = length, c, length * 2
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
-        c = best(preset, gpus, mid, gpu_gb, host_gb, tables)
+        c = best(preset, gpus, mid, gpu_gb, host_gb, tables, mode)
         lo, lo_best, hi = (mid, c, hi) if c is not None else (lo, lo_best, mid)
     return lo, lo_best
 
 
-def page(presets, gpu_counts, gpu_gb, host_gb, step) -> str:
+def page(presets, gpu_counts, gpu_gb, host_gb, step, modes=("full",), lora_presets=None) -> str:
+    """The page: per preset one table per mode (``lora`` only for ``lora_presets``; None: every preset)."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    command = "python benchmarks/longest_planned.py --write docs/longest_sequence.md"
+    if list(modes) != ["full"]:
+        command += " --modes " + " ".join(modes)
+    if lora_presets is not None and "lora" in modes:
+        command += " --lora-presets " + " ".join(lora_presets)
     out = [f"# Longest training sequence per GPU count (planned, {gpu_gb:g} GB GPUs)", "",
-           "Generated by `python benchmarks/longest_planned.py --write docs/longest_sequence.md` (lvita "
+           f"Generated by `{command}` (lvita "
            f"{commit}); rerun it after changing the memory plan. Each row is the longest `data.seq_length` "
            "(to the nearest {:,} tokens) for which `lvita check --suggest`'s search finds an engine, layout "
            "and lever set whose planned peak stays within {:.0%} of the GPU and whose host memory stays "
            "within {:g} GiB per node (8 GPUs a node), for stage 4's settings (projector and LLM train, "
            "vision tower frozen, bf16, one packed sequence per micro-batch, every local token labelled and "
-           "image tokens filling it: the plan's worst case).".format(step, 1 - MARGIN, host_gb), "",
+           "image tokens filling it: the plan's worst case); LoRA tables: the same stage with the LLM frozen "
+           "under rank-16 adapters on its seven projections and the vision tower and projector frozen "
+           "(`model.trainable: []`).".format(step, 1 - MARGIN, host_gb), "",
            "These are the memory plan's numbers (`lvita.config.memory_plan`, checked against autograd's "
            "saved tensors and DeepSpeed's ZeRO-3 partitions on CPU), not measurements: "
            "`benchmarks/longest_context.py` measures one GPU when one is lent (BENCHMARKS.md). To see the "
            "whole search at one length: `lvita check --stage stages/longvita-14b/4_long_1m.json --world-size "
            "N --set model.preset=P --set data.seq_length=L --suggest`.", ""]
     for preset in presets:
-        out += [f"## {preset}", "",
-                "| GPUs | longest sequence | tokens per GPU | engine and layout | levers | peak GiB | host GiB per GPU |",
-                "|---|---|---|---|---|---|---|"]
-        for gpus in gpu_counts:
-            length, c = longest(preset, gpus, gpu_gb, host_gb, step)
-            if c is None:
-                out.append(f"| {gpus} | none fits at {step:,} | | | | | |")
+        out += [f"## {preset}", ""]
+        for mode in modes:
+            if mode != "full" and lora_presets is not None and preset not in lora_presets:
                 continue
-            layout = (f"{c.engine}, pipeline {c.pipeline} x ulysses {c.ulysses} x ring {c.ring} x data {c.data}")
-            out.append(f"| {gpus} | {length:,} ({length / 2**20:.2f}M) | {c.plan.micro.tokens:,} | {layout} | "
-                       f"{', '.join(c.plan.levers) or 'none'} | {c.peak / GIB:,.1f} | {c.plan.bound.host / GIB:,.1f} |")
-            print(out[-1], file=sys.stderr, flush=True)
-        out.append("")
-    out += ["Reading the table:", "",
-            "- ZeRO-3 on one GPU shards nothing; it is the engine whose parameters (`train.param_offload`) and "
-            "optimizer (`train.optimizer_offload`) can live in host memory, which is what the longest runs need.",
-            "- Where host memory binds (the 14B preset on 8 GPUs), a node with more host memory trains longer: "
-            "rerun with `--host-gb`. Activation offload keeps every checkpointed layer input of the local "
-            "sequence in host memory, so host memory grows with the length.",
-            "- The longvita-1.5b LLM has 12 query and 2 KV heads: Ulysses degrees must divide 12, so 8 GPUs "
-            "use the ring (lvita's ring kernel holds the most buffers of the sequence-parallel kernels; "
-            "yunchang's flash-attn ring holds less, so with flash-attn the real limit is higher).",
-            "- Every length is the plan's worst case for stage 4; `lvita check` on a real stage file gives its "
-            "own numbers.", ""]
+            out += table(preset, mode, gpu_counts, gpu_gb, host_gb, step, heading=len(modes) > 1)
+    out += NOTES
     return "\n".join(out)
+
+
+NOTES = ["Reading the table:", "",
+         "- ZeRO-3 on one GPU shards nothing; it is the engine whose parameters (`train.param_offload`) and "
+         "optimizer (`train.optimizer_offload`) can live in host memory, which is what the longest runs need.",
+         "- Where host memory binds (the 14B preset on 8 GPUs), a node with more host memory trains longer: "
+         "rerun with `--host-gb`. Activation offload keeps every checkpointed layer input of the local "
+         "sequence in host memory, so host memory grows with the length.",
+         "- The longvita-1.5b LLM has 12 query and 2 KV heads: Ulysses degrees must divide 12, so 8 GPUs "
+         "use the ring (lvita's ring kernel holds the most buffers of the sequence-parallel kernels; "
+         "yunchang's flash-attn ring holds less, so with flash-attn the real limit is higher).",
+         "- Every length is the plan's worst case for stage 4; `lvita check` on a real stage file gives its "
+         "own numbers.",
+         "- LoRA: the frozen base weights cost their bf16 weights only (no fp32 master, gradients or Adam "
+         "moments: DeepSpeed builds those for the optimizer's parameters only), while the activations stay "
+         "nearly those of full training (gradients flow through every frozen layer to reach the adapters); "
+         "the longer sequences come from the memory the states free, on the GPU and in host memory (the "
+         "optimizer offload has almost nothing left to hold). At 8 GPUs host memory binds both modes.", ""]
+
+
+def table(preset: str, mode: str, gpu_counts, gpu_gb: float, host_gb: float, step: int, heading: bool) -> list[str]:
+    out = [f"### {MODES[mode][1]}", ""] if heading else []
+    out += ["| GPUs | longest sequence | tokens per GPU | engine and layout | levers | peak GiB | host GiB per GPU |",
+            "|---|---|---|---|---|---|---|"]
+    for gpus in gpu_counts:
+        length, c = longest(preset, gpus, gpu_gb, host_gb, step, mode)
+        if c is None:
+            out.append(f"| {gpus} | none fits at {step:,} | | | | | |")
+            continue
+        layout = (f"{c.engine}, pipeline {c.pipeline} x ulysses {c.ulysses} x ring {c.ring} x data {c.data}")
+        out.append(f"| {gpus} | {length:,} ({length / 2**20:.2f}M) | {c.plan.micro.tokens:,} | {layout} | "
+                   f"{', '.join(c.plan.levers) or 'none'} | {c.peak / GIB:,.1f} | {c.plan.bound.host / GIB:,.1f} |")
+        print(f"{preset} {mode}: {out[-1]}", file=sys.stderr, flush=True)
+    out.append("")
+    return out
 
 
 def main(argv=None) -> int:
@@ -120,9 +154,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB")
     ap.add_argument("--host-gb", type=float, default=1024.0, help="host memory per node, GiB (1024)")
     ap.add_argument("--step", type=int, default=16384, help="length resolution in tokens (16384)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["full"],
+                    help="full fine-tuning and/or LoRA tables (full)")
+    ap.add_argument("--lora-presets", nargs="+", metavar="PRESET",
+                    help="the presets that get a LoRA table (default: every preset)")
     ap.add_argument("--write", metavar="FILE", help="write the page there instead of printing it")
     args = ap.parse_args(argv)
-    text = page(args.presets, args.gpus, args.gpu_memory, args.host_gb, args.step)
+    text = page(args.presets, args.gpus, args.gpu_memory, args.host_gb, args.step, args.modes, args.lora_presets)
     if args.write:
         Path(args.write).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write).write_text(text + "\n")

@@ -57,6 +57,43 @@ def test_matmuls_equal_what_autograd_runs(trainable):
     assert counter.get_total_flops() == sum(parts.values()) - attention
 
 
+@pytest.mark.parametrize("trainable,lora", [
+    ([], dict(rank=16)), ([], dict(rank=4, llm=["q_proj", "down_proj"])),
+    (["projector"], dict(rank=8, llm=["o_proj"]))],
+    ids=["lora-all7", "lora-q-down", "lora-o+projector"])
+def test_lora_matmuls_equal_what_autograd_runs(trainable, lora):
+    """Under LoRA the frozen base weights get no weight gradient, input gradients still flow through every
+    layer (but not into the first layer's input when nothing before it trains), the adapters' own matmuls
+    run forward, both weight gradients and both input gradients. Exact counts: torch counts every matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lvita.config.schema import LoraConfig
+    from lvita.model.longvita import LongVita
+    from lvita.model.lora import add_adapters
+    from lvita.training.optim import freeze
+
+    lora = LoraConfig(**lora)
+    model = LongVita("tiny", 5, logits_chunk=0)
+    add_adapters({0: model.embed, **{i + 1: m for i, m in enumerate(model.layers)}, 5: model.head}, lora, seed=0)
+    freeze(model, trainable, lora)
+    ids = torch.randint(10, 1000, (1, 128))
+    ids[0, 4:36] = 5
+    pos = torch.cat([torch.arange(60), torch.arange(68)]).unsqueeze(0)
+    labels = ids.clone()
+    labels[0, :50] = -100
+    with FlopCounterMode(display=False) as counter:
+        loss, n = model(ids, pos, torch.randn(2, 3, 112, 112), labels)
+        loss.backward()
+    s = Shapes.of("tiny")
+    pairs = causal_pairs(segment_lengths(pos[0]))
+    parts = sequence_flops(s, trainable, 128, pairs, 2, 128, lora)
+    # attention kernels are not counted by torch: forward + 2x backward in the decoder, forward in the frozen tower
+    attention = s.layers * 4 * s.q * pairs * 3 + 2 * s.v_layers * 4 * s.v_tokens ** 2 * s.v_hidden
+    assert counter.get_total_flops() == sum(parts.values()) - attention
+    full = sum(sequence_flops(s, ["projector", "llm"], 128, pairs, 2, 128).values()) - attention
+    assert counter.get_total_flops() < 0.9 * full  # no weight gradients for the frozen base weights
+
+
 def test_segments_follow_the_packing_mode():
     reset = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3])
     assert segment_lengths(reset) == [3, 2, 4]

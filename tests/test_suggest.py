@@ -96,3 +96,63 @@ def test_one_node_recipe_passes_lvita_check(name, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "ZeRO-3 over 8 data x sequence ranks" in out and ": fits 80 GB GPUs" in out, out
     assert "start-up: the ZeRO engine builds the whole model in fp32 on each GPU before partitioning it" in out
+
+
+# -- fine-tuning recipes (stages/longvita-14b/finetune/): the released Long-VITA-128K, full or LoRA, one node ----
+
+FINETUNE = STAGES / "finetune"
+# what the LoRA recipe may change from the full one: its identity, what trains and how fast, the engine
+LORA_KEYS = {"name", "description", "output_dir", "deepspeed", "model.trainable", "model.lora.rank", "model.lora.alpha",
+             "model.lora.dropout", "model.lora.llm", "train.lr.projector", "train.lr.llm"}
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "parallel":
+            yield from _flat(v, key + ".")
+        else:
+            yield key, v
+
+
+def test_finetune_recipes_continue_long_vita_128k_and_differ_only_in_what_trains():
+    from lvita.config import shipped
+
+    full, lora = (dict(_flat(json.loads((FINETUNE / f"{n}.json").read_text()))) for n in ("full_128k", "lora_128k"))
+    changed = {k for k in full.keys() | lora.keys() if full.get(k) != lora.get(k)}
+    assert changed <= LORA_KEYS, changed - LORA_KEYS
+    for cfg in (full, lora):
+        assert cfg["model.init_from"] == cfg["model.tokenizer"] == "/path/to/Long-VITA-128K_HF"
+        assert cfg["model.preset"] == "longvita-14b" and cfg["data.seq_length"] == 131072
+        assert cfg["parallel"] == {"pipeline": 1, "ulysses": 8, "ring": 1}
+    assert full["model.trainable"] == ["projector", "llm"] and not any(k.startswith("model.lora") for k in full)
+    assert lora["model.trainable"] == [] and lora["model.lora.rank"] == 16 and len(lora["model.lora.llm"]) == 7
+    # shipped as package data (lvita stages lists them; lvita/_shipped links the stages folder)
+    assert {"longvita-14b/finetune/full_128k", "longvita-14b/finetune/lora_128k"} <= set(shipped.stage_names())
+
+
+@pytest.mark.parametrize("name", ["full_128k", "lora_128k"])
+def test_finetune_recipe_passes_lvita_check(name, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert check(str(FINETUNE / f"{name}.json"), 8, [], gpu_memory=80) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "bounds the run at" in x)
+    assert ": fits 80 GB GPUs" in line and float(line.split(" at ")[1].split(" GiB")[0]) < 0.9 * 80, line
+    if name == "lora_128k":  # 48 layers x r (in + out) over q k v o gate up down: 48 x 1,433,600 adapter parameters
+        assert ("LoRA: rank 16, alpha 32 (scale 2), dropout 0; 336 adapted linears (llm q_proj, k_proj, v_proj, "
+                "o_proj, gate_proj, up_proj, down_proj); 68.8M adapter parameters, 15,083.5M frozen") in out, out
+        assert "pipeline engine, ZeRO-1 over 8 data x sequence ranks" in out
+    else:
+        assert "LoRA:" not in out and "ZeRO-3 over 8 data x sequence ranks" in out
+
+
+def test_suggest_proposes_the_lora_recipes_layout(capsys, monkeypatch):
+    """--suggest plans LoRA candidates (adapters counted, frozen weights at bf16 only): at world 8 the pipeline
+    engine at pipeline 1 x Ulysses 8 without offload, the layout lora_128k.json uses, well under its full
+    fine-tuning twin's ZeRO-3 peak."""
+    monkeypatch.chdir(REPO)
+    assert check(str(FINETUNE / "lora_128k.json"), 8, [], gpu_memory=80, show_suggestions=True) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "proposed for 80 GB GPUs at world 8" in x)
+    assert "pipeline (ZeRO-1), pipeline 1 x ulysses 8 x ring 1 x data 1" in line, line
+    assert line.endswith("levers: activation checkpointing"), line

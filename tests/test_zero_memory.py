@@ -33,24 +33,34 @@ def test_defaults_are_deepspeeds():
     assert (z.stage, z.reduce_bucket_size, z.prefetch_bucket_size) == (0, 5 * 10**8, 5 * 10**7)
 
 
-def _cfg():
+# LoRA: rank 8 on the LLM's q/v/down projections, the projector fully trained, the rest frozen
+LORA = ['model.trainable=["projector"]', 'model.lora={"rank": 8, "llm": ["q_proj", "v_proj", "down_proj"]}',
+        'train.lr={"projector": 1e-4, "llm": 1e-4}']
+
+
+def _cfg(lora: bool = False):
     from lvita.config.schema import load_stage
 
     return load_stage(REPO / "stages" / "demo" / "2_general.json",
-                      ["model.format=internvl", 'model.trainable=["projector", "llm"]', "precision=bf16"])
+                      ["model.format=internvl", 'model.trainable=["projector", "llm"]', "precision=bf16"]
+                      + (LORA if lora else []))
 
 
-def _zero3_rank(rank: int, world: int) -> dict:
+def _zero3_rank(rank: int, world: int, lora: bool = False) -> dict:
     import deepspeed
 
+    from lvita.ckpt.weights import local_blocks
     from lvita.model.longvita import LongVita
+    from lvita.model.lora import add_adapters
     from lvita.parallel.topology import init_distributed
     from lvita.training.optim import freeze
 
     init_distributed()
     torch.manual_seed(0)
-    model = LongVita(_cfg().model.spec(), 5)
-    freeze(model, ["projector", "llm"])
+    cfg = _cfg(lora)
+    model = LongVita(cfg.model.spec(), 5)
+    add_adapters(local_blocks(model), cfg.model.lora, cfg.seed)  # as lvita.training.loop does
+    freeze(model, cfg.model.trainable, cfg.model.lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={**json.loads(json.dumps(DS)), "train_batch_size": world})
     g = torch.Generator().manual_seed(1)
@@ -70,18 +80,30 @@ def _zero3_rank(rank: int, world: int) -> dict:
             "persistent": sum(p.ds_numel for p in params if p.ds_persist)}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_zero3_partitions_equal_deepspeeds(world):
-    """At 3 ranks most of the tiny model's parameters do not split evenly: DeepSpeed pads each one."""
+@pytest.mark.parametrize("world,lora", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-lora"])
+def test_zero3_partitions_equal_deepspeeds(world, lora):
+    """At 3 ranks most of the tiny model's parameters do not split evenly: DeepSpeed pads each one. Under LoRA
+    the frozen base weights are partitioned too, but only adapters and the projector get gradient partitions
+    and fp32 master + moments (stage_table counts the adapters as the trainer injects them)."""
     from lvita.config.check import stage_table
 
-    cfg = _cfg()
+    cfg = _cfg(lora)
     (row,) = stage_table(cfg, 1)
     zero = Zero.of(DS)
     assert engine_of(cfg, zero) == "zero"
     plan, host = model_states(row, zero, world, "bf16")
     assert world == 2 or sum(n % world != 0 for n, _ in row["numels"]) > len(row["numels"]) // 2
-    got = run_world(_zero3_rank, world, world)
+    if lora:  # the rows count adapters: q, v, down of 4 layers at rank 8 (tiny: hidden 160, KV 80, MLP 432)
+        adapters = 4 * 8 * ((160 + 160) + (160 + 80) + (432 + 160))
+        assert (row["adapters"], row["adapted"]) == (adapters, 12)
+        with torch.device("meta"):
+            from lvita.model.longvita import LongVita
+
+            projector = sum(p.numel() for n, p in LongVita(cfg.model.spec(), 5).named_parameters()
+                            if "multi_modal_projector" in n)
+        assert row["trainable"] == adapters + projector
+        assert row["trainable"] < 0.2 * row["params"]
+    got = run_world(_zero3_rank, world, world, lora)
     for rank in got:
         assert rank["persistent"] > 0
         for part in ("weights", "gradients", "optimizer"):

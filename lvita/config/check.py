@@ -4,8 +4,10 @@
 
 Prints the parallel layout and batch arithmetic, then the pipeline partition with parameter
 counts per stage (total and trainable), computed on the meta device exactly as the training run
-partitions it, then the memory plan (:mod:`lvita.config.memory_plan`): predicted peak GPU memory per
-stage, the stage that bounds the run and whether it fits; ``--suggest`` searches engines (pipeline,
+partitions it (under ``model.lora`` with the trainer's own adapter injection, and a LoRA line: rank,
+alpha, adapted linears, adapter and frozen parameters), then the memory plan
+(:mod:`lvita.config.memory_plan`): predicted peak GPU memory per stage, the stage that bounds the run
+and whether it fits; ``--suggest`` searches engines (pipeline,
 ZeRO-2/3), layouts and memory levers together (:mod:`lvita.config.suggest`), also when the stage's own
 degrees do not divide the world size (then it prints the validation error, the suggestions, and exits 2). Configuration errors exit with status 2; paths that do not exist yet (data,
 tokenizer, previous stage) are listed as "to fill in" and fail only with ``--strict``.
@@ -22,31 +24,53 @@ from lvita.errors import run_main
 
 def stage_table(cfg, num_stages: int) -> list[dict]:
     """Per pipeline stage: layer range, layer names, total and trainable parameters, each parameter's
-    (elements, trainable) and the largest module's own parameters (what ZeRO-3 gathers at once), on the
-    meta device."""
-    from lvita.model.longvita import module_of
+    (elements, trainable), the largest module's own parameters (what ZeRO-3 gathers at once) and its
+    trainable ones (the largest fresh gradient ZeRO 2-3 reduce at once), on the meta device. Under
+    ``model.lora`` the blocks get their adapters by :func:`lvita.model.lora.add_adapters`
+    (the trainer's own injection) and a parameter trains by :func:`lvita.model.lora.trains`, so the counts
+    are the run's; ``adapters`` and ``adapted`` count the adapter parameters and the adapted linears."""
+    from lvita.model.lora import add_adapters, is_adapter, trains
     from lvita.parallel.pipeline import layer_specs, partition
 
+    lora = cfg.model.lora
     specs = layer_specs(cfg.model.spec(), image_token_id=0)
     parts = partition(specs, num_stages, cfg.parallel.partition_method)
     rows = []
     for s in range(num_stages):
-        total = trainable = largest = 0
+        total = trainable = largest = largest_trained = adapters = adapted = 0
         names, numels = [], []
         with torch.device("meta"):
-            for spec in specs[parts[s]:parts[s + 1]]:
+            for b in range(int(parts[s]), int(parts[s + 1])):
+                spec = specs[b]
                 names.append(spec.typename.__name__)
                 built = spec.build()
+                adapted += add_adapters({b: built}, lora, cfg.seed)
                 for name, p in built.named_parameters():
-                    train = module_of(name) in cfg.model.trainable
+                    train = trains(name, cfg.model.trainable, lora)
                     total += p.numel()
                     trainable += p.numel() if train else 0
+                    adapters += p.numel() if lora is not None and is_adapter(name) else 0
                     numels.append((p.numel(), train))
-                largest = max([largest] + [sum(p.numel() for p in mod.parameters(recurse=False))
-                                           for mod in built.modules()])
+                own = [list(mod.named_parameters(recurse=False)) for mod in built.modules()]
+                largest = max([largest] + [sum(p.numel() for _, p in ps) for ps in own])
+                prefixes = [n for n, _ in built.named_modules()]
+                largest_trained = max([largest_trained] + [
+                    sum(p.numel() for n, p in ps if trains(f"{pre}.{n}".lstrip("."), cfg.model.trainable, lora))
+                    for pre, ps in zip(prefixes, own)])
         rows.append(dict(stage=s, first=int(parts[s]), last=int(parts[s + 1]) - 1, names=names, params=total,
-                         trainable=trainable, numels=numels, largest_module=largest))
+                         trainable=trainable, numels=numels, largest_module=largest,
+                         largest_trainable=largest_trained, adapters=adapters, adapted=adapted))
     return rows
+
+
+def lora_line(lora, rows: list[dict]) -> str:
+    """``lvita check``'s LoRA line: rank, alpha, targets, adapted linears, adapter and frozen parameters."""
+    targets = "; ".join(f"{g} {', '.join(getattr(lora, g))}" for g in ("llm", "vision", "projector")
+                        if getattr(lora, g))
+    frozen = sum(r["params"] - r["trainable"] for r in rows)
+    return (f"  LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), dropout "
+            f"{lora.dropout:g}; {sum(r['adapted'] for r in rows)} adapted linears ({targets}); "
+            f"{sum(r['adapters'] for r in rows) / 1e6:,.1f}M adapter parameters, {frozen / 1e6:,.1f}M frozen")
 
 
 def _short(names: list[str]) -> str:
@@ -108,6 +132,8 @@ def _main(stage: str, world_size: int, overrides: list[str], strict: bool, gpu_m
               f"{r['params'] / 1e6:,.1f}M parameters, {r['trainable'] / 1e6:,.1f}M trainable{warn}")
     print(f"  total {sum(r['params'] for r in rows) / 1e6:,.1f}M parameters, "
           f"{sum(r['trainable'] for r in rows) / 1e6:,.1f}M trainable")
+    if cfg.model.lora is not None:
+        print(lora_line(cfg.model.lora, rows))
     used = [s for s in cfg.data.sources if s.ratio > 0]
     print(f"  data: {len(used)} of {len(cfg.data.sources)} sources used, packed "
           + {True: "per source", "file": "per data file", False: "across sources"}[cfg.data.same_source]

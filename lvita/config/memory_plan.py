@@ -17,12 +17,13 @@ Owns the arithmetic behind ``lvita check``'s memory table and ``--suggest``. Per
   blocks as lvita's own ring kernel holds them in backward: yunchang's flash-attn ring holds less) and a
   fixed 1.5 GiB for the CUDA context and library workspaces.
 
-The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and
-InternViT layers (``tests/test_memory_plan.py`` checks them against saved-tensor hooks on the tiny
-model at three lengths and two layouts); attention is counted as the kernel saves it: flash
-attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads
-repeated on CPU. Worst cases are assumed where the data decides: every local token labelled, image
-tokens filling the local sequence.
+The saved-activation formulas were read off what autograd saves for transformers' Qwen2 and InternViT layers,
+trained or frozen with PEFT's LoRA adapters (``model.lora``: gradients still flow through the frozen layers to
+reach the adapters, :func:`layer_saved`) (``tests/test_memory_plan.py`` checks them against saved-tensor hooks
+on the tiny model at several lengths and layouts); attention is counted as the kernel saves it: flash
+attention on GPUs (q, k, v at KV width, output, log-sum-exp), per-sample SDPA with KV heads repeated on CPU.
+Worst cases are assumed where the data decides: every local token labelled, image tokens filling the local
+sequence.
 
     plan = memory_plan(cfg, layout)          # cfg: StageConfig, layout: lvita.config.validate.Layout
     plan.bound.total / 2**30, plan.fits(80)
@@ -36,25 +37,78 @@ import math
 from dataclasses import dataclass, field
 
 from lvita.config.zero_memory import Zero, engine_of, model_states, zero_of
-from lvita.model.flops import Shapes
+from lvita.model.flops import Shapes, linear_widths, llm_adapted
 
 GIB = 2**30
 OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
 
 
-def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_mlp: bool = False) -> int:
+@dataclass(frozen=True)
+class Adapted:
+    """How a decoder layer trains, for :func:`layer_saved`: ``linears`` are the LoRA-adapted projections of a
+    frozen layer (PEFT leaf names), ``rank`` and ``dropout`` the adapters'; None in place of an Adapted: the
+    layer's weights train."""
+    linears: frozenset = frozenset()
+    rank: int = 0
+    dropout: float = 0.0
+
+
+def adapted_of(trainable, lora) -> "Adapted | None":
+    """The decoder layers' :class:`Adapted` for ``model.trainable`` and ``model.lora`` (None: the LLM trains)."""
+    if "llm" in trainable:
+        return None
+    if lora is None:
+        return Adapted()
+    return Adapted(llm_adapted(lora), int(lora.rank), float(lora.dropout))
+
+
+def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_mlp: bool = False,
+                adapted: "Adapted | None" = None, grad_in: bool = True) -> int:
     """Bytes autograd saves for one Qwen2 decoder layer over ``tokens`` tokens (no checkpointing).
 
-    Per token: each RMSNorm keeps its fp32 input, 1/rms, the normalised and the weighted output;
-    attention keeps its kernel's tensors; o_proj its input; the MLP gate, act(gate), up and their
-    product (with ``tiled_mlp`` only the MLP input, as DeepSpeed's TiledMLP saves)."""
-    norm = 4 * s.hidden + 4 + 2 * e * s.hidden
-    if attention == "flash":
-        attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads
-    else:  # lvita's CPU path: SDPA per sample on KV heads repeated to the query heads
-        attn = 4 * s.q * e + 4 * s.heads
-    mlp = e * s.hidden if tiled_mlp else 4 * s.inter * e
-    return tokens * (2 * norm + attn + s.q * e + mlp)
+    Per token, the layer training (``adapted`` None): each RMSNorm keeps its fp32 input, 1/rms, the
+    normalised and the weighted output; attention keeps its kernel's tensors; o_proj its input; the MLP
+    gate, act(gate), up and their product (with ``tiled_mlp`` only the MLP input, as DeepSpeed's TiledMLP
+    saves).
+
+    Frozen (``adapted`` an :class:`Adapted`; gradients still flow through to reach the adapters and
+    whatever trains before): a linear whose weight does not require grad saves nothing (its input
+    gradient needs only the weight), nor does a norm's multiplication by its frozen weight, so each norm
+    keeps its fp32 input and 1/rms, and a linear's input is kept only when it is adapted: PEFT's
+    ``lora_A`` keeps it for its weight gradient (shared by q/k/v and by gate/up), ``lora_B`` keeps
+    ``lora_A``'s output (rank wide) per adapted linear. The MLP's gate, act(gate) and up stay (gradients
+    flow through the product). ``grad_in`` False (the first layer after a frozen embedding): the input norm
+    keeps nothing of its own. With ``dropout`` > 0 each adapted linear keeps its own dropped input and
+    dropout's mask instead of the shared input (no mask where its input carries no gradient); the mask is
+    counted at ``e`` bytes an element as torch's CPU dropout keeps it (a float noise tensor): CUDA's fused
+    dropout keeps one byte, so on GPUs the plan errs high there. Attention is counted whole even when no
+    q/k/v projection is adapted (errs high). The same rule covers a frozen LLM without LoRA (stage 1:
+    gradients pass through to the projector)."""
+    if adapted is None:
+        norm = 4 * s.hidden + 4 + 2 * e * s.hidden
+        if attention == "flash":
+            attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads
+        else:  # lvita's CPU path: SDPA per sample on KV heads repeated to the query heads
+            attn = 4 * s.q * e + 4 * s.heads
+        mlp = e * s.hidden if tiled_mlp else 4 * s.inter * e
+        return tokens * (2 * norm + attn + s.q * e + mlp)
+    a, r = adapted.linears, adapted.rank
+    width = {n: w[0] for n, w in linear_widths(s).items()}  # input widths
+
+    def kept(names, masks=True):  # dropout: its own dropped input (and mask when its input carries gradients)
+        if adapted.dropout:
+            return sum(width[n] * (2 if masks else 1) * e for n in names & a)
+        return max([0] + [width[n] * e for n in names & a])  # one input, shared
+    stats = 4 * s.hidden + 4  # a norm's fp32 input and 1/rms
+    norms = (stats if grad_in else 0) + kept({"q_proj", "k_proj", "v_proj"}, grad_in) + stats
+    norms += kept({"gate_proj", "up_proj"})
+    attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads if attention == "flash" else 4 * s.q * e + 4 * s.heads
+    if tiled_mlp:  # TiledMLP keeps its input and recomputes the MLP (adapters included) in backward
+        norms -= kept({"gate_proj", "up_proj"})
+        outside = len(a - {"gate_proj", "up_proj", "down_proj"})  # adapters whose lora_A output stays
+        return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + outside * r * e)
+    mlp = 3 * s.inter * e + kept({"down_proj"})
+    return tokens * (norms + attn + kept({"o_proj"}) + mlp + len(a) * r * e)
 
 
 def vit_saved_per_tile(s: Shapes, e: int, checkpoint: bool = False) -> int:
@@ -79,26 +133,44 @@ class Micro:
 
 
 def stage_activations(s: Shapes, blocks: range, n_blocks: int, m: Micro, e: int, trainable, checkpoint: bool,
-                      attention: str = "flash", tiled_mlp: bool = False) -> int:
+                      attention: str = "flash", tiled_mlp: bool = False, lora=None) -> int:
     """Bytes saved for backward by the blocks ``blocks`` of the pipeline (0: embedding + vision,
-    1..n-2: decoder layers, n-1: head) for one micro-batch ``m``."""
+    1..n-2: decoder layers, n-1: head) for one micro-batch ``m``; ``lora``: ``model.lora`` (None: none).
+    Adapters on the vision tower or the projector count that module as training plus each adapter's
+    rank-wide output (approximate: its frozen norms keep less, the plan errs high there)."""
+    from lvita.model.lora import adapted_groups
+
+    groups = adapted_groups(lora)
+    vision = "vision" in trainable or "vision" in groups
+    projector = vision or "projector" in trainable or "projector" in groups
+    adapted = adapted_of(trainable, lora)
     layers = [b for b in blocks if 0 < b < n_blocks - 1]
+    # the first layer's input carries gradients unless it follows a frozen embedding on this stage
+    # (a later pipeline stage's input always does: DeepSpeed's pipeline receives it with requires_grad)
+    grad_in = 0 not in blocks or projector or "llm" in trainable
     total = 0
     if layers:
         if checkpoint:
             total += len(layers) * m.tokens * s.hidden * e + m.tokens * 8  # layer inputs + int64 positions
         else:
-            total += len(layers) * layer_saved(s, m.tokens, e, attention, tiled_mlp)
+            total += layer_saved(s, m.tokens, e, attention, tiled_mlp, adapted, grad_in)
+            total += (len(layers) - 1) * layer_saved(s, m.tokens, e, attention, tiled_mlp, adapted)
             total += 2 * m.tokens * s.head_dim * e  # rotary cos/sin, shared by the stage's layers
     if 0 in blocks:
         total += m.tokens  # image-token mask
         total += m.tokens * 8 if "llm" in trainable else 0  # embedding indices
-        if "vision" in trainable:
+        rank = lora.rank if lora is not None else 0
+        if vision:
             total += m.tiles * vit_saved_per_tile(s, e, checkpoint)
-        if "vision" in trainable or "projector" in trainable:
+            if "vision" in groups and not checkpoint:
+                total += m.tiles * s.v_layers * s.v_tokens * 4 * rank * e  # qkv, proj, fc1, fc2 at most
+        if projector:
             total += m.tiles * projector_saved_per_tile(s, e, checkpoint)
+            if "projector" in groups and not checkpoint:
+                total += m.tiles * s.tile_tokens * 2 * rank * e
     if n_blocks - 1 in blocks:
-        total += m.tokens * (4 * s.hidden + 4 + e * s.hidden + 1)  # final RMSNorm, label mask
+        normed = e * s.hidden if "llm" in trainable else 0  # the norm times its weight keeps it when that trains
+        total += m.tokens * (4 * s.hidden + 4 + normed + 1)  # final RMSNorm, label mask
         total += m.labelled * (s.hidden * e + 12)  # labelled rows, targets, log-sum-exp
     return total
 
@@ -168,6 +240,7 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
     shards = layout.world // layout.pipeline  # DeepSpeed's data axis: data x sequence ranks
     param_offload = getattr(t, "param_offload", False) and zero.stage == 3
     n_blocks, ckpt = s.layers + 2, cfg.model.activation_checkpointing
+    adapted = adapted_of(cfg.model.trainable, cfg.model.lora)
     stages = []
     for r in rows:
         blocks = range(r["first"], r["last"] + 1)
@@ -176,7 +249,8 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
         buffers = states.pop("zero buffers")
         p.parts.update(states)
         in_flight = max(1, min(layout.pipeline - r["stage"], layout.grad_accum))
-        act = stage_activations(s, blocks, n_blocks, m, e, cfg.model.trainable, ckpt, attention, cfg.model.tiled_mlp)
+        act = stage_activations(s, blocks, n_blocks, m, e, cfg.model.trainable, ckpt, attention, cfg.model.tiled_mlp,
+                                cfg.model.lora)
         p.parts["activations"] = act * in_flight
         layers = [b for b in blocks if 0 < b < n_blocks - 1]
         if cfg.model.activation_offload and ckpt and layers:  # layer inputs wait on the host, the newest excepted
@@ -185,7 +259,7 @@ def memory_plan(cfg, layout, rows: list[dict], micro: Micro | None = None, atten
             p.host += moved
         working = 0
         if layers:  # one layer recomputed (if checkpointed), its gradients, the MLP's gradients
-            working = (layer_saved(s, m.tokens, e, attention, cfg.model.tiled_mlp) if ckpt else 0)
+            working = (layer_saved(s, m.tokens, e, attention, cfg.model.tiled_mlp, adapted) if ckpt else 0)
             mlp = min(m.tokens, s.hidden) * 6 * s.inter * e if cfg.model.tiled_mlp else m.tokens * 2 * s.inter * e
             working += 3 * m.tokens * s.hidden * e + mlp
         if 0 in blocks:  # the tower's largest layer over all tiles (forward; or recomputed in backward)

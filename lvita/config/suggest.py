@@ -17,6 +17,9 @@ Ranked by the fewest levers, then by :func:`rank` (10% margin kept, no ring, few
 headroom); the first is proposed with the ``--set`` overrides that give it. When none fits, the closest candidate is shown part by part.
 
 Every candidate passes the stage's own validation (lvita.config.validate: ZeRO 2/3 only at pipeline 1).
+What trains is the stage's own: under ``model.lora`` the rows count the adapters as trainable and the
+frozen base weights as weights only (:func:`lvita.config.check.stage_table`), so LoRA stages search the
+same engines and levers with their smaller model states.
 
 Trade-off: a ladder of lever sets (5-6 per layout) rather than all 32 subsets keeps the search at a
 few hundred plans (seconds) and the proposals monotone: a later lever is only used with the earlier ones.

@@ -16,6 +16,8 @@ pipeline engine at any pipeline degree, 2-3 the ZeRO engine (lvita.parallel.zero
 """
 from __future__ import annotations
 
+import functools
+
 import glob
 import json
 from dataclasses import dataclass, field
@@ -340,7 +342,7 @@ def _lora_errors(m, t, spec) -> list[str]:
     lora = m.lora
     if lora is None:
         return []
-    from lvita.model.lora import adapted_groups, check_targets
+    from lvita.model.lora import adapted_groups
 
     out = []
     if lora.rank < 1:
@@ -359,13 +361,23 @@ def _lora_errors(m, t, spec) -> list[str]:
                        f"drop '{g}' from model.trainable (its adapters train) or set model.lora.{g}=[]")
         if g not in t.lr:
             out.append(f"train.lr has no rate for the {g}'s adapters; add \"{g}\": <lr> to train.lr (1e-4 is usual)")
+    error = _target_error(spec, tuple(lora.vision), tuple(lora.projector), tuple(lora.llm))
+    return out + ([error] if error else [])
+
+
+@functools.lru_cache(maxsize=16)
+def _target_error(spec, vision: tuple, projector: tuple, llm: tuple) -> str | None:
+    """check_targets on meta-device blocks, once per model and targets (``lvita check --suggest`` validates
+    hundreds of candidates; building the 14B blocks takes seconds)."""
+    import types
+
+    from lvita.model.longvita import build_blocks
+    from lvita.model.lora import check_targets
+
     try:
-        import torch
-
-        from lvita.model.longvita import build_blocks
-
         with torch.device("meta"):
-            check_targets(build_blocks(spec, 0, 0), lora)
+            check_targets(build_blocks(spec, 0, 0), types.SimpleNamespace(vision=list(vision),
+                                                                          projector=list(projector), llm=list(llm)))
     except ConfigError as e:
-        out.append(str(e))
-    return out
+        return str(e)
+    return None

@@ -8,7 +8,18 @@ plain model under DeepSpeed's ZeRO engine (``stage_1_and_2.DeepSpeedZeroOptimize
 ``stage3.DeepSpeedZeroOptimizer_Stage3``). Sharding is over DeepSpeed's data-parallel group, which
 holds the data x sequence ranks (``world / pipeline``): sequence ranks count as data ranks there.
 
-Per engine, with N parameters and T trainable on the stage, ``w`` = world / pipeline shards, e = 2
+Frozen parameters (``requires_grad`` False: modules outside ``model.trainable``, LoRA's base weights) cost
+their weights only. Read in DeepSpeed 0.19.8's source: every wrapper builds its flat buffers, fp32
+copies and gradient partitions from the optimizer's groups filtered by ``utils.is_optimized_parameter``
+(trainable, non-empty): ``BF16_Optimizer._setup_for_real_optimizer`` (the bf16 pipeline: fp32 partition
+and fp32 gradient accumulators of trainable parameters only), ``stage_1_and_2`` (ZeRO 1-2) and
+``stage3._get_trainable_parameter_groups`` (ZeRO-3), and lvita hands the optimizer trainable parameters
+only (``lvita.training.optim.param_groups``); autograd gives frozen parameters no ``.grad``. The engine
+still casts every parameter to the run's precision, and ZeRO-3 partitions every parameter of the module,
+frozen ones included (``parameter_offload._convert_to_zero_parameters`` over ``module.parameters()``), and
+gathers frozen ones for forward and backward like the rest. So with N parameters and T trainable (LoRA:
+adapters plus ``model.trainable``'s modules; :func:`lvita.config.check.stage_table` counts them on the
+meta device after the trainer's own injection), per engine, with ``w`` = world / pipeline shards, e = 2
 (bf16) or 4 (fp32) bytes, g = the gradient accumulation bytes (``data_types.grad_accum_dtype``;
 DeepSpeed's default: the model dtype):
 
@@ -23,7 +34,8 @@ DeepSpeed's default: the model dtype):
   (``grad_partitions_flat_buffer``); fp32 partitions + two Adam moments 12 bytes a partition element;
   gathered parameters: the largest module's own parameters plus ``stage3_prefetch_bucket_size``,
   capped by ``stage3_max_live_parameters`` (never below the largest module); the reduce bucket (e
-  bytes a element) and one module's fresh gradient.
+  bytes a element) and one module's fresh gradient (the largest module's trainable parameters: under
+  LoRA an adapter, not the frozen embedding).
 - ``train.optimizer_offload`` (ZeRO 1-3): fp32 master and moments in host memory; under ZeRO 2-3 the
   gradient partitions go there too. ``train.param_offload`` (ZeRO-3 only): the parameter partitions
   live in host memory; the gathered and persistent parameters stay on the GPU.
@@ -93,6 +105,7 @@ def model_states(row: dict, zero: Zero, shards: int, precision: str, optimizer_o
     g = 4 if zero.grad_accum_fp32 or e == 4 else e
     n_all, trained = row["params"], row["trainable"] or 1  # a frozen stage trains a one-element placeholder
     largest = row.get("largest_module", 0)
+    fresh = row.get("largest_trainable", largest)  # the largest module's gradient, reduced at once
     parts, host = {}, 0
     if zero.stage <= 1:
         w = shards if zero.stage == 1 else 1
@@ -111,7 +124,7 @@ def model_states(row: dict, zero: Zero, shards: int, precision: str, optimizer_o
         parts["gradients"] = 0 if optimizer_offload else grads
         parts["optimizer"] = 0 if optimizer_offload else states
         host += grads + states if optimizer_offload else 0
-        parts["zero buffers"] = min(zero.reduce_bucket_size, trained) * g + largest * e
+        parts["zero buffers"] = min(zero.reduce_bucket_size, trained) * g + fresh * e
         return parts, host
     numels = row.get("numels") or [(n_all, True)]
     split = sum(math.ceil(n / shards) for n, _ in numels)
@@ -125,5 +138,5 @@ def model_states(row: dict, zero: Zero, shards: int, precision: str, optimizer_o
     parts["optimizer"] = 0 if optimizer_offload else states
     host += grads + states if optimizer_offload else 0
     live = max(largest, min(zero.max_live_parameters, largest + zero.prefetch_bucket_size))
-    parts["zero buffers"] = live * e + min(zero.reduce_bucket_size, trained) * e + largest * e
+    parts["zero buffers"] = live * e + min(zero.reduce_bucket_size, trained) * e + fresh * e
     return parts, host

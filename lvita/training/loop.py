@@ -315,7 +315,7 @@ def run(cfg) -> list[float]:
         losses.append(loss)
         check_memory_cap(cfg.train.memory_cap_gb)
         tokens = sum(s.input_ids.numel() for s in batch)
-        tflops = step_flops(spec, cfg.model.trainable, batch) / step_time / world / 1e12
+        tflops = step_flops(spec, cfg.model.trainable, batch, cfg.model.lora) / step_time / world / 1e12
         gn = engine.get_global_grad_norm()
         # one all-reduce: every rank stops (or not) and counts the step as skipped (or not) together
         reason, bad = stopper.agree(step_time, guard.skipped(engine))
