@@ -43,15 +43,7 @@ def test_suggest_says_in_numbers_why_nothing_fits(capsys):
 @pytest.mark.parametrize("name", RECIPES)
 def test_one_node_recipe_is_its_stage_but_for_the_layout(name):
     """The curriculum settings (docs/curriculum.md, tests/test_stage_tables.py) reach the one-node variants unchanged."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and key != "parallel":
-                yield from flat(v, key + ".")
-            else:
-                yield key, v
-
-    base, node = (dict(flat(json.loads(p.read_text()))) for p in (STAGES / f"{name}.json", ONE_NODE / f"{name}.json"))
+    base, node = (dict(_flat(json.loads(p.read_text()))) for p in (STAGES / f"{name}.json", ONE_NODE / f"{name}.json"))
     assert base.keys() == node.keys()
     changed = {k for k in base if base[k] != node[k]}
     assert changed <= LAYOUT_KEYS, changed - LAYOUT_KEYS
