@@ -46,6 +46,41 @@ def wait_for_file(proc, path, seconds: float) -> bool:
     return proc.poll() is None
 
 
+def launch_trainer(stage, out, *sets: str, nproc: int = 2):
+    """``lvita.train`` on ``stage`` under DeepSpeed's launcher (``nproc`` CPU ranks, OMP 1 thread as run_world's
+    processes, so the same arithmetic), ``output_dir=out`` and ``--set`` each of ``sets``; a Popen in its own
+    process group (:func:`sigkill_after` reaches every rank), output merged into stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+           str(free_port()), "--module", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
+    for item in sets:
+        cmd += ["--set", item]
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def sigkill_after(proc, path, seconds: float = 400) -> str:
+    """Wait for ``path`` (a checkpoint's manifest), then SIGKILL ``proc``'s whole process group (a launcher and its
+    ranks, started with ``start_new_session``); -> its output. Fails when ``proc`` ended or ``path`` never came."""
+    import signal
+
+    alive = wait_for_file(proc, path, seconds)
+    os.killpg(proc.pid, signal.SIGKILL)
+    text, _ = proc.communicate(timeout=60)
+    assert alive and path.is_file(), text[-4000:]
+    return text
+
+
+def newest_step(ckpt_dir) -> int:
+    """The step of the newest complete checkpoint: the one resume takes (``latest`` may lag it after a kill)."""
+    from lvita.ckpt.checkpoint import complete_tags
+
+    return int(complete_tags(ckpt_dir)[-1].removeprefix("global_step"))
+
+
 def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     low = 20000 + (int(worker) % 8 if worker.isdigit() else 0) * PORT_BAND

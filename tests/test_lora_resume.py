@@ -17,19 +17,15 @@ fine-tuning (tests/test_resume.py).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lvita.ckpt.checkpoint import complete_tags
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import free_port, run_world, wait_for_file
+from tests.distributed import launch_trainer, newest_step, run_world, sigkill_after
 from tests.test_training import _metrics, _train
 
 PIPE2 = "parallel.pipeline=2"
@@ -59,26 +55,15 @@ def runs(tmp_path_factory, tokenizer_dir, dataset_dir):
 
 
 def _launch(stage: Path, out: Path, *sets: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "lvita.train", "--stage", str(stage), "--set", f"output_dir={out}"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_world's processes: the same arithmetic
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: SIGKILL reaches every rank
+    return launch_trainer(stage, out, *sets)
 
 
 def test_lora_resumes_after_sigkill_with_the_uninterrupted_losses(runs):
     root, stage, _, ref = runs
     out = root / "killed"
-    proc = _launch(stage, out, PIPE2)
-    done = out / "checkpoints" / "global_step2" / "lvita_manifest.json"
-    alive = wait_for_file(proc, done, 400)
-    os.killpg(proc.pid, signal.SIGKILL)
-    text, _ = proc.communicate(timeout=60)
-    assert alive and done.is_file(), text[-4000:]
+    text = sigkill_after(_launch(stage, out, PIPE2), out / "checkpoints" / "global_step2" / "lvita_manifest.json")
     assert "LoRA: rank 4" in text
-    latest = int(complete_tags(out / "checkpoints")[-1].removeprefix("global_step"))
+    latest = newest_step(out / "checkpoints")
     assert 2 <= latest < 4, latest  # killed before the final step
     proc = _launch(stage, out, PIPE2)
     text, _ = proc.communicate(timeout=600)

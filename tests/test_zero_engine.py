@@ -7,20 +7,16 @@ weight files and the same client state, and a run killed by SIGKILL resumes exac
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lvita.ckpt.checkpoint import complete_tags
 from lvita.data.stream import rank_micro_batches
 from lvita.model.presets import tokens_per_tile
 from tests.conftest import REPO, stage_dict, write_stage
-from tests.distributed import free_port, run_world, wait_for_file
+from tests.distributed import launch_trainer, newest_step, run_world, sigkill_after
 from tests.synthetic import IMG, packed_batch
 from tests.test_pipeline import GLOBAL, LENGTH, SEED, _check, _pipeline_loss_and_grads, _reference_for
 from tests.test_training import _layer_states, _metrics, _train
@@ -122,14 +118,7 @@ def _client_state(tag_dir: Path) -> dict:
 
 
 def _launch(stage: Path, out: Path, *sets: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "lvita.train", "--stage", str(stage), "--set", f"deepspeed={ZERO3_CPU}",
-           "--set", f"output_dir={out}"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_world's processes: the same arithmetic
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: SIGKILL reaches every rank
+    return launch_trainer(stage, out, f"deepspeed={ZERO3_CPU}", *sets)
 
 
 def test_zero3_trainer_under_the_launcher_matches_the_pipeline_engine_and_resumes_after_sigkill(
@@ -144,16 +133,11 @@ def test_zero3_trainer_under_the_launcher_matches_the_pipeline_engine_and_resume
     ref = run_world(_train, 2, str(stage), [f"output_dir={tmp_path / 'pipe'}"])[0]
 
     out = tmp_path / "zero3"
-    proc = _launch(stage, out)
-    done = out / "checkpoints" / "global_step2" / "lvita_manifest.json"
-    alive = wait_for_file(proc, done, 400)
-    os.killpg(proc.pid, signal.SIGKILL)
-    text, _ = proc.communicate(timeout=60)
-    assert alive and done.is_file(), text[-4000:]
+    text = sigkill_after(_launch(stage, out), out / "checkpoints" / "global_step2" / "lvita_manifest.json")
     assert "ZeRO-3 engine (plain model, no pipeline)" in text
     # resume takes the newest tag with a manifest; ``latest`` is pointed just after the manifest, so the
     # kill may land between the two (the CI run that showed it read global_step1 from ``latest``)
-    latest = int(complete_tags(out / "checkpoints")[-1].removeprefix("global_step"))
+    latest = newest_step(out / "checkpoints")
     assert 2 <= latest < 4, latest  # killed before the final step
     proc = _launch(stage, out)
     text, _ = proc.communicate(timeout=600)
