@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from lvita.config.schema import LoraConfig
-from lvita.data.stream import collate, rank_micro_batches
+from lvita.data.stream import collate
 from lvita.model.lora import add_adapters, adapter_state, check_targets, is_adapter, merged, scaling, trains
-from lvita.model.presets import llm_config, tokens_per_tile
 from tests.distributed import run_world
 from tests.synthetic import IMG, packed_batch
-from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check
-from tests.tolerances import assert_near, within
+from tests.test_pipeline import GLOBAL, LENGTH, SEED, _check
+from tests.tolerances import within
 
 LORA = LoraConfig(rank=4, alpha=8.0, llm=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
                   projector=["all"])
@@ -149,91 +148,27 @@ def test_unknown_target_names_the_valid_ones():
 
 # -- the engines against the single-process model ------------------------------------------------------------
 
-def _pipeline_lora(rank, pp, ulysses, ring, reset, reduction="token"):
-    """One step of the pipeline engine with adapters: (loss, {plain name: gradient}) of every trained parameter."""
-    import deepspeed
-    import torch.distributed as dist
-
+def _adapt(module) -> None:
+    """What the trainer does after the build (lvita.training.loop), for the engine tests' ``prepare``: adapters on
+    the blocks this rank owns, seeded per block, lora_B perturbed alike everywhere, everything else frozen."""
     from lvita.ckpt.weights import local_blocks
-    from lvita.model.attention import set_attention
-    from lvita.parallel.hybrid import sequence_attention
-    from lvita.parallel.pipeline import build_pipeline, plain_name
-    from lvita.parallel.sequence import shard_micro_batch
-    from lvita.parallel.topology import build_topology, init_distributed
     from lvita.training.optim import freeze
 
-    init_distributed()
-    topo = build_topology(pp, ulysses, ring)
-    module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
-    if topo.sequence > 1:
-        set_attention(module, sequence_attention(topo))
     add_adapters(local_blocks(module), LORA, SEED)
     _perturb(local_blocks(module))
     freeze(module, TRAINABLE, LORA)
-    trained = [p for p in module.parameters() if p.requires_grad]
-    opt = GradCapture(trained)
-    width = dist.get_world_size() // pp
-    gas = GLOBAL // topo.data
-    cfg = {"train_batch_size": gas * width, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
-           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
-    batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
-    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)
-    if topo.sequence > 1:
-        micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
-    loss = engine.train_batch(iter(micro))
-    n_layers = llm_config("tiny").num_hidden_layers
-    frozen_grads = [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None]
-    assert not frozen_grads, frozen_grads
-    return float(loss), {plain_name(n, n_layers): opt.grads[id(p)] for n, p in module.named_parameters()
-                         if id(p) in opt.grads}
+
+
+def _pipeline_lora(rank, pp, ulysses, ring, reset, reduction="token"):
+    from tests.test_sequence_parallel import _sp_loss_and_grads
+
+    return _sp_loss_and_grads(rank, pp, ulysses, ring, reset, reduction, prepare=_adapt)
 
 
 def _zero3_lora(rank, ulysses, ring, reset, levers=False, length=LENGTH):
-    """One step of the ZeRO-3 engine with adapters (and with ``levers``: activation checkpointing + tiled MLP)."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_grad
+    from tests.test_zero_engine import _zero_loss_and_grads
 
-    from lvita.ckpt.weights import local_blocks
-    from lvita.config.schema import ModelConfig
-    from lvita.model.attention import set_attention
-    from lvita.parallel.hybrid import sequence_attention
-    from lvita.parallel.sequence import shard_micro_batch
-    from lvita.parallel.topology import build_topology, init_distributed
-    from lvita.parallel.zero import ZeroSteps, build_zero_model
-    from lvita.training.levers import apply_levers
-    from lvita.training.optim import freeze
-
-    init_distributed()
-    topo = build_topology(1, ulysses, ring)
-    module = build_zero_model("tiny", IMG, SEED, checkpoint=levers)
-    if levers:
-        assert apply_levers(module, ModelConfig(tiled_mlp=True, activation_checkpointing=True))
-    if topo.sequence > 1:
-        set_attention(module, sequence_attention(topo))
-    add_adapters(local_blocks(module), LORA, SEED)
-    _perturb(local_blocks(module))
-    freeze(module, TRAINABLE, LORA)
-    gas = GLOBAL // topo.data
-    world = topo.data * topo.sequence
-    cfg = {"train_batch_size": gas * world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-           "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
-    trained = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(trained, lr=0.0), config=cfg)
-    batch = packed_batch(GLOBAL, length, seed=3, reset=reset)
-    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, "token")
-    if topo.sequence > 1:
-        micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
-    grads = {}
-
-    def capture():  # collective: every rank gathers the trained gradients in the same order
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                grads[name] = safe_get_full_grad(p).detach().clone().float().reshape(p.ds_shape)
-
-    loss = ZeroSteps(engine).train_batch(iter(micro), before_step=capture)
-    return float(loss), grads
+    return _zero_loss_and_grads(rank, 3, ulysses, ring, reset, levers=levers, length=length, prepare=_adapt)
 
 
 # Tolerance: tests/test_pipeline.py's RTOL (1e-5 of each tensor's largest entry). Noise: the same fp32 sums in

@@ -13,7 +13,10 @@ from tests.synthetic import IMG, packed_batch
 from tests.test_pipeline import GLOBAL, LENGTH, SEED, GradCapture, _check, _reference_for, _sequence_reference
 
 
-def _sp_loss_and_grads(rank, pp, ulysses, ring, reset, reduction="token"):
+def _sp_loss_and_grads(rank, pp, ulysses, ring, reset, reduction="token", prepare=None):
+    """One step of the pipeline engine (sequence parallel when ulysses x ring > 1): (loss, {plain name: gradient})
+    of every parameter that has one. ``prepare(module)``: a module-level function applied after the build (the LoRA
+    tests add adapters and freeze the rest with it)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -26,16 +29,20 @@ def _sp_loss_and_grads(rank, pp, ulysses, ring, reset, reduction="token"):
     init_distributed()
     topo = build_topology(pp, ulysses, ring)
     module = build_pipeline("tiny", IMG, SEED, pp, topology=topo.deepspeed)
-    set_attention(module, sequence_attention(topo))
-    opt = GradCapture(module.parameters())
+    if topo.sequence > 1:
+        set_attention(module, sequence_attention(topo))
+    if prepare is not None:
+        prepare(module)
+    opt = GradCapture([p for p in module.parameters() if p.requires_grad])
     width = dist.get_world_size() // pp
     gas = GLOBAL // topo.data
     cfg = {"train_batch_size": gas * width, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
     batch = packed_batch(GLOBAL, LENGTH, seed=3, reset=reset)
-    micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny"))
-             for m in rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)]
+    micro = rank_micro_batches(batch, topo.data_rank, topo.data, 1, reduction)
+    if topo.sequence > 1:
+        micro = [shard_micro_batch(m, topo.sequence_rank, ulysses, ring, IMG, tokens_per_tile("tiny")) for m in micro]
     loss = engine.train_batch(iter(micro))
     n_layers = llm_config("tiny").num_hidden_layers
     grads = {plain_name(n, n_layers): opt.grads[id(p)] for n, p in module.named_parameters() if id(p) in opt.grads}

@@ -24,10 +24,12 @@ from tests.test_training import _layer_states, _metrics, _train
 ZERO3_CPU = str(REPO / "ds_configs" / "zero3_fp32_cpu.json")
 
 
-def _zero_loss_and_grads(rank, stage, ulysses, ring, reset, reduction="token", levers=False, length=LENGTH):
-    """One step of the ZeRO engine on ``packed_batch``: (loss, {plain name: full gradient}) read before the
-    optimizer steps (lr 0). ``levers``: activation checkpointing (torch's, every decoder and InternViT layer
-    and the projector) and DeepSpeed's TiledMLP, applied as the trainer applies them."""
+def _zero_loss_and_grads(rank, stage, ulysses, ring, reset, reduction="token", levers=False, length=LENGTH,
+                         prepare=None):
+    """One step of the ZeRO engine on ``packed_batch``: (loss, {plain name: full gradient}) of every trained
+    parameter, read before the optimizer steps (lr 0). ``levers``: activation checkpointing (torch's, every decoder
+    and InternViT layer and the projector) and DeepSpeed's TiledMLP, applied as the trainer applies them.
+    ``prepare(module)``: a module-level function applied after the levers (the LoRA tests add adapters with it)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -47,13 +49,15 @@ def _zero_loss_and_grads(rank, stage, ulysses, ring, reset, reduction="token", l
         assert apply_levers(module, ModelConfig(tiled_mlp=True, activation_checkpointing=True))
     if topo.sequence > 1:
         set_attention(module, sequence_attention(topo))
+    if prepare is not None:
+        prepare(module)
+    trained = [p for p in module.parameters() if p.requires_grad]
     gas = GLOBAL // topo.data
     world = topo.data * topo.sequence
     cfg = {"train_batch_size": gas * world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
            "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=0.0),
-                                           config=cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(trained, lr=0.0), config=cfg)
     if stage == 3:  # every weight is sharded (persistence threshold 0): rank 0 holds about half of the largest
         w = module.head.lm_head.weight
         assert w.numel() == 0 and 0 < w.ds_tensor.numel() <= w.ds_numel // world + 1, (w.shape, w.ds_numel)
@@ -65,6 +69,8 @@ def _zero_loss_and_grads(rank, stage, ulysses, ring, reset, reduction="token", l
 
     def capture():  # collective under ZeRO-3: every rank gathers every gradient in the same order
         for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
             g = safe_get_full_grad(p)
             grads[name] = g.detach().clone().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
 
