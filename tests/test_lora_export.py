@@ -231,3 +231,28 @@ def test_adapter_and_base_exports_refuse_what_they_cannot_write(tokenizer_dir, t
     tensors, modules = adapter_tensors(fused, INTERNVL)  # InternVL keeps q_proj a module of its own
     assert modules == ["model.vision_tower.encoder.layer.0.attention.q_proj"]
     assert sorted(tensors) == [f"base_model.model.{modules[0]}.lora_{x}.weight" for x in "AB"]
+
+
+def test_eval_scores_a_lora_checkpoint_as_its_merged_export(lora_run, tmp_path):
+    """``lvita eval --model RUN`` on a LoRA checkpoint predicts what the merged export predicts, item by item, and
+    not what the base without the adapters predicts (checked on the released format, whose tiny run decodes text;
+    the InternVL one answers <|im_end|> at once)."""
+    from lvita import eval as lveval
+    from lvita.ckpt.convert import to_hf
+
+    fmt, run, tag, _, _ = lora_run
+    if fmt != "longvita":
+        pytest.skip("the tiny InternVL run answers nothing: no predictions to tell apart")
+    items = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                           {"role": "assistant", "content": str(a + b)}]} for a, b in ((3, 4), (12, 30), (7, 8))]
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in items))
+    merged, base = tmp_path / "merged", tmp_path / "base"
+    to_hf(str(run), str(merged), log=lambda *a: None)
+    to_hf(str(run), str(base), log=lambda *a: None, base_only=True)
+    preds = {}
+    for name, model in (("run", run), ("merged", merged), ("base", base)):
+        assert lveval.main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / name)]) == 0
+        preds[name] = [json.loads(x)["prediction"] for x in (tmp_path / name / "predictions.jsonl").open()]
+    assert preds["run"] == preds["merged"], preds
+    assert preds["run"] != preds["base"], preds  # an eval that dropped the adapters would fail the line above
