@@ -302,3 +302,9 @@ def test_resume_refuses_other_adapters_and_full_training(tmp_path, tokenizer_dir
             assert code == 0 and "resumed from" in out, stderr[-2000:]
         else:
             _assert_one_clear_error(code, stderr, names)
+
+
+def test_lora_hybrid_ulysses_2_x_ring_2_under_zero3_matches_the_plain_model():
+    """yunchang's hybrid attention (Ulysses 2 x ring 2, 4 ranks), positions kept: the same tolerance as above."""
+    ref_loss, ref_grads = _reference(reset=False)
+    _check(run_world(_zero3_lora, 4, 2, 2, False), ref_loss, ref_grads)
