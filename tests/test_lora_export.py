@@ -215,13 +215,12 @@ def test_adapter_and_base_exports_refuse_what_they_cannot_write(tokenizer_dir, t
                            "--base-only"])
     assert "choose one" in line
     assert not (tmp_path / "out").exists()
-    zero3 = tmp_path / "zero3"  # ZeRO-3 names DeepSpeed's model-states file per rank; the stage config is in each
-    zero3.mkdir()
+    from lvita.ckpt.checkpoint import Found
+
+    zero3 = tmp_path / "zero3"  # whatever the engine's files, the manifest says what trained in full
     with pytest.raises(CheckpointError, match="cannot read the run's model.trainable"):
-        trained_modules(zero3)
-    torch.save({"lvita": {"config": {"model": {"trainable": ["projector"]}}}},
-               zero3 / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    assert trained_modules(zero3) == ["projector"]
+        trained_modules(Found(zero3, {"lora": {"rank": 4}}))
+    assert trained_modules(Found(zero3, {"lora": {"rank": 4}, "trainable": ["projector"]})) == ["projector"]
     with pytest.raises(CheckpointError, match="trained the whole llm"):
         saved_module_tensors({}, ["projector", "llm"], INTERNVL)
     q = "embed.vision.vision_tower.encoder.layer.0.attention.q_proj."

@@ -66,17 +66,13 @@ def run_lora(found, flag: str) -> dict:
     return lora
 
 
-def trained_modules(tag_dir: Path) -> list[str]:
-    """``model.trainable`` of the run that saved ``tag_dir`` (its stage config, in DeepSpeed's client state:
-    ``mp_rank_00_model_states.pt``, under ZeRO-3 ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``)."""
-    files = sorted(Path(tag_dir).glob("*mp_rank_*_model_states.pt"))
-    try:
-        client = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
-        return list(client["lvita"]["config"]["model"]["trainable"])
-    except Exception as e:  # noqa: BLE001 - missing file, damaged zip, older client state: one line
-        what = files[0].name if files else "mp_rank_*_model_states.pt"
-        raise CheckpointError(f"{tag_dir}: cannot read the run's model.trainable from {what} ({type(e).__name__}: "
-                              f"{e}); --adapter-only needs it to know which modules trained whole") from None
+def trained_modules(found) -> list[str]:
+    """``model.trainable`` of the run that saved ``found`` (its manifest records it beside ``lora``)."""
+    trainable = found.manifest.get("trainable")
+    if not isinstance(trainable, list):
+        raise CheckpointError(f"{found.tag_dir}: cannot read the run's model.trainable (its manifest records none); "
+                              f"--adapter-only needs it to know which modules trained whole")
+    return list(trainable)
 
 
 def adapter_tensors(unmerged: dict[str, torch.Tensor], fmt: ModelFormat) -> tuple[dict, list[str]]:
@@ -143,7 +139,7 @@ def write_adapter_dir(found, spec, out: str | Path, log=print) -> Path:
     lora = run_lora(found, "--adapter-only")
     t0 = time.perf_counter()
     fmt, n_layers = spec.format, spec.llm["num_hidden_layers"]
-    trainable = trained_modules(found.tag_dir)
+    trainable = trained_modules(found)
     kept = {}  # block by block, only what the files carry: adapters and wholly trained modules (not the frozen base)
     for b in range(n_layers + 2):
         for k, v in read_block(found.tag_dir, b, merge=False).items():

@@ -26,7 +26,7 @@ from torch import nn
 from lvita.ckpt.checkpoint import CheckpointError, check_fits, locate
 from lvita.model.formats import INTERNVL, ModelFormat
 from lvita.model.longvita import block_of, by_block, plain_key
-from lvita.model.lora import has_adapters, merged
+from lvita.model.lora import has_adapters, merged, scaling
 
 
 def layer_file(tag_dir: Path, block: int) -> Path:
@@ -54,7 +54,7 @@ def lora_scaling(tag_dir: Path) -> float:
     if not lora:
         raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} records no model.lora (rank, "
                               f"alpha): the adapters' scale is unknown")
-    return float(lora["alpha"]) / int(lora["rank"])
+    return scaling(lora)
 
 
 def _read_block(tag_dir: Path, block: int) -> dict[str, torch.Tensor]:

@@ -65,10 +65,12 @@ def stage_table(cfg, num_stages: int) -> list[dict]:
 
 def lora_line(lora, rows: list[dict]) -> str:
     """``lvita check``'s LoRA line: rank, alpha, targets, adapted linears, adapter and frozen parameters."""
+    from lvita.model.lora import scaling
+
     targets = "; ".join(f"{g} {', '.join(getattr(lora, g))}" for g in ("llm", "vision", "projector")
                         if getattr(lora, g))
     frozen = sum(r["params"] - r["trainable"] for r in rows)
-    return (f"  LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), dropout "
+    return (f"  LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {scaling(lora):g}), dropout "
             f"{lora.dropout:g}; {sum(r['adapted'] for r in rows)} adapted linears ({targets}); "
             f"{sum(r['adapters'] for r in rows) / 1e6:,.1f}M adapter parameters, {frozen / 1e6:,.1f}M frozen")
 

@@ -110,9 +110,9 @@ def llm_adapted(lora) -> frozenset:
     """The decoder projections ``model.lora.llm`` adapts (leaf names), by lvita.model.lora's target rule."""
     if lora is None:
         return frozenset()
-    from lvita.model.lora import _matches
+    from lvita.model.lora import adapts
 
-    return frozenset(n for n, path in LLM_LINEARS.items() if _matches(path, "llm", {"llm": list(lora.llm)}))
+    return frozenset(n for n, path in LLM_LINEARS.items() if adapts(path, "llm", lora))
 
 
 def sequence_flops(s: Shapes, trainable, tokens: int, pairs: int, tiles: int, labelled: int,

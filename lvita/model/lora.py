@@ -46,8 +46,9 @@ def is_adapter(name: str) -> bool:
 
 
 def scaling(lora) -> float:
-    """PEFT's multiplier of the adapters' output: alpha / rank."""
-    return float(lora.alpha) / int(lora.rank)
+    """PEFT's multiplier of the adapters' output: alpha / rank (``lora``: model.lora, or a manifest's dict of it)."""
+    alpha, rank = (lora["alpha"], lora["rank"]) if isinstance(lora, dict) else (lora.alpha, lora.rank)
+    return float(alpha) / int(rank)
 
 
 def _linears(block: nn.Module) -> list[tuple[str, str]]:
@@ -62,6 +63,11 @@ def _targets(lora) -> dict[str, list[str]]:
 
 def _matches(name: str, group: str, targets: dict[str, list[str]]) -> bool:
     return any(t == "all" or name == t or name.endswith("." + t) for t in targets.get(group, []))
+
+
+def adapts(name: str, group: str, lora) -> bool:
+    """Does ``model.lora`` adapt the linear ``name`` (a path ending in its leaf: ``mlp.gate_proj``) of ``group``?"""
+    return lora is not None and _matches(name, group, _targets(lora))
 
 
 def adapted_groups(lora) -> list[str]:
@@ -139,14 +145,7 @@ def merged(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tens
     if not has_adapters(state):
         return state
     out = base_state(state)
-    for key in state:
-        m = _A.match(key)
-        if not m:
-            continue
-        module = m.group("module")
-        prefix = f"{module}." if module else ""
-        a, b = state[key], state[f"{prefix}lora_B.{ADAPTER}.weight"]
-        w_key = f"{prefix}weight"
+    for w_key, (a, b) in adapter_state(state).items():
         w = out[w_key]
         out[w_key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
     return out

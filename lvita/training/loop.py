@@ -196,6 +196,7 @@ def run(cfg) -> list[float]:
             "tokenizer": tokenizer_fingerprint(tok), "tokenizer_path": cfg.model.tokenizer,
             "system_prompt": cfg.data.system_prompt,  # what inference and HF exports default to
             "layout": resume.layout_info(layout, world, zero_stage),
+            "trainable": list(cfg.model.trainable),  # what trained in full (an adapter export's modules_to_save)
             "lora": None if cfg.model.lora is None else dataclasses.asdict(cfg.model.lora)}
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
