@@ -308,3 +308,70 @@ def test_lora_hybrid_ulysses_2_x_ring_2_under_zero3_matches_the_plain_model():
     """yunchang's hybrid attention (Ulysses 2 x ring 2, 4 ranks), positions kept: the same tolerance as above."""
     ref_loss, ref_grads = _reference(reset=False)
     _check(run_world(_zero3_lora, 4, 2, 2, False), ref_loss, ref_grads)
+
+
+def _hostile_lora(rng) -> dict:
+    """A seeded model.lora as users (and hand-edited files) bring it: each key absent, right, or wrong in type or
+    range; target lists with real, unknown, empty and non-string names; now and then an unknown key."""
+    names = ["q_proj", "down_proj", "all", "qkv", "", "mlp.0", "linear_1", "fc1", 3, None]
+    pools = {"rank": [4, 16, 0, -2, 2.5, "8", None, True, [4]],
+             "alpha": [8, 32.0, 0, -1, "x", None, {}],
+             "dropout": [0, 0.1, 1, -0.5, 1.5, "0", None],
+             "llm": [None, [], "q_proj", {"q": 1}] + [[rng.choice(names) for _ in range(rng.randint(1, 3))]] * 4,
+             "vision": [[], ["fc1"], ["q_proj", "bogus"], 7],
+             "projector": [[], ["all"], ["linear_1"], ["mlp.0"], [None]]}
+    out = {k: rng.choice(v) for k, v in pools.items() if rng.random() < 0.7}
+    if rng.random() < 0.15:
+        out[rng.choice(["ranks", "target_modules", "Alpha"])] = 1
+    return out
+
+
+def test_seeded_hostile_lora_settings_end_as_a_stage_or_one_config_error(tmp_path, tokenizer_dir, dataset_dir):
+    """200 seeded model.lora values (``LVITA_HOSTILE_SEED`` picks another run) through load_stage and validate,
+    with model.trainable [] or unset: each is a valid stage or one ConfigError whose message is one line naming
+    model.lora (or the key it broke); never another exception."""
+    import json
+    import os
+    import random
+
+    from lvita.config.schema import load_stage
+    from lvita.config.validate import validate
+    from lvita.errors import ConfigError
+    from tests.conftest import stage_dict, write_stage
+
+    stage = write_stage(tmp_path / "s.json", stage_dict(tokenizer_dir, dataset_dir, tmp_path / "out"))
+    rng = random.Random(int(os.environ.get("LVITA_HOSTILE_SEED", "0")))
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(200):
+        lora = _hostile_lora(rng)
+        sets = [f"model.lora={json.dumps(lora)}"] + (["model.trainable=[]"] if rng.random() < 0.8 else [])
+        try:
+            validate(load_stage(stage, sets), 1)
+            outcomes["ok"] += 1
+        except ConfigError as e:
+            msg = str(e)
+            assert "model.lora" in msg or "model.trainable" in msg or "train.lr" in msg, (i, lora, msg)
+            assert "Traceback" not in msg, (i, lora, msg)
+            outcomes["error"] += 1
+    assert outcomes["ok"] and outcomes["error"], outcomes  # the generator reaches both ends
+
+
+@pytest.mark.parametrize("lora", [None, {}, {"rank": 0, "alpha": 8}, {"rank": 4}, {"rank": 4, "alpha": "x"},
+                                  {"rank": [4], "alpha": 8}])
+def test_a_manifest_without_a_usable_lora_is_one_checkpoint_error(tmp_path, lora):
+    """A checkpoint whose blocks hold adapters but whose manifest lost (or garbled) model.lora: readers that merge
+    say so in one CheckpointError; the raw block (merge=False) still reads."""
+    import json
+
+    from lvita.ckpt.checkpoint import MANIFEST, CheckpointError
+    from lvita.ckpt.weights import layer_file, read_block
+
+    state = {"proj.base_layer.weight": torch.ones(3, 2), "proj.lora_A.default.weight": torch.ones(1, 2),
+             "proj.lora_B.default.weight": torch.ones(3, 1)}
+    torch.save(state, layer_file(tmp_path, 0))
+    (tmp_path / MANIFEST).write_text(json.dumps({"lora": lora}))
+    with pytest.raises(CheckpointError, match="holds LoRA adapters but its lvita_manifest.json records no usable"):
+        read_block(tmp_path, 0)
+    assert set(read_block(tmp_path, 0, merge=False)) == set(state)
+    (tmp_path / MANIFEST).write_text(json.dumps({"lora": {"rank": 1, "alpha": 2}}))
+    torch.testing.assert_close(read_block(tmp_path, 0)["proj.weight"], torch.full((3, 2), 3.0))  # 1 + 2 x 1

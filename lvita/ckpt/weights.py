@@ -51,10 +51,12 @@ def lora_scaling(tag_dir: Path) -> float:
         lora = json.loads((Path(tag_dir) / MANIFEST).read_text()).get("lora")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} cannot be read ({e})") from None
-    if not lora:
-        raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} records no model.lora (rank, "
-                              f"alpha): the adapters' scale is unknown")
-    return scaling(lora)
+    try:
+        scale = scaling(lora)
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):  # none, or not {"rank": >= 1, "alpha": number}
+        raise CheckpointError(f"{tag_dir}: holds LoRA adapters but its {MANIFEST} records no usable model.lora (rank, "
+                              f"alpha: {lora!r}): the adapters' scale is unknown") from None
+    return scale
 
 
 def _read_block(tag_dir: Path, block: int) -> dict[str, torch.Tensor]:
