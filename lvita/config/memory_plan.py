@@ -84,12 +84,12 @@ def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_
     dropout keeps one byte, so on GPUs the plan errs high there. Attention is counted whole even when no
     q/k/v projection is adapted (errs high). The same rule covers a frozen LLM without LoRA (stage 1:
     gradients pass through to the projector)."""
+    if attention == "flash":
+        attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads
+    else:  # lvita's CPU path: SDPA per sample on KV heads repeated to the query heads
+        attn = 4 * s.q * e + 4 * s.heads
     if adapted is None:
         norm = 4 * s.hidden + 4 + 2 * e * s.hidden
-        if attention == "flash":
-            attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads
-        else:  # lvita's CPU path: SDPA per sample on KV heads repeated to the query heads
-            attn = 4 * s.q * e + 4 * s.heads
         mlp = e * s.hidden if tiled_mlp else 4 * s.inter * e
         return tokens * (2 * norm + attn + s.q * e + mlp)
     a, r = adapted.linears, adapted.rank
@@ -101,13 +101,10 @@ def layer_saved(s: Shapes, tokens: int, e: int, attention: str = "flash", tiled_
         return max([0] + [width[n] * e for n in names & a])  # one input, shared
     stats = 4 * s.hidden + 4  # a norm's fp32 input and 1/rms
     norms = (stats if grad_in else 0) + kept({"q_proj", "k_proj", "v_proj"}, grad_in) + stats
-    norms += kept({"gate_proj", "up_proj"})
-    attn = (2 * s.q + 2 * s.kv) * e + 4 * s.heads if attention == "flash" else 4 * s.q * e + 4 * s.heads
     if tiled_mlp:  # TiledMLP keeps its input and recomputes the MLP (adapters included) in backward
-        norms -= kept({"gate_proj", "up_proj"})
         outside = len(a - {"gate_proj", "up_proj", "down_proj"})  # adapters whose lora_A output stays
         return tokens * (norms + attn + kept({"o_proj"}) + e * s.hidden + outside * r * e)
-    mlp = 3 * s.inter * e + kept({"down_proj"})
+    mlp = kept({"gate_proj", "up_proj"}) + 3 * s.inter * e + kept({"down_proj"})
     return tokens * (norms + attn + kept({"o_proj"}) + mlp + len(a) * r * e)
 
 
