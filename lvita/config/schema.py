@@ -32,7 +32,10 @@ MODULES = ("vision", "projector", "llm")
 # layout, or InternVL's projector and layout, the transformers-native export); parsed there
 
 
-LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def _llm_linears() -> list[str]:
+    from lvita.model.lora import LLM_LINEARS  # imported when needed: it brings transformers' Qwen2 layers
+
+    return list(LLM_LINEARS)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout); 0 keeps every layout's losses equal
     # linear layers adapted, per module, by name ("q_proj"; within the projector its path, "mlp.0" or "linear_1")
     # or "all" (every linear of the module but the LM head); []: that module gets no adapters
-    llm: list[str] = field(default_factory=lambda: list(LLM_LINEARS))
+    llm: list[str] = field(default_factory=_llm_linears)
     vision: list[str] = field(default_factory=list)
     projector: list[str] = field(default_factory=list)
 

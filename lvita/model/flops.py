@@ -93,12 +93,6 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
     return cu_seqlens_from_position_ids(position_ids.reshape(1, -1)).diff().tolist()
 
 
-# a decoder layer's projections: PEFT leaf name -> path in the layer
-LLM_LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-               "down_proj": "mlp.down_proj"}
-
-
 def linear_widths(s: Shapes) -> dict[str, tuple[int, int]]:
     """(input, output) width of each decoder projection."""
     return {"q_proj": (s.hidden, s.q), "k_proj": (s.hidden, s.kv), "v_proj": (s.hidden, s.kv),
@@ -110,7 +104,7 @@ def llm_adapted(lora) -> frozenset:
     """The decoder projections ``model.lora.llm`` adapts (leaf names), by lvita.model.lora's target rule."""
     if lora is None:
         return frozenset()
-    from lvita.model.lora import adapts
+    from lvita.model.lora import LLM_LINEARS, adapts
 
     return frozenset(n for n, path in LLM_LINEARS.items() if adapts(path, "llm", lora))
 

@@ -37,6 +37,10 @@ from lvita.errors import ConfigError
 from lvita.model.longvita import module_of
 
 ADAPTER = "default"  # PEFT's adapter name; the one adapter lvita trains
+# a decoder layer's projections (model.lora.llm's default targets): leaf name -> path in the layer
+LLM_LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+               "down_proj": "mlp.down_proj"}
 HEAD = "lm_head"  # never adapted
 
 
